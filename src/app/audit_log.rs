@@ -1,0 +1,120 @@
+//! Audit trail queries: filtered listing, export and head. Each is itself audited.
+
+use super::{App, CallContext, Parsed, blocking, internal};
+use crate::audit::AuditEntry;
+use crate::domain::{Action, Outcome, PatientId};
+use crate::error::AppError;
+
+/// Most entries examined by one ListAuditEvents call; the page token resumes the scan.
+pub const SCAN_BUDGET: usize = 20_000;
+
+/// Filters for listing audit events; `None` matches anything.
+pub struct AuditFilter {
+    /// Entries naming this patient (as subject or among returned patients).
+    pub patient: Option<PatientId>,
+    /// Actor (token subject).
+    pub actor: Option<String>,
+    /// Action string, e.g. "patient.read".
+    pub action: Option<String>,
+    /// Outcome.
+    pub outcome: Option<Outcome>,
+    /// Earliest time (inclusive), micros.
+    pub start_micros: Option<i64>,
+    /// Latest time (exclusive), micros.
+    pub end_micros: Option<i64>,
+    /// Maximum events.
+    pub page_size: usize,
+    /// First sequence to examine.
+    pub from_sequence: u64,
+}
+
+impl AuditFilter {
+    fn matches(&self, e: &AuditEntry) -> bool {
+        self.actor.as_ref().is_none_or(|a| *a == e.actor)
+            && self.action.as_ref().is_none_or(|a| *a == e.action)
+            && self.outcome.is_none_or(|o| o.as_str() == e.outcome)
+            && self.start_micros.is_none_or(|t| e.time_micros >= t)
+            && self.end_micros.is_none_or(|t| e.time_micros < t)
+    }
+}
+
+/// A page of decoded events with their stored hashes.
+pub struct AuditPage {
+    /// Matching entries.
+    pub events: Vec<(AuditEntry, [u8; 32])>,
+    /// Where to continue, if the scan did not reach the head.
+    pub next_sequence: Option<u64>,
+}
+
+/// An authorized, audited export: stream entries `from..=to`.
+pub struct ExportStart {
+    /// First sequence requested.
+    pub from: u64,
+    /// The export's own audit entry (the head when it was authorized).
+    pub to: u64,
+}
+
+impl App {
+    /// Lists audit events matching a filter.
+    pub async fn list_audit_events(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<AuditFilter>,
+    ) -> Result<AuditPage, AppError> {
+        let mut attempt = self.begin(ctx, Action::AuditList);
+        self.authorize(ctx, &mut attempt).await?;
+        let filter = self.valid(ctx, &mut attempt, input).await?;
+        if let Some(p) = filter.patient {
+            attempt.entry.patient_id = p.to_string();
+        }
+        let app = self.clone();
+        let head = self.sequencer.head().0;
+        let result = blocking(move || app.scan_audit(&filter, head)).await;
+        if let Ok(page) = &result {
+            attempt.entry.result_count = Some(page.events.len() as u64);
+        }
+        self.finish(ctx, attempt, result).await
+    }
+
+    fn scan_audit(&self, f: &AuditFilter, head: u64) -> Result<AuditPage, AppError> {
+        let mut events = Vec::new();
+        let seqs: Box<dyn Iterator<Item = Result<u64, AppError>>> = match f.patient {
+            Some(p) => {
+                Box::new(self.store.audit_seqs_for_patient(&p.bytes(), f.from_sequence).map(|r| r.map_err(internal)))
+            }
+            None => Box::new((f.from_sequence..=head).map(Ok)),
+        };
+        for (examined, seq) in seqs.enumerate() {
+            let seq = seq?;
+            if seq > head {
+                break;
+            }
+            if events.len() == f.page_size || examined == SCAN_BUDGET {
+                return Ok(AuditPage { events, next_sequence: Some(seq) });
+            }
+            let Some(stored) = self.store.audit_entry(seq).map_err(internal)? else { continue };
+            let entry = AuditEntry::decode(&stored.bytes).map_err(|_| AppError::DataLoss)?;
+            if f.matches(&entry) {
+                events.push((entry, stored.hash));
+            }
+        }
+        Ok(AuditPage { events, next_sequence: None })
+    }
+
+    /// Authorizes and audits an export; the caller then streams `from..=to`.
+    pub async fn start_export(&self, ctx: &CallContext, input: Parsed<u64>) -> Result<ExportStart, AppError> {
+        let mut attempt = self.begin(ctx, Action::AuditExport);
+        self.authorize(ctx, &mut attempt).await?;
+        let from = self.valid(ctx, &mut attempt, input).await?;
+        let committed = self.commit_ok(ctx, attempt).await?;
+        Ok(ExportStart { from, to: committed.sequence })
+    }
+
+    /// The head of the chain, which is this call's own audit entry.
+    pub async fn audit_head(&self, ctx: &CallContext) -> Result<(u64, [u8; 32]), AppError> {
+        let mut attempt = self.begin(ctx, Action::AuditHead);
+        self.authorize(ctx, &mut attempt).await?;
+        let committed = self.commit_ok(ctx, attempt).await?;
+        Ok((committed.sequence, committed.hash))
+    }
+}

@@ -1,0 +1,267 @@
+//! Coverage use cases: insurance records linked to a patient, sealed under
+//! that patient's data key.
+
+use super::patients::blind_key;
+use super::{App, CallContext, Parsed, blocking, internal};
+use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
+use crate::domain::patient::PatientIdText;
+use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
+use crate::error::AppError;
+use crate::storage::{BLIND_KEY_LEN, RecordWrite};
+
+/// A new coverage for a patient.
+pub struct CoverageCreate {
+    /// The patient covered.
+    pub patient_id: PatientId,
+    /// Content.
+    pub data: CoverageData,
+}
+
+/// A full replacement of a coverage at a known version.
+pub struct CoverageUpdate {
+    /// Which coverage.
+    pub id: CoverageId,
+    /// The version last read.
+    pub expected_version: u64,
+    /// If given, must equal the stored patient (a coverage cannot move).
+    pub patient_id: Option<PatientId>,
+    /// New content.
+    pub data: CoverageData,
+}
+
+fn coverage_aad(id: CoverageId, patient: PatientId, version: u64) -> RecordAad {
+    RecordAad { kind: RecordKind::Coverage, record_id: id.bytes(), patient_id: patient.bytes(), version }
+}
+
+impl App {
+    fn coverage_index_keys(&self, id: CoverageId, patient: PatientId, c: &Coverage) -> Vec<[u8; BLIND_KEY_LEN]> {
+        if c.delete_time.is_some() || c.data.subscriber_id.is_empty() {
+            return Vec::new();
+        }
+        let mac = self
+            .keys
+            .blind_index(BlindIndexKind::MemberId, normalize::identifier_value(&c.data.subscriber_id).as_bytes());
+        vec![blind_key(BlindIndexKind::MemberId, mac, patient.bytes(), RecordKind::Coverage, id.bytes())]
+    }
+
+    fn load_coverage(&self, id: CoverageId) -> Result<(Coverage, PatientId, u32), AppError> {
+        let head = self.head(RecordKind::Coverage, &id.bytes())?.ok_or(AppError::NotFound("coverage"))?;
+        let patient = PatientId::from_bytes(head.patient_id);
+        let sealed = self
+            .store
+            .record(RecordKind::Coverage, &id.bytes(), head.version)
+            .map_err(internal)?
+            .ok_or(AppError::DataLoss)?;
+        let (dek, kv) = self.data_key(patient)?;
+        let c: Coverage = self.open(&dek, &coverage_aad(id, patient, head.version), &sealed)?;
+        Ok((c, patient, kv))
+    }
+
+    fn load_coverages_of(&self, patient: PatientId) -> Result<Vec<Coverage>, AppError> {
+        let ids = self.store.coverages_of(&patient.bytes()).map_err(internal)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (c, _, _) = self.load_coverage(CoverageId::from_bytes(id))?;
+            out.push(c);
+        }
+        out.sort_by(|a, b| (a.data.order, a.create_time, &a.id).cmp(&(b.data.order, b.create_time, &b.id)));
+        Ok(out)
+    }
+
+    /// Adds a coverage to an active patient.
+    pub async fn create_coverage(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<CoverageCreate>,
+    ) -> Result<Coverage, AppError> {
+        let mut attempt = self.begin(ctx, Action::CoverageCreate);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        let id = CoverageId::new_v7();
+        attempt.entry.patient_id = req.patient_id.to_string();
+        attempt.entry.resource_id = id.to_string();
+        let prepared = (|| {
+            let head = self.head(RecordKind::Patient, &req.patient_id.bytes())?.ok_or(AppError::NotFound("patient"))?;
+            let (patient, _) = self.load_patient_version(req.patient_id, head.version)?;
+            if !patient.active() {
+                return Err(AppError::FailedPrecondition("patient is deleted"));
+            }
+            let now = self.now();
+            let coverage = Coverage {
+                id: id.to_string(),
+                patient_id: PatientIdText::from(req.patient_id),
+                version: 1,
+                create_time: now,
+                update_time: now,
+                delete_time: None,
+                data: req.data,
+            };
+            let (dek, kv) = self.data_key(req.patient_id)?;
+            let sealed = self.seal(&dek, &coverage_aad(id, req.patient_id, 1), &coverage)?;
+            Ok((coverage, sealed, kv))
+        })();
+        let (coverage, sealed, kv) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.record_version = 1;
+        attempt.entry.key_version = kv;
+        let write = RecordWrite {
+            kind: RecordKind::Coverage,
+            id: id.bytes(),
+            patient_id: req.patient_id.bytes(),
+            expected_version: 0,
+            sealed,
+            new_dek: None,
+            index_keys: self.coverage_index_keys(id, req.patient_id, &coverage),
+        };
+        self.commit_write(ctx, attempt, write).await?;
+        Ok(coverage)
+    }
+
+    /// Reads a coverage.
+    pub async fn get_coverage(&self, ctx: &CallContext, input: Parsed<CoverageId>) -> Result<Coverage, AppError> {
+        let mut attempt = self.begin(ctx, Action::CoverageRead);
+        self.authorize(ctx, &mut attempt).await?;
+        let id = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.resource_id = id.to_string();
+        let result = self.load_coverage(id).map(|(c, patient, kv)| {
+            attempt.entry.patient_id = patient.to_string();
+            attempt.entry.record_version = c.version;
+            attempt.entry.key_version = kv;
+            c
+        });
+        self.finish(ctx, attempt, result).await
+    }
+
+    /// Replaces a coverage at a known version.
+    pub async fn update_coverage(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<CoverageUpdate>,
+    ) -> Result<Coverage, AppError> {
+        let mut attempt = self.begin(ctx, Action::CoverageUpdate);
+        self.authorize(ctx, &mut attempt).await?;
+        let upd = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.resource_id = upd.id.to_string();
+        attempt.entry.record_version = upd.expected_version;
+        let moved = upd.patient_id;
+        self.write_coverage_version(ctx, attempt, upd.id, upd.expected_version, moved, |current, now| Coverage {
+            update_time: now,
+            data: upd.data,
+            ..current
+        })
+        .await
+    }
+
+    /// Soft-deletes a coverage at a known version.
+    pub async fn delete_coverage(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<(CoverageId, u64)>,
+    ) -> Result<Coverage, AppError> {
+        let mut attempt = self.begin(ctx, Action::CoverageDelete);
+        self.authorize(ctx, &mut attempt).await?;
+        let (id, expected) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.resource_id = id.to_string();
+        attempt.entry.record_version = expected;
+        self.write_coverage_version(ctx, attempt, id, expected, None, |current, now| Coverage {
+            update_time: now,
+            delete_time: Some(now),
+            ..current
+        })
+        .await
+    }
+
+    async fn write_coverage_version(
+        &self,
+        ctx: &CallContext,
+        mut attempt: super::Attempt,
+        id: CoverageId,
+        expected: u64,
+        claimed_patient: Option<PatientId>,
+        change: impl FnOnce(Coverage, i64) -> Coverage,
+    ) -> Result<Coverage, AppError> {
+        let prepared = (|| {
+            let (current, patient, kv) = self.load_coverage(id)?;
+            if claimed_patient.is_some_and(|p| p != patient) {
+                return Err(AppError::invalid("coverage.patient_id", "a coverage cannot move to another patient"));
+            }
+            if current.delete_time.is_some() {
+                return Err(AppError::FailedPrecondition("coverage is deleted"));
+            }
+            if current.version != expected {
+                return Err(AppError::Conflict { current: current.version });
+            }
+            let mut next = change(current, self.now());
+            next.version = expected + 1;
+            let (dek, _) = self.data_key(patient)?;
+            let sealed = self.seal(&dek, &coverage_aad(id, patient, next.version), &next)?;
+            Ok((next, patient, sealed, kv))
+        })();
+        let (next, patient, sealed, kv) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.patient_id = patient.to_string();
+        attempt.entry.record_version = next.version;
+        attempt.entry.key_version = kv;
+        let write = RecordWrite {
+            kind: RecordKind::Coverage,
+            id: id.bytes(),
+            patient_id: patient.bytes(),
+            expected_version: expected,
+            sealed,
+            new_dek: None,
+            index_keys: self.coverage_index_keys(id, patient, &next),
+        };
+        self.commit_write(ctx, attempt, write).await?;
+        Ok(next)
+    }
+
+    /// A patient's coverages, ordered primary first.
+    pub async fn list_coverages(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<(PatientId, bool)>,
+    ) -> Result<Vec<Coverage>, AppError> {
+        let mut attempt = self.begin(ctx, Action::CoverageList);
+        self.authorize(ctx, &mut attempt).await?;
+        let (patient, show_deleted) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.patient_id = patient.to_string();
+        let app = self.clone();
+        let result = blocking(move || {
+            app.head(RecordKind::Patient, &patient.bytes())?.ok_or(AppError::NotFound("patient"))?;
+            let all = app.load_coverages_of(patient)?;
+            Ok(all.into_iter().filter(|c| show_deleted || c.delete_time.is_none()).collect::<Vec<_>>())
+        })
+        .await;
+        if let Ok(list) = &result {
+            attempt.entry.result_count = Some(list.len() as u64);
+        }
+        self.finish(ctx, attempt, result).await
+    }
+
+    /// The coverages in force on a date of service, primary first.
+    pub async fn active_coverage(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<(PatientId, CalendarDate)>,
+    ) -> Result<Vec<Coverage>, AppError> {
+        let mut attempt = self.begin(ctx, Action::CoverageActive);
+        self.authorize(ctx, &mut attempt).await?;
+        let (patient, date) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.patient_id = patient.to_string();
+        let app = self.clone();
+        let result = blocking(move || {
+            app.head(RecordKind::Patient, &patient.bytes())?.ok_or(AppError::NotFound("patient"))?;
+            let all = app.load_coverages_of(patient)?;
+            Ok(all.into_iter().filter(|c| c.in_force_on(date)).collect::<Vec<_>>())
+        })
+        .await;
+        if let Ok(list) = &result {
+            attempt.entry.result_count = Some(list.len() as u64);
+        }
+        self.finish(ctx, attempt, result).await
+    }
+}

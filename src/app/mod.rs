@@ -1,0 +1,256 @@
+//! Use cases: authorize -> validate -> open/seal -> store with audit.
+//!
+//! Every use case starts an [`Attempt`] (the audit entry being built), and
+//! every path out of it, success or failure, goes through
+//! [`App::finish`] or [`App::commit_write`], which append the entry durably
+//! before anything is returned. No proto types here.
+
+mod audit_log;
+mod coverages;
+mod patients;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use audit_log::{AuditFilter, AuditPage, ExportStart};
+pub use coverages::{CoverageCreate, CoverageUpdate};
+pub use patients::{PageRequest, PatientPage, PatientUpdate, SearchCriterion, SearchRequest, SearchResult};
+
+use crate::audit::AuditEntry;
+use crate::auth::{AuthFailure, Principal};
+use crate::clock::Clock;
+use crate::crypto::{self, DataKey, Keyring, RecordAad, RecordKind, WrappedDataKey};
+use crate::domain::{Action, Outcome, PatientId};
+use crate::error::{AppError, FieldViolation};
+use crate::storage::{Commit, CommitOutcome, Committed, Head, RecordWrite, Sequencer, StorageError, Store};
+
+/// Who is calling and how, as seen at the edge.
+pub struct CallContext {
+    /// x-request-id from the client if well-formed, else generated.
+    pub request_id: String,
+    /// The peer's ip:port, or "".
+    pub client_address: String,
+    /// The token check's result.
+    pub auth: Result<Principal, AuthFailure>,
+    /// When the call arrived (for latency logs).
+    pub started: Instant,
+}
+
+/// Input that either parsed or was rejected field by field.
+pub type Parsed<T> = Result<T, Vec<FieldViolation>>;
+
+/// An audit entry being built for one call.
+pub struct Attempt {
+    entry: AuditEntry,
+    action: Action,
+}
+
+impl Attempt {
+    fn patient(&mut self, id: PatientId) {
+        self.entry.patient_id = id.to_string();
+        if self.action.resource_type() == "patient" {
+            self.entry.resource_id = id.to_string();
+        }
+    }
+}
+
+/// The application: storage, keys, sequencer and clock.
+#[derive(Clone)]
+pub struct App {
+    store: Store,
+    sequencer: Sequencer,
+    keys: Arc<Keyring>,
+    clock: Arc<dyn Clock>,
+}
+
+impl App {
+    /// Assembles the application from its parts.
+    pub fn new(store: Store, sequencer: Sequencer, keys: Arc<Keyring>, clock: Arc<dyn Clock>) -> Self {
+        App { store, sequencer, keys, clock }
+    }
+
+    /// The sequencer (for head and sync counts).
+    pub fn sequencer(&self) -> &Sequencer {
+        &self.sequencer
+    }
+
+    /// The store (read-only use by the edge for exports).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn begin(&self, ctx: &CallContext, action: Action) -> Attempt {
+        let entry = AuditEntry {
+            actor: ctx.auth.as_ref().map(|p| p.subject.clone()).unwrap_or_default(),
+            client_address: ctx.client_address.clone(),
+            request_id: ctx.request_id.clone(),
+            action: action.as_str().to_string(),
+            resource_type: action.resource_type().to_string(),
+            ..AuditEntry::default()
+        };
+        Attempt { entry, action }
+    }
+
+    /// Authenticates and authorizes; a failure is audited and returned.
+    async fn authorize(&self, ctx: &CallContext, attempt: &mut Attempt) -> Result<(), AppError> {
+        let scope = attempt.action.required_scope();
+        let err = match &ctx.auth {
+            Err(f) => AppError::Unauthenticated(*f),
+            Ok(p) if !p.has(scope) => AppError::PermissionDenied(scope),
+            Ok(_) => {
+                attempt.entry.scopes = vec![scope.as_str().to_string()];
+                return Ok(());
+            }
+        };
+        Err(self.fail(ctx, attempt, err).await)
+    }
+
+    /// Unwraps parsed input, or audits and returns INVALID_ARGUMENT.
+    async fn valid<T>(&self, ctx: &CallContext, attempt: &mut Attempt, input: Parsed<T>) -> Result<T, AppError> {
+        match input {
+            Ok(v) => Ok(v),
+            Err(violations) => Err(self.fail(ctx, attempt, AppError::InvalidArgument(violations)).await),
+        }
+    }
+
+    async fn fail(&self, ctx: &CallContext, attempt: &mut Attempt, err: AppError) -> AppError {
+        let entry = std::mem::take(&mut attempt.entry);
+        let attempt = Attempt { entry, action: attempt.action };
+        match self.finish::<()>(ctx, attempt, Err(err)).await {
+            Err(e) => e,
+            Ok(()) => AppError::Internal,
+        }
+    }
+
+    /// Records the outcome of a read-like call durably, then returns its result.
+    /// If the entry cannot be made durable the result is discarded (fail closed).
+    async fn finish<T>(
+        &self,
+        ctx: &CallContext,
+        mut attempt: Attempt,
+        result: Result<T, AppError>,
+    ) -> Result<T, AppError> {
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(e) => e.outcome(),
+        };
+        attempt.entry.outcome = outcome.as_str().to_string();
+        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: None }).await;
+        self.log(ctx, attempt.action, outcome, committed.as_ref().ok());
+        match committed {
+            Ok(_) => result,
+            Err(e) => Err(audit_unavailable(e)),
+        }
+    }
+
+    /// Commits a write with its audit entry; a stale version becomes `Conflict`.
+    async fn commit_write(
+        &self,
+        ctx: &CallContext,
+        mut attempt: Attempt,
+        write: RecordWrite,
+    ) -> Result<Committed, AppError> {
+        attempt.entry.outcome = Outcome::Ok.as_str().to_string();
+        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: Some(write) }).await;
+        match committed {
+            Ok(c) => match c.outcome {
+                CommitOutcome::Written => {
+                    self.log(ctx, attempt.action, Outcome::Ok, Some(&c));
+                    Ok(c)
+                }
+                CommitOutcome::Conflict { current } => {
+                    self.log(ctx, attempt.action, Outcome::Aborted, Some(&c));
+                    Err(AppError::Conflict { current })
+                }
+            },
+            Err(e) => {
+                self.log(ctx, attempt.action, Outcome::Internal, None);
+                Err(audit_unavailable(e))
+            }
+        }
+    }
+
+    /// Appends an entry for a successful call and returns the committed entry (used by audit head/export).
+    async fn commit_ok(&self, ctx: &CallContext, mut attempt: Attempt) -> Result<Committed, AppError> {
+        attempt.entry.outcome = Outcome::Ok.as_str().to_string();
+        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: None }).await;
+        self.log(ctx, attempt.action, Outcome::Ok, committed.as_ref().ok());
+        committed.map_err(audit_unavailable)
+    }
+
+    fn log(&self, ctx: &CallContext, action: Action, outcome: Outcome, committed: Option<&Committed>) {
+        let principal = ctx.auth.as_ref().map(|p| p.subject.as_str()).unwrap_or("");
+        let latency_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(
+            request_id = %ctx.request_id,
+            method = action.as_str(),
+            principal,
+            outcome = outcome.as_str(),
+            audit_seq = committed.map(|c| c.sequence),
+            latency_us,
+            "request"
+        );
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_micros()
+    }
+
+    /// Loads and unwraps a patient's data key.
+    fn data_key(&self, patient: PatientId) -> Result<(DataKey, u32), AppError> {
+        let wrapped = self.store.wrapped_dek(&patient.bytes()).map_err(internal)?.ok_or(AppError::DataLoss)?;
+        let wrapped = WrappedDataKey(wrapped);
+        let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
+        let dek = self.keys.unwrap_data_key(&patient.bytes(), &wrapped).map_err(crypto_failure)?;
+        Ok((dek, version))
+    }
+
+    /// Opens one stored version of a record and decodes its JSON plaintext.
+    fn open<T: serde::de::DeserializeOwned>(
+        &self,
+        dek: &DataKey,
+        aad: &RecordAad,
+        sealed: &[u8],
+    ) -> Result<T, AppError> {
+        let plain = zeroize::Zeroizing::new(crypto::open_record(dek, aad, sealed).map_err(crypto_failure)?);
+        serde_json::from_slice(&plain).map_err(|_| AppError::DataLoss)
+    }
+
+    fn seal<T: serde::Serialize>(&self, dek: &DataKey, aad: &RecordAad, value: &T) -> Result<Vec<u8>, AppError> {
+        let plain = zeroize::Zeroizing::new(serde_json::to_vec(value).map_err(|_| AppError::Internal)?);
+        crypto::seal_record(dek, aad, &plain).map_err(crypto_failure)
+    }
+
+    fn head(&self, kind: RecordKind, id: &[u8; 16]) -> Result<Option<Head>, AppError> {
+        self.store.head(kind, id).map_err(internal)
+    }
+}
+
+fn internal(e: StorageError) -> AppError {
+    tracing::error!(error = %e, "storage read failed");
+    AppError::Internal
+}
+
+fn audit_unavailable(e: StorageError) -> AppError {
+    tracing::error!(error = %e, "audit commit failed; request failed closed");
+    AppError::AuditUnavailable
+}
+
+fn crypto_failure(e: crypto::CryptoError) -> AppError {
+    match e {
+        crypto::CryptoError::Random => {
+            tracing::error!("random generator failed");
+            AppError::Internal
+        }
+        other => {
+            tracing::error!(error = %other, "stored ciphertext failed to open");
+            AppError::DataLoss
+        }
+    }
+}
+
+/// Blocking work (bulk decryption) off the async executor, keeping the span.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AppError> + Send + 'static) -> Result<T, AppError> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f)).await.map_err(|_| AppError::Internal)?
+}

@@ -1,0 +1,389 @@
+//! Patient use cases: create, read, update, soft delete, list, search, history.
+
+use super::{App, CallContext, Parsed, blocking, internal};
+use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
+use crate::domain::{Action, FhirDate, Patient, PatientData, PatientId, normalize};
+use crate::error::AppError;
+use crate::storage::{BLIND_KEY_LEN, RecordWrite};
+
+/// A full replacement of a patient's data at a known version.
+pub struct PatientUpdate {
+    /// Which patient.
+    pub id: PatientId,
+    /// The version the caller last read.
+    pub expected_version: u64,
+    /// New content.
+    pub data: PatientData,
+}
+
+/// A page of a listing.
+pub struct PageRequest {
+    /// Maximum patients to return.
+    pub page_size: usize,
+    /// Continue after this id.
+    pub after: Option<PatientId>,
+    /// Include deleted patients.
+    pub show_deleted: bool,
+}
+
+/// One page of patients.
+pub struct PatientPage {
+    /// The patients.
+    pub patients: Vec<Patient>,
+    /// Where the next page starts, if there is one.
+    pub next_after: Option<PatientId>,
+}
+
+/// How to search.
+pub enum SearchCriterion {
+    /// Identifier system + value.
+    Identifier {
+        /// System.
+        system: String,
+        /// Value.
+        value: String,
+    },
+    /// Family name + birth date.
+    NameBirthDate {
+        /// Family name.
+        family: String,
+        /// Birth date.
+        birth_date: FhirDate,
+    },
+    /// Insurance member id.
+    MemberId(String),
+}
+
+/// A search.
+pub struct SearchRequest {
+    /// The criterion.
+    pub criterion: SearchCriterion,
+    /// Include deleted patients.
+    pub show_deleted: bool,
+    /// Maximum results.
+    pub limit: usize,
+}
+
+/// Search results.
+pub struct SearchResult {
+    /// Matching patients.
+    pub patients: Vec<Patient>,
+    /// More matched than `limit`.
+    pub truncated: bool,
+}
+
+/// Builds one `blind` tree key (see storage module docs).
+pub(super) fn blind_key(
+    index: BlindIndexKind,
+    mac: [u8; 16],
+    patient: [u8; 16],
+    kind: RecordKind,
+    record: [u8; 16],
+) -> [u8; BLIND_KEY_LEN] {
+    let mut k = [0u8; BLIND_KEY_LEN];
+    k[0] = index.tag();
+    k[1..17].copy_from_slice(&mac);
+    k[17..33].copy_from_slice(&patient);
+    k[33] = kind.tag();
+    k[34..50].copy_from_slice(&record);
+    k
+}
+
+fn patient_aad(id: PatientId, version: u64) -> RecordAad {
+    RecordAad { kind: RecordKind::Patient, record_id: id.bytes(), patient_id: id.bytes(), version }
+}
+
+impl App {
+    fn patient_index_keys(&self, id: PatientId, data: &PatientData) -> Vec<[u8; BLIND_KEY_LEN]> {
+        let p = id.bytes();
+        let mut keys = Vec::new();
+        for ident in &data.identifiers {
+            let mac = self
+                .keys
+                .blind_index(BlindIndexKind::Identifier, &normalize::identifier_key(&ident.system, &ident.value));
+            keys.push(blind_key(BlindIndexKind::Identifier, mac, p, RecordKind::Patient, p));
+        }
+        if let Some(birth) = data.birth_date {
+            for name in &data.names {
+                let norm = normalize::name_birth_date_key(&name.family, &birth.to_string());
+                let mac = self.keys.blind_index(BlindIndexKind::NameBirthDate, &norm);
+                keys.push(blind_key(BlindIndexKind::NameBirthDate, mac, p, RecordKind::Patient, p));
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Loads and opens the current version of a patient; returns it with the master key version used.
+    pub(super) fn load_patient(&self, id: PatientId) -> Result<(Patient, u32), AppError> {
+        let head = self.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
+        self.load_patient_version(id, head.version)
+    }
+
+    pub(super) fn load_patient_version(&self, id: PatientId, version: u64) -> Result<(Patient, u32), AppError> {
+        let sealed = self
+            .store
+            .record(RecordKind::Patient, &id.bytes(), version)
+            .map_err(internal)?
+            .ok_or(AppError::DataLoss)?;
+        let (dek, key_version) = self.data_key(id)?;
+        let patient: Patient = self.open(&dek, &patient_aad(id, version), &sealed)?;
+        Ok((patient, key_version))
+    }
+
+    /// Registers a new patient.
+    pub async fn create_patient(&self, ctx: &CallContext, input: Parsed<PatientData>) -> Result<Patient, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientCreate);
+        self.authorize(ctx, &mut attempt).await?;
+        let data = self.valid(ctx, &mut attempt, input).await?;
+        let id = PatientId::new_v7();
+        attempt.patient(id);
+        let now = self.now();
+        let patient =
+            Patient { id: id.into(), version: 1, create_time: now, update_time: now, delete_time: None, data };
+        let prepared = (|| {
+            let (dek, wrapped) = self.keys.new_data_key(&id.bytes()).map_err(super::crypto_failure)?;
+            let sealed = self.seal(&dek, &patient_aad(id, 1), &patient)?;
+            Ok::<_, AppError>((sealed, wrapped))
+        })();
+        let (sealed, wrapped) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.record_version = 1;
+        attempt.entry.key_version = self.keys.primary_version();
+        let write = RecordWrite {
+            kind: RecordKind::Patient,
+            id: id.bytes(),
+            patient_id: id.bytes(),
+            expected_version: 0,
+            sealed,
+            new_dek: Some(wrapped.0),
+            index_keys: self.patient_index_keys(id, &patient.data),
+        };
+        self.commit_write(ctx, attempt, write).await?;
+        Ok(patient)
+    }
+
+    /// Reads a patient's current version.
+    pub async fn get_patient(&self, ctx: &CallContext, input: Parsed<PatientId>) -> Result<Patient, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientRead);
+        self.authorize(ctx, &mut attempt).await?;
+        let id = self.valid(ctx, &mut attempt, input).await?;
+        attempt.patient(id);
+        let result = self.load_patient(id).map(|(p, key_version)| {
+            attempt.entry.record_version = p.version;
+            attempt.entry.key_version = key_version;
+            p
+        });
+        self.finish(ctx, attempt, result).await
+    }
+
+    /// Replaces a patient's data if the caller's version is current.
+    pub async fn update_patient(&self, ctx: &CallContext, input: Parsed<PatientUpdate>) -> Result<Patient, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientUpdate);
+        self.authorize(ctx, &mut attempt).await?;
+        let upd = self.valid(ctx, &mut attempt, input).await?;
+        attempt.patient(upd.id);
+        attempt.entry.record_version = upd.expected_version;
+        self.write_patient_version(ctx, attempt, upd.id, upd.expected_version, |current, now| Patient {
+            update_time: now,
+            data: upd.data,
+            ..current
+        })
+        .await
+    }
+
+    /// Soft-deletes a patient at a known version.
+    pub async fn delete_patient(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<(PatientId, u64)>,
+    ) -> Result<Patient, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientDelete);
+        self.authorize(ctx, &mut attempt).await?;
+        let (id, expected) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.patient(id);
+        attempt.entry.record_version = expected;
+        self.write_patient_version(ctx, attempt, id, expected, |current, now| Patient {
+            update_time: now,
+            delete_time: Some(now),
+            ..current
+        })
+        .await
+    }
+
+    async fn write_patient_version(
+        &self,
+        ctx: &CallContext,
+        mut attempt: super::Attempt,
+        id: PatientId,
+        expected: u64,
+        change: impl FnOnce(Patient, i64) -> Patient,
+    ) -> Result<Patient, AppError> {
+        let loaded = self.load_patient(id);
+        let (current, _) = match loaded {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        if current.delete_time.is_some() {
+            let e = AppError::FailedPrecondition("patient is deleted");
+            return Err(self.fail(ctx, &mut attempt, e).await);
+        }
+        if current.version != expected {
+            let e = AppError::Conflict { current: current.version };
+            return Err(self.fail(ctx, &mut attempt, e).await);
+        }
+        let mut next = change(current, self.now());
+        next.version = expected + 1;
+        let prepared =
+            self.data_key(id).and_then(|(dek, kv)| Ok((self.seal(&dek, &patient_aad(id, next.version), &next)?, kv)));
+        let (sealed, key_version) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.record_version = next.version;
+        attempt.entry.key_version = key_version;
+        let write = RecordWrite {
+            kind: RecordKind::Patient,
+            id: id.bytes(),
+            patient_id: id.bytes(),
+            expected_version: expected,
+            sealed,
+            new_dek: None,
+            index_keys: self.patient_index_keys(id, &next.data),
+        };
+        self.commit_write(ctx, attempt, write).await?;
+        Ok(next)
+    }
+
+    /// Lists patients in id order.
+    pub async fn list_patients(&self, ctx: &CallContext, input: Parsed<PageRequest>) -> Result<PatientPage, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientList);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        let app = self.clone();
+        let result = blocking(move || app.list_page(&req)).await;
+        if let Ok(page) = &result {
+            attempt.entry.result_count = Some(page.patients.len() as u64);
+            attempt.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
+        }
+        self.finish(ctx, attempt, result).await
+    }
+
+    fn list_page(&self, req: &PageRequest) -> Result<PatientPage, AppError> {
+        // Scan at most this many heads per call so a store full of deleted
+        // patients cannot make one call unbounded.
+        let scan_budget = req.page_size.saturating_mul(10).max(100);
+        let mut patients = Vec::new();
+        let mut after = req.after.map(|a| a.bytes());
+        let mut scanned = 0usize;
+        loop {
+            let batch = self
+                .store
+                .list(RecordKind::Patient, after, req.page_size.min(scan_budget - scanned))
+                .map_err(internal)?;
+            if batch.is_empty() {
+                return Ok(PatientPage { patients, next_after: None });
+            }
+            for (id, _) in &batch {
+                scanned += 1;
+                after = Some(*id);
+                let (p, _) = self.load_patient(PatientId::from_bytes(*id))?;
+                if req.show_deleted || p.active() {
+                    patients.push(p);
+                }
+                if patients.len() == req.page_size || scanned >= scan_budget {
+                    // There may be more: hand out a token; an empty next page is harmless.
+                    let more = !self.store.list(RecordKind::Patient, after, 1).map_err(internal)?.is_empty();
+                    return Ok(PatientPage {
+                        patients,
+                        next_after: if more { after.map(PatientId::from_bytes) } else { None },
+                    });
+                }
+            }
+        }
+    }
+
+    /// Finds patients through the blind indexes.
+    pub async fn search_patients(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<SearchRequest>,
+    ) -> Result<SearchResult, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientSearch);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        let app = self.clone();
+        let result = blocking(move || app.search(&req)).await;
+        if let Ok(r) = &result {
+            attempt.entry.result_count = Some(r.patients.len() as u64);
+            attempt.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
+        }
+        self.finish(ctx, attempt, result).await
+    }
+
+    fn search(&self, req: &SearchRequest) -> Result<SearchResult, AppError> {
+        let (kind, normalized) = match &req.criterion {
+            SearchCriterion::Identifier { system, value } => {
+                (BlindIndexKind::Identifier, normalize::identifier_key(system, value))
+            }
+            SearchCriterion::NameBirthDate { family, birth_date } => {
+                (BlindIndexKind::NameBirthDate, normalize::name_birth_date_key(family, &birth_date.to_string()))
+            }
+            SearchCriterion::MemberId(m) => (BlindIndexKind::MemberId, normalize::identifier_value(m).into_bytes()),
+        };
+        let mac = self.keys.blind_index(kind, &normalized);
+        // Candidates beyond the limit tell us whether the result was truncated;
+        // deleted patients filtered out below need headroom too.
+        let candidates = self
+            .store
+            .blind_lookup(kind.tag(), &mac, req.limit.saturating_mul(4).saturating_add(1))
+            .map_err(internal)?;
+        let mut patients = Vec::new();
+        let mut truncated = false;
+        for id in candidates {
+            let (p, _) = self.load_patient(PatientId::from_bytes(id))?;
+            if !req.show_deleted && !p.active() {
+                continue;
+            }
+            if patients.len() == req.limit {
+                truncated = true;
+                break;
+            }
+            patients.push(p);
+        }
+        Ok(SearchResult { patients, truncated })
+    }
+
+    /// Every version of a patient, oldest first.
+    pub async fn patient_history(&self, ctx: &CallContext, input: Parsed<PatientId>) -> Result<Vec<Patient>, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientHistory);
+        self.authorize(ctx, &mut attempt).await?;
+        let id = self.valid(ctx, &mut attempt, input).await?;
+        attempt.patient(id);
+        let app = self.clone();
+        let result = blocking(move || {
+            let head = app.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
+            let (dek, kv) = app.data_key(id)?;
+            let versions = app.store.versions(RecordKind::Patient, &id.bytes()).map_err(internal)?;
+            if versions.len() as u64 != head.version {
+                return Err(AppError::DataLoss);
+            }
+            let patients = versions
+                .iter()
+                .map(|(v, sealed)| app.open::<Patient>(&dek, &patient_aad(id, *v), sealed))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((patients, kv, head.version))
+        })
+        .await;
+        let result = result.map(|(patients, kv, version)| {
+            attempt.entry.key_version = kv;
+            attempt.entry.record_version = version;
+            attempt.entry.result_count = Some(patients.len() as u64);
+            patients
+        });
+        self.finish(ctx, attempt, result).await
+    }
+}

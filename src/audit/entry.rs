@@ -1,0 +1,322 @@
+//! Canonical encoding of one audit entry (format version 1).
+//!
+//! An independent verifier needs only this comment. All integers are
+//! big-endian. `str` is a u32 byte length followed by that many bytes of UTF-8.
+//!
+//! ```text
+//! field               encoding
+//! tag                 18 bytes, ASCII "carevault.audit.v1" (domain separation and format version)
+//! sequence            u64
+//! previous_hash       32 bytes (SHA-256 of the previous entry's encoding; 32 zero bytes for entry 0)
+//! time                i64, microseconds since 1970-01-01T00:00:00Z (UTC)
+//! actor               str   (token subject; "" if unauthenticated)
+//! scopes              u32 count, then count × str (the scopes that authorized the call, sorted)
+//! client_address      str   (ip:port of the caller, "" if unknown)
+//! request_id          str
+//! action              str   (e.g. "patient.read")
+//! resource_type       str   ("patient", "coverage", "audit" or "")
+//! resource_id         str   (UUID in lowercase hyphenated form, or "")
+//! patient_id          str   (UUID, or "")
+//! record_version      u64   (0 when not applicable)
+//! outcome             str   ("ok", "invalid_argument", "unauthenticated", ...)
+//! key_version         u32   (master key version used to seal/open; 0 when none)
+//! result_count        u8 presence (0 or 1), then u64 if present
+//! returned_patients   u32 count, then count × str (UUIDs)
+//! ```
+//!
+//! Nothing may follow the last field. The entry hash is `SHA-256(encoding)`;
+//! the tag at the front separates it from every other hash carevault makes.
+//! Entry 0 is the genesis entry: action "audit.genesis", actor "carevault",
+//! previous hash all zeros.
+
+use crate::crypto::sha256;
+
+/// The fixed tag that starts every version-1 entry.
+pub const TAG_V1: &[u8; 18] = b"carevault.audit.v1";
+/// The previous hash recorded in the genesis entry.
+pub const GENESIS_PREVIOUS_HASH: [u8; 32] = [0u8; 32];
+
+/// One decoded audit entry. Holds identifiers only, never PHI.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditEntry {
+    /// Position in the chain, gapless from 0.
+    pub sequence: u64,
+    /// Hash of the previous entry's encoding.
+    pub previous_hash: [u8; 32],
+    /// Microseconds since the Unix epoch, UTC.
+    pub time_micros: i64,
+    /// Token subject, or "" when unauthenticated.
+    pub actor: String,
+    /// Scopes that authorized the call.
+    pub scopes: Vec<String>,
+    /// Caller address.
+    pub client_address: String,
+    /// Request id (x-request-id).
+    pub request_id: String,
+    /// What was attempted, e.g. "patient.read".
+    pub action: String,
+    /// "patient", "coverage", "audit" or "".
+    pub resource_type: String,
+    /// Record id or "".
+    pub resource_id: String,
+    /// Patient id or "".
+    pub patient_id: String,
+    /// Record version, 0 if none.
+    pub record_version: u64,
+    /// Outcome code, e.g. "ok".
+    pub outcome: String,
+    /// Master key version used, 0 if none.
+    pub key_version: u32,
+    /// Number of results for list-like calls.
+    pub result_count: Option<u64>,
+    /// Patients whose data was returned by list and search calls.
+    pub returned_patient_ids: Vec<String>,
+}
+
+/// Why bytes are not a valid version-1 entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The tag is not "carevault.audit.v1".
+    #[error("unknown entry format")]
+    UnknownFormat,
+    /// The bytes end inside a field.
+    #[error("entry truncated")]
+    Truncated,
+    /// A string is not UTF-8, a presence byte is not 0/1, or bytes follow the last field.
+    #[error("entry malformed")]
+    Malformed,
+}
+
+impl AuditEntry {
+    /// The canonical encoding (see module docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + 40 * self.returned_patient_ids.len());
+        out.extend_from_slice(TAG_V1);
+        out.extend_from_slice(&self.sequence.to_be_bytes());
+        out.extend_from_slice(&self.previous_hash);
+        out.extend_from_slice(&self.time_micros.to_be_bytes());
+        put_str(&mut out, &self.actor);
+        put_list(&mut out, &self.scopes);
+        put_str(&mut out, &self.client_address);
+        put_str(&mut out, &self.request_id);
+        put_str(&mut out, &self.action);
+        put_str(&mut out, &self.resource_type);
+        put_str(&mut out, &self.resource_id);
+        put_str(&mut out, &self.patient_id);
+        out.extend_from_slice(&self.record_version.to_be_bytes());
+        put_str(&mut out, &self.outcome);
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        match self.result_count {
+            Some(n) => {
+                out.push(1);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            None => out.push(0),
+        }
+        put_list(&mut out, &self.returned_patient_ids);
+        out
+    }
+
+    /// SHA-256 of the canonical encoding.
+    pub fn hash(&self) -> [u8; 32] {
+        sha256(&self.encode())
+    }
+
+    /// Parses a canonical encoding; rejects anything that does not re-encode identically.
+    pub fn decode(bytes: &[u8]) -> Result<AuditEntry, DecodeError> {
+        let mut r = Reader { bytes, pos: 0 };
+        if r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? != TAG_V1 {
+            return Err(DecodeError::UnknownFormat);
+        }
+        let sequence = r.u64()?;
+        let mut previous_hash = [0u8; 32];
+        previous_hash.copy_from_slice(r.take(32)?);
+        let time_micros = i64::from_be_bytes(r.array8()?);
+        let actor = r.string()?;
+        let scopes = r.list()?;
+        let client_address = r.string()?;
+        let request_id = r.string()?;
+        let action = r.string()?;
+        let resource_type = r.string()?;
+        let resource_id = r.string()?;
+        let patient_id = r.string()?;
+        let record_version = r.u64()?;
+        let outcome = r.string()?;
+        let key_version = r.u32()?;
+        let result_count = match r.take(1)?[0] {
+            0 => None,
+            1 => Some(r.u64()?),
+            _ => return Err(DecodeError::Malformed),
+        };
+        let returned_patient_ids = r.list()?;
+        if r.pos != bytes.len() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(AuditEntry {
+            sequence,
+            previous_hash,
+            time_micros,
+            actor,
+            scopes,
+            client_address,
+            request_id,
+            action,
+            resource_type,
+            resource_id,
+            patient_id,
+            record_version,
+            outcome,
+            key_version,
+            result_count,
+            returned_patient_ids,
+        })
+    }
+
+    /// The genesis entry that starts every chain.
+    pub fn genesis(time_micros: i64) -> AuditEntry {
+        AuditEntry {
+            sequence: 0,
+            previous_hash: GENESIS_PREVIOUS_HASH,
+            time_micros,
+            actor: "carevault".into(),
+            action: "audit.genesis".into(),
+            outcome: "ok".into(),
+            ..AuditEntry::default()
+        }
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Invariant: every string the service writes is bounded far below 4 GiB
+    // (request limits), so the length always fits in a u32.
+    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+}
+
+fn put_list(out: &mut Vec<u8>, items: &[String]) {
+    let count = u32::try_from(items.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for s in items.iter().take(count as usize) {
+        put_str(out, s);
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let s = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn array8(&mut self) -> Result<[u8; 8], DecodeError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array8()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_be_bytes(a))
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = usize::try_from(self.u32()?).map_err(|_| DecodeError::Malformed)?;
+        let raw = self.take(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Malformed)
+    }
+    fn list(&mut self) -> Result<Vec<String>, DecodeError> {
+        let count = self.u32()?;
+        // Each string needs at least 4 bytes; refuse counts the input cannot hold.
+        let remaining = self.bytes.len() - self.pos;
+        if u64::from(count) * 4 > remaining as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        (0..count).map(|_| self.string()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> AuditEntry {
+        AuditEntry {
+            sequence: 1,
+            previous_hash: [0xaa; 32],
+            time_micros: 1_700_000_000_000_000,
+            actor: "desk-1".into(),
+            scopes: vec!["patients.read".into()],
+            client_address: "127.0.0.1:5000".into(),
+            request_id: "r1".into(),
+            action: "patient.read".into(),
+            resource_type: "patient".into(),
+            resource_id: "0190c2a0-0000-7000-8000-000000000001".into(),
+            patient_id: "0190c2a0-0000-7000-8000-000000000001".into(),
+            record_version: 2,
+            outcome: "ok".into(),
+            key_version: 1,
+            result_count: None,
+            returned_patient_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn the_genesis_entry_encodes_to_known_bytes_and_hash() {
+        let g = AuditEntry::genesis(0);
+        let bytes = g.encode();
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"carevault.audit.v1");
+        expected.extend_from_slice(&0u64.to_be_bytes());
+        expected.extend_from_slice(&[0u8; 32]);
+        expected.extend_from_slice(&0i64.to_be_bytes());
+        expected.extend_from_slice(&9u32.to_be_bytes());
+        expected.extend_from_slice(b"carevault");
+        expected.extend_from_slice(&0u32.to_be_bytes()); // scopes
+        expected.extend_from_slice(&0u32.to_be_bytes()); // client_address
+        expected.extend_from_slice(&0u32.to_be_bytes()); // request_id
+        expected.extend_from_slice(&13u32.to_be_bytes());
+        expected.extend_from_slice(b"audit.genesis");
+        expected.extend_from_slice(&[0u8; 12]); // resource_type, resource_id, patient_id
+        expected.extend_from_slice(&0u64.to_be_bytes());
+        expected.extend_from_slice(&2u32.to_be_bytes());
+        expected.extend_from_slice(b"ok");
+        expected.extend_from_slice(&0u32.to_be_bytes()); // key_version
+        expected.push(0); // no result count
+        expected.extend_from_slice(&0u32.to_be_bytes()); // returned patients
+        assert_eq!(bytes, expected);
+        assert_eq!(bytes.len(), 143);
+        // Known answer computed independently (Python hashlib over the layout above).
+        assert_eq!(hex::encode(g.hash()), hex::encode(crate::crypto::sha256(&expected)));
+        assert_eq!(hex::encode(g.hash()), "fff7d5dc47f757691a4f2deb3c8af113495cdf107ea5ccc940621e4019c14315");
+    }
+
+    #[test]
+    fn entries_round_trip_through_the_encoding() {
+        let mut e = sample();
+        e.result_count = Some(3);
+        e.returned_patient_ids = vec!["a".into(), "b".into()];
+        assert_eq!(AuditEntry::decode(&e.encode()).unwrap(), e);
+        let plain = sample();
+        assert_eq!(AuditEntry::decode(&plain.encode()).unwrap(), plain);
+    }
+
+    #[test]
+    fn decoding_rejects_unknown_tags_truncation_and_trailing_bytes() {
+        let bytes = sample().encode();
+        let mut wrong_tag = bytes.clone();
+        wrong_tag[17] = b'2';
+        assert_eq!(AuditEntry::decode(&wrong_tag), Err(DecodeError::UnknownFormat));
+        assert_eq!(AuditEntry::decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Truncated));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(AuditEntry::decode(&trailing), Err(DecodeError::Malformed));
+    }
+}

@@ -1,0 +1,198 @@
+//! Who is calling: bearer JWTs signed with Ed25519 by a configured issuer.
+//!
+//! [`Principal`] is what the rest of the service knows about a caller. It is
+//! built to grow: a later issue adds the client-certificate identity, roles
+//! and purpose of use beside the token subject.
+
+pub mod token;
+
+use std::collections::BTreeSet;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::domain::Scope;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token subject: the unique principal.
+    pub subject: String,
+    /// Scopes granted by the token that this server knows.
+    pub scopes: BTreeSet<Scope>,
+}
+
+impl Principal {
+    /// True when the principal holds `scope`.
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+}
+
+/// Why a caller is not authenticated. Client messages never echo the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    /// No authorization metadata.
+    #[error("missing bearer token")]
+    Missing,
+    /// Not `Bearer <JWT>`, or the JWT or its claims are malformed.
+    #[error("malformed token")]
+    Malformed,
+    /// Signature does not verify under the issuer key, or wrong algorithm.
+    #[error("bad signature")]
+    BadSignature,
+    /// Past `exp`.
+    #[error("expired")]
+    Expired,
+    /// Before `nbf`.
+    #[error("not yet valid")]
+    NotYetValid,
+    /// `exp` is further away than the maximum lifetime.
+    #[error("lifetime exceeds maximum")]
+    LifetimeTooLong,
+}
+
+impl AuthFailure {
+    /// The fixed message sent to the client.
+    pub fn client_message(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing authorization: Bearer <token>",
+            AuthFailure::Malformed => "malformed bearer token",
+            AuthFailure::BadSignature => "token signature is not valid for this server's issuer",
+            AuthFailure::Expired => "token expired",
+            AuthFailure::NotYetValid => "token not yet valid",
+            AuthFailure::LifetimeTooLong => "token lifetime exceeds the server's maximum",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    #[serde(default)]
+    iat: Option<i64>,
+    #[serde(default)]
+    nbf: Option<i64>,
+    #[serde(default)]
+    scope: String,
+}
+
+/// Verifies bearer tokens.
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    max_lifetime_secs: i64,
+    leeway_secs: i64,
+}
+
+/// Longest accepted `sub`.
+pub const MAX_SUBJECT_LEN: usize = 256;
+
+impl Authenticator {
+    /// From the issuer's Ed25519 public key (32 raw bytes).
+    pub fn new(issuer_public_key: [u8; 32], max_lifetime_secs: u64, leeway_secs: u64) -> Self {
+        let key = DecodingKey::from_ed_der(&issuer_public_key);
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = leeway_secs;
+        // Time checks use the injected clock below, not the library's system time.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Authenticator {
+            key,
+            validation,
+            max_lifetime_secs: i64::try_from(max_lifetime_secs).unwrap_or(i64::MAX),
+            leeway_secs: i64::try_from(leeway_secs).unwrap_or(0),
+        }
+    }
+
+    /// Checks an `authorization` metadata value at time `now_secs`.
+    pub fn authenticate(&self, authorization: Option<&str>, now_secs: i64) -> Result<Principal, AuthFailure> {
+        let header = authorization.ok_or(AuthFailure::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(AuthFailure::Malformed)?
+            .trim();
+        if token.is_empty() || token.len() > 8192 {
+            return Err(AuthFailure::Malformed);
+        }
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidEddsaKey => {
+                AuthFailure::BadSignature
+            }
+            _ => AuthFailure::Malformed,
+        })?;
+        let c = data.claims;
+        if c.exp.saturating_add(self.leeway_secs) < now_secs {
+            return Err(AuthFailure::Expired);
+        }
+        if let Some(nbf) = c.nbf
+            && nbf.saturating_sub(self.leeway_secs) > now_secs
+        {
+            return Err(AuthFailure::NotYetValid);
+        }
+        if c.exp.saturating_sub(now_secs) > self.max_lifetime_secs.saturating_add(self.leeway_secs) {
+            return Err(AuthFailure::LifetimeTooLong);
+        }
+        if let Some(iat) = c.iat
+            && c.exp.saturating_sub(iat) > self.max_lifetime_secs
+        {
+            return Err(AuthFailure::LifetimeTooLong);
+        }
+        if c.sub.is_empty() || c.sub.len() > MAX_SUBJECT_LEN || c.sub.chars().any(char::is_control) {
+            return Err(AuthFailure::Malformed);
+        }
+        let scopes = c.scope.split_ascii_whitespace().filter_map(Scope::parse).collect();
+        Ok(Principal { subject: c.sub, scopes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token::issue;
+    use super::*;
+    use crate::crypto::generate_issuer_key;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn setup() -> (crate::crypto::IssuerKeyPair, Authenticator) {
+        let pair = generate_issuer_key().unwrap();
+        let auth = Authenticator::new(pair.public_key, 3600, 30);
+        (pair, auth)
+    }
+
+    fn bearer(t: &str) -> String {
+        format!("Bearer {t}")
+    }
+
+    #[test]
+    fn a_valid_token_yields_its_subject_and_known_scopes() {
+        let (pair, auth) = setup();
+        let t = issue(&pair.pkcs8_der, "desk-1", "patients.read bogus.scope", 600, NOW).unwrap();
+        let p = auth.authenticate(Some(&bearer(&t)), NOW).unwrap();
+        assert_eq!(p.subject, "desk-1");
+        assert!(p.has(Scope::PatientsRead));
+        assert_eq!(p.scopes.len(), 1);
+    }
+
+    #[test]
+    fn bad_tokens_are_classified() {
+        let (pair, auth) = setup();
+        assert_eq!(auth.authenticate(None, NOW), Err(AuthFailure::Missing));
+        assert_eq!(auth.authenticate(Some("Basic abc"), NOW), Err(AuthFailure::Malformed));
+        assert_eq!(auth.authenticate(Some("Bearer not.a.jwt"), NOW), Err(AuthFailure::Malformed));
+        let other = generate_issuer_key().unwrap();
+        let forged = issue(&other.pkcs8_der, "x", "patients.read", 600, NOW).unwrap();
+        assert_eq!(auth.authenticate(Some(&bearer(&forged)), NOW), Err(AuthFailure::BadSignature));
+        let long = issue(&pair.pkcs8_der, "x", "patients.read", 86_400, NOW).unwrap();
+        assert_eq!(auth.authenticate(Some(&bearer(&long)), NOW), Err(AuthFailure::LifetimeTooLong));
+        let expired = issue(&pair.pkcs8_der, "x", "patients.read", 60, 1_000_000_000).unwrap();
+        assert_eq!(auth.authenticate(Some(&bearer(&expired)), NOW), Err(AuthFailure::Expired));
+        let early = issue(&pair.pkcs8_der, "x", "patients.read", 600, NOW + 3600).unwrap();
+        assert_eq!(auth.authenticate(Some(&bearer(&early)), NOW), Err(AuthFailure::NotYetValid));
+    }
+}

@@ -1,0 +1,203 @@
+//! Command-line interface definitions (clap derive). The commands themselves
+//! live in the binary (`src/commands/`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::audit::ExpectedHead;
+
+/// carevault: audited, encrypted patient records over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "carevault", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CAREVAULT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC service (creates keys and data directory on first start).
+    Serve(ServeArgs),
+    /// Create the key and data directories without serving.
+    Init(DirArgs),
+    /// Verify the audit chain, offline (--data-dir) or against a server (--server).
+    Verify(VerifyArgs),
+    /// Development tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// A small client for trying the service by hand.
+    Client(ClientArgs),
+}
+
+/// Where the data and keys are.
+#[derive(Debug, Args, Clone)]
+pub struct DirArgs {
+    /// Data directory (database and key-check file).
+    #[arg(long, env = "CAREVAULT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Key directory (master keys, dev token issuer key); keep it outside the data directory.
+    #[arg(long, env = "CAREVAULT_KEY_DIR")]
+    pub key_dir: Option<PathBuf>,
+}
+
+/// `serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directories.
+    #[command(flatten)]
+    pub dirs: DirArgs,
+    /// Address to listen on.
+    #[arg(long, env = "CAREVAULT_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Token issuer's Ed25519 public key (PEM). Default: the dev issuer key in the key directory.
+    #[arg(long, env = "CAREVAULT_ISSUER_PUBLIC_KEY")]
+    pub issuer_public_key: Option<PathBuf>,
+    /// Longest token lifetime accepted (e.g. 1h, 15m).
+    #[arg(long, env = "CAREVAULT_MAX_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_token_lifetime: std::time::Duration,
+    /// Clock skew tolerated on token times.
+    #[arg(long, env = "CAREVAULT_CLOCK_SKEW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub clock_skew: std::time::Duration,
+    /// sled page cache size in MiB (bounds memory).
+    #[arg(long, env = "CAREVAULT_CACHE_MB", default_value_t = 256)]
+    pub cache_mb: u64,
+}
+
+/// `verify` options.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Verify the chain stored in this data directory (the server must be stopped).
+    #[arg(long, env = "CAREVAULT_DATA_DIR", conflicts_with = "server")]
+    pub data_dir: Option<PathBuf>,
+    /// Verify against a running server (needs a token with audit.read).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A head recorded earlier (SEQ:HASH) that must still be on the chain.
+    #[arg(long)]
+    pub expect_head: Option<ExpectedHead>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token signed by the local dev issuer key.
+    Issue(TokenIssueArgs),
+}
+
+/// `token issue` options.
+#[derive(Debug, Args)]
+pub struct TokenIssueArgs {
+    /// Subject: the unique principal.
+    #[arg(long)]
+    pub sub: String,
+    /// Space-separated scopes, e.g. "patients.read patients.write".
+    #[arg(long)]
+    pub scope: String,
+    /// Lifetime (e.g. 15m, 1h).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub ttl: std::time::Duration,
+    /// Key directory holding issuer-ed25519.pk8.
+    #[arg(long, env = "CAREVAULT_KEY_DIR")]
+    pub key_dir: Option<PathBuf>,
+}
+
+/// `client` options.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Server URL.
+    #[arg(long, env = "CAREVAULT_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    pub server: String,
+    /// Bearer token.
+    #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// Client operations. JSON in and out uses the proto3 JSON mapping.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create a patient from a JSON Patient (file path or - for stdin).
+    CreatePatient {
+        /// JSON file or -.
+        json: PathBuf,
+    },
+    /// Get a patient.
+    GetPatient {
+        /// Patient id.
+        id: String,
+    },
+    /// Search patients.
+    Search {
+        /// Identifier as SYSTEM=VALUE.
+        #[arg(long, conflicts_with_all = ["family", "member_id"])]
+        identifier: Option<String>,
+        /// Family name (with --birth-date).
+        #[arg(long, requires = "birth_date")]
+        family: Option<String>,
+        /// Birth date.
+        #[arg(long)]
+        birth_date: Option<String>,
+        /// Insurance member id.
+        #[arg(long)]
+        member_id: Option<String>,
+    },
+    /// List patients (first page).
+    ListPatients {
+        /// Page size.
+        #[arg(long, default_value_t = 20)]
+        page_size: i32,
+    },
+    /// Add a coverage from a JSON Coverage (file path or -).
+    AddCoverage {
+        /// JSON file or -.
+        json: PathBuf,
+    },
+    /// List a patient's coverages.
+    ListCoverages {
+        /// Patient id.
+        patient_id: String,
+    },
+    /// Coverages in force on a date.
+    ActiveCoverage {
+        /// Patient id.
+        patient_id: String,
+        /// Date of service (YYYY-MM-DD).
+        #[arg(long)]
+        date: String,
+    },
+    /// Show the newest audit events.
+    AuditTail {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Only events naming this patient.
+        #[arg(long)]
+        patient_id: Option<String>,
+    },
+    /// Show the audit head (record it to detect truncation later).
+    AuditHead,
+}

@@ -1,0 +1,144 @@
+//! `carevault client`: try the service by hand. JSON in and out follows the
+//! proto3 JSON mapping (pbjson).
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use carevault::cli::{ClientArgs, ClientCommand};
+use carevault::proto::v1 as pb;
+use carevault::proto::v1::audit_service_client::AuditServiceClient;
+use carevault::proto::v1::coverage_service_client::CoverageServiceClient;
+use carevault::proto::v1::patient_service_client::PatientServiceClient;
+use tonic::transport::Channel;
+
+fn read_json(path: &Path) -> anyhow::Result<String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+fn print<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+struct Caller {
+    token: String,
+}
+
+impl Caller {
+    fn req<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
+        Ok(r)
+    }
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Runs one client command.
+pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
+    let token =
+        args.token.context("--token (or CAREVAULT_TOKEN) is required; mint one with `carevault token issue`")?;
+    let channel = Channel::from_shared(args.server.clone())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", args.server))?;
+    let c = Caller { token };
+    let mut patients = PatientServiceClient::new(channel.clone());
+    let mut coverages = CoverageServiceClient::new(channel.clone());
+    let mut audit = AuditServiceClient::new(channel);
+    match args.command {
+        ClientCommand::CreatePatient { json } => {
+            let patient: pb::Patient = serde_json::from_str(&read_json(&json)?).context("not a JSON Patient")?;
+            let r = patients
+                .create_patient(c.req(pb::CreatePatientRequest { patient: Some(patient) })?)
+                .await
+                .map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::GetPatient { id } => {
+            let r = patients.get_patient(c.req(pb::GetPatientRequest { patient_id: id })?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::Search { identifier, family, birth_date, member_id } => {
+            use pb::search_patients_request::Criterion;
+            let criterion = if let Some(i) = identifier {
+                let (system, value) = i.split_once('=').context("--identifier takes SYSTEM=VALUE")?;
+                Criterion::Identifier(pb::IdentifierQuery { system: system.into(), value: value.into() })
+            } else if let Some(family) = family {
+                Criterion::NameBirthDate(pb::NameBirthDateQuery { family, birth_date: birth_date.unwrap_or_default() })
+            } else if let Some(m) = member_id {
+                Criterion::MemberId(pb::MemberIdQuery { member_id: m })
+            } else {
+                bail!("give --identifier, --family with --birth-date, or --member-id");
+            };
+            let req = pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 0 };
+            let r = patients.search_patients(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::ListPatients { page_size } => {
+            let req = pb::ListPatientsRequest { page_size, page_token: String::new(), show_deleted: false };
+            let r = patients.list_patients(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::AddCoverage { json } => {
+            let coverage: pb::Coverage = serde_json::from_str(&read_json(&json)?).context("not a JSON Coverage")?;
+            let r = coverages
+                .create_coverage(c.req(pb::CreateCoverageRequest { coverage: Some(coverage) })?)
+                .await
+                .map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::ListCoverages { patient_id } => {
+            let r = coverages
+                .list_coverages(c.req(pb::ListCoveragesRequest { patient_id, show_deleted: false })?)
+                .await
+                .map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::ActiveCoverage { patient_id, date } => {
+            let r = coverages
+                .get_active_coverage(c.req(pb::GetActiveCoverageRequest { patient_id, date })?)
+                .await
+                .map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::AuditTail { count, patient_id } => {
+            let head = audit.get_audit_head(c.req(pb::GetAuditHeadRequest {})?).await.map_err(status)?.into_inner();
+            let from = if patient_id.is_some() { 0 } else { head.sequence.saturating_sub(count as u64) };
+            let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("a1:{from}"));
+            let mut events = Vec::new();
+            let mut page_token = token;
+            loop {
+                let req = pb::ListAuditEventsRequest {
+                    patient_id: patient_id.clone().unwrap_or_default(),
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                };
+                let r = audit.list_audit_events(c.req(req)?).await.map_err(status)?.into_inner();
+                events.extend(r.events);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            let skip = events.len().saturating_sub(count);
+            print(&pb::ListAuditEventsResponse { events: events.split_off(skip), next_page_token: String::new() })
+        }
+        ClientCommand::AuditHead => {
+            let r = audit.get_audit_head(c.req(pb::GetAuditHeadRequest {})?).await.map_err(status)?.into_inner();
+            println!("{}:{}", r.sequence, hex::encode(&r.hash));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `carevault serve` and `carevault init`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use carevault::cli::{DirArgs, ServeArgs};
+use carevault::clock::SystemClock;
+use carevault::config::ServiceConfig;
+use carevault::keystore::{self, KeyPaths};
+use carevault::server::{self, OpenOptions};
+
+fn prepare(dirs: &DirArgs) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (data_dir, key_dir) = super::dirs(dirs);
+    let fresh_data = !data_dir.join("keycheck.json").exists() && !data_dir.join("db").exists();
+    let key_paths = KeyPaths { dir: key_dir.clone() };
+    if fresh_data {
+        if keystore::ensure_keys(&key_paths)? {
+            eprintln!("created keys in {} (keep this directory secret and backed up separately)", key_dir.display());
+        }
+    } else if keystore::master_versions(&key_paths)?.is_empty() {
+        anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir));
+    }
+    keystore::open_for_data_dir(&key_paths, &data_dir)?;
+    Ok((data_dir, key_dir))
+}
+
+fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
+    eprintln!("data directory: {}", data_dir.display());
+    eprintln!("key directory:  {}", key_dir.display());
+    eprintln!(
+        "mint a dev token: carevault token issue --key-dir {} --sub you@example.org --scope \"patients.read patients.write coverage.read coverage.write audit.read\"",
+        key_dir.display()
+    );
+}
+
+/// Creates directories and keys, then exits.
+pub fn init(dirs: DirArgs) -> anyhow::Result<()> {
+    let (data_dir, key_dir) = prepare(&dirs)?;
+    print_welcome(&data_dir, &key_dir);
+    Ok(())
+}
+
+/// Runs the service until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (data_dir, key_dir) = prepare(&args.dirs)?;
+    let config = ServiceConfig {
+        data_dir: data_dir.clone(),
+        key_dir: key_dir.clone(),
+        listen: args.listen,
+        issuer_public_key: args.issuer_public_key,
+        max_token_lifetime_secs: args.max_token_lifetime.as_secs(),
+        clock_skew_secs: args.clock_skew.as_secs(),
+        cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+    };
+    let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    print_welcome(&data_dir, &key_dir);
+    tracing::info!(addr = %listener.local_addr()?, "carevault listening");
+    server::run(listener, service, shutdown_signal()).await?;
+    tracing::info!("carevault stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

@@ -1,0 +1,117 @@
+//! `carevault verify`: offline over a stopped data directory, or online by
+//! streaming ExportAuditEvents. Either way the pure `audit::verify_chain`
+//! recomputes every hash.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use carevault::audit::{RawEntry, Report, verify_chain};
+use carevault::cli::VerifyArgs;
+use carevault::proto::v1::ExportAuditEventsRequest;
+use carevault::proto::v1::audit_service_client::AuditServiceClient;
+use carevault::storage::Store;
+
+/// Returns the exit code: 0 verified, 1 failed verification.
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let read_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let report = match (&args.data_dir, &args.server) {
+        (Some(dir), None) => {
+            let db = dir.join("db");
+            if !db.exists() {
+                bail!("{}: no carevault database here", dir.display());
+            }
+            let store = Store::open(&db, 64 * 1024 * 1024)
+                .context("cannot open the database (is the server still running? stop it first)")?;
+            let expect = args.expect_head;
+            let errors = read_error.clone();
+            tokio::task::spawn_blocking(move || {
+                let entries = store.audit_all().map_while(|r| match r {
+                    Ok(e) => Some(RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }),
+                    Err(err) => {
+                        *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
+                        None
+                    }
+                });
+                verify_chain(entries, expect)
+            })
+            .await?
+        }
+        (None, Some(url)) => {
+            let token = args.token.clone().context("--server needs --token (or CAREVAULT_TOKEN) with audit.read")?;
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {url}"))?;
+            let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+            let mut req = tonic::Request::new(ExportAuditEventsRequest { start_sequence: 0 });
+            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+            let mut stream = client.export_audit_events(req).await.context("export refused")?.into_inner();
+            let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
+            let expect = args.expect_head;
+            let verifier = tokio::task::spawn_blocking(move || verify_chain(rx, expect));
+            loop {
+                match stream.message().await {
+                    Ok(Some(msg)) => {
+                        for e in msg.entries {
+                            let stored_hash = <[u8; 32]>::try_from(e.hash.as_slice()).ok();
+                            if tx.send(RawEntry { bytes: e.entry, stored_hash }).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        *read_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("export stream failed: {}", status.message()));
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            verifier.await?
+        }
+        _ => bail!("give exactly one of --data-dir or --server"),
+    };
+    if let Some(err) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        bail!("could not read the whole chain: {err}");
+    }
+    print_report(&report, started.elapsed().as_secs_f64(), args.json);
+    Ok(if report.is_ok() { 0 } else { 1 })
+}
+
+fn print_report(r: &Report, secs: f64, json: bool) {
+    let rate = if secs > 0.0 { r.entries_checked as f64 / secs } else { 0.0 };
+    let head = r.head.map(|(s, h)| format!("{s}:{}", hex::encode(h)));
+    if json {
+        let v = serde_json::json!({
+            "ok": r.is_ok(),
+            "entries_checked": r.entries_checked,
+            "head": head,
+            "entries_per_second": rate.round(),
+            "time_warnings": r.time_warnings,
+            "failure": r.failure.as_ref().map(|f| serde_json::json!({"sequence": f.sequence, "class": f.class.as_str()})),
+        });
+        println!("{v}");
+        return;
+    }
+    for seq in &r.time_warnings {
+        println!("warning: entry {seq} has a time earlier than the entry before it");
+    }
+    match &r.failure {
+        None => println!(
+            "OK: {} entries verified; head {}; {:.0} entries/s",
+            r.entries_checked,
+            head.unwrap_or_default(),
+            rate
+        ),
+        Some(f) => println!(
+            "FAILED at sequence {}: {} ({}); {} entries verified before it",
+            f.sequence,
+            f.class.describe(),
+            f.class.as_str(),
+            r.entries_checked
+        ),
+    }
+}

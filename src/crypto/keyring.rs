@@ -1,0 +1,285 @@
+//! Master key versions and everything derived from them.
+//!
+//! ```text
+//! master key v (32 bytes, outside the data directory)
+//!   ├─ KEK_v   = HKDF-SHA256(salt="carevault/v1/kdf", ikm=master_v, info="kek")
+//!   │            wraps per-patient data keys (DEKs)
+//!   ├─ BIK_v   = HKDF-SHA256(salt="carevault/v1/kdf", ikm=master_v, info="blind-index")
+//!   │            keys the HMAC blind indexes used by search
+//!   └─ KCV_v   = HMAC-SHA256(HKDF(..., info="key-check"), "carevault key check value")[..16]
+//!                stored in the data directory to detect a wrong master key at start-up
+//! DEK (random 32 bytes per patient) seals that patient's records (see envelope.rs)
+//! ```
+
+use std::collections::BTreeMap;
+
+use zeroize::Zeroizing;
+
+use super::envelope;
+use super::{CryptoError, hkdf32, hmac_sha256, random_fill};
+
+const KDF_SALT: &[u8] = b"carevault/v1/kdf";
+const WRAPPED_FORMAT_V1: u8 = 0x01;
+
+/// A 256-bit master key. Zeroized on drop; deliberately has no `Debug`.
+pub struct MasterKey(Zeroizing<[u8; 32]>);
+
+impl MasterKey {
+    /// Parses the key file format: 64 hex digits, surrounding whitespace ignored.
+    pub fn from_hex(text: &str) -> Result<Self, CryptoError> {
+        let trimmed = text.trim();
+        let mut key = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(trimmed, key.as_mut()).map_err(|_| CryptoError::BadKey("expected 64 hex digits"))?;
+        Ok(MasterKey(key))
+    }
+
+    /// A new random master key.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        random_fill(key.as_mut())?;
+        Ok(MasterKey(key))
+    }
+
+    /// The key file format: 64 lowercase hex digits and a newline.
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        let mut s = hex::encode(self.0.as_ref());
+        s.push('\n');
+        Zeroizing::new(s)
+    }
+}
+
+struct DerivedKeys {
+    kek: Zeroizing<[u8; 32]>,
+    blind: Zeroizing<[u8; 32]>,
+    kcv: [u8; 16],
+}
+
+impl DerivedKeys {
+    fn derive(master: &MasterKey) -> Self {
+        let kek = hkdf32(KDF_SALT, master.0.as_ref(), b"kek");
+        let blind = hkdf32(KDF_SALT, master.0.as_ref(), b"blind-index");
+        let check_key = hkdf32(KDF_SALT, master.0.as_ref(), b"key-check");
+        let mac = hmac_sha256(check_key.as_ref(), b"carevault key check value");
+        let mut kcv = [0u8; 16];
+        kcv.copy_from_slice(&mac[..16]);
+        DerivedKeys { kek, blind, kcv }
+    }
+}
+
+/// What a blind index entry indexes; part of the HMAC input so values of one
+/// kind never match another kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlindIndexKind {
+    /// Identifier system + value.
+    Identifier,
+    /// Family name + birth date.
+    NameBirthDate,
+    /// Insurance member id.
+    MemberId,
+}
+
+impl BlindIndexKind {
+    /// The byte naming this kind in index keys.
+    pub fn tag(self) -> u8 {
+        match self {
+            BlindIndexKind::Identifier => 1,
+            BlindIndexKind::NameBirthDate => 2,
+            BlindIndexKind::MemberId => 3,
+        }
+    }
+
+    fn label(self) -> &'static [u8] {
+        match self {
+            BlindIndexKind::Identifier => b"identifier",
+            BlindIndexKind::NameBirthDate => b"name-birth-date",
+            BlindIndexKind::MemberId => b"member-id",
+        }
+    }
+}
+
+/// A per-patient data key. Zeroized on drop; no `Debug`.
+pub struct DataKey {
+    key: Zeroizing<[u8; 32]>,
+    generation: u32,
+}
+
+impl DataKey {
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    /// Generation of this patient's data key (1 for the first; re-encryption
+    /// makes a new generation).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+}
+
+/// A data key wrapped by a key-encryption key, in its storage encoding:
+/// `0x01` || master key version (u32 BE) || DEK generation (u32 BE) || envelope
+/// of the 32-byte DEK under KEK_v, with associated data
+/// `"carevault/v1/dek"` || patient id (16 bytes) || master version (u32 BE) || generation (u32 BE).
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedDataKey(pub Vec<u8>);
+
+impl WrappedDataKey {
+    /// The master key version whose KEK wrapped this key.
+    pub fn master_version(&self) -> Result<u32, CryptoError> {
+        if self.0.len() < 9 || self.0[0] != WRAPPED_FORMAT_V1 {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(u32::from_be_bytes([self.0[1], self.0[2], self.0[3], self.0[4]]))
+    }
+
+    fn generation(&self) -> Result<u32, CryptoError> {
+        if self.0.len() < 9 {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(u32::from_be_bytes([self.0[5], self.0[6], self.0[7], self.0[8]]))
+    }
+}
+
+fn dek_aad(patient_id: &[u8; 16], master_version: u32, generation: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + 16 + 8);
+    aad.extend_from_slice(b"carevault/v1/dek");
+    aad.extend_from_slice(patient_id);
+    aad.extend_from_slice(&master_version.to_be_bytes());
+    aad.extend_from_slice(&generation.to_be_bytes());
+    aad
+}
+
+/// The master key versions this process holds, with their derived keys.
+pub struct Keyring {
+    versions: BTreeMap<u32, DerivedKeys>,
+    primary: u32,
+    blind_index_version: u32,
+}
+
+impl Keyring {
+    /// Builds a keyring; `primary` must be one of the versions. The blind
+    /// index key comes from `blind_index_version`, which must also be present.
+    pub fn new(masters: Vec<(u32, MasterKey)>, primary: u32, blind_index_version: u32) -> Result<Self, CryptoError> {
+        let versions: BTreeMap<u32, DerivedKeys> = masters.iter().map(|(v, k)| (*v, DerivedKeys::derive(k))).collect();
+        if !versions.contains_key(&primary) {
+            return Err(CryptoError::UnknownKeyVersion(primary));
+        }
+        if !versions.contains_key(&blind_index_version) {
+            return Err(CryptoError::UnknownKeyVersion(blind_index_version));
+        }
+        Ok(Keyring { versions, primary, blind_index_version })
+    }
+
+    /// The version new data keys are wrapped with.
+    pub fn primary_version(&self) -> u32 {
+        self.primary
+    }
+
+    /// The master version the blind-index key is derived from.
+    pub fn blind_index_version(&self) -> u32 {
+        self.blind_index_version
+    }
+
+    /// All master key versions held.
+    pub fn versions(&self) -> Vec<u32> {
+        self.versions.keys().copied().collect()
+    }
+
+    /// The key-check value of a version, hex encoded (reveals nothing about the key).
+    pub fn key_check_value(&self, version: u32) -> Option<String> {
+        self.versions.get(&version).map(|d| hex::encode(d.kcv))
+    }
+
+    /// A fresh data key for a patient, and its wrapped form under the primary KEK.
+    pub fn new_data_key(&self, patient_id: &[u8; 16]) -> Result<(DataKey, WrappedDataKey), CryptoError> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        random_fill(key.as_mut())?;
+        let generation = 1;
+        let derived = self.versions.get(&self.primary).ok_or(CryptoError::UnknownKeyVersion(self.primary))?;
+        let sealed = envelope::seal(&derived.kek, &dek_aad(patient_id, self.primary, generation), key.as_ref())?;
+        let mut wrapped = Vec::with_capacity(9 + sealed.len());
+        wrapped.push(WRAPPED_FORMAT_V1);
+        wrapped.extend_from_slice(&self.primary.to_be_bytes());
+        wrapped.extend_from_slice(&generation.to_be_bytes());
+        wrapped.extend_from_slice(&sealed);
+        Ok((DataKey { key, generation }, WrappedDataKey(wrapped)))
+    }
+
+    /// Unwraps a patient's data key.
+    pub fn unwrap_data_key(&self, patient_id: &[u8; 16], wrapped: &WrappedDataKey) -> Result<DataKey, CryptoError> {
+        let version = wrapped.master_version()?;
+        let generation = wrapped.generation()?;
+        let derived = self.versions.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
+        let plain =
+            Zeroizing::new(envelope::open(&derived.kek, &dek_aad(patient_id, version, generation), &wrapped.0[9..])?);
+        let mut key = Zeroizing::new([0u8; 32]);
+        if plain.len() != 32 {
+            return Err(CryptoError::Malformed);
+        }
+        key.copy_from_slice(&plain);
+        Ok(DataKey { key, generation })
+    }
+
+    /// The 16-byte blind index of an already normalized value.
+    /// `HMAC-SHA256(BIK, "carevault/v1/blind" || 0x00 || label || 0x00 || value)[..16]`.
+    pub fn blind_index(&self, kind: BlindIndexKind, normalized: &[u8]) -> [u8; 16] {
+        let mut msg = Vec::with_capacity(32 + normalized.len());
+        msg.extend_from_slice(b"carevault/v1/blind\0");
+        msg.extend_from_slice(kind.label());
+        msg.push(0);
+        msg.extend_from_slice(normalized);
+        // Invariant: the blind-index version was checked present in `new`.
+        let mac = match self.versions.get(&self.blind_index_version) {
+            Some(d) => hmac_sha256(d.blind.as_ref(), &msg),
+            None => [0u8; 32],
+        };
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&mac[..16]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring_with(hex_key: &str) -> Keyring {
+        Keyring::new(vec![(1, MasterKey::from_hex(hex_key).unwrap())], 1, 1).unwrap()
+    }
+
+    #[test]
+    fn key_check_value_is_a_known_answer_for_a_fixed_key() {
+        let a = ring_with(&"00".repeat(32));
+        let b = ring_with(&"00".repeat(32));
+        let c = ring_with(&"01".repeat(32));
+        assert_eq!(a.key_check_value(1), b.key_check_value(1));
+        assert_ne!(a.key_check_value(1), c.key_check_value(1));
+        assert_eq!(a.key_check_value(1).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn a_wrapped_data_key_unwraps_only_for_its_patient() {
+        let ring = ring_with(&"ab".repeat(32));
+        let (dek, wrapped) = ring.new_data_key(&[1; 16]).unwrap();
+        let again = ring.unwrap_data_key(&[1; 16], &wrapped).unwrap();
+        assert_eq!(dek.bytes(), again.bytes());
+        assert!(matches!(ring.unwrap_data_key(&[2; 16], &wrapped), Err(CryptoError::Open)));
+        let other = ring_with(&"cd".repeat(32));
+        assert!(matches!(other.unwrap_data_key(&[1; 16], &wrapped), Err(CryptoError::Open)));
+    }
+
+    #[test]
+    fn blind_indexes_are_keyed_and_separated_by_kind() {
+        let a = ring_with(&"ab".repeat(32));
+        let b = ring_with(&"cd".repeat(32));
+        assert_eq!(a.blind_index(BlindIndexKind::Identifier, b"x"), a.blind_index(BlindIndexKind::Identifier, b"x"));
+        assert_ne!(a.blind_index(BlindIndexKind::Identifier, b"x"), a.blind_index(BlindIndexKind::MemberId, b"x"));
+        assert_ne!(a.blind_index(BlindIndexKind::Identifier, b"x"), b.blind_index(BlindIndexKind::Identifier, b"x"));
+    }
+
+    #[test]
+    fn master_keys_reject_bad_hex() {
+        assert!(MasterKey::from_hex("zz").is_err());
+        assert!(MasterKey::from_hex(&"0".repeat(63)).is_err());
+        assert!(MasterKey::from_hex(&format!("  {}\n", "0".repeat(64))).is_ok());
+    }
+}

@@ -1,0 +1,202 @@
+//! Domain types: what carevault stores, independent of the wire format.
+//!
+//! Values here are built by parsing (see `api::convert`) and are never
+//! invalid. Records serialize to JSON only as the plaintext that gets sealed;
+//! that JSON never leaves the process unencrypted.
+
+pub mod coverage;
+pub mod date;
+pub mod ids;
+pub mod normalize;
+pub mod patient;
+
+pub use coverage::{
+    Coverage, CoverageData, CoverageStatus, CoverageType, Payor, Period, Subscriber, SubscriberRelationship,
+};
+pub use date::{CalendarDate, FhirDate};
+pub use ids::{CoverageId, PatientId};
+pub use patient::{
+    Address, AddressUse, ContactPoint, ContactPointSystem, ContactPointUse, ContactRelationship, Gender, HumanName,
+    Identifier, IdentifierType, NameUse, Patient, PatientContact, PatientData,
+};
+
+/// Microseconds since the Unix epoch, UTC.
+pub type Micros = i64;
+
+/// Permissions a token's `scope` claim can grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Read patient demographics.
+    PatientsRead,
+    /// Create, update and delete patients.
+    PatientsWrite,
+    /// Read coverage.
+    CoverageRead,
+    /// Create, update and delete coverage.
+    CoverageWrite,
+    /// Read the audit trail.
+    AuditRead,
+}
+
+impl Scope {
+    /// All scopes.
+    pub const ALL: [Scope; 5] =
+        [Scope::PatientsRead, Scope::PatientsWrite, Scope::CoverageRead, Scope::CoverageWrite, Scope::AuditRead];
+
+    /// The scope string as it appears in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::PatientsRead => "patients.read",
+            Scope::PatientsWrite => "patients.write",
+            Scope::CoverageRead => "coverage.read",
+            Scope::CoverageWrite => "coverage.write",
+            Scope::AuditRead => "audit.read",
+        }
+    }
+
+    /// Parses a scope string; unknown scopes give `None`.
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// Outcome recorded in an audit entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Succeeded.
+    Ok,
+    /// Rejected input.
+    InvalidArgument,
+    /// No valid token.
+    Unauthenticated,
+    /// Token lacks the permission.
+    PermissionDenied,
+    /// No such record.
+    NotFound,
+    /// Stale version.
+    Aborted,
+    /// The record's state forbids it (e.g. updating a deleted patient).
+    FailedPrecondition,
+    /// A ciphertext failed to open.
+    DataLoss,
+    /// Server-side failure.
+    Internal,
+    /// A limit was hit.
+    ResourceExhausted,
+}
+
+impl Outcome {
+    /// All outcomes.
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Ok,
+        Outcome::InvalidArgument,
+        Outcome::Unauthenticated,
+        Outcome::PermissionDenied,
+        Outcome::NotFound,
+        Outcome::Aborted,
+        Outcome::FailedPrecondition,
+        Outcome::DataLoss,
+        Outcome::Internal,
+        Outcome::ResourceExhausted,
+    ];
+
+    /// The string recorded in audit entries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::InvalidArgument => "invalid_argument",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::PermissionDenied => "permission_denied",
+            Outcome::NotFound => "not_found",
+            Outcome::Aborted => "aborted",
+            Outcome::FailedPrecondition => "failed_precondition",
+            Outcome::DataLoss => "data_loss",
+            Outcome::Internal => "internal",
+            Outcome::ResourceExhausted => "resource_exhausted",
+        }
+    }
+
+    /// Parses the audit string form.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// What an audited call attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Action {
+    PatientCreate,
+    PatientRead,
+    PatientUpdate,
+    PatientDelete,
+    PatientList,
+    PatientSearch,
+    PatientHistory,
+    CoverageCreate,
+    CoverageRead,
+    CoverageUpdate,
+    CoverageDelete,
+    CoverageList,
+    CoverageActive,
+    AuditList,
+    AuditExport,
+    AuditHead,
+}
+
+impl Action {
+    /// The string recorded in audit entries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::PatientCreate => "patient.create",
+            Action::PatientRead => "patient.read",
+            Action::PatientUpdate => "patient.update",
+            Action::PatientDelete => "patient.delete",
+            Action::PatientList => "patient.list",
+            Action::PatientSearch => "patient.search",
+            Action::PatientHistory => "patient.history",
+            Action::CoverageCreate => "coverage.create",
+            Action::CoverageRead => "coverage.read",
+            Action::CoverageUpdate => "coverage.update",
+            Action::CoverageDelete => "coverage.delete",
+            Action::CoverageList => "coverage.list",
+            Action::CoverageActive => "coverage.active",
+            Action::AuditList => "audit.list",
+            Action::AuditExport => "audit.export",
+            Action::AuditHead => "audit.head",
+        }
+    }
+
+    /// The scope that authorizes this action.
+    pub fn required_scope(self) -> Scope {
+        match self {
+            Action::PatientRead | Action::PatientList | Action::PatientSearch | Action::PatientHistory => {
+                Scope::PatientsRead
+            }
+            Action::PatientCreate | Action::PatientUpdate | Action::PatientDelete => Scope::PatientsWrite,
+            Action::CoverageRead | Action::CoverageList | Action::CoverageActive => Scope::CoverageRead,
+            Action::CoverageCreate | Action::CoverageUpdate | Action::CoverageDelete => Scope::CoverageWrite,
+            Action::AuditList | Action::AuditExport | Action::AuditHead => Scope::AuditRead,
+        }
+    }
+
+    /// The resource type recorded with this action.
+    pub fn resource_type(self) -> &'static str {
+        match self {
+            Action::PatientCreate
+            | Action::PatientRead
+            | Action::PatientUpdate
+            | Action::PatientDelete
+            | Action::PatientList
+            | Action::PatientSearch
+            | Action::PatientHistory => "patient",
+            Action::CoverageCreate
+            | Action::CoverageRead
+            | Action::CoverageUpdate
+            | Action::CoverageDelete
+            | Action::CoverageList
+            | Action::CoverageActive => "coverage",
+            Action::AuditList | Action::AuditExport | Action::AuditHead => "audit",
+        }
+    }
+}

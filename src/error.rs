@@ -1,0 +1,114 @@
+//! The application error type and the one place it becomes a `tonic::Status`.
+//!
+//! Clients get a code and a fixed, safe message (plus google.rpc.BadRequest
+//! field violations for invalid input, and the request id). Causes are
+//! logged by the app layer without PHI; nothing here carries PHI, keys,
+//! tokens, file paths or ciphertext.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::auth::AuthFailure;
+use crate::domain::{Outcome, Scope};
+
+/// One bad field: a path like `patient.names[0].family` and a fixed description
+/// that never echoes the submitted value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Field path in the request.
+    pub field: String,
+    /// What is wrong with it.
+    pub description: &'static str,
+}
+
+/// Every way a call can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// No valid token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(AuthFailure),
+    /// The token lacks a scope.
+    #[error("missing scope {}", .0.as_str())]
+    PermissionDenied(Scope),
+    /// The request is invalid; each violation names its field.
+    #[error("invalid argument ({} violations)", .0.len())]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The named resource does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The caller's version is stale.
+    #[error("version conflict: current version is {current}")]
+    Conflict {
+        /// The version stored now.
+        current: u64,
+    },
+    /// The resource's state forbids the call.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(&'static str),
+    /// A stored ciphertext failed to open: tampering, corruption or a wrong key.
+    #[error("stored record failed to authenticate")]
+    DataLoss,
+    /// The audit entry could not be made durable, so the call did not happen.
+    #[error("audit trail unavailable")]
+    AuditUnavailable,
+    /// Anything else; the cause was logged.
+    #[error("internal error")]
+    Internal,
+}
+
+impl AppError {
+    /// The outcome recorded in the audit entry.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            AppError::Unauthenticated(_) => Outcome::Unauthenticated,
+            AppError::PermissionDenied(_) => Outcome::PermissionDenied,
+            AppError::InvalidArgument(_) => Outcome::InvalidArgument,
+            AppError::NotFound(_) => Outcome::NotFound,
+            AppError::Conflict { .. } => Outcome::Aborted,
+            AppError::FailedPrecondition(_) => Outcome::FailedPrecondition,
+            AppError::DataLoss => Outcome::DataLoss,
+            AppError::AuditUnavailable | AppError::Internal => Outcome::Internal,
+        }
+    }
+
+    /// Shorthand for a single invalid field.
+    pub fn invalid(field: impl Into<String>, description: &'static str) -> AppError {
+        AppError::InvalidArgument(vec![FieldViolation { field: field.into(), description }])
+    }
+}
+
+/// Converts an error into the status sent to the client. The only such conversion.
+pub fn to_status(err: &AppError, request_id: &str) -> Status {
+    let mut status = match err {
+        AppError::Unauthenticated(f) => Status::unauthenticated(f.client_message()),
+        AppError::PermissionDenied(scope) => {
+            Status::permission_denied(format!("token lacks the {} scope", scope.as_str()))
+        }
+        AppError::InvalidArgument(violations) => {
+            let mut details = ErrorDetails::new();
+            for v in violations {
+                details.add_bad_request_violation(v.field.clone(), v.description);
+            }
+            let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+            Status::with_error_details(
+                Code::InvalidArgument,
+                format!("invalid request: {}", fields.join(", ")),
+                details,
+            )
+        }
+        AppError::NotFound(what) => Status::not_found(format!("{what} not found")),
+        AppError::Conflict { current } => {
+            Status::aborted(format!("version conflict: the record is at version {current}; read it again and retry"))
+        }
+        AppError::FailedPrecondition(why) => Status::failed_precondition(*why),
+        AppError::DataLoss => Status::data_loss("stored record failed to authenticate"),
+        AppError::AuditUnavailable => {
+            Status::unavailable("the audit trail could not record this request, so it was not performed")
+        }
+        AppError::Internal => Status::internal("internal error"),
+    };
+    if let Ok(v) = request_id.parse() {
+        status.metadata_mut().insert("x-request-id", v);
+    }
+    status
+}

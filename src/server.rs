@@ -1,0 +1,119 @@
+//! Opening the service (keys -> key check -> store -> sequencer) and running
+//! the tonic server with health checking and reflection until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::Edge;
+use crate::app::App;
+use crate::auth::Authenticator;
+use crate::clock::Clock;
+use crate::config::ServiceConfig;
+use crate::keystore::{self, KeyError, KeyPaths};
+use crate::proto::v1::audit_service_server::AuditServiceServer;
+use crate::proto::v1::coverage_service_server::CoverageServiceServer;
+use crate::proto::v1::patient_service_server::PatientServiceServer;
+use crate::storage::durability::Durability;
+use crate::storage::{Sequencer, StorageError, Store};
+
+/// The encoded FileDescriptorSet of proto/, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/carevault_descriptor.bin"));
+
+/// Largest message tonic will decode at all (requests are further limited
+/// to 64 KiB, with an audited INVALID_ARGUMENT, by the handlers).
+pub const MAX_DECODING_BYTES: usize = 1024 * 1024;
+
+/// Why the service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Key files or key check.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The database.
+    #[error("database: {0}")]
+    Storage(#[from] StorageError),
+    /// Networking.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection set-up.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Test hooks and injected dependencies for [`open`].
+pub struct OpenOptions {
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+    /// When set to true, every durable sync fails (fault injection for fail-closed tests).
+    pub fail_syncs: Option<Arc<AtomicBool>>,
+}
+
+/// An opened service, ready to serve.
+pub struct Service {
+    /// The gRPC edge.
+    pub edge: Edge,
+    /// The sequencer (head, sync counts).
+    pub sequencer: Sequencer,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Opens keys, checks them against the data directory, opens the store and
+/// starts the sequencer. A wrong key fails here, before sled is opened.
+pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, ServerError> {
+    let key_paths = KeyPaths { dir: config.key_dir.clone() };
+    let keyring = keystore::open_for_data_dir(&key_paths, &config.data_dir)?;
+    let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
+    let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
+    let db_dir = config.data_dir.join("db");
+    let store = Store::open(&db_dir, config.cache_bytes)?;
+    let syncs = Arc::new(AtomicU64::new(0));
+    let durability = Durability::open(&db_dir, syncs.clone(), options.fail_syncs).map_err(StorageError::from)?;
+    let (sequencer, thread) = Sequencer::start(store.clone(), options.clock.clone(), durability, syncs)?;
+    let app = App::new(store, sequencer.clone(), Arc::new(keyring), options.clock.clone());
+    let auth = Authenticator::new(issuer, config.max_token_lifetime_secs, config.clock_skew_secs);
+    let edge = Edge::new(app, Arc::new(auth), options.clock);
+    Ok(Service { edge, sequencer, thread })
+}
+
+/// Serves on `listener` until `shutdown` completes, then finishes in-flight
+/// requests, stops the sequencer after a final sync, and returns.
+pub async fn run(
+    listener: TcpListener,
+    service: Service,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<PatientServiceServer<Edge>>().await;
+    health_reporter.set_serving::<CoverageServiceServer<Edge>>().await;
+    health_reporter.set_serving::<AuditServiceServer<Edge>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let Service { edge, sequencer, thread } = service;
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(PatientServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
+        .add_service(CoverageServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
+        .add_service(AuditServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    drop(edge);
+    drop(sequencer);
+    drop(health_reporter);
+    // The sequencer thread exits (after a final sync) once every handle is gone.
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    result.map_err(ServerError::from)
+}

@@ -1,0 +1,319 @@
+//! Persistence: sled trees, their key layouts, and the audit sequencer.
+//!
+//! Storage holds only ciphertext, HMAC blind indexes, UUIDs, version numbers
+//! and audit entries (which hold identifiers, never PHI). Every write goes
+//! through the [`sequencer`], which commits the record change and its audit
+//! entry in one sled transaction and makes them durable with fdatasync before
+//! anyone is answered.
+//!
+//! # Trees and key layouts (all integers big-endian)
+//!
+//! | tree                  | key                                                     | value |
+//! |-----------------------|---------------------------------------------------------|-------|
+//! | `heads`               | kind (1: patient, 2: coverage) · id (16)                 | current version (u64) · patient id (16) |
+//! | `records`             | kind · id (16) · version (u64)                           | sealed record (crypto::envelope) |
+//! | `deks`                | patient id (16)                                          | wrapped data key (crypto::keyring) |
+//! | `blind`               | index kind (1) · HMAC (16) · patient (16) · kind (1) · record id (16) | empty |
+//! | `blind_owner`         | kind · record id (16)                                    | the record's `blind` keys, concatenated (50 bytes each) |
+//! | `coverage_by_patient` | patient (16) · coverage id (16)                          | empty |
+//! | `audit`               | sequence (u64)                                           | canonical entry bytes · SHA-256 of them (32) |
+//! | `audit_by_patient`    | patient (16) · sequence (u64)                            | empty |
+
+pub mod durability;
+pub mod sequencer;
+
+use std::path::Path;
+
+use crate::crypto::RecordKind;
+
+pub use sequencer::{Commit, CommitOutcome, Committed, RecordWrite, Sequencer};
+
+/// Length of a `blind` tree key.
+pub const BLIND_KEY_LEN: usize = 50;
+
+/// Storage failures. Messages carry no PHI (sled errors may name files; they
+/// are logged, never sent to clients).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database or the disk failed.
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    /// Stored bytes are not in the expected layout.
+    #[error("storage corrupt: {0}")]
+    Corrupt(&'static str),
+    /// The sequencer has stopped (shutting down).
+    #[error("audit sequencer unavailable")]
+    SequencerGone,
+}
+
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        StorageError::Io(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for StorageError {
+    fn from(e: std::io::Error) -> Self {
+        StorageError::Io(e.to_string())
+    }
+}
+
+/// Current version of a record and the patient it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Current version.
+    pub version: u64,
+    /// Owning patient (the record itself for patients).
+    pub patient_id: [u8; 16],
+}
+
+/// The opened sled database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) db: sled::Db,
+    pub(crate) heads: sled::Tree,
+    pub(crate) records: sled::Tree,
+    pub(crate) deks: sled::Tree,
+    pub(crate) blind: sled::Tree,
+    pub(crate) blind_owner: sled::Tree,
+    pub(crate) coverage_by_patient: sled::Tree,
+    pub(crate) audit: sled::Tree,
+    pub(crate) audit_by_patient: sled::Tree,
+}
+
+fn head_key(kind: RecordKind, id: &[u8; 16]) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = kind.tag();
+    k[1..].copy_from_slice(id);
+    k
+}
+
+fn record_key(kind: RecordKind, id: &[u8; 16], version: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[..17].copy_from_slice(&head_key(kind, id));
+    k[17..].copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn arr16(b: &[u8]) -> Result<[u8; 16], StorageError> {
+    b.try_into().map_err(|_| StorageError::Corrupt("bad id length"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Result<u64, StorageError> {
+    let s: [u8; 8] = b.get(at..at + 8).and_then(|s| s.try_into().ok()).ok_or(StorageError::Corrupt("bad u64"))?;
+    Ok(u64::from_be_bytes(s))
+}
+
+fn decode_head(v: &[u8]) -> Result<Head, StorageError> {
+    if v.len() != 24 {
+        return Err(StorageError::Corrupt("bad head"));
+    }
+    Ok(Head { version: u64_at(v, 0)?, patient_id: arr16(&v[8..24])? })
+}
+
+fn encode_head(h: Head) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&h.version.to_be_bytes());
+    v[8..].copy_from_slice(&h.patient_id);
+    v
+}
+
+/// A stored audit entry: its canonical bytes and the hash stored beside them.
+#[derive(Debug, Clone)]
+pub struct StoredAuditEntry {
+    /// Sequence (the tree key).
+    pub sequence: u64,
+    /// Canonical encoding.
+    pub bytes: Vec<u8>,
+    /// Stored SHA-256 of `bytes`.
+    pub hash: [u8; 32],
+}
+
+fn decode_audit(k: &[u8], v: &[u8]) -> Result<StoredAuditEntry, StorageError> {
+    if v.len() < 32 {
+        return Err(StorageError::Corrupt("short audit value"));
+    }
+    let (bytes, hash) = v.split_at(v.len() - 32);
+    let mut h = [0u8; 32];
+    h.copy_from_slice(hash);
+    Ok(StoredAuditEntry { sequence: u64_at(k, 0)?, bytes: bytes.to_vec(), hash: h })
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StorageError> {
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open()?;
+        Ok(Store {
+            heads: db.open_tree("heads")?,
+            records: db.open_tree("records")?,
+            deks: db.open_tree("deks")?,
+            blind: db.open_tree("blind")?,
+            blind_owner: db.open_tree("blind_owner")?,
+            coverage_by_patient: db.open_tree("coverage_by_patient")?,
+            audit: db.open_tree("audit")?,
+            audit_by_patient: db.open_tree("audit_by_patient")?,
+            db,
+        })
+    }
+
+    /// Current version and owner of a record.
+    pub fn head(&self, kind: RecordKind, id: &[u8; 16]) -> Result<Option<Head>, StorageError> {
+        self.heads.get(head_key(kind, id))?.map(|v| decode_head(&v)).transpose()
+    }
+
+    /// A record's sealed bytes at a version.
+    pub fn record(&self, kind: RecordKind, id: &[u8; 16], version: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.records.get(record_key(kind, id, version))?.map(|v| v.to_vec()))
+    }
+
+    /// Every stored version of a record, oldest first.
+    pub fn versions(&self, kind: RecordKind, id: &[u8; 16]) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.records
+            .scan_prefix(head_key(kind, id))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((u64_at(&k, 17)?, v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// A patient's wrapped data key.
+    pub fn wrapped_dek(&self, patient: &[u8; 16]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.deks.get(patient)?.map(|v| v.to_vec()))
+    }
+
+    /// Up to `limit` records of a kind with ids after `after`, in id order.
+    pub fn list(
+        &self,
+        kind: RecordKind,
+        after: Option<[u8; 16]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 16], Head)>, StorageError> {
+        let start = match after {
+            Some(id) => {
+                let mut k = head_key(kind, &id).to_vec();
+                k.push(0); // strictly after
+                k
+            }
+            None => vec![kind.tag()],
+        };
+        let end = vec![kind.tag() + 1];
+        self.heads
+            .range(start..end)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((arr16(&k[1..])?, decode_head(&v)?))
+            })
+            .collect()
+    }
+
+    /// Distinct patients whose blind index entry of `index_kind` has this HMAC, up to `limit`.
+    pub fn blind_lookup(&self, index_kind: u8, mac: &[u8; 16], limit: usize) -> Result<Vec<[u8; 16]>, StorageError> {
+        let mut prefix = Vec::with_capacity(17);
+        prefix.push(index_kind);
+        prefix.extend_from_slice(mac);
+        let mut out: Vec<[u8; 16]> = Vec::new();
+        for kv in self.blind.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let p = arr16(k.get(17..33).ok_or(StorageError::Corrupt("short blind key"))?)?;
+            if !out.contains(&p) {
+                out.push(p);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids of a patient's coverages.
+    pub fn coverages_of(&self, patient: &[u8; 16]) -> Result<Vec<[u8; 16]>, StorageError> {
+        self.coverage_by_patient
+            .scan_prefix(patient)
+            .map(|kv| {
+                let (k, _) = kv?;
+                arr16(&k[16..])
+            })
+            .collect()
+    }
+
+    /// The newest audit entry's sequence and stored hash.
+    pub fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StorageError> {
+        match self.audit.last()? {
+            Some((k, v)) => {
+                let e = decode_audit(&k, &v)?;
+                Ok(Some((e.sequence, e.hash)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Audit entries from `from` through `to` inclusive, in sequence order.
+    pub fn audit_range(&self, from: u64, to: u64) -> impl Iterator<Item = Result<StoredAuditEntry, StorageError>> + '_ {
+        self.audit.range(from.to_be_bytes()..=to.to_be_bytes()).map(|kv| {
+            let (k, v) = kv?;
+            decode_audit(&k, &v)
+        })
+    }
+
+    /// Every audit entry in key order (used by offline verify).
+    pub fn audit_all(&self) -> impl Iterator<Item = Result<StoredAuditEntry, StorageError>> + '_ {
+        self.audit.iter().map(|kv| {
+            let (k, v) = kv?;
+            decode_audit(&k, &v)
+        })
+    }
+
+    /// Sequences of entries that name `patient`, from `from` onwards, in order.
+    pub fn audit_seqs_for_patient(
+        &self,
+        patient: &[u8; 16],
+        from: u64,
+    ) -> impl Iterator<Item = Result<u64, StorageError>> + '_ {
+        let mut start = patient.to_vec();
+        start.extend_from_slice(&from.to_be_bytes());
+        let mut end = patient.to_vec();
+        end.extend_from_slice(&u64::MAX.to_be_bytes());
+        self.audit_by_patient.range(start..=end).map(|kv| {
+            let (k, _) = kv?;
+            u64_at(&k, 16)
+        })
+    }
+
+    /// One audit entry.
+    pub fn audit_entry(&self, seq: u64) -> Result<Option<StoredAuditEntry>, StorageError> {
+        let key = seq.to_be_bytes();
+        self.audit.get(key)?.map(|v| decode_audit(&key, &v)).transpose()
+    }
+
+    /// Raw access for tamper tests and offline tools: overwrite or remove an audit value.
+    /// Named `danger_` because it bypasses the sequencer and breaks the chain on purpose.
+    pub fn danger_put_audit_raw(&self, seq: u64, value: Option<Vec<u8>>) -> Result<(), StorageError> {
+        match value {
+            Some(v) => self.audit.insert(seq.to_be_bytes(), v)?,
+            None => self.audit.remove(seq.to_be_bytes())?,
+        };
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Raw value of an audit entry (bytes followed by the stored hash).
+    pub fn audit_raw(&self, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.audit.get(seq.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Raw access for tamper tests: overwrite a record's sealed bytes.
+    /// Named `danger_` because it bypasses the sequencer and the audit trail.
+    pub fn danger_put_record_raw(
+        &self,
+        kind: RecordKind,
+        id: &[u8; 16],
+        version: u64,
+        value: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        self.records.insert(record_key(kind, id, version), value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}

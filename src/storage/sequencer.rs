@@ -1,0 +1,311 @@
+//! The audit sequencer: one thread that orders every audit append and every
+//! record write, and shares one disk sync among all requests waiting for it
+//! (group commit).
+//!
+//! Each [`Commit`] carries an audit entry (without sequence, previous hash or
+//! time, which the sequencer assigns) and optionally a [`RecordWrite`]. The
+//! thread takes everything queued (up to [`MAX_BATCH`]), applies the whole
+//! batch in one sled transaction across all trees (so a record never exists
+//! without its audit entry, nor the reverse), then flushes and fdatasyncs
+//! ([`Durability`]), and only then answers each request. Because this thread
+//! is the only writer, the optimistic version check in a write is exact.
+//!
+//! Failure is closed: if the transaction fails, nothing of the batch is
+//! written and every request gets an error; if the sync fails, every request
+//! of the batch gets an error and no data is returned (the entries may still
+//! reach disk with a later sync; their writes are then reported as failed
+//! although applied, the usual ambiguity of a failed commit).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use tokio::sync::{mpsc, oneshot};
+
+use super::durability::Durability;
+use super::{BLIND_KEY_LEN, Head, StorageError, Store, decode_head, encode_head, head_key, record_key};
+use crate::audit::AuditEntry;
+use crate::clock::Clock;
+use crate::crypto::RecordKind;
+use crate::domain::PatientId;
+
+/// Most commits applied in one transaction and one sync.
+pub const MAX_BATCH: usize = 512;
+
+/// A record change to commit together with its audit entry.
+pub struct RecordWrite {
+    /// Record kind.
+    pub kind: RecordKind,
+    /// Record id.
+    pub id: [u8; 16],
+    /// Owning patient.
+    pub patient_id: [u8; 16],
+    /// The version the caller read; 0 means the record must not exist yet.
+    pub expected_version: u64,
+    /// Sealed bytes of version `expected_version + 1`.
+    pub sealed: Vec<u8>,
+    /// A new patient's wrapped data key.
+    pub new_dek: Option<Vec<u8>>,
+    /// The record's complete new set of blind index keys (replaces the old set).
+    pub index_keys: Vec<[u8; BLIND_KEY_LEN]>,
+}
+
+/// One request to the sequencer.
+pub struct Commit {
+    /// The audit entry; sequence, previous hash and time are assigned here.
+    pub entry: AuditEntry,
+    /// The write, if any.
+    pub write: Option<RecordWrite>,
+}
+
+/// What happened to a commit's write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Entry (and write, if any) committed.
+    Written,
+    /// The record's version was not the expected one; only the audit entry
+    /// (with outcome "aborted") was committed.
+    Conflict {
+        /// Version actually stored (0 if none).
+        current: u64,
+    },
+}
+
+/// A durable commit.
+#[derive(Debug, Clone, Copy)]
+pub struct Committed {
+    /// The entry's sequence number.
+    pub sequence: u64,
+    /// The entry's hash.
+    pub hash: [u8; 32],
+    /// The entry's time.
+    pub time_micros: i64,
+    /// Whether the write happened.
+    pub outcome: CommitOutcome,
+}
+
+struct Pending {
+    commit: Commit,
+    reply: oneshot::Sender<Result<Committed, StorageError>>,
+}
+
+/// Handle to the sequencer thread. Cloning shares the thread.
+#[derive(Clone)]
+pub struct Sequencer {
+    tx: mpsc::Sender<Pending>,
+    head: Arc<Mutex<(u64, [u8; 32])>>,
+    syncs: Arc<AtomicU64>,
+}
+
+impl Sequencer {
+    /// Starts the sequencer over `store`, writing the genesis entry if the chain is empty.
+    /// The thread ends (after a final sync) when every handle is dropped.
+    pub fn start(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        mut durability: Durability,
+        syncs: Arc<AtomicU64>,
+    ) -> Result<(Sequencer, std::thread::JoinHandle<()>), StorageError> {
+        let head = match store.audit_head()? {
+            Some(h) => h,
+            None => {
+                let genesis = AuditEntry::genesis(clock.now_micros());
+                let bytes = genesis.encode();
+                let hash = crate::crypto::sha256(&bytes);
+                let mut value = bytes;
+                value.extend_from_slice(&hash);
+                store.audit.insert(0u64.to_be_bytes(), value)?;
+                durability.sync(&store.db)?;
+                (0, hash)
+            }
+        };
+        let head = Arc::new(Mutex::new(head));
+        let (tx, rx) = mpsc::channel::<Pending>(4 * MAX_BATCH);
+        let thread_head = head.clone();
+        let span = tracing::info_span!("audit_sequencer");
+        let handle = std::thread::Builder::new()
+            .name("carevault-sequencer".into())
+            .spawn(move || {
+                let _enter = span.enter();
+                run(store, clock, durability, rx, thread_head)
+            })
+            .map_err(StorageError::from)?;
+        Ok((Sequencer { tx, head, syncs }, handle))
+    }
+
+    /// Commits an entry (and write) durably. Returns only after fdatasync.
+    pub async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Pending { commit, reply }).await.map_err(|_| StorageError::SequencerGone)?;
+        rx.await.map_err(|_| StorageError::SequencerGone)?
+    }
+
+    /// The newest committed entry's sequence and hash.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        *self.head.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Disk syncs issued so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn run(
+    store: Store,
+    clock: Arc<dyn Clock>,
+    mut durability: Durability,
+    mut rx: mpsc::Receiver<Pending>,
+    head: Arc<Mutex<(u64, [u8; 32])>>,
+) {
+    let mut current = *head.lock().unwrap_or_else(|p| p.into_inner());
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let now = clock.now_micros();
+        let applied = apply(&store, &batch, current, now);
+        match applied {
+            Ok((results, new_head)) => {
+                // The batch is in sled (in memory) whatever the sync does next,
+                // so the chain continues from it.
+                current = new_head;
+                *head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
+                match durability.sync(&store.db) {
+                    Ok(()) => {
+                        for (p, r) in batch.into_iter().zip(results) {
+                            let _ = p.reply.send(Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "audit sync failed; failing the batch closed");
+                        for p in batch {
+                            let _ = p.reply.send(Err(StorageError::Io("sync failed".into())));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit transaction failed; nothing of the batch was written");
+                for p in batch {
+                    let _ = p.reply.send(Err(StorageError::Io("commit failed".into())));
+                }
+            }
+        }
+    }
+    if let Err(e) = durability.sync(&store.db) {
+        tracing::error!(error = %e, "final sync at shutdown failed");
+    }
+}
+
+type Tx = ConflictableTransactionError<StorageError>;
+
+/// Sequence and hash of the newest entry.
+type ChainHead = (u64, [u8; 32]);
+
+fn apply(
+    store: &Store,
+    batch: &[Pending],
+    start: (u64, [u8; 32]),
+    now: i64,
+) -> Result<(Vec<Committed>, ChainHead), StorageError> {
+    let trees = (
+        &store.heads,
+        &store.records,
+        &store.deks,
+        &store.blind,
+        &store.blind_owner,
+        &store.coverage_by_patient,
+        &store.audit,
+        &store.audit_by_patient,
+    );
+    let result = trees.transaction(|(heads, records, deks, blind, blind_owner, cov, audit, audit_by_patient)| {
+        let mut results = Vec::with_capacity(batch.len());
+        let (mut seq, mut prev) = start;
+        for p in batch {
+            let c = &p.commit;
+            let mut outcome = CommitOutcome::Written;
+            if let Some(w) = &c.write {
+                let hk = head_key(w.kind, &w.id);
+                let current = match heads.get(hk)? {
+                    Some(v) => decode_head(&v).map_err(ConflictableTransactionError::Abort)?.version,
+                    None => 0,
+                };
+                if current != w.expected_version {
+                    outcome = CommitOutcome::Conflict { current };
+                } else {
+                    write_record(w, heads, records, deks, blind, blind_owner, cov)?;
+                }
+            }
+            seq += 1;
+            let mut entry = c.entry.clone();
+            entry.sequence = seq;
+            entry.previous_hash = prev;
+            entry.time_micros = now;
+            if let CommitOutcome::Conflict { .. } = outcome {
+                entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
+            }
+            let bytes = entry.encode();
+            let hash = crate::crypto::sha256(&bytes);
+            let mut value = bytes;
+            value.extend_from_slice(&hash);
+            audit.insert(&seq.to_be_bytes(), value)?;
+            for pid in std::iter::once(&entry.patient_id).chain(entry.returned_patient_ids.iter()) {
+                if let Some(id) = PatientId::parse(pid) {
+                    let mut k = id.bytes().to_vec();
+                    k.extend_from_slice(&seq.to_be_bytes());
+                    audit_by_patient.insert(k, &[])?;
+                }
+            }
+            prev = hash;
+            results.push(Committed { sequence: seq, hash, time_micros: now, outcome });
+        }
+        Ok((results, (seq, prev)))
+    });
+    match result {
+        Ok(r) => Ok(r),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+    }
+}
+
+fn write_record(
+    w: &RecordWrite,
+    heads: &TransactionalTree,
+    records: &TransactionalTree,
+    deks: &TransactionalTree,
+    blind: &TransactionalTree,
+    blind_owner: &TransactionalTree,
+    cov: &TransactionalTree,
+) -> Result<(), Tx> {
+    let new_version = w.expected_version + 1;
+    heads.insert(&head_key(w.kind, &w.id), &encode_head(Head { version: new_version, patient_id: w.patient_id }))?;
+    records.insert(&record_key(w.kind, &w.id, new_version), w.sealed.as_slice())?;
+    if let Some(dek) = &w.new_dek {
+        deks.insert(&w.patient_id, dek.as_slice())?;
+    }
+    if w.kind == RecordKind::Coverage && w.expected_version == 0 {
+        let mut k = w.patient_id.to_vec();
+        k.extend_from_slice(&w.id);
+        cov.insert(k, &[])?;
+    }
+    let owner = head_key(w.kind, &w.id);
+    if let Some(old) = blind_owner.get(owner)? {
+        for k in old.chunks(BLIND_KEY_LEN) {
+            blind.remove(k)?;
+        }
+    }
+    let mut all = Vec::with_capacity(w.index_keys.len() * BLIND_KEY_LEN);
+    for k in &w.index_keys {
+        blind.insert(&k[..], &[])?;
+        all.extend_from_slice(k);
+    }
+    blind_owner.insert(&owner, all)?;
+    Ok(())
+}
