@@ -114,11 +114,14 @@ pub fn is_phone(s: &str) -> bool {
     let lower = s.to_ascii_lowercase();
     let (main, ext) = match lower.find("ext").or_else(|| lower.find('x')) {
         Some(i) => {
-            (&lower[..i], lower[i..].trim_start_matches("ext").trim_start_matches('x').trim_start_matches('.').trim())
+            let ext = lower[i..].trim_start_matches("ext").trim_start_matches('x').trim_start_matches('.').trim();
+            (&lower[..i], Some(ext))
         }
-        None => (lower.as_str(), ""),
+        None => (lower.as_str(), None),
     };
-    if !ext.is_empty() && (!ext.bytes().all(|c| c.is_ascii_digit()) || ext.len() > 6) {
+    if let Some(ext) = ext
+        && (ext.is_empty() || ext.len() > 6 || !ext.bytes().all(|c| c.is_ascii_digit()))
+    {
         return false;
     }
     let main = main.trim();

@@ -147,6 +147,11 @@ impl Sequencer {
         *self.head.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The shared counter of disk syncs (outlives the sequencer).
+    pub fn sync_counter(&self) -> Arc<AtomicU64> {
+        self.syncs.clone()
+    }
+
     /// Disk syncs issued so far.
     pub fn syncs(&self) -> u64 {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
@@ -308,4 +313,78 @@ fn write_record(
     }
     blind_owner.insert(&owner, all)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FixedClock;
+
+    fn start(dir: &std::path::Path) -> (Store, Sequencer, std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+        let store = Store::open(&dir.join("db"), 8 << 20).unwrap();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let durability = Durability::open(&dir.join("db"), syncs.clone(), None).unwrap();
+        let (seq, handle) =
+            Sequencer::start(store.clone(), Arc::new(FixedClock::new(1_000)), durability, syncs.clone()).unwrap();
+        (store, seq, handle, syncs)
+    }
+
+    fn entry(action: &str) -> AuditEntry {
+        AuditEntry { action: action.into(), outcome: "ok".into(), ..AuditEntry::default() }
+    }
+
+    fn write(id: u8, expected: u64) -> RecordWrite {
+        RecordWrite {
+            kind: RecordKind::Patient,
+            id: [id; 16],
+            patient_id: [id; 16],
+            expected_version: expected,
+            sealed: vec![id, u8::try_from(expected).unwrap()],
+            new_dek: (expected == 0).then(|| vec![9]),
+            index_keys: vec![[id; BLIND_KEY_LEN]],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_share_one_sync_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, seq, handle, syncs) = start(dir.path());
+        let before = syncs.load(std::sync::atomic::Ordering::SeqCst);
+        let tasks: Vec<_> = (0..400)
+            .map(|_| {
+                let s = seq.clone();
+                tokio::spawn(
+                    async move { s.commit(Commit { entry: entry("patient.read"), write: None }).await.unwrap() },
+                )
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap().sequence);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=400).collect::<Vec<_>>(), "gapless, each sequence once");
+        let used = syncs.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(used <= 40, "{used} syncs for 400 commits: group commit is not batching");
+        drop(seq);
+        handle.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_write_commits_only_an_aborted_entry_and_a_good_one_commits_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, seq, handle, _) = start(dir.path());
+        let created = seq.commit(Commit { entry: entry("patient.create"), write: Some(write(1, 0)) }).await.unwrap();
+        assert_eq!(created.outcome, CommitOutcome::Written);
+        let stale = seq.commit(Commit { entry: entry("patient.update"), write: Some(write(1, 0)) }).await.unwrap();
+        assert_eq!(stale.outcome, CommitOutcome::Conflict { current: 1 });
+        assert_eq!(store.head(RecordKind::Patient, &[1; 16]).unwrap().unwrap().version, 1);
+        let aborted = AuditEntry::decode(&store.audit_entry(stale.sequence).unwrap().unwrap().bytes).unwrap();
+        assert_eq!(aborted.outcome, "aborted");
+        let updated = seq.commit(Commit { entry: entry("patient.update"), write: Some(write(1, 1)) }).await.unwrap();
+        assert_eq!(updated.outcome, CommitOutcome::Written);
+        assert_eq!(store.record(RecordKind::Patient, &[1; 16], 2).unwrap(), Some(vec![1, 1]));
+        drop(seq);
+        handle.join().unwrap();
+    }
 }

@@ -1,0 +1,187 @@
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use carevault::clock::SystemClock;
+use carevault::crypto::RecordKind;
+use carevault::keystore::KeyError;
+use carevault::proto::v1 as pb;
+use carevault::server::{self, OpenOptions, ServerError};
+use carevault::storage::Store;
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn no_phi_appears_anywhere_in_the_data_directory() {
+    let s = TestServer::start().await;
+    let mut p = patient("Quixotewidget", "Zanzibarella", "1973-04-05", "MRN-ZQX-7731");
+    p.identifiers.push(pb::Identifier {
+        system: "http://hl7.org/fhir/sid/us-ssn".into(),
+        value: "078-05-1120".into(),
+        r#type: pb::IdentifierType::Ss as i32,
+    });
+    let p = create(&s, p).await;
+    let mut c = coverage(&p.id, "MBRXQ99812", 1);
+    c.plan_name = "Platypusplan Gold".into();
+    s.coverages().create_coverage(req(pb::CreateCoverageRequest { coverage: Some(c) }, &s.admin())).await.unwrap();
+    let mut changed = p.clone();
+    changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
+    s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();
+    use pb::search_patients_request::Criterion;
+    s.patients()
+        .search_patients(req(
+            pb::SearchPatientsRequest {
+                criterion: Some(Criterion::NameBirthDate(pb::NameBirthDateQuery {
+                    family: "Quixotewidget".into(),
+                    birth_date: "1973-04-05".into(),
+                })),
+                ..Default::default()
+            },
+            &s.admin(),
+        ))
+        .await
+        .unwrap();
+    let (data_dir, key_dir, _guard) = s.stop_keep().await;
+    let needles: Vec<&[u8]> = vec![
+        b"Quixotewidget",
+        b"quixotewidget",
+        b"QUIXOTEWIDGET",
+        b"Zanzibarella",
+        b"Middlenamequark",
+        b"078-05-1120",
+        b"078051120",
+        b"MRN-ZQX-7731",
+        b"MRNZQX7731",
+        b"MBRXQ99812",
+        b"Platypusplan",
+        b"1973-04-05",
+        b"Elm Street",
+        b"pat@example.org",
+    ];
+    let files = files_under(&data_dir);
+    assert!(files.iter().any(|f| f.ends_with("db")), "the database must be among the files searched");
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        for n in &needles {
+            assert!(!contains(&bytes, n), "{} contains {}", f.display(), String::from_utf8_lossy(n));
+        }
+    }
+    // And the key material is not in the data directory either.
+    let master = std::fs::read_to_string(key_dir.join("master-1.key")).unwrap();
+    for f in &files {
+        assert!(!contains(&std::fs::read(f).unwrap(), master.trim().as_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn swapping_two_records_ciphertexts_is_caught_on_read_as_data_loss_and_audited() {
+    let s = TestServer::start().await;
+    let a = create(&s, patient("Swap", "Alpha", "1980", "SW-A")).await;
+    let b = create(&s, patient("Swap", "Beta", "1981", "SW-B")).await;
+    let (data_dir, key_dir, guard) = s.stop_keep().await;
+    {
+        let store = Store::open(&data_dir.join("db"), 8 << 20).unwrap();
+        let ida = *uuid::Uuid::parse_str(&a.id).unwrap().as_bytes();
+        let idb = *uuid::Uuid::parse_str(&b.id).unwrap().as_bytes();
+        let ca = store.record(RecordKind::Patient, &ida, 1).unwrap().unwrap();
+        let cb = store.record(RecordKind::Patient, &idb, 1).unwrap().unwrap();
+        store.danger_put_record_raw(RecordKind::Patient, &ida, 1, cb).unwrap();
+        store.danger_put_record_raw(RecordKind::Patient, &idb, 1, ca).unwrap();
+    }
+    let s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
+    for id in [&a.id, &b.id] {
+        let err = s
+            .patients()
+            .get_patient(req(pb::GetPatientRequest { patient_id: id.clone() }, &s.admin()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss);
+    }
+    let ev = s.last_event("patient.read").await;
+    assert_eq!(ev.outcome, pb::AuditOutcome::DataLoss as i32);
+    assert_eq!(ev.patient_id, b.id);
+    drop(guard);
+}
+
+#[tokio::test]
+async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
+    let s = TestServer::start().await;
+    create(&s, patient("Key", "Check", "1980", "KC-1")).await;
+    let (data_dir, key_dir, _guard) = s.stop_keep().await;
+    let snapshot: Vec<_> =
+        files_under(&data_dir).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect();
+    std::fs::write(key_dir.join("master-1.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    let result = server::open(
+        &config(data_dir.clone(), key_dir.clone()),
+        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None },
+    );
+    match result {
+        Err(ServerError::Keys(KeyError::WrongKey(1))) => {}
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a wrong key must not open"),
+    }
+    let msg = KeyError::WrongKey(1).to_string();
+    assert!(msg.contains("wrong master key") && msg.contains("nothing was modified"));
+    for (f, bytes) in snapshot {
+        assert_eq!(std::fs::read(&f).unwrap(), bytes, "{} changed", f.display());
+    }
+    // A missing key is just as clear.
+    std::fs::remove_file(key_dir.join("master-1.key")).unwrap();
+    let result =
+        server::open(&config(data_dir, key_dir), OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None });
+    assert!(matches!(result, Err(ServerError::Keys(KeyError::NoMasterKey(_)))));
+}
+
+#[tokio::test]
+async fn a_key_file_readable_by_others_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key_dir = tmp.path().join("keys");
+    carevault::keystore::ensure_keys(&carevault::keystore::KeyPaths { dir: key_dir.clone() }).unwrap();
+    std::fs::set_permissions(key_dir.join("master-1.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let result = server::open(
+        &config(tmp.path().join("data"), key_dir),
+        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None },
+    );
+    assert!(matches!(result, Err(ServerError::Keys(KeyError::Permissions(_)))));
+}
+
+#[tokio::test]
+async fn when_the_audit_cannot_be_synced_no_data_leaves_and_service_recovers() {
+    let s = TestServer::start().await;
+    let p = create(&s, patient("Fail", "Closed", "1980", "FC-1")).await;
+    s.fail_syncs.store(true, Ordering::SeqCst);
+    let err = s
+        .patients()
+        .get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(!format!("{err:?}").contains("Closed"));
+    let err = s
+        .patients()
+        .create_patient(req(
+            pb::CreatePatientRequest { patient: Some(patient("Fail", "Write", "1980", "FC-2")) },
+            &s.admin(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    s.fail_syncs.store(false, Ordering::SeqCst);
+    let got =
+        s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await.unwrap();
+    assert_eq!(got.into_inner().patient.unwrap().names[0].given[0], "Closed");
+}

@@ -1,0 +1,253 @@
+//! Test harness: a real server on 127.0.0.1:0 over temporary directories.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use carevault::auth::token;
+use carevault::clock::{Clock, SystemClock};
+use carevault::config::ServiceConfig;
+use carevault::keystore::{self, KeyPaths};
+use carevault::proto::v1 as pb;
+use carevault::proto::v1::audit_service_client::AuditServiceClient;
+use carevault::proto::v1::coverage_service_client::CoverageServiceClient;
+use carevault::proto::v1::patient_service_client::PatientServiceClient;
+use carevault::server::{self, OpenOptions};
+use tonic::transport::Channel;
+
+pub const ALL_SCOPES: &str = "patients.read patients.write coverage.read coverage.write audit.read";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    pub data_dir: PathBuf,
+    pub key_dir: PathBuf,
+    pub fail_syncs: Arc<AtomicBool>,
+    issuer_der: Vec<u8>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
+    ServiceConfig {
+        data_dir,
+        key_dir,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        issuer_public_key: None,
+        max_token_lifetime_secs: 3600,
+        clock_skew_secs: 30,
+        cache_bytes: 16 * 1024 * 1024,
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let key_dir = tmp.path().join("keys");
+        let mut s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    pub async fn start_in(data_dir: PathBuf, key_dir: PathBuf, clock: Arc<dyn Clock>) -> TestServer {
+        let paths = KeyPaths { dir: key_dir.clone() };
+        keystore::ensure_keys(&paths).unwrap();
+        let issuer_der = std::fs::read(paths.issuer_private()).unwrap();
+        let fail_syncs = Arc::new(AtomicBool::new(false));
+        let service = server::open(
+            &config(data_dir.clone(), key_dir.clone()),
+            OpenOptions { clock, fail_syncs: Some(fail_syncs.clone()) },
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            server::run(listener, service, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        TestServer {
+            addr,
+            channel,
+            data_dir,
+            key_dir,
+            fail_syncs,
+            issuer_der,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            _tmp: None,
+        }
+    }
+
+    /// Stops the server and waits until the database is closed.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap();
+        }
+    }
+
+    /// Stops, then keeps the temporary directory alive in the returned guard.
+    pub async fn stop_keep(mut self) -> (PathBuf, PathBuf, Option<tempfile::TempDir>) {
+        self.stop().await;
+        (self.data_dir.clone(), self.key_dir.clone(), self._tmp.take())
+    }
+
+    pub fn token(&self, sub: &str, scope: &str) -> String {
+        token::issue(&self.issuer_der, sub, scope, 600, now_secs()).unwrap()
+    }
+
+    pub fn admin(&self) -> String {
+        self.token("tester", ALL_SCOPES)
+    }
+
+    pub fn patients(&self) -> PatientServiceClient<Channel> {
+        PatientServiceClient::new(self.channel.clone())
+    }
+
+    pub fn coverages(&self) -> CoverageServiceClient<Channel> {
+        CoverageServiceClient::new(self.channel.clone())
+    }
+
+    pub fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel.clone())
+    }
+
+    pub fn issuer_der(&self) -> &[u8] {
+        &self.issuer_der
+    }
+
+    /// Every audit event, oldest first (itself audited, as the last entry).
+    pub async fn all_events(&self) -> Vec<pb::AuditEvent> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let r = self
+                .audit()
+                .list_audit_events(req(
+                    pb::ListAuditEventsRequest { page_size: 1000, page_token, ..Default::default() },
+                    &self.admin(),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            out.extend(r.events);
+            if r.next_page_token.is_empty() {
+                return out;
+            }
+            page_token = r.next_page_token;
+        }
+    }
+
+    /// The newest audit event whose action is `action`.
+    pub async fn last_event(&self, action: &str) -> pb::AuditEvent {
+        self.all_events().await.into_iter().rev().find(|e| e.action == action).expect("an audit event for the action")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn now_secs() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap()
+}
+
+pub fn req<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+pub fn name(family: &str, given: &str) -> pb::HumanName {
+    pb::HumanName { family: family.into(), given: vec![given.into()], ..Default::default() }
+}
+
+/// A valid patient with distinctive values.
+pub fn patient(family: &str, given: &str, birth_date: &str, mrn: &str) -> pb::Patient {
+    pb::Patient {
+        names: vec![pb::HumanName { r#use: pb::NameUse::Official as i32, ..name(family, given) }],
+        gender: pb::AdministrativeGender::Female as i32,
+        birth_date: birth_date.into(),
+        identifiers: vec![pb::Identifier {
+            system: "https://hospital.example/mrn".into(),
+            value: mrn.into(),
+            r#type: pb::IdentifierType::Mr as i32,
+        }],
+        telecom: vec![
+            pb::ContactPoint {
+                system: pb::ContactPointSystem::Phone as i32,
+                value: "+1 (555) 010-0199".into(),
+                r#use: pb::ContactPointUse::Mobile as i32,
+            },
+            pb::ContactPoint {
+                system: pb::ContactPointSystem::Email as i32,
+                value: "pat@example.org".into(),
+                r#use: pb::ContactPointUse::Home as i32,
+            },
+        ],
+        addresses: vec![pb::Address {
+            r#use: pb::AddressUse::Home as i32,
+            lines: vec!["12 Elm Street".into()],
+            city: "Springfield".into(),
+            state: "IL".into(),
+            postal_code: "62701".into(),
+            country: "US".into(),
+        }],
+        preferred_language: "en".into(),
+        contacts: vec![pb::PatientContact {
+            relationship: pb::ContactRelationship::NextOfKin as i32,
+            name: Some(name("Kin", "Close")),
+            telecom: vec![],
+        }],
+        ..Default::default()
+    }
+}
+
+pub fn coverage(patient_id: &str, member_id: &str, order: i32) -> pb::Coverage {
+    pb::Coverage {
+        patient_id: patient_id.into(),
+        status: pb::CoverageStatus::Active as i32,
+        r#type: pb::CoverageType::Ppo as i32,
+        payor: Some(pb::Payor { name: "Acme Health".into(), payer_id: "60054".into() }),
+        subscriber_id: member_id.into(),
+        relationship: pb::SubscriberRelationship::Patient as i32,
+        group_number: "GRP-1".into(),
+        plan_name: "Acme PPO Gold".into(),
+        period: Some(pb::Period { start: "2026-01-01".into(), end: "2026-12-31".into() }),
+        order,
+        ..Default::default()
+    }
+}
+
+pub async fn create(s: &TestServer, p: pb::Patient) -> pb::Patient {
+    s.patients()
+        .create_patient(req(pb::CreatePatientRequest { patient: Some(p) }, &s.admin()))
+        .await
+        .unwrap()
+        .into_inner()
+        .patient
+        .unwrap()
+}
+
+/// Field names in a status's google.rpc.BadRequest details.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}

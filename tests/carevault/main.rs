@@ -1,0 +1,13 @@
+//! Black-box tests: a real carevault server on 127.0.0.1:0, called through
+//! the generated gRPC clients (and the CLI binary where that is the interface).
+
+mod helpers;
+
+mod audit_trail;
+mod auth;
+mod cli;
+mod coverage;
+mod encryption;
+mod patients;
+mod tamper;
+mod validation;
