@@ -43,6 +43,40 @@ pub enum Command {
     Token(TokenCommand),
     /// A small client for trying the service by hand.
     Client(ClientArgs),
+    /// Measure throughput and latency of audited operations (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+/// `bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Patients to preload (each with 1-3 coverages).
+    #[arg(long, default_value_t = 2000)]
+    pub patients: usize,
+    /// How long each workload runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the requests are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub channels: usize,
+    /// Workloads to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "baseline,read,create,update,search,active-coverage,mixed")]
+    pub workloads: Vec<String>,
+    /// sled cache for the in-process server, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mb: u64,
+    /// Where the in-process server keeps its data (default: a temporary directory that is removed).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Also time `verify` over a synthetic chain of this many entries (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    pub verify_entries: u64,
 }
 
 /// Where the data and keys are.

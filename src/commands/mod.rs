@@ -1,5 +1,6 @@
 //! Command implementations (binary edge: errors are `anyhow`).
 
+pub mod bench;
 pub mod client;
 pub mod serve;
 pub mod token;

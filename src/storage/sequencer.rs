@@ -175,14 +175,23 @@ fn run(
             }
         }
         let now = clock.now_micros();
+        let started = std::time::Instant::now();
         let applied = apply(&store, &batch, current, now);
+        let apply_us = started.elapsed().as_micros();
         match applied {
             Ok((results, new_head)) => {
                 // The batch is in sled (in memory) whatever the sync does next,
                 // so the chain continues from it.
                 current = new_head;
                 *head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
-                match durability.sync(&store.db) {
+                let synced = durability.sync(&store.db);
+                tracing::debug!(
+                    batch = batch.len(),
+                    apply_us,
+                    sync_us = started.elapsed().as_micros() - apply_us,
+                    "batch committed"
+                );
+                match synced {
                     Ok(()) => {
                         for (p, r) in batch.into_iter().zip(results) {
                             let _ = p.reply.send(Ok(r));

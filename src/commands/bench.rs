@@ -1,0 +1,559 @@
+//! `carevault bench`: an in-process server on a temporary directory, a
+//! synthetic preload, then fixed-duration workloads at a given concurrency,
+//! each through the full path (real tokens, validation, encryption, audit,
+//! group commit, fdatasync).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use carevault::auth::token;
+use carevault::cli::BenchArgs;
+use carevault::clock::SystemClock;
+use carevault::config::ServiceConfig;
+use carevault::keystore::{self, KeyPaths};
+use carevault::proto::v1 as pb;
+use carevault::proto::v1::audit_service_client::AuditServiceClient;
+use carevault::proto::v1::coverage_service_client::CoverageServiceClient;
+use carevault::proto::v1::patient_service_client::PatientServiceClient;
+use carevault::server::{self, OpenOptions};
+use tonic::transport::Channel;
+
+const FAMILY: &[&str] = &[
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "García",
+    "Miller",
+    "Davis",
+    "Rodríguez",
+    "Martínez",
+    "Hernández",
+    "López",
+    "González",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Pérez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sánchez",
+    "Clark",
+    "Ramírez",
+    "Lewis",
+    "Robinson",
+    "Nguyen",
+    "O'Brien",
+    "Kowalski",
+    "Okafor",
+    "Chen",
+    "Müller",
+    "Novák",
+    "Haddad",
+    "Kim",
+    "Singh",
+];
+const GIVEN: &[&str] = &[
+    "James",
+    "Mary",
+    "Robert",
+    "Patricia",
+    "John",
+    "Jennifer",
+    "Michael",
+    "Linda",
+    "David",
+    "Elizabeth",
+    "José",
+    "Sofía",
+    "Wei",
+    "Aisha",
+    "Mohammed",
+    "Olga",
+    "Chidi",
+    "Zoë",
+    "Mateo",
+    "Ana",
+    "Liam",
+    "Noor",
+    "Hiroshi",
+    "Fatima",
+];
+const CITIES: &[(&str, &str, &str)] = &[
+    ("Springfield", "IL", "62701"),
+    ("Austin", "TX", "73301"),
+    ("Portland", "OR", "97201"),
+    ("Madison", "WI", "53703"),
+    ("Tucson", "AZ", "85701"),
+    ("Albany", "NY", "12207"),
+];
+const PAYORS: &[(&str, &str)] =
+    &[("Acme Health", "60054"), ("Blue Shield", "94036"), ("Medicare Part B", "00430"), ("CarePlus", "87726")];
+
+/// A small deterministic PRNG (xorshift64*) so runs are repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[(self.next() % items.len() as u64) as usize]
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn synthetic_patient(rng: &mut Rng, i: usize) -> pb::Patient {
+    let (city, state, zip) = *rng.pick(CITIES);
+    let family = rng.pick(FAMILY).to_string();
+    pb::Patient {
+        names: vec![pb::HumanName {
+            r#use: pb::NameUse::Official as i32,
+            family,
+            given: vec![rng.pick(GIVEN).to_string(), rng.pick(GIVEN).to_string()],
+            ..Default::default()
+        }],
+        gender: 1 + (rng.below(4) as i32),
+        birth_date: format!("{}-{:02}-{:02}", 1930 + rng.below(90), 1 + rng.below(12), 1 + rng.below(28)),
+        identifiers: vec![
+            pb::Identifier {
+                system: "https://hospital.example/mrn".into(),
+                value: format!("MRN{i:08}"),
+                r#type: pb::IdentifierType::Mr as i32,
+            },
+            pb::Identifier {
+                system: "http://hl7.org/fhir/sid/us-ssn".into(),
+                value: format!("{:03}-{:02}-{:04}", 100 + rng.below(800), 10 + rng.below(89), rng.below(10_000)),
+                r#type: pb::IdentifierType::Ss as i32,
+            },
+        ],
+        telecom: vec![pb::ContactPoint {
+            system: pb::ContactPointSystem::Phone as i32,
+            value: format!("+1 555 {:03} {:04}", rng.below(1000), rng.below(10_000)),
+            r#use: pb::ContactPointUse::Mobile as i32,
+        }],
+        addresses: vec![pb::Address {
+            r#use: pb::AddressUse::Home as i32,
+            lines: vec![format!("{} Elm Street", 1 + rng.below(9999))],
+            city: city.into(),
+            state: state.into(),
+            postal_code: zip.into(),
+            country: "US".into(),
+        }],
+        preferred_language: if rng.below(5) == 0 { "es".into() } else { "en".into() },
+        ..Default::default()
+    }
+}
+
+fn synthetic_coverage(rng: &mut Rng, patient_id: &str, order: i32, member: &str) -> pb::Coverage {
+    let (name, payer_id) = *rng.pick(PAYORS);
+    pb::Coverage {
+        patient_id: patient_id.into(),
+        status: pb::CoverageStatus::Active as i32,
+        r#type: pb::CoverageType::Ppo as i32,
+        payor: Some(pb::Payor { name: name.into(), payer_id: payer_id.into() }),
+        subscriber_id: member.into(),
+        relationship: pb::SubscriberRelationship::Patient as i32,
+        group_number: format!("G{}", rng.below(100_000)),
+        plan_name: format!("{name} Plan"),
+        period: Some(pb::Period { start: "2025-01-01".into(), end: String::new() }),
+        order,
+        ..Default::default()
+    }
+}
+
+/// What the workers share.
+struct Target {
+    channels: Vec<Channel>,
+    token: String,
+    /// (patient id, family, birth date, mrn)
+    patients: Vec<(String, String, String, String)>,
+}
+
+fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Baseline,
+    Read,
+    Create,
+    Update,
+    Search,
+    Active,
+}
+
+async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> bool {
+    let t = &target.token;
+    let pick = |rng: &mut Rng| &target.patients[rng.below(target.patients.len() as u64) as usize];
+    match op {
+        Op::Baseline => {
+            let mut c = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+            c.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok()
+        }
+        Op::Read => {
+            let id = pick(rng).0.clone();
+            PatientServiceClient::new(ch.clone())
+                .get_patient(authed(pb::GetPatientRequest { patient_id: id }, t))
+                .await
+                .is_ok()
+        }
+        Op::Create => {
+            let n = rng.next() as usize;
+            let p = synthetic_patient(rng, n);
+            PatientServiceClient::new(ch.clone())
+                .create_patient(authed(pb::CreatePatientRequest { patient: Some(p) }, t))
+                .await
+                .is_ok()
+        }
+        Op::Update => {
+            let id = pick(rng).0.clone();
+            let mut c = PatientServiceClient::new(ch.clone());
+            let Ok(got) = c.get_patient(authed(pb::GetPatientRequest { patient_id: id }, t)).await else {
+                return false;
+            };
+            let Some(mut p) = got.into_inner().patient else { return false };
+            p.preferred_language = if p.preferred_language == "en" { "es".into() } else { "en".into() };
+            match c.update_patient(authed(pb::UpdatePatientRequest { patient: Some(p) }, t)).await {
+                Ok(_) => true,
+                // A concurrent update of the same patient is an expected outcome, not an error.
+                Err(s) => s.code() == tonic::Code::Aborted,
+            }
+        }
+        Op::Search => {
+            use pb::search_patients_request::Criterion;
+            let (_, family, birth, mrn) = pick(rng).clone();
+            let criterion = if rng.below(2) == 0 {
+                Criterion::Identifier(pb::IdentifierQuery { system: "https://hospital.example/mrn".into(), value: mrn })
+            } else {
+                Criterion::NameBirthDate(pb::NameBirthDateQuery { family, birth_date: birth })
+            };
+            let req = pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 10 };
+            PatientServiceClient::new(ch.clone()).search_patients(authed(req, t)).await.is_ok()
+        }
+        Op::Active => {
+            let id = pick(rng).0.clone();
+            let req = pb::GetActiveCoverageRequest { patient_id: id, date: "2026-06-01".into() };
+            CoverageServiceClient::new(ch.clone()).get_active_coverage(authed(req, t)).await.is_ok()
+        }
+    }
+}
+
+fn choose(workload: &str, rng: &mut Rng) -> Option<Op> {
+    Some(match workload {
+        "baseline" => Op::Baseline,
+        "read" => Op::Read,
+        "create" => Op::Create,
+        "update" => Op::Update,
+        "search" => Op::Search,
+        "active-coverage" => Op::Active,
+        "mixed" => match rng.below(100) {
+            0..80 => Op::Read,
+            80..90 => Op::Update,
+            90..95 => Op::Create,
+            _ => Op::Search,
+        },
+        _ => return None,
+    })
+}
+
+struct Outcome {
+    name: String,
+    ops: u64,
+    errors: u64,
+    secs: f64,
+    latencies_us: Vec<u32>,
+    audit_entries: u64,
+    syncs: u64,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let idx = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies_us[idx]) / 1000.0
+    }
+}
+
+async fn head(target: &Target) -> u64 {
+    let mut c = AuditServiceClient::new(target.channels[0].clone());
+    c.get_audit_head(authed(pb::GetAuditHeadRequest {}, &target.token))
+        .await
+        .map(|r| r.into_inner().sequence)
+        .unwrap_or(0)
+}
+
+async fn run_workload(target: Arc<Target>, name: &str, args: &BenchArgs, syncs: &AtomicU64) -> anyhow::Result<Outcome> {
+    let mut probe = Rng(1);
+    choose(name, &mut probe).with_context(|| format!("unknown workload {name}"))?;
+    let head_before = head(&target).await;
+    let syncs_before = syncs.load(Ordering::Relaxed);
+    let deadline = Instant::now() + args.duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..args.concurrency {
+        let target = target.clone();
+        let name = name.to_string();
+        tasks.push(tokio::spawn(async move {
+            let ch = target.channels[w % target.channels.len()].clone();
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let Some(op) = choose(&name, &mut rng) else { break };
+                let t0 = Instant::now();
+                let ok = one(&target, &ch, op, &mut rng).await;
+                lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                if !ok {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies_us.extend(l);
+        errors += e;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    let head_after = head(&target).await;
+    Ok(Outcome {
+        name: name.to_string(),
+        ops: latencies_us.len() as u64,
+        errors,
+        secs,
+        latencies_us,
+        // minus the two GetAuditHead calls bracketing the run
+        audit_entries: head_after.saturating_sub(head_before).saturating_sub(1),
+        syncs: syncs.load(Ordering::Relaxed) - syncs_before,
+    })
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let tmp = tempfile_dir(&args)?;
+    let data_dir = tmp.join("data");
+    let key_dir = tmp.join("keys");
+    let key_paths = KeyPaths { dir: key_dir.clone() };
+    keystore::ensure_keys(&key_paths)?;
+    let config = ServiceConfig {
+        data_dir,
+        key_dir,
+        listen: "127.0.0.1:0".parse()?,
+        issuer_public_key: None,
+        max_token_lifetime_secs: 24 * 3600,
+        clock_skew_secs: 30,
+        cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+    };
+    let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
+    let syncs = service.sequencer.sync_counter();
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = tokio::spawn(server::run(listener, service, async {
+        let _ = stop_rx.await;
+    }));
+    let der = keystore::read_private(&key_paths.issuer_private())?;
+    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
+    let token = token::issue(
+        &der,
+        "bench",
+        "patients.read patients.write coverage.read coverage.write audit.read",
+        20 * 3600,
+        now,
+    )?;
+    let mut channels = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    }
+
+    // Preload.
+    let t0 = Instant::now();
+    let per_worker = args.patients.div_ceil(args.concurrency.max(1));
+    let mut tasks = Vec::new();
+    for w in 0..args.concurrency.max(1) {
+        let ch = channels[w % channels.len()].clone();
+        let token = token.clone();
+        let start = w * per_worker;
+        let end = ((w + 1) * per_worker).min(args.patients);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0xC0FF_EE00 + w as u64);
+            let mut out = Vec::new();
+            let mut pc = PatientServiceClient::new(ch.clone());
+            let mut cc = CoverageServiceClient::new(ch);
+            for i in start..end {
+                let p = synthetic_patient(&mut rng, i);
+                let created =
+                    pc.create_patient(authed(pb::CreatePatientRequest { patient: Some(p.clone()) }, &token)).await?;
+                let id = created.into_inner().patient.map(|p| p.id).unwrap_or_default();
+                for order in 1..=(1 + rng.below(3) as i32) {
+                    let c = synthetic_coverage(&mut rng, &id, order, &format!("M{i:07}{order}"));
+                    cc.create_coverage(authed(pb::CreateCoverageRequest { coverage: Some(c) }, &token)).await?;
+                }
+                out.push((id, p.names[0].family.clone(), p.birth_date.clone(), p.identifiers[0].value.clone()));
+            }
+            Ok::<_, tonic::Status>(out)
+        }));
+    }
+    let mut patients = Vec::with_capacity(args.patients);
+    for t in tasks {
+        patients.extend(t.await?.map_err(|s| anyhow::anyhow!("preload failed: {}", s.message()))?);
+    }
+    let preload_secs = t0.elapsed().as_secs_f64();
+    let target = Arc::new(Target { channels, token, patients });
+
+    let mut results = Vec::new();
+    for name in &args.workloads {
+        results.push(run_workload(target.clone(), name, &args, &syncs).await?);
+    }
+    let verify = if args.verify_entries > 0 { Some(verify_bench(args.verify_entries)) } else { None };
+    report(&args, &results, preload_secs, verify);
+    let _ = stop_tx.send(());
+    server_task.await??;
+    if args.data_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(())
+}
+
+fn tempfile_dir(args: &BenchArgs) -> anyhow::Result<std::path::PathBuf> {
+    let dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("carevault-bench-{}", uuid::Uuid::now_v7())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Builds a valid chain of `n` entries in memory and times the pure verifier over it.
+fn verify_bench(n: u64) -> (u64, f64, f64) {
+    use carevault::audit::{AuditEntry, RawEntry, verify_chain};
+    let t0 = Instant::now();
+    let mut entries = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    let mut prev = [0u8; 32];
+    for seq in 0..n {
+        let mut e = if seq == 0 { AuditEntry::genesis(0) } else { AuditEntry::default() };
+        if seq > 0 {
+            e.actor = "desk-1@clinic.example".into();
+            e.scopes = vec!["patients.read".into()];
+            e.client_address = "10.0.0.7:53412".into();
+            e.request_id = "01a20bfd-9fd0-70fd-9395-d352c2e543a4".into();
+            e.action = "patient.read".into();
+            e.resource_type = "patient".into();
+            e.resource_id = "01a20bfd-9fdb-77ab-bbfc-c2df3c7515b0".into();
+            e.patient_id = e.resource_id.clone();
+            e.record_version = 3;
+            e.outcome = "ok".into();
+            e.key_version = 1;
+        }
+        e.sequence = seq;
+        e.previous_hash = prev;
+        e.time_micros = i64::try_from(seq).unwrap_or(0);
+        let bytes = e.encode();
+        prev = carevault::crypto::sha256(&bytes);
+        entries.push(RawEntry { bytes, stored_hash: Some(prev) });
+    }
+    let build = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let report = verify_chain(entries, None);
+    let secs = t1.elapsed().as_secs_f64();
+    (report.entries_checked, secs, build)
+}
+
+fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Option<(u64, f64, f64)>) {
+    let baseline = results.iter().find(|r| r.name == "baseline");
+    let base_rate = baseline.map(Outcome::rate);
+    let base_p99 = baseline.map(|b| b.pct(0.99));
+    if args.json {
+        let rows: Vec<_> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "workload": r.name,
+                    "ops": r.ops,
+                    "ops_per_sec": r.rate().round(),
+                    "p50_ms": r.pct(0.50), "p95_ms": r.pct(0.95), "p99_ms": r.pct(0.99), "max_ms": r.pct(1.0),
+                    "errors": r.errors,
+                    "ratio_to_baseline": base_rate.map(|b| r.rate() / b),
+                    "p99_ratio_to_baseline": base_p99.map(|b| r.pct(0.99) / b),
+                    "audit_entries": r.audit_entries,
+                    "syncs": r.syncs,
+                    "syncs_per_op": if r.ops > 0 { r.syncs as f64 / r.ops as f64 } else { 0.0 },
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "patients": args.patients, "concurrency": args.concurrency, "channels": args.channels,
+            "duration_secs": args.duration.as_secs_f64(), "preload_secs": preload_secs,
+            "peak_rss_mib": peak_rss_mib(), "workloads": rows,
+            "verify": verify.map(|(n, s, _)| serde_json::json!({"entries": n, "secs": s, "entries_per_sec": (n as f64 / s).round()})),
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "carevault bench: {} patients preloaded in {:.1}s, {} in flight over {} channels, {:?} per workload",
+        args.patients, preload_secs, args.concurrency, args.channels, args.duration
+    );
+    println!(
+        "{:<16} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9}",
+        "workload", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "x base", "audit", "syncs", "sync/op"
+    );
+    for r in results {
+        println!(
+            "{:<16} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>7} {:>8} {:>9} {:>8} {:>9.4}",
+            r.name,
+            r.rate(),
+            r.pct(0.50),
+            r.pct(0.95),
+            r.pct(0.99),
+            r.pct(1.0),
+            r.errors,
+            base_rate.map(|b| format!("{:.2}", r.rate() / b)).unwrap_or_default(),
+            r.audit_entries,
+            r.syncs,
+            if r.ops > 0 { r.syncs as f64 / r.ops as f64 } else { 0.0 }
+        );
+    }
+    println!("peak RSS (server and client together): {:.0} MiB", peak_rss_mib());
+    if let Some((n, secs, _)) = verify {
+        println!("verify: {n} entries in {secs:.2}s = {:.0} entries/s (one core, pure verifier)", n as f64 / secs);
+    }
+}
