@@ -6,7 +6,8 @@
 
 pub mod token;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -79,11 +80,28 @@ struct Claims {
 }
 
 /// Verifies bearer tokens.
+///
+/// Ed25519 verification costs about 50 µs, more than the rest of a read, and
+/// clients reuse a token for many calls, so successfully verified tokens are
+/// remembered (keyed by SHA-256 of the whole token) with their time claims.
+/// A remembered token is re-checked against the clock on every use; only the
+/// signature check is skipped, which cannot change for the same bytes.
 pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
     max_lifetime_secs: i64,
     leeway_secs: i64,
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+/// Most tokens remembered; the cache is cleared when full.
+const VERIFIED_CACHE_MAX: usize = 10_000;
+
+#[derive(Clone)]
+struct Verified {
+    principal: Principal,
+    exp: i64,
+    nbf: Option<i64>,
 }
 
 /// Longest accepted `sub`.
@@ -105,6 +123,7 @@ impl Authenticator {
             validation,
             max_lifetime_secs: i64::try_from(max_lifetime_secs).unwrap_or(i64::MAX),
             leeway_secs: i64::try_from(leeway_secs).unwrap_or(0),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -119,6 +138,34 @@ impl Authenticator {
         if token.is_empty() || token.len() > 8192 {
             return Err(AuthFailure::Malformed);
         }
+        let digest = crate::crypto::sha256(token.as_bytes());
+        let cached = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();
+        if let Some(v) = cached {
+            self.check_times(v.exp, v.nbf, now_secs)?;
+            return Ok(v.principal);
+        }
+        let verified = self.verify(token, now_secs)?;
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(digest, verified.clone());
+        Ok(verified.principal)
+    }
+
+    fn check_times(&self, exp: i64, nbf: Option<i64>, now_secs: i64) -> Result<(), AuthFailure> {
+        if exp.saturating_add(self.leeway_secs) < now_secs {
+            return Err(AuthFailure::Expired);
+        }
+        if let Some(nbf) = nbf
+            && nbf.saturating_sub(self.leeway_secs) > now_secs
+        {
+            return Err(AuthFailure::NotYetValid);
+        }
+        Ok(())
+    }
+
+    fn verify(&self, token: &str, now_secs: i64) -> Result<Verified, AuthFailure> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
             ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidEddsaKey => {
@@ -127,14 +174,7 @@ impl Authenticator {
             _ => AuthFailure::Malformed,
         })?;
         let c = data.claims;
-        if c.exp.saturating_add(self.leeway_secs) < now_secs {
-            return Err(AuthFailure::Expired);
-        }
-        if let Some(nbf) = c.nbf
-            && nbf.saturating_sub(self.leeway_secs) > now_secs
-        {
-            return Err(AuthFailure::NotYetValid);
-        }
+        self.check_times(c.exp, c.nbf, now_secs)?;
         if c.exp.saturating_sub(now_secs) > self.max_lifetime_secs.saturating_add(self.leeway_secs) {
             return Err(AuthFailure::LifetimeTooLong);
         }
@@ -147,7 +187,7 @@ impl Authenticator {
             return Err(AuthFailure::Malformed);
         }
         let scopes = c.scope.split_ascii_whitespace().filter_map(Scope::parse).collect();
-        Ok(Principal { subject: c.sub, scopes })
+        Ok(Verified { principal: Principal { subject: c.sub, scopes }, exp: c.exp, nbf: c.nbf })
     }
 }
 
@@ -194,5 +234,19 @@ mod tests {
         assert_eq!(auth.authenticate(Some(&bearer(&expired)), NOW), Err(AuthFailure::Expired));
         let early = issue(&pair.pkcs8_der, "x", "patients.read", 600, NOW + 3600).unwrap();
         assert_eq!(auth.authenticate(Some(&bearer(&early)), NOW), Err(AuthFailure::NotYetValid));
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_on_time() {
+        let (pair, auth) = setup();
+        let t = issue(&pair.pkcs8_der, "desk-1", "patients.read", 600, NOW).unwrap();
+        assert!(auth.authenticate(Some(&bearer(&t)), NOW).is_ok());
+        assert!(auth.authenticate(Some(&bearer(&t)), NOW + 300).is_ok());
+        assert_eq!(auth.authenticate(Some(&bearer(&t)), NOW + 700), Err(AuthFailure::Expired));
+        // A token differing in one signature character is verified afresh and refused.
+        let mut forged = t.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(auth.authenticate(Some(&bearer(&forged)), NOW).is_err());
     }
 }

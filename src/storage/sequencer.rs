@@ -34,6 +34,10 @@ use crate::domain::PatientId;
 /// Most commits applied in one transaction and one sync.
 pub const MAX_BATCH: usize = 512;
 
+/// Longest the sequencer waits for more commits before syncing a batch that
+/// is much smaller than recent ones (see [`run`]).
+const MAX_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// A record change to commit together with its audit entry.
 pub struct RecordWrite {
     /// Record kind.
@@ -215,6 +219,15 @@ fn run(
     }
     if let Err(e) = durability.sync(&store.db) {
         tracing::error!(error = %e, "final sync at shutdown failed");
+    }
+}
+
+fn drain(rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => break,
+        }
     }
 }
 
