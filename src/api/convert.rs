@@ -540,3 +540,86 @@ pub fn audit_event_pb(e: &crate::audit::AuditEntry, hash: &[u8; 32]) -> pb::Audi
         hash: hash.to_vec(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn today() -> CalendarDate {
+        CalendarDate::parse("2026-11-24").unwrap()
+    }
+
+    proptest! {
+        /// Nothing a client sends can panic the parser: arbitrary text (any
+        /// Unicode) and arbitrary enum numbers in every field.
+        #[test]
+        fn arbitrary_patients_never_panic_and_valid_ones_round_trip(
+            family in "\\PC{0,120}",
+            given in proptest::collection::vec("\\PC{0,30}", 0..7),
+            birth in "[0-9\\-]{0,11}|\\PC{0,12}",
+            phone in "[0-9+()\\-. x]{0,25}|\\PC{0,20}",
+            email in "[a-z@.\\-]{0,30}|\\PC{0,20}",
+            lang in "[a-zA-Z\\-]{0,12}|\\PC{0,12}",
+            enums in proptest::collection::vec(any::<i32>(), 6),
+            ids in proptest::collection::vec(("\\PC{0,40}", "\\PC{0,20}"), 0..25),
+        ) {
+            let p = pb::Patient {
+                names: vec![pb::HumanName { family, given, r#use: enums[0], ..Default::default() }],
+                gender: enums[1],
+                birth_date: birth,
+                telecom: vec![
+                    pb::ContactPoint { system: enums[2], value: phone, r#use: enums[3] },
+                    pb::ContactPoint { system: pb::ContactPointSystem::Email as i32, value: email, r#use: 0 },
+                ],
+                preferred_language: lang,
+                identifiers: ids.into_iter().map(|(system, value)| pb::Identifier { system, value, r#type: enums[4] }).collect(),
+                addresses: vec![pb::Address { r#use: enums[5], city: "x".into(), ..Default::default() }],
+                ..Default::default()
+            };
+            let mut c = Checker::default();
+            let parsed = patient_data(&mut c, "patient", &p, today());
+            if let Ok(data) = c.into_result(parsed) {
+                let stored = d::Patient {
+                    id: d::PatientId::new_v7().into(),
+                    version: 1,
+                    create_time: 0,
+                    update_time: 0,
+                    delete_time: None,
+                    data,
+                };
+                // What was accepted survives sealing's JSON and comes back as proto.
+                let json = serde_json::to_vec(&stored).unwrap();
+                let back: d::Patient = serde_json::from_slice(&json).unwrap();
+                prop_assert_eq!(&back, &stored);
+                let again = patient_pb(&back);
+                let mut c2 = Checker::default();
+                let reparsed = patient_data(&mut c2, "patient", &again, today());
+                prop_assert_eq!(c2.into_result(reparsed).ok(), Some(stored.data));
+            }
+        }
+
+        #[test]
+        fn arbitrary_coverages_never_panic(
+            text in proptest::collection::vec("\\PC{0,70}", 6),
+            ints in proptest::collection::vec(any::<i32>(), 5),
+            with_subscriber in any::<bool>(),
+        ) {
+            let cv = pb::Coverage {
+                status: ints[0],
+                r#type: ints[1],
+                relationship: ints[2],
+                order: ints[3],
+                payor: Some(pb::Payor { name: text[0].clone(), payer_id: text[1].clone() }),
+                subscriber_id: text[2].clone(),
+                subscriber: with_subscriber.then(|| pb::Subscriber { name: Some(pb::HumanName { family: text[3].clone(), ..Default::default() }), birth_date: text[4].clone() }),
+                period: Some(pb::Period { start: text[5].clone(), end: text[4].clone() }),
+                ..Default::default()
+            };
+            let mut c = Checker::default();
+            let parsed = coverage_data(&mut c, "coverage", &cv, today());
+            let _ = c.into_result(parsed);
+        }
+    }
+}

@@ -302,4 +302,18 @@ async fn health_and_reflection_answer_without_a_token() {
     let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
     let msg = stream.message().await.unwrap().unwrap();
     assert!(matches!(msg.message_response, Some(MessageResponse::FileDescriptorResponse(_))));
+
+    // The older v1alpha protocol, which many Python and grpcurl builds still use.
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+    let mut alpha = AlphaClient::new(s.channel.clone());
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let mut stream = alpha.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let msg = stream.message().await.unwrap().unwrap();
+    let Some(AlphaResponse::ListServicesResponse(list)) = msg.message_response else { panic!("unexpected reply") };
+    assert!(list.service.iter().any(|s| s.name == "carevault.v1.AuditService"));
 }
