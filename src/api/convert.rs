@@ -24,30 +24,26 @@ pub fn micros(ts: &Timestamp) -> Option<i64> {
     ts.seconds.checked_mul(1_000_000)?.checked_add(i64::from(ts.nanos / 1000))
 }
 
-/// Parses a record id field.
-pub fn patient_id(c: &mut Checker, field: &str, s: &str) -> Option<d::PatientId> {
+fn record_id<T>(c: &mut Checker, field: &str, s: &str, parse: fn(&str) -> Option<T>) -> Option<T> {
     if s.is_empty() {
         c.bad(field, "is required");
         return None;
     }
-    let id = d::PatientId::parse(s);
+    let id = parse(s);
     if id.is_none() {
         c.bad(field, "must be a UUID");
     }
     id
 }
 
+/// Parses a patient id field.
+pub fn patient_id(c: &mut Checker, field: &str, s: &str) -> Option<d::PatientId> {
+    record_id(c, field, s, d::PatientId::parse)
+}
+
 /// Parses a coverage id field.
 pub fn coverage_id(c: &mut Checker, field: &str, s: &str) -> Option<d::CoverageId> {
-    if s.is_empty() {
-        c.bad(field, "is required");
-        return None;
-    }
-    let id = d::CoverageId::parse(s);
-    if id.is_none() {
-        c.bad(field, "must be a UUID");
-    }
-    id
+    record_id(c, field, s, d::CoverageId::parse)
 }
 
 /// Parses a version the caller last read (must be >= 1).

@@ -71,7 +71,7 @@ impl App {
         let head = self.sequencer.head().0;
         let result = blocking(move || app.scan_audit(&filter, head)).await;
         if let Ok(page) = &result {
-            attempt.entry.result_count = Some(page.events.len() as u64);
+            attempt.entry.result_count = Some(super::count(page.events.len()));
         }
         self.finish(ctx, attempt, result).await
     }

@@ -225,21 +225,10 @@ impl App {
         ctx: &CallContext,
         input: Parsed<(PatientId, bool)>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let mut attempt = self.begin(ctx, Action::CoverageList);
-        self.authorize(ctx, &mut attempt).await?;
-        let (patient, show_deleted) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.patient_id = patient.to_string();
-        let app = self.clone();
-        let result = blocking(move || {
-            app.head(RecordKind::Patient, &patient.bytes())?.ok_or(AppError::NotFound("patient"))?;
-            let all = app.load_coverages_of(patient)?;
-            Ok(all.into_iter().filter(|c| show_deleted || c.delete_time.is_none()).collect::<Vec<_>>())
-        })
-        .await;
-        if let Ok(list) = &result {
-            attempt.entry.result_count = Some(list.len() as u64);
-        }
-        self.finish(ctx, attempt, result).await
+        let input = input.map(|(patient, show_deleted)| {
+            (patient, Box::new(move |c: &Coverage| show_deleted || c.delete_time.is_none()) as CoverageFilter)
+        });
+        self.filtered_coverages(ctx, Action::CoverageList, input).await
     }
 
     /// The coverages in force on a date of service, primary first.
@@ -248,20 +237,34 @@ impl App {
         ctx: &CallContext,
         input: Parsed<(PatientId, CalendarDate)>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let mut attempt = self.begin(ctx, Action::CoverageActive);
+        let input =
+            input.map(|(patient, date)| (patient, Box::new(move |c: &Coverage| c.in_force_on(date)) as CoverageFilter));
+        self.filtered_coverages(ctx, Action::CoverageActive, input).await
+    }
+
+    async fn filtered_coverages(
+        &self,
+        ctx: &CallContext,
+        action: Action,
+        input: Parsed<(PatientId, CoverageFilter)>,
+    ) -> Result<Vec<Coverage>, AppError> {
+        let mut attempt = self.begin(ctx, action);
         self.authorize(ctx, &mut attempt).await?;
-        let (patient, date) = self.valid(ctx, &mut attempt, input).await?;
+        let (patient, keep) = self.valid(ctx, &mut attempt, input).await?;
         attempt.entry.patient_id = patient.to_string();
         let app = self.clone();
         let result = blocking(move || {
             app.head(RecordKind::Patient, &patient.bytes())?.ok_or(AppError::NotFound("patient"))?;
             let all = app.load_coverages_of(patient)?;
-            Ok(all.into_iter().filter(|c| c.in_force_on(date)).collect::<Vec<_>>())
+            Ok(all.into_iter().filter(|c| keep(c)).collect::<Vec<_>>())
         })
         .await;
         if let Ok(list) = &result {
-            attempt.entry.result_count = Some(list.len() as u64);
+            attempt.entry.result_count = Some(super::count(list.len()));
         }
         self.finish(ctx, attempt, result).await
     }
 }
+
+/// Which of a patient's coverages a call returns.
+type CoverageFilter = Box<dyn Fn(&Coverage) -> bool + Send>;

@@ -249,6 +249,11 @@ fn crypto_failure(e: crypto::CryptoError) -> AppError {
     }
 }
 
+/// A collection length as an audit count (lossless on every supported platform).
+fn count(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
 /// Blocking work (bulk decryption) off the async executor, keeping the span.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AppError> + Send + 'static) -> Result<T, AppError> {
     let span = tracing::Span::current();

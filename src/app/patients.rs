@@ -266,7 +266,7 @@ impl App {
         let app = self.clone();
         let result = blocking(move || app.list_page(&req)).await;
         if let Ok(page) = &result {
-            attempt.entry.result_count = Some(page.patients.len() as u64);
+            attempt.entry.result_count = Some(super::count(page.patients.len()));
             attempt.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
         }
         self.finish(ctx, attempt, result).await
@@ -318,7 +318,7 @@ impl App {
         let app = self.clone();
         let result = blocking(move || app.search(&req)).await;
         if let Ok(r) = &result {
-            attempt.entry.result_count = Some(r.patients.len() as u64);
+            attempt.entry.result_count = Some(super::count(r.patients.len()));
             attempt.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
         }
         self.finish(ctx, attempt, result).await
@@ -368,7 +368,7 @@ impl App {
             let head = app.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
             let (dek, kv) = app.data_key(id)?;
             let versions = app.store.versions(RecordKind::Patient, &id.bytes()).map_err(internal)?;
-            if versions.len() as u64 != head.version {
+            if super::count(versions.len()) != head.version {
                 return Err(AppError::DataLoss);
             }
             let patients = versions
@@ -381,7 +381,7 @@ impl App {
         let result = result.map(|(patients, kv, version)| {
             attempt.entry.key_version = kv;
             attempt.entry.record_version = version;
-            attempt.entry.result_count = Some(patients.len() as u64);
+            attempt.entry.result_count = Some(super::count(patients.len()));
             patients
         });
         self.finish(ctx, attempt, result).await

@@ -191,13 +191,13 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     // (request limits), so the length always fits in a u32.
     let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+    out.extend_from_slice(&s.as_bytes()[..usize::try_from(len).unwrap_or(s.len()).min(s.len())]);
 }
 
 fn put_list(out: &mut Vec<u8>, items: &[String]) {
     let count = u32::try_from(items.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&count.to_be_bytes());
-    for s in items.iter().take(count as usize) {
+    for s in items.iter().take(usize::try_from(count).unwrap_or(items.len())) {
         put_str(out, s);
     }
 }
@@ -236,7 +236,7 @@ impl<'a> Reader<'a> {
         let count = self.u32()?;
         // Each string needs at least 4 bytes; refuse counts the input cannot hold.
         let remaining = self.bytes.len() - self.pos;
-        if u64::from(count) * 4 > remaining as u64 {
+        if u64::from(count) * 4 > u64::try_from(remaining).unwrap_or(u64::MAX) {
             return Err(DecodeError::Truncated);
         }
         (0..count).map(|_| self.string()).collect()

@@ -114,7 +114,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCommand::AuditTail { count, patient_id } => {
             let head = audit.get_audit_head(c.req(pb::GetAuditHeadRequest {})?).await.map_err(status)?.into_inner();
-            let from = if patient_id.is_some() { 0 } else { head.sequence.saturating_sub(count as u64) };
+            let from = if patient_id.is_some() {
+                0
+            } else {
+                head.sequence.saturating_sub(u64::try_from(count).unwrap_or(u64::MAX))
+            };
             let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("a1:{from}"));
             let mut events = Vec::new();
             let mut page_token = token;
