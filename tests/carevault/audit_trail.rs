@@ -135,3 +135,60 @@ async fn export_streams_the_exact_hashed_bytes_and_they_verify_to_the_head() {
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.entries_checked, 23);
 }
+
+#[tokio::test]
+async fn every_stored_version_has_its_ok_audit_entry_and_every_ok_write_entry_its_version() {
+    let s = TestServer::start().await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let p = create(&s, patient("Atomic", &format!("A{i}"), "1980", &format!("AT-{i}"))).await;
+        let c = s
+            .coverages()
+            .create_coverage(req(
+                pb::CreateCoverageRequest { coverage: Some(coverage(&p.id, &format!("M{i}"), 1)) },
+                &s.admin(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .coverage
+            .unwrap();
+        let mut changed = p.clone();
+        changed.preferred_language = "es".into();
+        s.patients()
+            .update_patient(req(pb::UpdatePatientRequest { patient: Some(changed.clone()) }, &s.admin()))
+            .await
+            .unwrap();
+        // A stale retry: audited as aborted, writes nothing.
+        let _ = s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await;
+        ids.push((p.id, c.id));
+    }
+    let (data_dir, _keys, _guard) = s.stop_keep().await;
+    let store = carevault::storage::Store::open(&data_dir.join("db"), 8 << 20).unwrap();
+    let entries: Vec<AuditEntry> = store.audit_all().map(|e| AuditEntry::decode(&e.unwrap().bytes).unwrap()).collect();
+    let writes: Vec<(String, String, u64)> = entries
+        .iter()
+        .filter(|e| {
+            e.outcome == "ok"
+                && (e.action.ends_with(".create") || e.action.ends_with(".update") || e.action.ends_with(".delete"))
+        })
+        .map(|e| (e.resource_type.clone(), e.resource_id.clone(), e.record_version))
+        .collect();
+    let mut stored = Vec::new();
+    for (patient_id, coverage_id) in &ids {
+        for (kind, kind_name, id) in [
+            (carevault::crypto::RecordKind::Patient, "patient", patient_id),
+            (carevault::crypto::RecordKind::Coverage, "coverage", coverage_id),
+        ] {
+            let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
+            for (version, _) in store.versions(kind, &bytes).unwrap() {
+                stored.push((kind_name.to_string(), id.clone(), version));
+            }
+        }
+    }
+    stored.sort();
+    let mut audited = writes.clone();
+    audited.sort();
+    assert_eq!(stored, audited, "records and their ok write entries must match one to one");
+    assert_eq!(entries.iter().filter(|e| e.outcome == "aborted").count(), 4);
+}
