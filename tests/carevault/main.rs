@@ -7,6 +7,7 @@ mod audit_trail;
 mod auth;
 mod cli;
 mod coverage;
+mod crash;
 mod encryption;
 mod patients;
 mod tamper;
