@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 
 use tokio::net::TcpListener;
 
@@ -69,9 +69,8 @@ pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, Ser
     let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
     let db_dir = config.data_dir.join("db");
     let store = Store::open(&db_dir, config.cache_bytes)?;
-    let syncs = Arc::new(AtomicU64::new(0));
-    let durability = Durability::open(&db_dir, syncs.clone(), options.fail_syncs).map_err(StorageError::from)?;
-    let (sequencer, thread) = Sequencer::start(store.clone(), options.clock.clone(), durability, syncs)?;
+    let durability = Durability::open(&db_dir, options.fail_syncs).map_err(StorageError::from)?;
+    let (sequencer, thread) = Sequencer::start(store.clone(), options.clock.clone(), durability)?;
     let app = App::new(store, sequencer.clone(), Arc::new(keyring), options.clock.clone());
     let auth = Authenticator::new(issuer, config.max_token_lifetime_secs, config.clock_skew_secs);
     let edge = Edge::new(app, Arc::new(auth), options.clock);

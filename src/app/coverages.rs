@@ -2,7 +2,7 @@
 //! that patient's data key.
 
 use super::patients::blind_key;
-use super::{App, CallContext, Parsed, blocking, internal};
+use super::{App, CallContext, Opened, Parsed, blocking, internal};
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::patient::PatientIdText;
 use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
@@ -44,7 +44,7 @@ impl App {
         vec![blind_key(BlindIndexKind::MemberId, mac, patient.bytes(), RecordKind::Coverage, id.bytes())]
     }
 
-    fn load_coverage(&self, id: CoverageId) -> Result<(Coverage, PatientId, u32), AppError> {
+    fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
         let head = self.head(RecordKind::Coverage, &id.bytes())?.ok_or(AppError::NotFound("coverage"))?;
         let patient = PatientId::from_bytes(head.patient_id);
         let sealed = self
@@ -52,17 +52,16 @@ impl App {
             .record(RecordKind::Coverage, &id.bytes(), head.version)
             .map_err(internal)?
             .ok_or(AppError::DataLoss)?;
-        let (dek, kv) = self.data_key(patient)?;
-        let c: Coverage = self.open(&dek, &coverage_aad(id, patient, head.version), &sealed)?;
-        Ok((c, patient, kv))
+        let (dek, key_version) = self.data_key(patient)?;
+        let record: Coverage = self.open(&dek, &coverage_aad(id, patient, head.version), &sealed)?;
+        Ok(Opened { record, patient, dek, key_version })
     }
 
     fn load_coverages_of(&self, patient: PatientId) -> Result<Vec<Coverage>, AppError> {
         let ids = self.store.coverages_of(&patient.bytes()).map_err(internal)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let (c, _, _) = self.load_coverage(CoverageId::from_bytes(id))?;
-            out.push(c);
+            out.push(self.load_coverage(CoverageId::from_bytes(id))?.record);
         }
         out.sort_by(|a, b| (a.data.order, a.create_time, &a.id).cmp(&(b.data.order, b.create_time, &b.id)));
         Ok(out)
@@ -81,8 +80,7 @@ impl App {
         attempt.entry.patient_id = req.patient_id.to_string();
         attempt.entry.resource_id = id.to_string();
         let prepared = (|| {
-            let head = self.head(RecordKind::Patient, &req.patient_id.bytes())?.ok_or(AppError::NotFound("patient"))?;
-            let (patient, _) = self.load_patient_version(req.patient_id, head.version)?;
+            let Opened { record: patient, dek, key_version: kv, .. } = self.load_patient(req.patient_id)?;
             if !patient.active() {
                 return Err(AppError::FailedPrecondition("patient is deleted"));
             }
@@ -96,7 +94,6 @@ impl App {
                 delete_time: None,
                 data: req.data,
             };
-            let (dek, kv) = self.data_key(req.patient_id)?;
             let sealed = self.seal(&dek, &coverage_aad(id, req.patient_id, 1), &coverage)?;
             Ok((coverage, sealed, kv))
         })();
@@ -125,11 +122,11 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let id = self.valid(ctx, &mut attempt, input).await?;
         attempt.entry.resource_id = id.to_string();
-        let result = self.load_coverage(id).map(|(c, patient, kv)| {
-            attempt.entry.patient_id = patient.to_string();
-            attempt.entry.record_version = c.version;
-            attempt.entry.key_version = kv;
-            c
+        let result = self.load_coverage(id).map(|opened| {
+            attempt.entry.patient_id = opened.patient.to_string();
+            attempt.entry.record_version = opened.record.version;
+            attempt.entry.key_version = opened.key_version;
+            opened.record
         });
         self.finish(ctx, attempt, result).await
     }
@@ -183,7 +180,7 @@ impl App {
         change: impl FnOnce(Coverage, i64) -> Coverage,
     ) -> Result<Coverage, AppError> {
         let prepared = (|| {
-            let (current, patient, kv) = self.load_coverage(id)?;
+            let Opened { record: current, patient, dek, key_version: kv } = self.load_coverage(id)?;
             if claimed_patient.is_some_and(|p| p != patient) {
                 return Err(AppError::invalid("coverage.patient_id", "a coverage cannot move to another patient"));
             }
@@ -195,7 +192,6 @@ impl App {
             }
             let mut next = change(current, self.now());
             next.version = expected + 1;
-            let (dek, _) = self.data_key(patient)?;
             let sealed = self.seal(&dek, &coverage_aad(id, patient, next.version), &next)?;
             Ok((next, patient, sealed, kv))
         })();

@@ -54,6 +54,15 @@ impl Attempt {
     }
 }
 
+/// A record opened from storage, with the data key that opened it (so a
+/// write that follows can seal with it without unwrapping the key again).
+pub(super) struct Opened<T> {
+    record: T,
+    patient: PatientId,
+    dek: DataKey,
+    key_version: u32,
+}
+
 /// The application: storage, keys, sequencer and clock.
 #[derive(Clone)]
 pub struct App {
@@ -67,11 +76,6 @@ impl App {
     /// Assembles the application from its parts.
     pub fn new(store: Store, sequencer: Sequencer, keys: Arc<Keyring>, clock: Arc<dyn Clock>) -> Self {
         App { store, sequencer, keys, clock }
-    }
-
-    /// The sequencer (for head and sync counts).
-    pub fn sequencer(&self) -> &Sequencer {
-        &self.sequencer
     }
 
     /// The store (read-only use by the edge for exports).

@@ -1,6 +1,6 @@
 //! Patient use cases: create, read, update, soft delete, list, search, history.
 
-use super::{App, CallContext, Parsed, blocking, internal};
+use super::{App, CallContext, Opened, Parsed, blocking, internal};
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::{Action, FhirDate, Patient, PatientData, PatientId, normalize};
 use crate::error::AppError;
@@ -115,21 +115,17 @@ impl App {
         keys
     }
 
-    /// Loads and opens the current version of a patient; returns it with the master key version used.
-    pub(super) fn load_patient(&self, id: PatientId) -> Result<(Patient, u32), AppError> {
+    /// Loads and opens the current version of a patient.
+    pub(super) fn load_patient(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
         let head = self.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
-        self.load_patient_version(id, head.version)
-    }
-
-    pub(super) fn load_patient_version(&self, id: PatientId, version: u64) -> Result<(Patient, u32), AppError> {
         let sealed = self
             .store
-            .record(RecordKind::Patient, &id.bytes(), version)
+            .record(RecordKind::Patient, &id.bytes(), head.version)
             .map_err(internal)?
             .ok_or(AppError::DataLoss)?;
         let (dek, key_version) = self.data_key(id)?;
-        let patient: Patient = self.open(&dek, &patient_aad(id, version), &sealed)?;
-        Ok((patient, key_version))
+        let record: Patient = self.open(&dek, &patient_aad(id, head.version), &sealed)?;
+        Ok(Opened { record, patient: id, dek, key_version })
     }
 
     /// Registers a new patient.
@@ -172,10 +168,10 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let id = self.valid(ctx, &mut attempt, input).await?;
         attempt.patient(id);
-        let result = self.load_patient(id).map(|(p, key_version)| {
-            attempt.entry.record_version = p.version;
-            attempt.entry.key_version = key_version;
-            p
+        let result = self.load_patient(id).map(|opened| {
+            attempt.entry.record_version = opened.record.version;
+            attempt.entry.key_version = opened.key_version;
+            opened.record
         });
         self.finish(ctx, attempt, result).await
     }
@@ -223,7 +219,7 @@ impl App {
         change: impl FnOnce(Patient, i64) -> Patient,
     ) -> Result<Patient, AppError> {
         let loaded = self.load_patient(id);
-        let (current, _) = match loaded {
+        let Opened { record: current, dek, key_version, .. } = match loaded {
             Ok(v) => v,
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
@@ -237,9 +233,7 @@ impl App {
         }
         let mut next = change(current, self.now());
         next.version = expected + 1;
-        let prepared =
-            self.data_key(id).and_then(|(dek, kv)| Ok((self.seal(&dek, &patient_aad(id, next.version), &next)?, kv)));
-        let (sealed, key_version) = match prepared {
+        let sealed = match self.seal(&dek, &patient_aad(id, next.version), &next) {
             Ok(v) => v,
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
@@ -290,7 +284,7 @@ impl App {
             for (id, _) in &batch {
                 scanned += 1;
                 after = Some(*id);
-                let (p, _) = self.load_patient(PatientId::from_bytes(*id))?;
+                let p = self.load_patient(PatientId::from_bytes(*id))?.record;
                 if req.show_deleted || p.active() {
                     patients.push(p);
                 }
@@ -344,7 +338,7 @@ impl App {
         let mut patients = Vec::new();
         let mut truncated = false;
         for id in candidates {
-            let (p, _) = self.load_patient(PatientId::from_bytes(id))?;
+            let p = self.load_patient(PatientId::from_bytes(id))?.record;
             if !req.show_deleted && !p.active() {
                 continue;
             }

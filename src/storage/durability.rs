@@ -27,13 +27,24 @@ impl Durability {
     /// Opens sled's log file under `dir` and fsyncs the directories once so
     /// the files themselves are durable. `fail`, when set to true, makes every
     /// sync fail: a fault-injection hook for tests of fail-closed behaviour.
-    pub fn open(dir: &Path, syncs: Arc<AtomicU64>, fail: Option<Arc<AtomicBool>>) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, fail: Option<Arc<AtomicBool>>) -> std::io::Result<Self> {
         let log = File::open(dir.join("db"))?;
         sync_dir(dir)?;
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
         }
-        Ok(Durability { dir: dir.to_path_buf(), log, synced_blobs: HashSet::new(), syncs, fail })
+        Ok(Durability {
+            dir: dir.to_path_buf(),
+            log,
+            synced_blobs: HashSet::new(),
+            syncs: Arc::new(AtomicU64::new(0)),
+            fail,
+        })
+    }
+
+    /// The count of completed syncs (shared, so it can be read after the sequencer owns this).
+    pub fn sync_counter(&self) -> Arc<AtomicU64> {
+        self.syncs.clone()
     }
 
     /// `db.flush()`, then fdatasync of the log file and any new blob files.

@@ -110,8 +110,8 @@ impl Sequencer {
         store: Store,
         clock: Arc<dyn Clock>,
         mut durability: Durability,
-        syncs: Arc<AtomicU64>,
     ) -> Result<(Sequencer, std::thread::JoinHandle<()>), StorageError> {
+        let syncs = durability.sync_counter();
         let head = match store.audit_head()? {
             Some(h) => h,
             None => {
@@ -154,11 +154,6 @@ impl Sequencer {
     /// The shared counter of disk syncs (outlives the sequencer).
     pub fn sync_counter(&self) -> Arc<AtomicU64> {
         self.syncs.clone()
-    }
-
-    /// Disk syncs issued so far.
-    pub fn syncs(&self) -> u64 {
-        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -356,10 +351,9 @@ mod tests {
 
     fn start(dir: &std::path::Path) -> (Store, Sequencer, std::thread::JoinHandle<()>, Arc<AtomicU64>) {
         let store = Store::open(&dir.join("db"), 8 << 20).unwrap();
-        let syncs = Arc::new(AtomicU64::new(0));
-        let durability = Durability::open(&dir.join("db"), syncs.clone(), None).unwrap();
-        let (seq, handle) =
-            Sequencer::start(store.clone(), Arc::new(FixedClock::new(1_000)), durability, syncs.clone()).unwrap();
+        let durability = Durability::open(&dir.join("db"), None).unwrap();
+        let syncs = durability.sync_counter();
+        let (seq, handle) = Sequencer::start(store.clone(), Arc::new(FixedClock::new(1_000)), durability).unwrap();
         (store, seq, handle, syncs)
     }
 

@@ -1,7 +1,6 @@
 //! The binary: serve from nothing, token issue, client, verify against a live server, exit codes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::helpers::*;
 
@@ -50,24 +49,7 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let keys = tmp.path().join("keys");
-    let mut child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("CAREVAULT_DATA_DIR", &data)
-        .env("CAREVAULT_KEY_DIR", &keys)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited early").unwrap();
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["fields"]["message"] == "carevault listening"
-        {
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (mut child, addr) = spawn_binary_server(&data, &keys);
     let token = bin()
         .args(["token", "issue", "--sub", "cli-user", "--scope", ALL_SCOPES, "--ttl", "5m"])
         .env("CAREVAULT_KEY_DIR", &keys)

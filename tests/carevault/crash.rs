@@ -4,8 +4,6 @@
 //! audit entry, no record exists without its audit entry, and the chain verifies.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,29 +16,6 @@ use carevault::storage::Store;
 use tonic::transport::Channel;
 
 use crate::helpers::*;
-
-fn spawn_server(data: &std::path::Path, keys: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_carevault"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
-        .env("CAREVAULT_DATA_DIR", data)
-        .env("CAREVAULT_KEY_DIR", keys)
-        .env("CAREVAULT_LOG", "warn,carevault::commands=info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["fields"]["message"] == "carevault listening"
-        {
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
 
 #[derive(Default)]
 struct Acked {
@@ -97,7 +72,7 @@ async fn crash_once(seed: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let keys = tmp.path().join("keys");
-    let (mut child, addr) = spawn_server(&data, &keys);
+    let (mut child, addr) = spawn_binary_server(&data, &keys);
     let der = std::fs::read(keys.join("issuer-ed25519.pk8")).unwrap();
     let token = carevault::auth::token::issue(&der, "crash-test", ALL_SCOPES, 600, now_secs()).unwrap();
     let acked = Arc::new(Mutex::new(Acked::default()));

@@ -42,19 +42,14 @@ async fn no_phi_appears_anywhere_in_the_data_directory() {
     changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
     s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();
     use pb::search_patients_request::Criterion;
-    s.patients()
-        .search_patients(req(
-            pb::SearchPatientsRequest {
-                criterion: Some(Criterion::NameBirthDate(pb::NameBirthDateQuery {
-                    family: "Quixotewidget".into(),
-                    birth_date: "1973-04-05".into(),
-                })),
-                ..Default::default()
-            },
-            &s.admin(),
-        ))
-        .await
-        .unwrap();
+    search(
+        &s,
+        Criterion::NameBirthDate(pb::NameBirthDateQuery {
+            family: "Quixotewidget".into(),
+            birth_date: "1973-04-05".into(),
+        }),
+    )
+    .await;
     let (data_dir, key_dir, _guard) = s.stop_keep().await;
     let needles: Vec<&[u8]> = vec![
         b"Quixotewidget",

@@ -251,3 +251,36 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
 }
+
+/// Starts the `carevault serve` binary on 127.0.0.1:0 over the given
+/// directories; returns the child and the address it printed.
+pub fn spawn_binary_server(data: &std::path::Path, keys: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_carevault"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
+        .env("CAREVAULT_DATA_DIR", data)
+        .env("CAREVAULT_KEY_DIR", keys)
+        .env("CAREVAULT_LOG", "warn,carevault::commands=info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["fields"]["message"] == "carevault listening"
+        {
+            break v["fields"]["addr"].as_str().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// Runs one search with the admin token.
+pub async fn search(s: &TestServer, criterion: pb::search_patients_request::Criterion) -> pb::SearchPatientsResponse {
+    let r = pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 0 };
+    s.patients().search_patients(req(r, &s.admin())).await.unwrap().into_inner()
+}

@@ -169,48 +169,34 @@ async fn search_finds_by_identifier_and_by_accent_insensitive_name_and_birth_dat
     let s = TestServer::start().await;
     let a = create(&s, patient("Núñez-García", "Sofía", "1975-05-20", "A-77-1")).await;
     let _b = create(&s, patient("Nunez", "Other", "1976-05-20", "B-2")).await;
-    let search =
-        |criterion| pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 0 };
     use pb::search_patients_request::Criterion;
-    let by_id = s
-        .patients()
-        .search_patients(req(
-            search(Criterion::Identifier(pb::IdentifierQuery {
-                system: "HTTPS://hospital.example/mrn".into(),
-                value: "a771".into(),
-            })),
-            &s.admin(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let by_id = search(
+        &s,
+        Criterion::Identifier(pb::IdentifierQuery {
+            system: "HTTPS://hospital.example/mrn".into(),
+            value: "a771".into(),
+        }),
+    )
+    .await;
     assert_eq!(by_id.patients.iter().map(|p| &p.id).collect::<Vec<_>>(), vec![&a.id]);
-    let by_name = s
-        .patients()
-        .search_patients(req(
-            search(Criterion::NameBirthDate(pb::NameBirthDateQuery {
-                family: "NUNEZ GARCIA".into(),
-                birth_date: "1975-05-20".into(),
-            })),
-            &s.admin(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let by_name = search(
+        &s,
+        Criterion::NameBirthDate(pb::NameBirthDateQuery {
+            family: "NUNEZ GARCIA".into(),
+            birth_date: "1975-05-20".into(),
+        }),
+    )
+    .await;
     assert_eq!(by_name.patients.len(), 1);
     assert_eq!(by_name.patients[0].id, a.id);
-    let none = s
-        .patients()
-        .search_patients(req(
-            search(Criterion::NameBirthDate(pb::NameBirthDateQuery {
-                family: "Nunez-Garcia".into(),
-                birth_date: "1975-05-21".into(),
-            })),
-            &s.admin(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let none = search(
+        &s,
+        Criterion::NameBirthDate(pb::NameBirthDateQuery {
+            family: "Nunez-Garcia".into(),
+            birth_date: "1975-05-21".into(),
+        }),
+    )
+    .await;
     assert!(none.patients.is_empty());
     let ev = s.last_event("patient.search").await;
     assert_eq!(ev.result_count, Some(0));
