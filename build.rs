@@ -7,8 +7,12 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos =
-        ["proto/carevault/v1/patient.proto", "proto/carevault/v1/coverage.proto", "proto/carevault/v1/audit.proto"];
+    let protos = [
+        "proto/carevault/v1/patient.proto",
+        "proto/carevault/v1/coverage.proto",
+        "proto/carevault/v1/audit.proto",
+        "proto/carevault/v1/access.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

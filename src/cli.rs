@@ -41,6 +41,9 @@ pub enum Command {
     /// Development tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// A small client for trying the service by hand.
     Client(ClientArgs),
     /// Measure throughput and latency of audited operations (see BENCHMARKS.md).
@@ -108,9 +111,73 @@ pub struct ServeArgs {
     /// Clock skew tolerated on token times.
     #[arg(long, env = "CAREVAULT_CLOCK_SKEW", default_value = "30s", value_parser = humantime::parse_duration)]
     pub clock_skew: std::time::Duration,
+    /// Required token issuer (`iss`).
+    #[arg(long, env = "CAREVAULT_TOKEN_ISSUER", default_value = crate::auth::token::DEFAULT_ISSUER)]
+    pub token_issuer: String,
+    /// Required token audience (`aud`).
+    #[arg(long, env = "CAREVAULT_TOKEN_AUDIENCE", default_value = crate::auth::token::DEFAULT_AUDIENCE)]
+    pub token_audience: String,
     /// sled page cache size in MiB (bounds memory).
     #[arg(long, env = "CAREVAULT_CACHE_MB", default_value_t = 256)]
     pub cache_mb: u64,
+    /// Server certificate chain (PEM). With --tls-key, serves TLS 1.2+ only.
+    #[arg(long, env = "CAREVAULT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "CAREVAULT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA for client certificates (PEM): enables mutual TLS.
+    #[arg(long, env = "CAREVAULT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse connections without a valid client certificate (default: optional).
+    #[arg(long, env = "CAREVAULT_REQUIRE_CLIENT_CERT", requires = "tls_client_ca")]
+    pub require_client_cert: bool,
+    /// Allow plaintext on a non-loopback address (only behind something else that encrypts).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Access policy (TOML). Default: the embedded policy (token roles claim -> built-in roles).
+    #[arg(long, env = "CAREVAULT_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Requests per second per principal (0 = no limit).
+    #[arg(long, env = "CAREVAULT_RATE_LIMIT", default_value_t = 2000)]
+    pub rate_limit: u32,
+    /// Burst allowance per principal above the rate.
+    #[arg(long, env = "CAREVAULT_RATE_BURST", default_value_t = 4000)]
+    pub rate_burst: u32,
+    /// Requests processed at once across all callers.
+    #[arg(long, env = "CAREVAULT_MAX_CONCURRENT", default_value_t = 1024)]
+    pub max_concurrent: usize,
+    /// How long a break-glass grant lasts.
+    #[arg(long, env = "CAREVAULT_BREAK_GLASS_TTL", default_value = "60m", value_parser = humantime::parse_duration)]
+    pub break_glass_ttl: std::time::Duration,
+}
+
+/// `certs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Generate a development CA, a localhost server certificate and a client certificate (never overwrites).
+    Dev {
+        /// Output directory (default: tls/ beside the key directory, e.g. ~/.config/carevault/tls).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// How a client reaches the server over TLS.
+#[derive(Debug, Args, Clone, Default)]
+pub struct TlsClientArgs {
+    /// CA certificate (PEM) that signed the server's certificate; use with an https:// URL.
+    #[arg(long, env = "CAREVAULT_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "CAREVAULT_TLS_CLIENT_CERT", requires = "tls_client_key", global = true)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "CAREVAULT_TLS_CLIENT_KEY", requires = "tls_client_cert", global = true)]
+    pub tls_client_key: Option<PathBuf>,
+    /// Server name to verify (default: the URL's host).
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
 }
 
 /// `verify` options.
@@ -125,6 +192,9 @@ pub struct VerifyArgs {
     /// Bearer token for --server.
     #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS for --server.
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// A head recorded earlier (SEQ:HASH) that must still be on the chain.
     #[arg(long)]
     pub expect_head: Option<ExpectedHead>,
@@ -146,9 +216,15 @@ pub struct TokenIssueArgs {
     /// Subject: the unique principal.
     #[arg(long)]
     pub sub: String,
-    /// Space-separated scopes, e.g. "patients.read patients.write".
-    #[arg(long)]
-    pub scope: String,
+    /// Roles claim (repeat or comma-separate), e.g. front_desk,compliance.
+    #[arg(long = "role", value_delimiter = ',', required = true)]
+    pub roles: Vec<String>,
+    /// Issuer (`iss`).
+    #[arg(long, default_value = crate::auth::token::DEFAULT_ISSUER)]
+    pub issuer: String,
+    /// Audience (`aud`).
+    #[arg(long, default_value = crate::auth::token::DEFAULT_AUDIENCE)]
+    pub audience: String,
     /// Lifetime (e.g. 15m, 1h).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     pub ttl: std::time::Duration,
@@ -166,6 +242,15 @@ pub struct ClientArgs {
     /// Bearer token.
     #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// Purpose of use sent as x-purpose-of-use (HL7 PurposeOfUse, e.g. TREAT, HPAYMT).
+    #[arg(long, env = "CAREVAULT_PURPOSE", global = true)]
+    pub purpose: Option<String>,
+    /// Break-glass reason (x-break-glass-reason; with --purpose ETREAT).
+    #[arg(long, global = true)]
+    pub break_glass_reason: Option<String>,
+    /// TLS.
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: ClientCommand,
@@ -234,4 +319,26 @@ pub enum ClientCommand {
     },
     /// Show the audit head (record it to detect truncation later).
     AuditHead,
+    /// Flag a patient restricted (or clear it with --restricted false).
+    SetRestriction {
+        /// Patient id.
+        patient_id: String,
+        /// true or false.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        restricted: bool,
+    },
+    /// List break-glass grants (the review queue).
+    BreakGlassQueue {
+        /// pending, reviewed or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+    },
+    /// Mark a break-glass grant reviewed.
+    ReviewGrant {
+        /// Grant id.
+        grant_id: String,
+        /// Review note.
+        #[arg(long)]
+        note: String,
+    },
 }

@@ -4,6 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::auth::TokenRules;
+use crate::auth::limits::LimitSettings;
+use crate::auth::tls::ServerTls;
+
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -15,12 +19,40 @@ pub struct ServiceConfig {
     pub listen: SocketAddr,
     /// Token issuer public key (PEM); defaults to the dev issuer's in the key dir.
     pub issuer_public_key: Option<PathBuf>,
-    /// Longest token lifetime accepted, seconds.
-    pub max_token_lifetime_secs: u64,
-    /// Clock skew allowed on exp/nbf, seconds.
-    pub clock_skew_secs: u64,
+    /// Issuer, audience, lifetime and skew rules for bearer tokens.
+    pub tokens: TokenRules,
     /// sled page cache size, bytes.
     pub cache_bytes: u64,
+    /// TLS (and mutual TLS); `None` serves plaintext.
+    pub tls: Option<ServerTls>,
+    /// Allow plaintext on a non-loopback address (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
+    /// Access policy file (TOML); `None` uses the embedded default policy.
+    pub policy_file: Option<PathBuf>,
+    /// Rate and concurrency limits.
+    pub limits: LimitSettings,
+    /// How long a break-glass grant lasts, seconds.
+    pub break_glass_secs: u64,
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Plaintext on a non-loopback address without the explicit flag.
+    #[error(
+        "refusing to serve plaintext on non-loopback address {0}: configure --tls-cert/--tls-key, or pass --insecure-plaintext if something else encrypts the traffic"
+    )]
+    PlaintextOnNetwork(SocketAddr),
+}
+
+impl ServiceConfig {
+    /// Checks rules that span several settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.insecure_plaintext {
+            return Err(ConfigError::PlaintextOnNetwork(self.listen));
+        }
+        Ok(())
+    }
 }
 
 /// The default data directory: `$XDG_DATA_HOME/carevault` or `~/.local/share/carevault`.

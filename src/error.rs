@@ -9,7 +9,9 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::AuthFailure;
-use crate::domain::{Outcome, Scope};
+use crate::auth::limits::Limited;
+use crate::auth::policy::Denial;
+use crate::domain::Outcome;
 
 /// One bad field: a path like `patient.names[0].family` and a fixed description
 /// that never echoes the submitted value.
@@ -27,9 +29,20 @@ pub enum AppError {
     /// No valid token.
     #[error("unauthenticated: {0}")]
     Unauthenticated(AuthFailure),
-    /// The token lacks a scope.
-    #[error("missing scope {}", .0.as_str())]
-    PermissionDenied(Scope),
+    /// The policy does not allow the call.
+    #[error("permission denied: {0:?}")]
+    PermissionDenied(Denial),
+    /// Denied for a reason outside the role check; the message is fixed and safe.
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    /// The caller may not know the record exists (restricted patient): the
+    /// client sees exactly what a missing patient looks like; the audit entry
+    /// says permission_denied.
+    #[error("restricted {0} hidden")]
+    Hidden(&'static str),
+    /// A rate or concurrency limit.
+    #[error("limited: {0:?}")]
+    Limited(Limited),
     /// The request is invalid; each violation names its field.
     #[error("invalid argument ({} violations)", .0.len())]
     InvalidArgument(Vec<FieldViolation>),
@@ -61,7 +74,8 @@ impl AppError {
     pub fn outcome(&self) -> Outcome {
         match self {
             AppError::Unauthenticated(_) => Outcome::Unauthenticated,
-            AppError::PermissionDenied(_) => Outcome::PermissionDenied,
+            AppError::PermissionDenied(_) | AppError::Forbidden(_) | AppError::Hidden(_) => Outcome::PermissionDenied,
+            AppError::Limited(_) => Outcome::ResourceExhausted,
             AppError::InvalidArgument(_) => Outcome::InvalidArgument,
             AppError::NotFound(_) => Outcome::NotFound,
             AppError::Conflict { .. } => Outcome::Aborted,
@@ -81,8 +95,23 @@ impl AppError {
 pub fn to_status(err: &AppError, request_id: &str) -> Status {
     let mut status = match err {
         AppError::Unauthenticated(f) => Status::unauthenticated(f.client_message()),
-        AppError::PermissionDenied(scope) => {
-            Status::permission_denied(format!("token lacks the {} scope", scope.as_str()))
+        AppError::PermissionDenied(denial) => Status::permission_denied(match denial {
+            Denial::Missing(p) => format!("your roles do not grant the {} permission", p.as_str()),
+            Denial::PurposeRequired(p) => format!(
+                "purpose of use required for {}: send x-purpose-of-use with an HL7 PurposeOfUse code such as TREAT",
+                p.as_str()
+            ),
+            Denial::PurposeNotAllowed(p, purpose) => {
+                format!("purpose of use {} does not permit {} for your roles", purpose.as_str(), p.as_str())
+            }
+        }),
+        AppError::Forbidden(why) => Status::permission_denied(*why),
+        AppError::Hidden(what) => Status::not_found(format!("{what} not found")),
+        AppError::Limited(Limited::Rate) => {
+            Status::resource_exhausted("request rate limit exceeded for this principal; slow down and retry")
+        }
+        AppError::Limited(Limited::Concurrency) => {
+            Status::resource_exhausted("server is at its concurrent request limit; retry shortly")
         }
         AppError::InvalidArgument(violations) => {
             let mut details = ErrorDetails::new();

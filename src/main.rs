@@ -36,6 +36,7 @@ fn main() {
             Command::Init(args) => commands::serve::init(args).map(|()| 0),
             Command::Verify(args) => commands::verify::verify(args).await,
             Command::Token(TokenCommand::Issue(args)) => commands::token::issue(args).map(|()| 0),
+            Command::Certs(cmd) => commands::certs::run(cmd).map(|()| 0),
             Command::Client(args) => commands::client::run(args).await.map(|()| 0),
             Command::Bench(args) => commands::bench::run(args).await.map(|()| 0),
         };

@@ -8,11 +8,15 @@ use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
 
 use crate::api::Edge;
-use crate::app::App;
+use crate::app::{AccessControl, App};
 use crate::auth::Authenticator;
+use crate::auth::limits::Limits;
+use crate::auth::policy::{Policy, PolicyError};
+use crate::auth::tls::TlsError;
 use crate::clock::Clock;
-use crate::config::ServiceConfig;
+use crate::config::{ConfigError, ServiceConfig};
 use crate::keystore::{self, KeyError, KeyPaths};
+use crate::proto::v1::access_service_server::AccessServiceServer;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::coverage_service_server::CoverageServiceServer;
 use crate::proto::v1::patient_service_server::PatientServiceServer;
@@ -41,6 +45,20 @@ pub enum ServerError {
     /// Reflection set-up.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// Settings that do not fit together.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The policy file.
+    #[error("{path}: {source}")]
+    Policy {
+        /// The file ("embedded default" for the built-in one).
+        path: String,
+        /// What is wrong, with its line.
+        source: PolicyError,
+    },
+    /// TLS files.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Test hooks and injected dependencies for [`open`].
@@ -57,12 +75,31 @@ pub struct Service {
     pub edge: Edge,
     /// The sequencer (head, sync counts).
     pub sequencer: Sequencer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     thread: std::thread::JoinHandle<()>,
+}
+
+/// Reads and validates the policy: the file if configured, else the embedded default.
+pub fn load_policy(file: Option<&std::path::Path>) -> Result<Policy, ServerError> {
+    match file {
+        None => Policy::default_policy()
+            .map_err(|source| ServerError::Policy { path: "embedded default policy".into(), source }),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ServerError::Policy {
+                path: path.display().to_string(),
+                source: PolicyError { line: 0, message: format!("cannot read: {e}") },
+            })?;
+            Policy::from_toml(&text).map_err(|source| ServerError::Policy { path: path.display().to_string(), source })
+        }
+    }
 }
 
 /// Opens keys, checks them against the data directory, opens the store and
 /// starts the sequencer. A wrong key fails here, before sled is opened.
 pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, ServerError> {
+    config.validate()?;
+    let policy = load_policy(config.policy_file.as_deref())?;
+    let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
     let key_paths = KeyPaths { dir: config.key_dir.clone() };
     let keyring = keystore::open_for_data_dir(&key_paths, &config.data_dir)?;
     let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
@@ -71,10 +108,15 @@ pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, Ser
     let store = Store::open(&db_dir, config.cache_bytes)?;
     let durability = Durability::open(&db_dir, options.fail_syncs).map_err(StorageError::from)?;
     let (sequencer, thread) = Sequencer::start(store.clone(), options.clock.clone(), durability)?;
-    let app = App::new(store, sequencer.clone(), Arc::new(keyring), options.clock.clone());
-    let auth = Authenticator::new(issuer, config.max_token_lifetime_secs, config.clock_skew_secs);
+    let access = AccessControl {
+        policy,
+        limits: Limits::new(config.limits),
+        break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
+    };
+    let app = App::new(store, sequencer.clone(), Arc::new(keyring), options.clock.clone(), access);
+    let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);
-    Ok(Service { edge, sequencer, thread })
+    Ok(Service { edge, sequencer, tls, thread })
 }
 
 /// Serves on `listener` until `shutdown` completes, then finishes in-flight
@@ -88,6 +130,7 @@ pub async fn run(
     health_reporter.set_serving::<PatientServiceServer<Edge>>().await;
     health_reporter.set_serving::<CoverageServiceServer<Edge>>().await;
     health_reporter.set_serving::<AuditServiceServer<Edge>>().await;
+    health_reporter.set_serving::<AccessServiceServer<Edge>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -98,14 +141,19 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
-    let Service { edge, sequencer, thread } = service;
-    let result = tonic::transport::Server::builder()
+    let Service { edge, sequencer, tls, thread } = service;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let result = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(PatientServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
         .add_service(CoverageServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
         .add_service(AuditServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
+        .add_service(AccessServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
         // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies
         // written in more than one segment.
         .serve_with_incoming_shutdown(

@@ -534,6 +534,13 @@ pub fn audit_event_pb(e: &crate::audit::AuditEntry, hash: &[u8; 32]) -> pb::Audi
         key_version: e.key_version,
         previous_hash: e.previous_hash.to_vec(),
         hash: hash.to_vec(),
+        format_version: u32::from(e.format),
+        service: e.service.clone(),
+        roles: e.roles.clone(),
+        purpose: e.purpose.clone(),
+        disclosed: e.disclosed.clone(),
+        break_glass_grant_id: e.break_glass.clone(),
+        details: e.details.clone(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! domain input (`convert`), calls the app, and converts the result back.
 //! Errors become a `Status` only through [`crate::error::to_status`].
 
+pub mod access;
 pub mod audit;
 pub mod convert;
 pub mod coverage;
@@ -16,6 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::app::{App, CallContext};
 use crate::auth::Authenticator;
+use crate::auth::policy::Purpose;
+use crate::auth::tls::service_identity;
 use crate::clock::Clock;
 use crate::domain::CalendarDate;
 use crate::error::{AppError, to_status};
@@ -44,9 +47,28 @@ impl Edge {
             .map(str::to_string)
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let client_address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        // Taken first, so a call that is turned away holds no slot.
+        let permit = self.app.limits().enter();
         let authorization = md.get("authorization").and_then(|v| v.to_str().ok());
         let auth = self.auth.authenticate(authorization, self.clock.now_micros().div_euclid(1_000_000));
-        CallContext { request_id, client_address, auth, started }
+        // rustls verified the chain against the client CA before this call existed;
+        // only the leaf's identity is read here.
+        let service = req.peer_certs().and_then(|certs| certs.first().and_then(|c| service_identity(c.as_ref())));
+        let purpose = match md.get("x-purpose-of-use") {
+            None => Ok(None),
+            Some(v) => v.to_str().ok().and_then(|s| Purpose::parse(s.trim())).map(Some).ok_or(()),
+        };
+        let break_glass_reason = match md.get("x-break-glass-reason") {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|s| (1..=1000).contains(&s.len()) && s.bytes().all(|b| (0x20..0x7f).contains(&b)))
+                .map(|s| Some(s.to_string()))
+                .ok_or(()),
+        };
+        CallContext { request_id, client_address, auth, service, purpose, break_glass_reason, permit, started }
     }
 
     fn today(&self) -> CalendarDate {

@@ -1,8 +1,9 @@
 //! Coverage use cases: insurance records linked to a patient, sealed under
 //! that patient's data key.
 
+use super::access::{Reach, groups};
 use super::patients::blind_key;
-use super::{App, CallContext, Opened, Parsed, blocking, internal};
+use super::{App, Attempt, CallContext, Opened, Parsed, blocking, internal};
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::patient::PatientIdText;
 use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
@@ -79,6 +80,8 @@ impl App {
         let id = CoverageId::new_v7();
         attempt.entry.patient_id = req.patient_id.to_string();
         attempt.entry.resource_id = id.to_string();
+        self.reach(ctx, &mut attempt, req.patient_id, Reach::Write).await?;
+        attempt.entry.disclosed = vec![groups::INSURANCE.into()];
         let prepared = (|| {
             let Opened { record: patient, dek, key_version: kv, .. } = self.load_patient(req.patient_id)?;
             if !patient.active() {
@@ -122,6 +125,8 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let id = self.valid(ctx, &mut attempt, input).await?;
         attempt.entry.resource_id = id.to_string();
+        self.reach_coverage(ctx, &mut attempt, id, Reach::Read).await?;
+        attempt.entry.disclosed = vec![groups::INSURANCE.into()];
         let result = self.load_coverage(id).map(|opened| {
             attempt.entry.patient_id = opened.patient.to_string();
             attempt.entry.record_version = opened.record.version;
@@ -142,6 +147,7 @@ impl App {
         let upd = self.valid(ctx, &mut attempt, input).await?;
         attempt.entry.resource_id = upd.id.to_string();
         attempt.entry.record_version = upd.expected_version;
+        self.reach_coverage(ctx, &mut attempt, upd.id, Reach::Write).await?;
         let moved = upd.patient_id;
         self.write_coverage_version(ctx, attempt, upd.id, upd.expected_version, moved, |current, now| Coverage {
             update_time: now,
@@ -162,6 +168,7 @@ impl App {
         let (id, expected) = self.valid(ctx, &mut attempt, input).await?;
         attempt.entry.resource_id = id.to_string();
         attempt.entry.record_version = expected;
+        self.reach_coverage(ctx, &mut attempt, id, Reach::Write).await?;
         self.write_coverage_version(ctx, attempt, id, expected, None, |current, now| Coverage {
             update_time: now,
             delete_time: Some(now),
@@ -173,7 +180,7 @@ impl App {
     async fn write_coverage_version(
         &self,
         ctx: &CallContext,
-        mut attempt: super::Attempt,
+        mut attempt: Attempt,
         id: CoverageId,
         expected: u64,
         claimed_patient: Option<PatientId>,
@@ -215,6 +222,23 @@ impl App {
         Ok(next)
     }
 
+    /// Checks the caller may reach the patient a coverage belongs to (a
+    /// missing coverage is audited as NOT_FOUND here).
+    async fn reach_coverage(
+        &self,
+        ctx: &CallContext,
+        attempt: &mut Attempt,
+        id: CoverageId,
+        how: Reach,
+    ) -> Result<(), AppError> {
+        let patient = match self.head(RecordKind::Coverage, &id.bytes()) {
+            Ok(Some(h)) => PatientId::from_bytes(h.patient_id),
+            Ok(None) => return Err(self.fail(ctx, attempt, AppError::NotFound("coverage")).await),
+            Err(e) => return Err(self.fail(ctx, attempt, e).await),
+        };
+        self.reach(ctx, attempt, patient, how).await
+    }
+
     /// A patient's coverages, ordered primary first.
     pub async fn list_coverages(
         &self,
@@ -248,6 +272,8 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let (patient, keep) = self.valid(ctx, &mut attempt, input).await?;
         attempt.entry.patient_id = patient.to_string();
+        self.reach(ctx, &mut attempt, patient, Reach::Read).await?;
+        attempt.entry.disclosed = vec![groups::INSURANCE.into()];
         let app = self.clone();
         let result = blocking(move || {
             app.head(RecordKind::Patient, &patient.bytes())?.ok_or(AppError::NotFound("patient"))?;

@@ -5,6 +5,7 @@
 //! [`App::finish`] or [`App::commit_write`], which append the entry durably
 //! before anything is returned. No proto types here.
 
+mod access;
 mod audit_log;
 mod coverages;
 mod patients;
@@ -12,17 +13,20 @@ mod patients;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use access::{BreakGlassGrant, GrantPage, GrantReview, GrantsRequest, ReviewFilter};
 pub use audit_log::{AuditFilter, AuditPage, ExportStart};
 pub use coverages::{CoverageCreate, CoverageUpdate};
 pub use patients::{PageRequest, PatientPage, PatientUpdate, SearchCriterion, SearchRequest, SearchResult};
 
 use crate::audit::AuditEntry;
+use crate::auth::limits::{Limited, Limits};
+use crate::auth::policy::{Grant, Identity, Policy, Purpose};
 use crate::auth::{AuthFailure, Principal};
 use crate::clock::Clock;
 use crate::crypto::{self, DataKey, Keyring, RecordAad, RecordKind, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::{AppError, FieldViolation};
-use crate::storage::{Commit, CommitOutcome, Committed, Head, RecordWrite, Sequencer, StorageError, Store};
+use crate::storage::{Commit, CommitOutcome, Committed, Head, MetaWrite, RecordWrite, Sequencer, StorageError, Store};
 
 /// Who is calling and how, as seen at the edge.
 pub struct CallContext {
@@ -32,8 +36,27 @@ pub struct CallContext {
     pub client_address: String,
     /// The token check's result.
     pub auth: Result<Principal, AuthFailure>,
+    /// The calling service's client-certificate identity (mutual TLS), if any.
+    pub service: Option<String>,
+    /// `x-purpose-of-use`: absent, a known code, or present but not a known code (`Err`).
+    pub purpose: Result<Option<Purpose>, ()>,
+    /// `x-break-glass-reason`: absent, or printable text of 1..=1000 chars (`Err` otherwise).
+    /// Never logged or audited in plaintext.
+    pub break_glass_reason: Result<Option<String>, ()>,
+    /// A slot under the global concurrency cap, held for the whole call.
+    pub permit: Result<tokio::sync::OwnedSemaphorePermit, Limited>,
     /// When the call arrived (for latency logs).
     pub started: Instant,
+}
+
+impl CallContext {
+    fn subject(&self) -> Option<&str> {
+        self.auth.as_ref().ok().map(|p| p.subject.as_str())
+    }
+
+    fn purpose(&self) -> Option<Purpose> {
+        self.purpose.ok().flatten()
+    }
 }
 
 /// Input that either parsed or was rejected field by field.
@@ -43,6 +66,11 @@ pub type Parsed<T> = Result<T, Vec<FieldViolation>>;
 pub struct Attempt {
     entry: AuditEntry,
     action: Action,
+    /// What the caller's roles allow under the request's purpose (set by `authorize`).
+    grant: Grant,
+    /// Access-tree changes that commit with the entry if the call succeeds
+    /// (a new break-glass grant).
+    meta: Vec<MetaWrite>,
 }
 
 impl Attempt {
@@ -63,19 +91,41 @@ pub(super) struct Opened<T> {
     key_version: u32,
 }
 
-/// The application: storage, keys, sequencer and clock.
+/// Access-control parts of the application.
+pub struct AccessControl {
+    /// Roles and permissions.
+    pub policy: Policy,
+    /// Rate and concurrency limits.
+    pub limits: Limits,
+    /// How long a break-glass grant lasts, microseconds.
+    pub break_glass_micros: i64,
+}
+
+/// The application: storage, keys, sequencer, clock and access control.
 #[derive(Clone)]
 pub struct App {
     store: Store,
     sequencer: Sequencer,
     keys: Arc<Keyring>,
     clock: Arc<dyn Clock>,
+    access: Arc<AccessControl>,
 }
 
 impl App {
     /// Assembles the application from its parts.
-    pub fn new(store: Store, sequencer: Sequencer, keys: Arc<Keyring>, clock: Arc<dyn Clock>) -> Self {
-        App { store, sequencer, keys, clock }
+    pub fn new(
+        store: Store,
+        sequencer: Sequencer,
+        keys: Arc<Keyring>,
+        clock: Arc<dyn Clock>,
+        access: AccessControl,
+    ) -> Self {
+        App { store, sequencer, keys, clock, access: Arc::new(access) }
+    }
+
+    /// The limits (the edge takes concurrency permits from them).
+    pub fn limits(&self) -> &Limits {
+        &self.access.limits
     }
 
     /// The store (read-only use by the edge for exports).
@@ -90,23 +140,55 @@ impl App {
             request_id: ctx.request_id.clone(),
             action: action.as_str().to_string(),
             resource_type: action.resource_type().to_string(),
+            service: ctx.service.clone().unwrap_or_default(),
+            purpose: ctx.purpose().map(|p| p.as_str().to_string()).unwrap_or_default(),
             ..AuditEntry::default()
         };
-        Attempt { entry, action }
+        Attempt { entry, action, grant: Grant::default(), meta: Vec::new() }
     }
 
-    /// Authenticates and authorizes; a failure is audited and returned.
+    /// Admits, authenticates and authorizes; a failure is audited and returned.
+    ///
+    /// Order: the global concurrency cap, the caller's rate (by subject, or
+    /// by address for callers without a valid token), the token, the purpose
+    /// header's syntax, then the policy decision for the action's permission
+    /// under the stated purpose.
     async fn authorize(&self, ctx: &CallContext, attempt: &mut Attempt) -> Result<(), AppError> {
-        let scope = attempt.action.required_scope();
-        let err = match &ctx.auth {
-            Err(f) => AppError::Unauthenticated(*f),
-            Ok(p) if !p.has(scope) => AppError::PermissionDenied(scope),
-            Ok(_) => {
-                attempt.entry.scopes = vec![scope.as_str().to_string()];
-                return Ok(());
-            }
+        match self.decide(ctx, attempt) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(ctx, attempt, e).await),
+        }
+    }
+
+    fn decide(&self, ctx: &CallContext, attempt: &mut Attempt) -> Result<(), AppError> {
+        if let Err(l) = &ctx.permit {
+            return Err(AppError::Limited(*l));
+        }
+        let rate_key = match &ctx.auth {
+            Ok(p) => format!("sub:{}", p.subject),
+            Err(_) => format!("addr:{}", ctx.client_address.rsplit_once(':').map_or("", |(ip, _)| ip)),
         };
-        Err(self.fail(ctx, attempt, err).await)
+        self.access.limits.check_rate(&rate_key).map_err(AppError::Limited)?;
+        let principal = ctx.auth.as_ref().map_err(|f| AppError::Unauthenticated(*f))?;
+        if ctx.purpose.is_err() {
+            return Err(AppError::invalid("x-purpose-of-use", "must be an HL7 PurposeOfUse code such as TREAT"));
+        }
+        let who = Identity {
+            subject: &principal.subject,
+            token_roles: &principal.token_roles,
+            service: ctx.service.as_deref(),
+        };
+        let roles = self.access.policy.roles_for(who);
+        attempt.entry.roles = roles.iter().cloned().collect();
+        let needed = attempt.action.required_permission();
+        let grant = self
+            .access
+            .policy
+            .decide(&roles, ctx.purpose(), needed, attempt.action.is_phi())
+            .map_err(AppError::PermissionDenied)?;
+        attempt.entry.scopes = vec![needed.as_str().to_string()];
+        attempt.grant = grant;
+        Ok(())
     }
 
     /// Unwraps parsed input, or audits and returns INVALID_ARGUMENT.
@@ -119,7 +201,7 @@ impl App {
 
     async fn fail(&self, ctx: &CallContext, attempt: &mut Attempt, err: AppError) -> AppError {
         let entry = std::mem::take(&mut attempt.entry);
-        let attempt = Attempt { entry, action: attempt.action };
+        let attempt = Attempt { entry, action: attempt.action, grant: Grant::default(), meta: Vec::new() };
         match self.finish::<()>(ctx, attempt, Err(err)).await {
             Err(e) => e,
             Ok(()) => AppError::Internal,
@@ -139,10 +221,13 @@ impl App {
             Err(e) => e.outcome(),
         };
         attempt.entry.outcome = outcome.as_str().to_string();
-        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: None }).await;
+        // Access changes (a new break-glass grant) take effect only with a successful result.
+        let meta = if result.is_ok() { std::mem::take(&mut attempt.meta) } else { Vec::new() };
+        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: None, meta }).await;
         self.log(ctx, attempt.action, outcome, committed.as_ref().ok());
         match committed {
-            Ok(_) => result,
+            Ok(c) if c.outcome == CommitOutcome::Written => result,
+            Ok(_) => Err(AppError::Conflict { current: 0 }),
             Err(e) => Err(audit_unavailable(e)),
         }
     }
@@ -155,7 +240,8 @@ impl App {
         write: RecordWrite,
     ) -> Result<Committed, AppError> {
         attempt.entry.outcome = Outcome::Ok.as_str().to_string();
-        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: Some(write) }).await;
+        let meta = std::mem::take(&mut attempt.meta);
+        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: Some(write), meta }).await;
         match committed {
             Ok(c) => match c.outcome {
                 CommitOutcome::Written => {
@@ -174,21 +260,36 @@ impl App {
         }
     }
 
-    /// Appends an entry for a successful call and returns the committed entry (used by audit head/export).
+    /// Appends an entry for a successful call (with its access changes) and
+    /// returns the committed entry (used by audit head/export and access changes).
     async fn commit_ok(&self, ctx: &CallContext, mut attempt: Attempt) -> Result<Committed, AppError> {
         attempt.entry.outcome = Outcome::Ok.as_str().to_string();
-        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: None }).await;
-        self.log(ctx, attempt.action, Outcome::Ok, committed.as_ref().ok());
-        committed.map_err(audit_unavailable)
+        let meta = std::mem::take(&mut attempt.meta);
+        let committed = self.sequencer.commit(Commit { entry: attempt.entry, write: None, meta }).await;
+        match committed {
+            Ok(c) if c.outcome == CommitOutcome::Written => {
+                self.log(ctx, attempt.action, Outcome::Ok, Some(&c));
+                Ok(c)
+            }
+            Ok(c) => {
+                self.log(ctx, attempt.action, Outcome::Aborted, Some(&c));
+                Err(AppError::Conflict { current: 0 })
+            }
+            Err(e) => {
+                self.log(ctx, attempt.action, Outcome::Internal, None);
+                Err(audit_unavailable(e))
+            }
+        }
     }
 
     fn log(&self, ctx: &CallContext, action: Action, outcome: Outcome, committed: Option<&Committed>) {
-        let principal = ctx.auth.as_ref().map(|p| p.subject.as_str()).unwrap_or("");
+        let principal = ctx.subject().unwrap_or("");
         let latency_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         tracing::info!(
             request_id = %ctx.request_id,
             method = action.as_str(),
             principal,
+            service = ctx.service.as_deref().unwrap_or(""),
             outcome = outcome.as_str(),
             audit_seq = committed.map(|c| c.sequence),
             latency_us,

@@ -1,6 +1,8 @@
 //! Patient use cases: create, read, update, soft delete, list, search, history.
 
-use super::{App, CallContext, Opened, Parsed, blocking, internal};
+use super::access::{Reach, disclose, keep_undisclosed};
+use super::{App, Attempt, CallContext, Opened, Parsed, blocking, internal};
+use crate::auth::policy::Grant;
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::{Action, FhirDate, Patient, PatientData, PatientId, normalize};
 use crate::error::AppError;
@@ -158,8 +160,9 @@ impl App {
             new_dek: Some(wrapped.0),
             index_keys: self.patient_index_keys(id, &patient.data),
         };
+        let shown = show(&mut attempt, patient);
         self.commit_write(ctx, attempt, write).await?;
-        Ok(patient)
+        Ok(shown)
     }
 
     /// Reads a patient's current version.
@@ -168,10 +171,11 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let id = self.valid(ctx, &mut attempt, input).await?;
         attempt.patient(id);
+        self.reach(ctx, &mut attempt, id, Reach::Read).await?;
         let result = self.load_patient(id).map(|opened| {
             attempt.entry.record_version = opened.record.version;
             attempt.entry.key_version = opened.key_version;
-            opened.record
+            show(&mut attempt, opened.record)
         });
         self.finish(ctx, attempt, result).await
     }
@@ -183,9 +187,11 @@ impl App {
         let upd = self.valid(ctx, &mut attempt, input).await?;
         attempt.patient(upd.id);
         attempt.entry.record_version = upd.expected_version;
-        self.write_patient_version(ctx, attempt, upd.id, upd.expected_version, |current, now| Patient {
+        self.reach(ctx, &mut attempt, upd.id, Reach::Write).await?;
+        let grant = attempt.grant.clone();
+        self.write_patient_version(ctx, attempt, upd.id, upd.expected_version, move |current, now| Patient {
             update_time: now,
-            data: upd.data,
+            data: keep_undisclosed(&grant, &current.data, upd.data),
             ..current
         })
         .await
@@ -202,6 +208,7 @@ impl App {
         let (id, expected) = self.valid(ctx, &mut attempt, input).await?;
         attempt.patient(id);
         attempt.entry.record_version = expected;
+        self.reach(ctx, &mut attempt, id, Reach::Write).await?;
         self.write_patient_version(ctx, attempt, id, expected, |current, now| Patient {
             update_time: now,
             delete_time: Some(now),
@@ -213,7 +220,7 @@ impl App {
     async fn write_patient_version(
         &self,
         ctx: &CallContext,
-        mut attempt: super::Attempt,
+        mut attempt: Attempt,
         id: PatientId,
         expected: u64,
         change: impl FnOnce(Patient, i64) -> Patient,
@@ -248,8 +255,9 @@ impl App {
             new_dek: None,
             index_keys: self.patient_index_keys(id, &next.data),
         };
+        let shown = show(&mut attempt, next);
         self.commit_write(ctx, attempt, write).await?;
-        Ok(next)
+        Ok(shown)
     }
 
     /// Lists patients in id order.
@@ -258,15 +266,18 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let req = self.valid(ctx, &mut attempt, input).await?;
         let app = self.clone();
-        let result = blocking(move || app.list_page(&req)).await;
-        if let Ok(page) = &result {
+        let (subject, grant) = (ctx.subject().map(str::to_string), attempt.grant.clone());
+        let result = blocking(move || app.list_page(&req, subject.as_deref(), &grant)).await;
+        let result = result.map(|mut page| {
             attempt.entry.result_count = Some(super::count(page.patients.len()));
             attempt.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
-        }
+            page.patients = show_all(&mut attempt, page.patients);
+            page
+        });
         self.finish(ctx, attempt, result).await
     }
 
-    fn list_page(&self, req: &PageRequest) -> Result<PatientPage, AppError> {
+    fn list_page(&self, req: &PageRequest, subject: Option<&str>, grant: &Grant) -> Result<PatientPage, AppError> {
         // Scan at most this many heads per call so a store full of deleted
         // patients cannot make one call unbounded.
         let scan_budget = req.page_size.saturating_mul(10).max(100);
@@ -284,7 +295,11 @@ impl App {
             for (id, _) in &batch {
                 scanned += 1;
                 after = Some(*id);
-                let p = self.load_patient(PatientId::from_bytes(*id))?.record;
+                let pid = PatientId::from_bytes(*id);
+                if !self.visible(subject, grant, pid)? {
+                    continue;
+                }
+                let p = self.load_patient(pid)?.record;
                 if req.show_deleted || p.active() {
                     patients.push(p);
                 }
@@ -310,15 +325,18 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let req = self.valid(ctx, &mut attempt, input).await?;
         let app = self.clone();
-        let result = blocking(move || app.search(&req)).await;
-        if let Ok(r) = &result {
+        let (subject, grant) = (ctx.subject().map(str::to_string), attempt.grant.clone());
+        let result = blocking(move || app.search(&req, subject.as_deref(), &grant)).await;
+        let result = result.map(|mut r| {
             attempt.entry.result_count = Some(super::count(r.patients.len()));
             attempt.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
-        }
+            r.patients = show_all(&mut attempt, r.patients);
+            r
+        });
         self.finish(ctx, attempt, result).await
     }
 
-    fn search(&self, req: &SearchRequest) -> Result<SearchResult, AppError> {
+    fn search(&self, req: &SearchRequest, subject: Option<&str>, grant: &Grant) -> Result<SearchResult, AppError> {
         let (kind, normalized) = match &req.criterion {
             SearchCriterion::Identifier { system, value } => {
                 (BlindIndexKind::Identifier, normalize::identifier_key(system, value))
@@ -338,7 +356,11 @@ impl App {
         let mut patients = Vec::new();
         let mut truncated = false;
         for id in candidates {
-            let p = self.load_patient(PatientId::from_bytes(id))?.record;
+            let pid = PatientId::from_bytes(id);
+            if !self.visible(subject, grant, pid)? {
+                continue;
+            }
+            let p = self.load_patient(pid)?.record;
             if !req.show_deleted && !p.active() {
                 continue;
             }
@@ -357,6 +379,7 @@ impl App {
         self.authorize(ctx, &mut attempt).await?;
         let id = self.valid(ctx, &mut attempt, input).await?;
         attempt.patient(id);
+        self.reach(ctx, &mut attempt, id, Reach::Read).await?;
         let app = self.clone();
         let result = blocking(move || {
             let head = app.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
@@ -376,8 +399,23 @@ impl App {
             attempt.entry.key_version = kv;
             attempt.entry.record_version = version;
             attempt.entry.result_count = Some(super::count(patients.len()));
-            patients
+            show_all(&mut attempt, patients)
         });
         self.finish(ctx, attempt, result).await
     }
+}
+
+/// What the attempt's grant discloses of a patient; records the groups.
+fn show(attempt: &mut Attempt, p: Patient) -> Patient {
+    let (p, groups) = disclose(&attempt.grant, p);
+    for g in groups {
+        if !attempt.entry.disclosed.iter().any(|d| d == g) {
+            attempt.entry.disclosed.push(g.to_string());
+        }
+    }
+    p
+}
+
+fn show_all(attempt: &mut Attempt, patients: Vec<Patient>) -> Vec<Patient> {
+    patients.into_iter().map(|p| show(attempt, p)).collect()
 }

@@ -1,44 +1,60 @@
-//! Canonical encoding of one audit entry (format version 1).
+//! Canonical encoding of one audit entry (format versions 1 and 2).
 //!
 //! An independent verifier needs only this comment. All integers are
 //! big-endian. `str` is a u32 byte length followed by that many bytes of UTF-8.
+//! `list` is a u32 count followed by that many `str`.
 //!
 //! ```text
 //! field               encoding
-//! tag                 18 bytes, ASCII "carevault.audit.v1" (domain separation and format version)
+//! tag                 18 bytes, ASCII "carevault.audit.v2" ("carevault.audit.v1" for version 1)
 //! sequence            u64
 //! previous_hash       32 bytes (SHA-256 of the previous entry's encoding; 32 zero bytes for entry 0)
 //! time                i64, microseconds since 1970-01-01T00:00:00Z (UTC)
 //! actor               str   (token subject; "" if unauthenticated)
-//! scopes              u32 count, then count × str (the scopes that authorized the call, sorted)
+//! scopes              list  (the permissions that authorized the call, e.g. "patients.read")
 //! client_address      str   (ip:port of the caller, "" if unknown)
 //! request_id          str
 //! action              str   (e.g. "patient.read")
-//! resource_type       str   ("patient", "coverage", "audit" or "")
+//! resource_type       str   ("patient", "coverage", "audit", "access", "grant" or "")
 //! resource_id         str   (UUID in lowercase hyphenated form, or "")
 //! patient_id          str   (UUID, or "")
 //! record_version      u64   (0 when not applicable)
 //! outcome             str   ("ok", "invalid_argument", "unauthenticated", ...)
 //! key_version         u32   (master key version used to seal/open; 0 when none)
 //! result_count        u8 presence (0 or 1), then u64 if present
-//! returned_patients   u32 count, then count × str (UUIDs)
+//! returned_patients   list  (UUIDs of patients whose data was returned by list and search calls)
+//! --- version 2 only, in this order ---
+//! service             str   (calling service's client-certificate identity, "" without mTLS)
+//! roles               list  (the caller's roles under the policy, sorted)
+//! purpose             str   (HL7 PurposeOfUse code from x-purpose-of-use, or "")
+//! disclosed           list  (field groups returned: "identity", "contact", "ssn", "ssn_masked", "insurance")
+//! break_glass         str   (break-glass grant id (UUID) if the access used one, else "")
+//! details             list  ("key=value" strings for operations that need more, e.g. "reviewed_grant=<id>")
 //! ```
 //!
 //! Nothing may follow the last field. The entry hash is `SHA-256(encoding)`;
-//! the tag at the front separates it from every other hash carevault makes.
-//! Entry 0 is the genesis entry: action "audit.genesis", actor "carevault",
-//! previous hash all zeros.
+//! the tag at the front separates it from every other hash carevault makes
+//! and says which layout follows. A chain may hold version-1 entries (written
+//! before version 2 existed) followed by version-2 entries; each entry is
+//! hashed in the encoding it was written in. Entry 0 is the genesis entry:
+//! action "audit.genesis", actor "carevault", previous hash all zeros.
 
 use crate::crypto::sha256;
 
 /// The fixed tag that starts every version-1 entry.
 pub const TAG_V1: &[u8; 18] = b"carevault.audit.v1";
+/// The fixed tag that starts every version-2 entry (what carevault writes now).
+pub const TAG_V2: &[u8; 18] = b"carevault.audit.v2";
+/// The format version new entries are written in.
+pub const CURRENT_FORMAT: u8 = 2;
 /// The previous hash recorded in the genesis entry.
 pub const GENESIS_PREVIOUS_HASH: [u8; 32] = [0u8; 32];
 
 /// One decoded audit entry. Holds identifiers only, never PHI.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
+    /// Encoding version (1 or 2); new entries are [`CURRENT_FORMAT`].
+    pub format: u8,
     /// Position in the chain, gapless from 0.
     pub sequence: u64,
     /// Hash of the previous entry's encoding.
@@ -71,12 +87,54 @@ pub struct AuditEntry {
     pub result_count: Option<u64>,
     /// Patients whose data was returned by list and search calls.
     pub returned_patient_ids: Vec<String>,
+    /// v2: the calling service's certificate identity, or "".
+    pub service: String,
+    /// v2: the caller's roles.
+    pub roles: Vec<String>,
+    /// v2: purpose of use, or "".
+    pub purpose: String,
+    /// v2: field groups disclosed.
+    pub disclosed: Vec<String>,
+    /// v2: the break-glass grant used, or "".
+    pub break_glass: String,
+    /// v2: extra "key=value" facts.
+    pub details: Vec<String>,
+}
+
+impl Default for AuditEntry {
+    fn default() -> Self {
+        AuditEntry {
+            format: CURRENT_FORMAT,
+            sequence: 0,
+            previous_hash: [0; 32],
+            time_micros: 0,
+            actor: String::new(),
+            scopes: Vec::new(),
+            client_address: String::new(),
+            request_id: String::new(),
+            action: String::new(),
+            resource_type: String::new(),
+            resource_id: String::new(),
+            patient_id: String::new(),
+            record_version: 0,
+            outcome: String::new(),
+            key_version: 0,
+            result_count: None,
+            returned_patient_ids: Vec::new(),
+            service: String::new(),
+            roles: Vec::new(),
+            purpose: String::new(),
+            disclosed: Vec::new(),
+            break_glass: String::new(),
+            details: Vec::new(),
+        }
+    }
 }
 
 /// Why bytes are not a valid version-1 entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// The tag is not "carevault.audit.v1".
+    /// The tag is neither "carevault.audit.v1" nor "carevault.audit.v2".
     #[error("unknown entry format")]
     UnknownFormat,
     /// The bytes end inside a field.
@@ -88,10 +146,11 @@ pub enum DecodeError {
 }
 
 impl AuditEntry {
-    /// The canonical encoding (see module docs).
+    /// The canonical encoding in the entry's format version (see module docs).
+    /// A version-1 entry encodes without the version-2 fields.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + 40 * self.returned_patient_ids.len());
-        out.extend_from_slice(TAG_V1);
+        let mut out = Vec::with_capacity(320 + 40 * self.returned_patient_ids.len());
+        out.extend_from_slice(if self.format == 1 { TAG_V1 } else { TAG_V2 });
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.previous_hash);
         out.extend_from_slice(&self.time_micros.to_be_bytes());
@@ -114,6 +173,14 @@ impl AuditEntry {
             None => out.push(0),
         }
         put_list(&mut out, &self.returned_patient_ids);
+        if self.format != 1 {
+            put_str(&mut out, &self.service);
+            put_list(&mut out, &self.roles);
+            put_str(&mut out, &self.purpose);
+            put_list(&mut out, &self.disclosed);
+            put_str(&mut out, &self.break_glass);
+            put_list(&mut out, &self.details);
+        }
         out
     }
 
@@ -125,9 +192,11 @@ impl AuditEntry {
     /// Parses a canonical encoding; rejects anything that does not re-encode identically.
     pub fn decode(bytes: &[u8]) -> Result<AuditEntry, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
-        if r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? != TAG_V1 {
-            return Err(DecodeError::UnknownFormat);
-        }
+        let format = match r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? {
+            t if t == TAG_V1 => 1,
+            t if t == TAG_V2 => 2,
+            _ => return Err(DecodeError::UnknownFormat),
+        };
         let sequence = r.u64()?;
         let mut previous_hash = [0u8; 32];
         previous_hash.copy_from_slice(r.take(32)?);
@@ -149,10 +218,8 @@ impl AuditEntry {
             _ => return Err(DecodeError::Malformed),
         };
         let returned_patient_ids = r.list()?;
-        if r.pos != bytes.len() {
-            return Err(DecodeError::Malformed);
-        }
-        Ok(AuditEntry {
+        let mut entry = AuditEntry {
+            format,
             sequence,
             previous_hash,
             time_micros,
@@ -169,7 +236,20 @@ impl AuditEntry {
             key_version,
             result_count,
             returned_patient_ids,
-        })
+            ..AuditEntry::default()
+        };
+        if format == 2 {
+            entry.service = r.string()?;
+            entry.roles = r.list()?;
+            entry.purpose = r.string()?;
+            entry.disclosed = r.list()?;
+            entry.break_glass = r.string()?;
+            entry.details = r.list()?;
+        }
+        if r.pos != bytes.len() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(entry)
     }
 
     /// The genesis entry that starts every chain.
@@ -249,6 +329,7 @@ mod tests {
 
     fn sample() -> AuditEntry {
         AuditEntry {
+            format: 1,
             sequence: 1,
             previous_hash: [0xaa; 32],
             time_micros: 1_700_000_000_000_000,
@@ -265,12 +346,26 @@ mod tests {
             key_version: 1,
             result_count: None,
             returned_patient_ids: vec![],
+            ..AuditEntry::default()
+        }
+    }
+
+    fn sample_v2() -> AuditEntry {
+        AuditEntry {
+            format: 2,
+            service: "spiffe://clinic.example/desk".into(),
+            roles: vec!["front_desk".into()],
+            purpose: "TREAT".into(),
+            disclosed: vec!["identity".into(), "ssn_masked".into()],
+            break_glass: String::new(),
+            details: vec!["k=v".into()],
+            ..sample()
         }
     }
 
     #[test]
-    fn the_genesis_entry_encodes_to_known_bytes_and_hash() {
-        let g = AuditEntry::genesis(0);
+    fn a_version_1_genesis_entry_encodes_to_known_bytes_and_hash() {
+        let g = AuditEntry { format: 1, ..AuditEntry::genesis(0) };
         let bytes = g.encode();
         let mut expected = Vec::new();
         expected.extend_from_slice(b"carevault.audit.v1");
@@ -299,7 +394,24 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_genesis_entry_appends_the_v2_fields_to_the_v1_layout() {
+        let g = AuditEntry::genesis(0);
+        assert_eq!(g.format, 2);
+        let v1 = AuditEntry { format: 1, ..g.clone() }.encode();
+        let mut expected = b"carevault.audit.v2".to_vec();
+        expected.extend_from_slice(&v1[18..]);
+        // service, roles, purpose, disclosed, break_glass, details: all empty.
+        expected.extend_from_slice(&[0u8; 24]);
+        assert_eq!(g.encode(), expected);
+        assert_eq!(g.encode().len(), 167);
+        // Known answer computed independently (Python hashlib over the layout above).
+        assert_eq!(hex::encode(g.hash()), "8b9fad5ad7e274c47ebf553572b04bccff34b9b938340a140f6d4a7c99f2ba65");
+    }
+
+    #[test]
     fn entries_round_trip_through_the_encoding() {
+        let v2 = sample_v2();
+        assert_eq!(AuditEntry::decode(&v2.encode()).unwrap(), v2);
         let mut e = sample();
         e.result_count = Some(3);
         e.returned_patient_ids = vec!["a".into(), "b".into()];
@@ -312,8 +424,14 @@ mod tests {
     fn decoding_rejects_unknown_tags_truncation_and_trailing_bytes() {
         let bytes = sample().encode();
         let mut wrong_tag = bytes.clone();
-        wrong_tag[17] = b'2';
+        wrong_tag[17] = b'3';
         assert_eq!(AuditEntry::decode(&wrong_tag), Err(DecodeError::UnknownFormat));
+        // A v1 body under the v2 tag is missing the v2 fields.
+        let mut relabelled = bytes.clone();
+        relabelled[17] = b'2';
+        assert_eq!(AuditEntry::decode(&relabelled), Err(DecodeError::Truncated));
+        let v2 = sample_v2().encode();
+        assert_eq!(AuditEntry::decode(&v2[..v2.len() - 1]), Err(DecodeError::Truncated));
         assert_eq!(AuditEntry::decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Truncated));
         let mut trailing = bytes.clone();
         trailing.push(0);

@@ -1,33 +1,29 @@
-//! Who is calling: bearer JWTs signed with Ed25519 by a configured issuer.
+//! Who is calling and what they may do.
 //!
-//! [`Principal`] is what the rest of the service knows about a caller. It is
-//! built to grow: a later issue adds the client-certificate identity, roles
-//! and purpose of use beside the token subject.
+//! - [`Authenticator`]: bearer JWTs signed with Ed25519 by a configured
+//!   issuer, with issuer, audience, lifetime and clock-skew checks.
+//! - [`tls`]: the calling service's identity from its client certificate.
+//! - [`policy`]: principals to roles to permissions, purposes of use.
+//! - [`limits`]: per-principal rate limits and the global concurrency limit.
 
+pub mod limits;
+pub mod policy;
+pub mod tls;
 pub mod token;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::domain::Scope;
-
-/// An authenticated caller.
+/// An authenticated end user (or service account) from its bearer token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// The token subject: the unique principal.
     pub subject: String,
-    /// Scopes granted by the token that this server knows.
-    pub scopes: BTreeSet<Scope>,
-}
-
-impl Principal {
-    /// True when the principal holds `scope`.
-    pub fn has(&self, scope: Scope) -> bool {
-        self.scopes.contains(&scope)
-    }
+    /// The token's `roles` claim, as sent (the policy decides what they mean).
+    pub token_roles: Vec<String>,
 }
 
 /// Why a caller is not authenticated. Client messages never echo the token.
@@ -51,6 +47,12 @@ pub enum AuthFailure {
     /// `exp` is further away than the maximum lifetime.
     #[error("lifetime exceeds maximum")]
     LifetimeTooLong,
+    /// `iss` missing or not the configured issuer.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// `aud` missing or not the configured audience.
+    #[error("wrong audience")]
+    WrongAudience,
 }
 
 impl AuthFailure {
@@ -63,6 +65,8 @@ impl AuthFailure {
             AuthFailure::Expired => "token expired",
             AuthFailure::NotYetValid => "token not yet valid",
             AuthFailure::LifetimeTooLong => "token lifetime exceeds the server's maximum",
+            AuthFailure::WrongIssuer => "token issuer is not the one this server trusts",
+            AuthFailure::WrongAudience => "token audience is not this server",
         }
     }
 }
@@ -76,7 +80,20 @@ struct Claims {
     #[serde(default)]
     nbf: Option<i64>,
     #[serde(default)]
-    scope: String,
+    roles: Vec<String>,
+}
+
+/// Token checks, from configuration.
+#[derive(Debug, Clone)]
+pub struct TokenRules {
+    /// Longest accepted lifetime (`exp - iat`, and `exp - now`), seconds.
+    pub max_lifetime_secs: u64,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub leeway_secs: u64,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
 }
 
 /// Verifies bearer tokens.
@@ -108,21 +125,22 @@ struct Verified {
 pub const MAX_SUBJECT_LEN: usize = 256;
 
 impl Authenticator {
-    /// From the issuer's Ed25519 public key (32 raw bytes).
-    pub fn new(issuer_public_key: [u8; 32], max_lifetime_secs: u64, leeway_secs: u64) -> Self {
+    /// From the issuer's Ed25519 public key (32 raw bytes) and the token rules.
+    pub fn new(issuer_public_key: [u8; 32], rules: &TokenRules) -> Self {
         let key = DecodingKey::from_ed_der(&issuer_public_key);
         let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = leeway_secs;
+        validation.leeway = rules.leeway_secs;
         // Time checks use the injected clock below, not the library's system time.
         validation.validate_exp = false;
         validation.validate_nbf = false;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_issuer(&[rules.issuer.as_str()]);
+        validation.set_audience(&[rules.audience.as_str()]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         Authenticator {
             key,
             validation,
-            max_lifetime_secs: i64::try_from(max_lifetime_secs).unwrap_or(i64::MAX),
-            leeway_secs: i64::try_from(leeway_secs).unwrap_or(0),
+            max_lifetime_secs: i64::try_from(rules.max_lifetime_secs).unwrap_or(i64::MAX),
+            leeway_secs: i64::try_from(rules.leeway_secs).unwrap_or(0),
             verified: Mutex::new(HashMap::new()),
         }
     }
@@ -171,6 +189,10 @@ impl Authenticator {
             ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidEddsaKey => {
                 AuthFailure::BadSignature
             }
+            ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
+            ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
+            ErrorKind::MissingRequiredClaim(c) if c == "iss" => AuthFailure::WrongIssuer,
+            ErrorKind::MissingRequiredClaim(c) if c == "aud" => AuthFailure::WrongAudience,
             _ => AuthFailure::Malformed,
         })?;
         let c = data.claims;
@@ -186,22 +208,33 @@ impl Authenticator {
         if c.sub.is_empty() || c.sub.len() > MAX_SUBJECT_LEN || c.sub.chars().any(char::is_control) {
             return Err(AuthFailure::Malformed);
         }
-        let scopes = c.scope.split_ascii_whitespace().filter_map(Scope::parse).collect();
-        Ok(Verified { principal: Principal { subject: c.sub, scopes }, exp: c.exp, nbf: c.nbf })
+        if c.roles.len() > 32 || c.roles.iter().any(|r| r.len() > 64 || r.chars().any(char::is_control)) {
+            return Err(AuthFailure::Malformed);
+        }
+        Ok(Verified { principal: Principal { subject: c.sub, token_roles: c.roles }, exp: c.exp, nbf: c.nbf })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::token::issue;
+    use super::token::{TokenSpec, issue};
     use super::*;
     use crate::crypto::generate_issuer_key;
 
     const NOW: i64 = 1_800_000_000;
 
+    fn rules() -> TokenRules {
+        TokenRules {
+            max_lifetime_secs: 3600,
+            leeway_secs: 30,
+            issuer: token::DEFAULT_ISSUER.into(),
+            audience: token::DEFAULT_AUDIENCE.into(),
+        }
+    }
+
     fn setup() -> (crate::crypto::IssuerKeyPair, Authenticator) {
         let pair = generate_issuer_key().unwrap();
-        let auth = Authenticator::new(pair.public_key, 3600, 30);
+        let auth = Authenticator::new(pair.public_key, &rules());
         (pair, auth)
     }
 
@@ -209,37 +242,56 @@ mod tests {
         format!("Bearer {t}")
     }
 
+    fn spec(ttl: i64) -> TokenSpec {
+        TokenSpec { ttl_secs: ttl, ..TokenSpec::new("x", &["front_desk"]) }
+    }
+
     #[test]
-    fn a_valid_token_yields_its_subject_and_known_scopes() {
+    fn a_valid_token_yields_its_subject_and_roles_claim() {
         let (pair, auth) = setup();
-        let t = issue(&pair.pkcs8_der, "desk-1", "patients.read bogus.scope", 600, NOW).unwrap();
+        let t = issue(&pair.pkcs8_der, &TokenSpec::new("desk-1", &["front_desk", "bogus"]), NOW).unwrap();
         let p = auth.authenticate(Some(&bearer(&t)), NOW).unwrap();
         assert_eq!(p.subject, "desk-1");
-        assert!(p.has(Scope::PatientsRead));
-        assert_eq!(p.scopes.len(), 1);
+        assert_eq!(p.token_roles, vec!["front_desk", "bogus"]);
     }
 
     #[test]
     fn bad_tokens_are_classified() {
         let (pair, auth) = setup();
+        let mint = |s: &TokenSpec, now: i64| bearer(&issue(&pair.pkcs8_der, s, now).unwrap());
         assert_eq!(auth.authenticate(None, NOW), Err(AuthFailure::Missing));
         assert_eq!(auth.authenticate(Some("Basic abc"), NOW), Err(AuthFailure::Malformed));
         assert_eq!(auth.authenticate(Some("Bearer not.a.jwt"), NOW), Err(AuthFailure::Malformed));
         let other = generate_issuer_key().unwrap();
-        let forged = issue(&other.pkcs8_der, "x", "patients.read", 600, NOW).unwrap();
+        let forged = issue(&other.pkcs8_der, &spec(600), NOW).unwrap();
         assert_eq!(auth.authenticate(Some(&bearer(&forged)), NOW), Err(AuthFailure::BadSignature));
-        let long = issue(&pair.pkcs8_der, "x", "patients.read", 86_400, NOW).unwrap();
-        assert_eq!(auth.authenticate(Some(&bearer(&long)), NOW), Err(AuthFailure::LifetimeTooLong));
-        let expired = issue(&pair.pkcs8_der, "x", "patients.read", 60, 1_000_000_000).unwrap();
-        assert_eq!(auth.authenticate(Some(&bearer(&expired)), NOW), Err(AuthFailure::Expired));
-        let early = issue(&pair.pkcs8_der, "x", "patients.read", 600, NOW + 3600).unwrap();
-        assert_eq!(auth.authenticate(Some(&bearer(&early)), NOW), Err(AuthFailure::NotYetValid));
+        assert_eq!(auth.authenticate(Some(&mint(&spec(86_400), NOW)), NOW), Err(AuthFailure::LifetimeTooLong));
+        assert_eq!(auth.authenticate(Some(&mint(&spec(60), 1_000_000_000)), NOW), Err(AuthFailure::Expired));
+        assert_eq!(auth.authenticate(Some(&mint(&spec(600), NOW + 3600)), NOW), Err(AuthFailure::NotYetValid));
+        let wrong_iss = TokenSpec { issuer: "someone-else".into(), ..spec(600) };
+        assert_eq!(auth.authenticate(Some(&mint(&wrong_iss, NOW)), NOW), Err(AuthFailure::WrongIssuer));
+        let wrong_aud = TokenSpec { audience: "another-service".into(), ..spec(600) };
+        assert_eq!(auth.authenticate(Some(&mint(&wrong_aud, NOW)), NOW), Err(AuthFailure::WrongAudience));
+    }
+
+    #[test]
+    fn clock_skew_is_allowed_up_to_the_leeway_on_nbf_and_exp() {
+        let (pair, auth) = setup();
+        let mint = |s: &TokenSpec| bearer(&issue(&pair.pkcs8_der, s, NOW).unwrap());
+        // nbf 20 s ahead (issuer's clock fast): inside the 30 s leeway.
+        let early = TokenSpec { not_before_offset_secs: 20, ..spec(600) };
+        assert!(auth.authenticate(Some(&mint(&early)), NOW).is_ok());
+        let too_early = TokenSpec { not_before_offset_secs: 45, ..spec(600) };
+        assert_eq!(auth.authenticate(Some(&mint(&too_early)), NOW), Err(AuthFailure::NotYetValid));
+        let t = mint(&spec(60));
+        assert!(auth.authenticate(Some(&t), NOW + 80).is_ok(), "20 s past exp is within leeway");
+        assert_eq!(auth.authenticate(Some(&t), NOW + 100), Err(AuthFailure::Expired));
     }
 
     #[test]
     fn a_remembered_token_still_expires_on_time() {
         let (pair, auth) = setup();
-        let t = issue(&pair.pkcs8_der, "desk-1", "patients.read", 600, NOW).unwrap();
+        let t = issue(&pair.pkcs8_der, &spec(600), NOW).unwrap();
         assert!(auth.authenticate(Some(&bearer(&t)), NOW).is_ok());
         assert!(auth.authenticate(Some(&bearer(&t)), NOW + 300).is_ok());
         assert_eq!(auth.authenticate(Some(&bearer(&t)), NOW + 700), Err(AuthFailure::Expired));

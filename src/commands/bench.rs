@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
+use carevault::auth::TokenRules;
+use carevault::auth::limits::LimitSettings;
 use carevault::auth::token;
 use carevault::cli::BenchArgs;
 use carevault::clock::SystemClock;
@@ -189,6 +191,7 @@ fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     if let Ok(v) = format!("Bearer {token}").parse() {
         r.metadata_mut().insert("authorization", v);
     }
+    r.metadata_mut().insert("x-purpose-of-use", tonic::metadata::MetadataValue::from_static("TREAT"));
     r
 }
 
@@ -378,9 +381,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         key_dir,
         listen: "127.0.0.1:0".parse()?,
         issuer_public_key: None,
-        max_token_lifetime_secs: 24 * 3600,
-        clock_skew_secs: 30,
+        tokens: TokenRules {
+            max_lifetime_secs: 24 * 3600,
+            leeway_secs: 30,
+            issuer: token::DEFAULT_ISSUER.into(),
+            audience: token::DEFAULT_AUDIENCE.into(),
+        },
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+        tls: None,
+        insecure_plaintext: false,
+        policy_file: None,
+        // One principal drives the whole load, so the per-principal rate limit is off.
+        limits: LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 },
+        break_glass_secs: 3600,
     };
     let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
     let syncs = service.sequencer.sync_counter();
@@ -392,13 +405,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }));
     let der = keystore::read_private(&key_paths.issuer_private())?;
     let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
-    let token = token::issue(
-        &der,
-        "bench",
-        "patients.read patients.write coverage.read coverage.write audit.read",
-        20 * 3600,
-        now,
-    )?;
+    let spec = token::TokenSpec { ttl_secs: 20 * 3600, ..token::TokenSpec::new("bench", &["front_desk"]) };
+    let token = token::issue(&der, &spec, now)?;
     let mut channels = Vec::new();
     for _ in 0..args.channels.max(1) {
         channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);

@@ -8,10 +8,10 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use carevault::cli::{ClientArgs, ClientCommand};
 use carevault::proto::v1 as pb;
+use carevault::proto::v1::access_service_client::AccessServiceClient;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
 use carevault::proto::v1::coverage_service_client::CoverageServiceClient;
 use carevault::proto::v1::patient_service_client::PatientServiceClient;
-use tonic::transport::Channel;
 
 fn read_json(path: &Path) -> anyhow::Result<String> {
     if path == Path::new("-") {
@@ -30,12 +30,23 @@ fn print<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 
 struct Caller {
     token: String,
+    purpose: Option<String>,
+    break_glass_reason: Option<String>,
 }
 
 impl Caller {
     fn req<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
+        if let Some(p) = &self.purpose {
+            r.metadata_mut().insert("x-purpose-of-use", p.parse().context("--purpose must be ASCII")?);
+        }
+        if let Some(reason) = &self.break_glass_reason {
+            r.metadata_mut().insert(
+                "x-break-glass-reason",
+                reason.parse().context("--break-glass-reason must be printable ASCII")?,
+            );
+        }
         Ok(r)
     }
 }
@@ -48,13 +59,11 @@ fn status(s: tonic::Status) -> anyhow::Error {
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let token =
         args.token.context("--token (or CAREVAULT_TOKEN) is required; mint one with `carevault token issue`")?;
-    let channel = Channel::from_shared(args.server.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {}", args.server))?;
-    let c = Caller { token };
+    let channel = super::connect(&args.server, &args.tls).await?;
+    let c = Caller { token, purpose: args.purpose, break_glass_reason: args.break_glass_reason };
     let mut patients = PatientServiceClient::new(channel.clone());
     let mut coverages = CoverageServiceClient::new(channel.clone());
+    let mut access = AccessServiceClient::new(channel.clone());
     let mut audit = AuditServiceClient::new(channel);
     match args.command {
         ClientCommand::CreatePatient { json } => {
@@ -143,6 +152,28 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             let r = audit.get_audit_head(c.req(pb::GetAuditHeadRequest {})?).await.map_err(status)?.into_inner();
             println!("{}:{}", r.sequence, hex::encode(&r.hash));
             Ok(())
+        }
+        ClientCommand::SetRestriction { patient_id, restricted } => {
+            let req = pb::SetPatientRestrictionRequest { patient_id, restricted };
+            let r = access.set_patient_restriction(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::BreakGlassQueue { state } => {
+            let state = match state.as_str() {
+                "pending" => pb::ReviewState::Pending,
+                "reviewed" => pb::ReviewState::Reviewed,
+                "all" => pb::ReviewState::All,
+                _ => bail!("--state is pending, reviewed or all"),
+            };
+            let req =
+                pb::ListBreakGlassGrantsRequest { state: state as i32, page_size: 500, page_token: String::new() };
+            let r = access.list_break_glass_grants(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::ReviewGrant { grant_id, note } => {
+            let req = pb::ReviewBreakGlassGrantRequest { grant_id, note };
+            let r = access.review_break_glass_grant(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
         }
     }
 }

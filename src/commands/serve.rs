@@ -3,6 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use carevault::auth::TokenRules;
+use carevault::auth::limits::LimitSettings;
+use carevault::auth::tls::{ClientAuth, ServerTls};
 use carevault::cli::{DirArgs, ServeArgs};
 use carevault::clock::SystemClock;
 use carevault::config::ServiceConfig;
@@ -28,7 +31,7 @@ fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
     eprintln!("data directory: {}", data_dir.display());
     eprintln!("key directory:  {}", key_dir.display());
     eprintln!(
-        "mint a dev token: carevault token issue --key-dir {} --sub you@example.org --scope \"patients.read patients.write coverage.read coverage.write audit.read\"",
+        "mint a dev token: carevault token issue --key-dir {} --sub you@example.org --role front_desk",
         key_dir.display()
     );
 }
@@ -48,16 +51,35 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         key_dir: key_dir.clone(),
         listen: args.listen,
         issuer_public_key: args.issuer_public_key,
-        max_token_lifetime_secs: args.max_token_lifetime.as_secs(),
-        clock_skew_secs: args.clock_skew.as_secs(),
+        tokens: TokenRules {
+            max_lifetime_secs: args.max_token_lifetime.as_secs(),
+            leeway_secs: args.clock_skew.as_secs(),
+            issuer: args.token_issuer,
+            audience: args.token_audience,
+        },
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| ServerTls {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+            client_auth: if args.require_client_cert { ClientAuth::Required } else { ClientAuth::Optional },
+        }),
+        insecure_plaintext: args.insecure_plaintext,
+        policy_file: args.policy,
+        limits: LimitSettings {
+            per_principal_per_sec: args.rate_limit,
+            burst: args.rate_burst,
+            max_concurrent: args.max_concurrent,
+        },
+        break_glass_secs: args.break_glass_ttl.as_secs(),
     };
+    config.validate()?;
     let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     print_welcome(&data_dir, &key_dir);
-    tracing::info!(addr = %listener.local_addr()?, "carevault listening");
+    tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "carevault listening");
     server::run(listener, service, shutdown_signal()).await?;
     tracing::info!("carevault stopped cleanly");
     Ok(())

@@ -13,7 +13,15 @@ pub fn issue(args: TokenIssueArgs) -> anyhow::Result<()> {
         .with_context(|| "no dev issuer key; run `carevault init` (or `serve`) first, or pass --key-dir")?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let ttl = i64::try_from(args.ttl.as_secs())?;
-    let t = token::issue(&der, &args.sub, &args.scope, ttl, i64::try_from(now)?)?;
+    let spec = token::TokenSpec {
+        subject: args.sub,
+        roles: args.roles,
+        issuer: args.issuer,
+        audience: args.audience,
+        ttl_secs: ttl,
+        not_before_offset_secs: 0,
+    };
+    let t = token::issue(&der, &spec, i64::try_from(now)?)?;
     println!("{t}");
     Ok(())
 }

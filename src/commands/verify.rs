@@ -40,10 +40,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
         }
         (None, Some(url)) => {
             let token = args.token.clone().context("--server needs --token (or CAREVAULT_TOKEN) with audit.read")?;
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {url}"))?;
+            let channel = super::connect(url, &args.tls).await?;
             let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
             let mut req = tonic::Request::new(ExportAuditEventsRequest { start_sequence: 0 });
             req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);

@@ -6,6 +6,8 @@
 //!   │            wraps per-patient data keys (DEKs)
 //!   ├─ BIK_v   = HKDF-SHA256(salt="carevault/v1/kdf", ikm=master_v, info="blind-index")
 //!   │            keys the HMAC blind indexes used by search
+//!   ├─ NK_v    = HKDF-SHA256(salt="carevault/v1/kdf", ikm=master_v, info="notes")
+//!   │            seals access notes (break-glass reasons, review notes)
 //!   └─ KCV_v   = HMAC-SHA256(HKDF(..., info="key-check"), "carevault key check value")[..16]
 //!                stored in the data directory to detect a wrong master key at start-up
 //! DEK (random 32 bytes per patient) seals that patient's records (see envelope.rs)
@@ -51,6 +53,7 @@ impl MasterKey {
 struct DerivedKeys {
     kek: Zeroizing<[u8; 32]>,
     blind: Zeroizing<[u8; 32]>,
+    notes: Zeroizing<[u8; 32]>,
     kcv: [u8; 16],
 }
 
@@ -58,11 +61,12 @@ impl DerivedKeys {
     fn derive(master: &MasterKey) -> Self {
         let kek = hkdf32(KDF_SALT, master.0.as_ref(), b"kek");
         let blind = hkdf32(KDF_SALT, master.0.as_ref(), b"blind-index");
+        let notes = hkdf32(KDF_SALT, master.0.as_ref(), b"notes");
         let check_key = hkdf32(KDF_SALT, master.0.as_ref(), b"key-check");
         let mac = hmac_sha256(check_key.as_ref(), b"carevault key check value");
         let mut kcv = [0u8; 16];
         kcv.copy_from_slice(&mac[..16]);
-        DerivedKeys { kek, blind, kcv }
+        DerivedKeys { kek, blind, notes, kcv }
     }
 }
 
@@ -148,6 +152,12 @@ fn dek_aad(patient_id: &[u8; 16], master_version: u32, generation: u32) -> Vec<u
     aad
 }
 
+fn note_aad(context: &[u8]) -> Vec<u8> {
+    let mut aad = b"carevault/v1/note".to_vec();
+    aad.extend_from_slice(context);
+    aad
+}
+
 /// The master key versions this process holds, with their derived keys.
 pub struct Keyring {
     versions: BTreeMap<u32, DerivedKeys>,
@@ -204,6 +214,29 @@ impl Keyring {
         Ok((DataKey { key, generation }, WrappedDataKey(wrapped)))
     }
 
+    /// Seals a short access note (a break-glass reason, a review note) under
+    /// the primary notes key: `0x01` || master version (u32 BE) || envelope,
+    /// with associated data `"carevault/v1/note"` || `context`.
+    pub fn seal_note(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let derived = self.versions.get(&self.primary).ok_or(CryptoError::UnknownKeyVersion(self.primary))?;
+        let sealed = envelope::seal(&derived.notes, &note_aad(context), plaintext)?;
+        let mut out = Vec::with_capacity(5 + sealed.len());
+        out.push(WRAPPED_FORMAT_V1);
+        out.extend_from_slice(&self.primary.to_be_bytes());
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens a note sealed by [`Keyring::seal_note`] with the same `context`.
+    pub fn open_note(&self, context: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if sealed.len() < 5 || sealed[0] != WRAPPED_FORMAT_V1 {
+            return Err(CryptoError::Malformed);
+        }
+        let version = u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]);
+        let derived = self.versions.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
+        Ok(Zeroizing::new(envelope::open(&derived.notes, &note_aad(context), &sealed[5..])?))
+    }
+
     /// Unwraps a patient's data key.
     pub fn unwrap_data_key(&self, patient_id: &[u8; 16], wrapped: &WrappedDataKey) -> Result<DataKey, CryptoError> {
         let version = wrapped.master_version()?;
@@ -254,6 +287,16 @@ mod tests {
         assert_eq!(a.key_check_value(1), b.key_check_value(1));
         assert_ne!(a.key_check_value(1), c.key_check_value(1));
         assert_eq!(a.key_check_value(1).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn a_note_opens_only_in_its_context_and_names_its_key_version() {
+        let ring = ring_with(&"ab".repeat(32));
+        let sealed = ring.seal_note(b"grant-1/reason", b"patient unconscious in ED").unwrap();
+        assert_eq!(&sealed[..5], &[1, 0, 0, 0, 1]);
+        assert_eq!(ring.open_note(b"grant-1/reason", &sealed).unwrap().as_slice(), b"patient unconscious in ED");
+        assert_eq!(ring.open_note(b"grant-2/reason", &sealed).err(), Some(CryptoError::Open));
+        assert!(!sealed.windows(11).any(|w| w == b"unconscious"));
     }
 
     #[test]

@@ -20,45 +20,10 @@ pub use patient::{
     Identifier, IdentifierType, NameUse, Patient, PatientContact, PatientData,
 };
 
+use crate::auth::policy::Permission;
+
 /// Microseconds since the Unix epoch, UTC.
 pub type Micros = i64;
-
-/// Permissions a token's `scope` claim can grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Scope {
-    /// Read patient demographics.
-    PatientsRead,
-    /// Create, update and delete patients.
-    PatientsWrite,
-    /// Read coverage.
-    CoverageRead,
-    /// Create, update and delete coverage.
-    CoverageWrite,
-    /// Read the audit trail.
-    AuditRead,
-}
-
-impl Scope {
-    /// All scopes.
-    pub const ALL: [Scope; 5] =
-        [Scope::PatientsRead, Scope::PatientsWrite, Scope::CoverageRead, Scope::CoverageWrite, Scope::AuditRead];
-
-    /// The scope string as it appears in tokens.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::PatientsRead => "patients.read",
-            Scope::PatientsWrite => "patients.write",
-            Scope::CoverageRead => "coverage.read",
-            Scope::CoverageWrite => "coverage.write",
-            Scope::AuditRead => "audit.read",
-        }
-    }
-
-    /// Parses a scope string; unknown scopes give `None`.
-    pub fn parse(s: &str) -> Option<Scope> {
-        Scope::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
 
 /// Outcome recorded in an audit entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +107,9 @@ pub enum Action {
     AuditList,
     AuditExport,
     AuditHead,
+    AccessRestrict,
+    BreakGlassList,
+    BreakGlassReview,
 }
 
 impl Action {
@@ -164,20 +132,38 @@ impl Action {
             Action::AuditList => "audit.list",
             Action::AuditExport => "audit.export",
             Action::AuditHead => "audit.head",
+            Action::AccessRestrict => "access.restrict",
+            Action::BreakGlassList => "access.break_glass_list",
+            Action::BreakGlassReview => "access.break_glass_review",
         }
     }
 
-    /// The scope that authorizes this action.
-    pub fn required_scope(self) -> Scope {
+    /// The permission that authorizes this action.
+    pub fn required_permission(self) -> Permission {
         match self {
             Action::PatientRead | Action::PatientList | Action::PatientSearch | Action::PatientHistory => {
-                Scope::PatientsRead
+                Permission::PatientsRead
             }
-            Action::PatientCreate | Action::PatientUpdate | Action::PatientDelete => Scope::PatientsWrite,
-            Action::CoverageRead | Action::CoverageList | Action::CoverageActive => Scope::CoverageRead,
-            Action::CoverageCreate | Action::CoverageUpdate | Action::CoverageDelete => Scope::CoverageWrite,
-            Action::AuditList | Action::AuditExport | Action::AuditHead => Scope::AuditRead,
+            Action::PatientCreate | Action::PatientUpdate | Action::PatientDelete => Permission::PatientsWrite,
+            Action::CoverageRead | Action::CoverageList | Action::CoverageActive => Permission::CoverageRead,
+            Action::CoverageCreate | Action::CoverageUpdate | Action::CoverageDelete => Permission::CoverageWrite,
+            Action::AuditList | Action::AuditExport | Action::AuditHead => Permission::AuditRead,
+            Action::AccessRestrict => Permission::PatientsRestrict,
+            Action::BreakGlassList | Action::BreakGlassReview => Permission::AuditReview,
         }
+    }
+
+    /// What a "not found" for this action calls the resource.
+    pub fn resource_type_name(self) -> &'static str {
+        match self.resource_type() {
+            "coverage" => "coverage",
+            _ => "patient",
+        }
+    }
+
+    /// True when the action reads or writes PHI (and so needs a purpose of use).
+    pub fn is_phi(self) -> bool {
+        matches!(self.resource_type(), "patient" | "coverage")
     }
 
     /// The resource type recorded with this action.
@@ -197,6 +183,8 @@ impl Action {
             | Action::CoverageList
             | Action::CoverageActive => "coverage",
             Action::AuditList | Action::AuditExport | Action::AuditHead => "audit",
+            Action::AccessRestrict => "access",
+            Action::BreakGlassList | Action::BreakGlassReview => "grant",
         }
     }
 }

@@ -18,6 +18,9 @@
 //! | `coverage_by_patient` | patient (16) · coverage id (16)                          | empty |
 //! | `audit`               | sequence (u64)                                           | canonical entry bytes · SHA-256 of them (32) |
 //! | `audit_by_patient`    | patient (16) · sequence (u64)                            | empty |
+//! | `access`              | `R` · patient (16)                                       | restricted since (i64 µs); absent: not restricted |
+//! | `access`              | `G` · grant id (16)                                      | break-glass grant (JSON, see `app::access`) |
+//! | `access`              | `A` · SHA-256(subject) (32) · patient (16)               | grant id (16) · expires (i64 µs): the subject's latest grant |
 
 pub mod durability;
 pub mod sequencer;
@@ -26,7 +29,10 @@ use std::path::Path;
 
 use crate::crypto::RecordKind;
 
-pub use sequencer::{Commit, CommitOutcome, Committed, RecordWrite, Sequencer};
+pub use sequencer::{Commit, CommitOutcome, Committed, MetaWrite, RecordWrite, Sequencer};
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// Length of a `blind` tree key.
 pub const BLIND_KEY_LEN: usize = 50;
@@ -79,6 +85,7 @@ pub struct Store {
     pub(crate) coverage_by_patient: sled::Tree,
     pub(crate) audit: sled::Tree,
     pub(crate) audit_by_patient: sled::Tree,
+    pub(crate) access: sled::Tree,
 }
 
 fn head_key(kind: RecordKind, id: &[u8; 16]) -> [u8; 17] {
@@ -152,6 +159,7 @@ impl Store {
             coverage_by_patient: db.open_tree("coverage_by_patient")?,
             audit: db.open_tree("audit")?,
             audit_by_patient: db.open_tree("audit_by_patient")?,
+            access: db.open_tree("access")?,
             db,
         })
     }
@@ -174,6 +182,19 @@ impl Store {
                 let (k, v) = kv?;
                 Ok((u64_at(&k, 17)?, v.to_vec()))
             })
+            .collect()
+    }
+
+    /// A value in the `access` tree.
+    pub fn access_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.access.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Every `access` entry under `prefix`, in key order.
+    pub fn access_scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageError> {
+        self.access
+            .scan_prefix(prefix)
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
             .collect()
     }
 

@@ -56,12 +56,33 @@ pub struct RecordWrite {
     pub index_keys: Vec<[u8; BLIND_KEY_LEN]>,
 }
 
+/// A change to the `access` tree (restriction flags, break-glass grants),
+/// applied only if every precondition of its commit holds.
+#[derive(Debug, Clone)]
+pub struct MetaWrite {
+    /// Key in the `access` tree.
+    pub key: Vec<u8>,
+    /// New value; `None` removes the key.
+    pub value: Option<Vec<u8>>,
+    /// If set, the key's current value must equal this (`None`: must be absent).
+    pub expect: Option<Option<Vec<u8>>>,
+}
+
 /// One request to the sequencer.
 pub struct Commit {
     /// The audit entry; sequence, previous hash and time are assigned here.
     pub entry: AuditEntry,
     /// The write, if any.
     pub write: Option<RecordWrite>,
+    /// Changes to the `access` tree, all or none together with `write`.
+    pub meta: Vec<MetaWrite>,
+}
+
+impl Commit {
+    /// An audit entry alone.
+    pub fn entry(entry: AuditEntry) -> Commit {
+        Commit { entry, write: None, meta: Vec::new() }
+    }
 }
 
 /// What happened to a commit's write.
@@ -69,10 +90,11 @@ pub struct Commit {
 pub enum CommitOutcome {
     /// Entry (and write, if any) committed.
     Written,
-    /// The record's version was not the expected one; only the audit entry
-    /// (with outcome "aborted") was committed.
+    /// The record's version was not the expected one, or an access-tree
+    /// precondition failed; only the audit entry (with outcome "aborted") was
+    /// committed.
     Conflict {
-        /// Version actually stored (0 if none).
+        /// Version actually stored (0 if none, or for a failed access precondition).
         current: u64,
     },
 }
@@ -258,50 +280,67 @@ fn apply(
         &store.coverage_by_patient,
         &store.audit,
         &store.audit_by_patient,
+        &store.access,
     );
-    let result = trees.transaction(|(heads, records, deks, blind, blind_owner, cov, audit, audit_by_patient)| {
-        let mut results = Vec::with_capacity(batch.len());
-        let (mut seq, mut prev) = start;
-        for p in batch {
-            let c = &p.commit;
-            let mut outcome = CommitOutcome::Written;
-            if let Some(w) = &c.write {
-                let hk = head_key(w.kind, &w.id);
-                let current = match heads.get(hk)? {
-                    Some(v) => decode_head(&v).map_err(ConflictableTransactionError::Abort)?.version,
-                    None => 0,
-                };
-                if current != w.expected_version {
-                    outcome = CommitOutcome::Conflict { current };
-                } else {
-                    write_record(w, heads, records, deks, blind, blind_owner, cov)?;
+    let result =
+        trees.transaction(|(heads, records, deks, blind, blind_owner, cov, audit, audit_by_patient, access)| {
+            let mut results = Vec::with_capacity(batch.len());
+            let (mut seq, mut prev) = start;
+            for p in batch {
+                let c = &p.commit;
+                let mut outcome = CommitOutcome::Written;
+                for m in &c.meta {
+                    if let Some(expect) = &m.expect
+                        && access.get(&m.key)?.map(|v| v.to_vec()) != *expect
+                    {
+                        outcome = CommitOutcome::Conflict { current: 0 };
+                    }
                 }
-            }
-            seq += 1;
-            let mut entry = c.entry.clone();
-            entry.sequence = seq;
-            entry.previous_hash = prev;
-            entry.time_micros = now;
-            if let CommitOutcome::Conflict { .. } = outcome {
-                entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
-            }
-            let bytes = entry.encode();
-            let hash = crate::crypto::sha256(&bytes);
-            let mut value = bytes;
-            value.extend_from_slice(&hash);
-            audit.insert(&seq.to_be_bytes(), value)?;
-            for pid in std::iter::once(&entry.patient_id).chain(entry.returned_patient_ids.iter()) {
-                if let Some(id) = PatientId::parse(pid) {
-                    let mut k = id.bytes().to_vec();
-                    k.extend_from_slice(&seq.to_be_bytes());
-                    audit_by_patient.insert(k, &[])?;
+                if let (Some(w), CommitOutcome::Written) = (&c.write, outcome) {
+                    let hk = head_key(w.kind, &w.id);
+                    let current = match heads.get(hk)? {
+                        Some(v) => decode_head(&v).map_err(ConflictableTransactionError::Abort)?.version,
+                        None => 0,
+                    };
+                    if current != w.expected_version {
+                        outcome = CommitOutcome::Conflict { current };
+                    } else {
+                        write_record(w, heads, records, deks, blind, blind_owner, cov)?;
+                    }
                 }
+                if outcome == CommitOutcome::Written {
+                    for m in &c.meta {
+                        match &m.value {
+                            Some(v) => access.insert(m.key.as_slice(), v.as_slice())?,
+                            None => access.remove(m.key.as_slice())?,
+                        };
+                    }
+                }
+                seq += 1;
+                let mut entry = c.entry.clone();
+                entry.sequence = seq;
+                entry.previous_hash = prev;
+                entry.time_micros = now;
+                if let CommitOutcome::Conflict { .. } = outcome {
+                    entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
+                }
+                let bytes = entry.encode();
+                let hash = crate::crypto::sha256(&bytes);
+                let mut value = bytes;
+                value.extend_from_slice(&hash);
+                audit.insert(&seq.to_be_bytes(), value)?;
+                for pid in std::iter::once(&entry.patient_id).chain(entry.returned_patient_ids.iter()) {
+                    if let Some(id) = PatientId::parse(pid) {
+                        let mut k = id.bytes().to_vec();
+                        k.extend_from_slice(&seq.to_be_bytes());
+                        audit_by_patient.insert(k, &[])?;
+                    }
+                }
+                prev = hash;
+                results.push(Committed { sequence: seq, hash, time_micros: now, outcome });
             }
-            prev = hash;
-            results.push(Committed { sequence: seq, hash, time_micros: now, outcome });
-        }
-        Ok((results, (seq, prev)))
-    });
+            Ok((results, (seq, prev)))
+        });
     match result {
         Ok(r) => Ok(r),
         Err(TransactionError::Abort(e)) => Err(e),
@@ -381,9 +420,7 @@ mod tests {
         let tasks: Vec<_> = (0..400)
             .map(|_| {
                 let s = seq.clone();
-                tokio::spawn(
-                    async move { s.commit(Commit { entry: entry("patient.read"), write: None }).await.unwrap() },
-                )
+                tokio::spawn(async move { s.commit(Commit::entry(entry("patient.read"))).await.unwrap() })
             })
             .collect();
         let mut seqs = Vec::new();
@@ -402,14 +439,23 @@ mod tests {
     async fn a_stale_write_commits_only_an_aborted_entry_and_a_good_one_commits_both() {
         let dir = tempfile::tempdir().unwrap();
         let (store, seq, handle, _) = start(dir.path());
-        let created = seq.commit(Commit { entry: entry("patient.create"), write: Some(write(1, 0)) }).await.unwrap();
+        let created = seq
+            .commit(Commit { entry: entry("patient.create"), write: Some(write(1, 0)), meta: vec![] })
+            .await
+            .unwrap();
         assert_eq!(created.outcome, CommitOutcome::Written);
-        let stale = seq.commit(Commit { entry: entry("patient.update"), write: Some(write(1, 0)) }).await.unwrap();
+        let stale = seq
+            .commit(Commit { entry: entry("patient.update"), write: Some(write(1, 0)), meta: vec![] })
+            .await
+            .unwrap();
         assert_eq!(stale.outcome, CommitOutcome::Conflict { current: 1 });
         assert_eq!(store.head(RecordKind::Patient, &[1; 16]).unwrap().unwrap().version, 1);
         let aborted = AuditEntry::decode(&store.audit_entry(stale.sequence).unwrap().unwrap().bytes).unwrap();
         assert_eq!(aborted.outcome, "aborted");
-        let updated = seq.commit(Commit { entry: entry("patient.update"), write: Some(write(1, 1)) }).await.unwrap();
+        let updated = seq
+            .commit(Commit { entry: entry("patient.update"), write: Some(write(1, 1)), meta: vec![] })
+            .await
+            .unwrap();
         assert_eq!(updated.outcome, CommitOutcome::Written);
         assert_eq!(store.record(RecordKind::Patient, &[1; 16], 2).unwrap(), Some(vec![1, 1]));
         drop(seq);
@@ -433,7 +479,7 @@ mod tests {
             rt.block_on(async {
                 for (id, expected) in &ops {
                     let current = model.get(id).copied().unwrap_or(0);
-                    let c = seq.commit(Commit { entry: entry("patient.update"), write: Some(write(*id + 1, *expected)) }).await.unwrap();
+                    let c = seq.commit(Commit { entry: entry("patient.update"), write: Some(write(*id + 1, *expected)), meta: vec![] }).await.unwrap();
                     if current == *expected {
                         proptest::prop_assert_eq!(c.outcome, CommitOutcome::Written);
                         model.insert(*id, current + 1);

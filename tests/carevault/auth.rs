@@ -1,4 +1,4 @@
-use carevault::auth::token;
+use carevault::auth::token::{self, TokenSpec};
 use carevault::proto::v1 as pb;
 use tonic::Code;
 
@@ -13,9 +13,10 @@ async fn calls_without_a_valid_token_are_unauthenticated_and_audited() {
     let s = TestServer::start().await;
     let p = create(&s, patient("Auth", "Target", "1980", "MRN-A")).await;
     let other_issuer = carevault::crypto::generate_issuer_key().unwrap();
-    let forged = token::issue(&other_issuer.pkcs8_der, "mallory", ALL_SCOPES, 600, now_secs()).unwrap();
-    let expired = token::issue(s.issuer_der(), "late", ALL_SCOPES, 60, now_secs() - 3600).unwrap();
-    let too_long = token::issue(s.issuer_der(), "greedy", ALL_SCOPES, 7 * 24 * 3600, now_secs()).unwrap();
+    let forged = mint(&other_issuer.pkcs8_der, "mallory", ALL_SCOPES);
+    let spec = |sub: &str, ttl: i64| TokenSpec { ttl_secs: ttl, ..TokenSpec::new(sub, &["tester"]) };
+    let expired = token::issue(s.issuer_der(), &spec("late", 60), now_secs() - 3600).unwrap();
+    let too_long = token::issue(s.issuer_der(), &spec("greedy", 7 * 24 * 3600), now_secs()).unwrap();
     let mut tampered = s.admin();
     tampered.replace_range(tampered.len() - 6.., "AAAAAA");
     let cases: Vec<(&str, Option<String>)> = vec![

@@ -51,7 +51,7 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
     let keys = tmp.path().join("keys");
     let (mut child, addr) = spawn_binary_server(&data, &keys);
     let token = bin()
-        .args(["token", "issue", "--sub", "cli-user", "--scope", ALL_SCOPES, "--ttl", "5m"])
+        .args(["token", "issue", "--sub", "cli-user", "--role", "front_desk,compliance", "--ttl", "5m"])
         .env("CAREVAULT_KEY_DIR", &keys)
         .output()
         .unwrap();
@@ -60,8 +60,11 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
     let json = tmp.path().join("p.json");
     std::fs::write(&json, r#"{"names":[{"family":"Cliton","given":["Ann"]}],"birthDate":"1990-01-02","gender":"ADMINISTRATIVE_GENDER_FEMALE"}"#).unwrap();
     let url = format!("http://{addr}");
-    let out =
-        bin().args(["client", "--server", &url, "--token", &token, "create-patient"]).arg(&json).output().unwrap();
+    let out = bin()
+        .args(["client", "--server", &url, "--token", &token, "--purpose", "TREAT", "create-patient"])
+        .arg(&json)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(created["patient"]["version"], "1");
@@ -72,6 +75,8 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
             &url,
             "--token",
             &token,
+            "--purpose",
+            "TREAT",
             "search",
             "--family",
             "CLITON",

@@ -74,7 +74,8 @@ async fn crash_once(seed: u64) {
     let keys = tmp.path().join("keys");
     let (mut child, addr) = spawn_binary_server(&data, &keys);
     let der = std::fs::read(keys.join("issuer-ed25519.pk8")).unwrap();
-    let token = carevault::auth::token::issue(&der, "crash-test", ALL_SCOPES, 600, now_secs()).unwrap();
+    // The binary runs the embedded default policy: built-in roles from the token's roles claim.
+    let token = mint(&der, "crash-test", "front_desk compliance");
     let acked = Arc::new(Mutex::new(Acked::default()));
     // Kill somewhere between 300 and 1300 ms into the load.
     let kill_after = Duration::from_millis(300 + seed % 1000);

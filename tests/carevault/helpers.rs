@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use carevault::auth::token;
+use carevault::auth::TokenRules;
+use carevault::auth::limits::LimitSettings;
+use carevault::auth::token::{self, TokenSpec};
 use carevault::clock::{Clock, SystemClock};
 use carevault::config::ServiceConfig;
 use carevault::keystore::{self, KeyPaths};
@@ -16,7 +18,72 @@ use carevault::proto::v1::patient_service_client::PatientServiceClient;
 use carevault::server::{self, OpenOptions};
 use tonic::transport::Channel;
 
+/// Token roles claims the test policy maps to narrow test roles (named like
+/// the permission each grants; no purpose required). Space-separated.
 pub const ALL_SCOPES: &str = "patients.read patients.write coverage.read coverage.write audit.read";
+
+/// The policy in-process test servers run with: the embedded default's
+/// mappings to built-in roles, plus narrow test roles.
+pub const TEST_POLICY: &str = r#"
+[roles.t_patients_read]
+permissions = ["patients.read", "fields.identity", "fields.contact", "fields.ssn"]
+require_purpose = false
+
+[roles.t_patients_write]
+permissions = ["patients.write", "fields.identity", "fields.contact", "fields.ssn"]
+require_purpose = false
+
+[roles.t_coverage_read]
+permissions = ["coverage.read"]
+require_purpose = false
+
+[roles.t_coverage_write]
+permissions = ["coverage.write"]
+require_purpose = false
+
+[roles.t_audit_read]
+permissions = ["audit.read"]
+
+[[principals]]
+token_role = "patients.read"
+roles = ["t_patients_read"]
+
+[[principals]]
+token_role = "patients.write"
+roles = ["t_patients_write"]
+
+[[principals]]
+token_role = "coverage.read"
+roles = ["t_coverage_read"]
+
+[[principals]]
+token_role = "coverage.write"
+roles = ["t_coverage_write"]
+
+[[principals]]
+token_role = "audit.read"
+roles = ["t_audit_read"]
+
+[[principals]]
+token_role = "front_desk"
+roles = ["front_desk"]
+
+[[principals]]
+token_role = "clinician"
+roles = ["clinician"]
+
+[[principals]]
+token_role = "billing"
+roles = ["billing"]
+
+[[principals]]
+token_role = "compliance"
+roles = ["compliance"]
+
+[[principals]]
+token_role = "key_admin"
+roles = ["key_admin"]
+"#;
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -30,15 +97,29 @@ pub struct TestServer {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// A test server configuration; writes [`TEST_POLICY`] beside the data directory.
 pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
+    let parent = data_dir.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&parent).unwrap();
+    let policy = parent.join("test-policy.toml");
+    std::fs::write(&policy, TEST_POLICY).unwrap();
     ServiceConfig {
         data_dir,
         key_dir,
         listen: "127.0.0.1:0".parse().unwrap(),
         issuer_public_key: None,
-        max_token_lifetime_secs: 3600,
-        clock_skew_secs: 30,
+        tokens: TokenRules {
+            max_lifetime_secs: 3600,
+            leeway_secs: 30,
+            issuer: token::DEFAULT_ISSUER.into(),
+            audience: token::DEFAULT_AUDIENCE.into(),
+        },
         cache_bytes: 16 * 1024 * 1024,
+        tls: None,
+        insecure_plaintext: false,
+        policy_file: Some(policy),
+        limits: LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 },
+        break_glass_secs: 3600,
     }
 }
 
@@ -102,8 +183,9 @@ impl TestServer {
         (self.data_dir.clone(), self.key_dir.clone(), self._tmp.take())
     }
 
-    pub fn token(&self, sub: &str, scope: &str) -> String {
-        token::issue(&self.issuer_der, sub, scope, 600, now_secs()).unwrap()
+    /// A token for `sub` whose roles claim is the space-separated `roles`.
+    pub fn token(&self, sub: &str, roles: &str) -> String {
+        mint(&self.issuer_der, sub, roles)
     }
 
     pub fn admin(&self) -> String {
@@ -166,9 +248,24 @@ pub fn now_secs() -> i64 {
     i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap()
 }
 
+/// A 10-minute token signed by `issuer_der` with the space-separated roles claim.
+pub fn mint(issuer_der: &[u8], sub: &str, roles: &str) -> String {
+    let roles: Vec<&str> = roles.split_whitespace().collect();
+    token::issue(issuer_der, &TokenSpec::new(sub, &roles), now_secs()).unwrap()
+}
+
+/// A request with a bearer token and purpose of use TREAT.
 pub fn req<T>(msg: T, token: &str) -> tonic::Request<T> {
+    req_for(msg, token, Some("TREAT"))
+}
+
+/// A request with a bearer token and the given purpose of use (or none).
+pub fn req_for<T>(msg: T, token: &str, purpose: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    if let Some(p) = purpose {
+        r.metadata_mut().insert("x-purpose-of-use", p.parse().unwrap());
+    }
     r
 }
 

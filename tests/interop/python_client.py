@@ -2,7 +2,10 @@
 grpcio-tools, and an audit-chain verifier written only from README.md's
 "Audit entry encoding" section.
 
-Usage: python_client.py HOST:PORT TOKEN   (the token needs every scope)
+Usage: python_client.py HOST:PORT TOKEN TLS_DIR
+  TOKEN carries the roles front_desk and compliance; TLS_DIR holds the files
+  of `carevault certs dev` (ca.pem, client.pem, client.key). The server
+  requires a client certificate (mutual TLS).
 Exit 0 when everything checks out.
 """
 import hashlib
@@ -40,7 +43,8 @@ def decode_entry(e: bytes) -> dict:
     def strs():
         return [s() for _ in range(u32())]
 
-    if take(18) != b"carevault.audit.v1":
+    tag = take(18)
+    if tag not in (b"carevault.audit.v1", b"carevault.audit.v2"):
         raise ValueError("unknown format")
     d = {"sequence": u64(), "previous_hash": take(32), "time": struct.unpack(">q", take(8))[0]}
     d["actor"] = s()
@@ -55,15 +59,33 @@ def decode_entry(e: bytes) -> dict:
         raise ValueError("bad presence byte")
     d["result_count"] = u64() if present else None
     d["returned_patient_ids"] = strs()
+    if tag == b"carevault.audit.v2":
+        d["service"] = s()
+        d["roles"] = strs()
+        d["purpose"] = s()
+        d["disclosed"] = strs()
+        d["break_glass"] = s()
+        d["details"] = strs()
     if pos != len(e):
         raise ValueError("trailing bytes")
     return d
 
 
 def main() -> int:
-    addr, token = sys.argv[1], sys.argv[2]
-    md = [("authorization", f"Bearer {token}"), ("x-request-id", "py-interop-1")]
-    ch = grpc.insecure_channel(addr)
+    addr, token, tls = sys.argv[1], sys.argv[2], sys.argv[3]
+    md = [("authorization", f"Bearer {token}"), ("x-request-id", "py-interop-1"), ("x-purpose-of-use", "TREAT")]
+    read = lambda name: open(f"{tls}/{name}", "rb").read()
+    creds = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+    port = addr.rsplit(":", 1)[1]
+    ch = grpc.secure_channel(f"localhost:{port}", creds)
+
+    # Without a client certificate the handshake is refused.
+    bare = grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(read("ca.pem")))
+    try:
+        audit_pb2_grpc.AuditServiceStub(bare).GetAuditHead(audit_pb2.GetAuditHeadRequest(), metadata=md, timeout=5)
+        raise AssertionError("call without a client certificate accepted")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
     patients = patient_pb2_grpc.PatientServiceStub(ch)
     coverages = coverage_pb2_grpc.CoverageServiceStub(ch)
     audit = audit_pb2_grpc.AuditServiceStub(ch)
@@ -111,7 +133,7 @@ def main() -> int:
 
     # Verify the exported chain independently.
     head = audit.GetAuditHead(audit_pb2.GetAuditHeadRequest(), metadata=md)
-    prev, expected, count, head_seen = b"\0" * 32, 0, 0, False
+    prev, expected, count, head_seen, services = b"\0" * 32, 0, 0, False, set()
     for msg in audit.ExportAuditEvents(audit_pb2.ExportAuditEventsRequest(start_sequence=0), metadata=md):
         for item in msg.entries:
             d = decode_entry(item.entry)
@@ -123,7 +145,11 @@ def main() -> int:
                 assert h == head.hash, "recorded head differs"
                 head_seen = True
             prev, expected, count = h, expected + 1, count + 1
+            if d.get("action") == "patient.create":
+                services.add(d["service"])
+                assert d["purpose"] == "TREAT" and "front_desk" in d["roles"], d
     assert head_seen, "recorded head missing"
+    assert services == {"spiffe://carevault.dev/client"}, services
     print(f"python interop: ok ({count} entries verified from the README's encoding)")
     return 0
 

@@ -13,7 +13,10 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m grpc_tools.protoc -I"$root/proto" --python_out="$work" --grpc_python_out="$work" \
   "$root"/proto/carevault/v1/*.proto
 
-"$bin" serve --data-dir "$work/data" --key-dir "$work/keys" --listen 127.0.0.1:0 --log-format json 2>"$work/log" &
+"$bin" certs dev --out "$work/tls" >/dev/null 2>&1
+"$bin" serve --data-dir "$work/data" --key-dir "$work/keys" --listen 127.0.0.1:0 --log-format json \
+  --tls-cert "$work/tls/server.pem" --tls-key "$work/tls/server.key" \
+  --tls-client-ca "$work/tls/ca.pem" --require-client-cert 2>"$work/log" &
 server=$!
 for _ in $(seq 1 100); do
   addr="$(grep -o '"addr":"[^"]*"' "$work/log" | head -1 | cut -d'"' -f4 || true)"
@@ -21,6 +24,5 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$addr" ] || { cat "$work/log"; echo "server did not start"; exit 1; }
-token="$("$bin" token issue --key-dir "$work/keys" --sub interop \
-  --scope "patients.read patients.write coverage.read coverage.write audit.read")"
-PYTHONPATH="$work" "$work/venv/bin/python" "$here/python_client.py" "$addr" "$token"
+token="$("$bin" token issue --key-dir "$work/keys" --sub interop --role front_desk,compliance)"
+GRPC_VERBOSITY=NONE PYTHONPATH="$work" "$work/venv/bin/python" "$here/python_client.py" "$addr" "$token" "$work/tls"

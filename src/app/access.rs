@@ -1,0 +1,552 @@
+//! Patient-level access: restricted (confidential) patients, break-glass
+//! grants and their review queue, and minimum-necessary disclosure (field
+//! groups, SSN masking).
+//!
+//! A restricted patient is reachable only by callers holding
+//! `restricted.access`, or through an unexpired break-glass grant. Everyone
+//! else gets exactly what a missing patient looks like (NOT_FOUND), from
+//! reads, writes, listings, searches and coverage calls alike; the audit entry
+//! says `permission_denied`.
+//!
+//! Break-glass: a caller holding `break_glass` who sends purpose ETREAT and an
+//! `x-break-glass-reason` gets a grant for that one patient, for a limited time
+//! (read-only). The grant is stored with the reason sealed under the notes key
+//! (never in the audit entry, which carries the grant id) and waits in the
+//! review queue until a compliance officer other than its holder reviews it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{App, Attempt, CallContext, Parsed, internal};
+use crate::auth::policy::{Grant, Permission, Purpose};
+use crate::crypto;
+use crate::domain::{Action, IdentifierType, Patient, PatientData, PatientId};
+use crate::error::AppError;
+use crate::storage::MetaWrite;
+
+/// The FHIR identifier system of US social security numbers.
+pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
+
+/// Field group names recorded in audit entries.
+pub mod groups {
+    /// Names, gender, birth date, identifiers other than SSN, language.
+    pub const IDENTITY: &str = "identity";
+    /// Telecom, addresses, contacts.
+    pub const CONTACT: &str = "contact";
+    /// The full SSN.
+    pub const SSN: &str = "ssn";
+    /// The SSN masked to its last four digits.
+    pub const SSN_MASKED: &str = "ssn_masked";
+    /// Coverage records.
+    pub const INSURANCE: &str = "insurance";
+}
+
+/// A stored break-glass grant (JSON in the `access` tree under `G` · id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GrantRecord {
+    id: String,
+    subject: String,
+    service: String,
+    patient_id: String,
+    granted_at: i64,
+    expires_at: i64,
+    /// `Keyring::seal_note` of the reason, base64; context "<id>/reason".
+    reason: String,
+    review: Option<ReviewRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReviewRecord {
+    reviewer: String,
+    reviewed_at: i64,
+    /// `Keyring::seal_note` of the note, base64; context "<id>/review".
+    note: String,
+}
+
+/// A break-glass grant as compliance staff see it (reason decrypted).
+#[derive(Debug, Clone)]
+pub struct BreakGlassGrant {
+    /// Grant id.
+    pub id: String,
+    /// Who broke the glass.
+    pub subject: String,
+    /// Through which service ("" without mTLS).
+    pub service: String,
+    /// Which patient.
+    pub patient_id: String,
+    /// When, µs.
+    pub granted_at: i64,
+    /// Until, µs.
+    pub expires_at: i64,
+    /// The stated reason.
+    pub reason: String,
+    /// The review, once done.
+    pub review: Option<GrantReview>,
+}
+
+/// A completed review.
+#[derive(Debug, Clone)]
+pub struct GrantReview {
+    /// Reviewer's subject.
+    pub reviewer: String,
+    /// When, µs.
+    pub reviewed_at: i64,
+    /// The reviewer's note.
+    pub note: String,
+}
+
+/// Which grants to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewFilter {
+    /// Awaiting review.
+    Pending,
+    /// Already reviewed.
+    Reviewed,
+    /// Both.
+    All,
+}
+
+/// A page request over grants.
+pub struct GrantsRequest {
+    /// Which grants.
+    pub filter: ReviewFilter,
+    /// At most this many.
+    pub page_size: usize,
+    /// Continue after this grant id.
+    pub after: Option<uuid::Uuid>,
+}
+
+/// A page of grants.
+pub struct GrantPage {
+    /// Oldest first.
+    pub grants: Vec<BreakGlassGrant>,
+    /// Continue after this id, if there may be more.
+    pub next_after: Option<uuid::Uuid>,
+}
+
+/// Whether an access reads or changes the patient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    Read,
+    Write,
+}
+
+fn restricted_key(patient: PatientId) -> Vec<u8> {
+    let mut k = b"R".to_vec();
+    k.extend_from_slice(&patient.bytes());
+    k
+}
+
+fn grant_key(id: &uuid::Uuid) -> Vec<u8> {
+    let mut k = b"G".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn active_key(subject: &str, patient: PatientId) -> Vec<u8> {
+    let mut k = b"A".to_vec();
+    k.extend_from_slice(&crypto::sha256(subject.as_bytes()));
+    k.extend_from_slice(&patient.bytes());
+    k
+}
+
+/// The masked form of an SSN: `***-**-` and its last four digits.
+pub fn mask_ssn(value: &str) -> String {
+    let digits: Vec<char> = value.chars().filter(char::is_ascii_digit).collect();
+    let tail: String = if digits.len() >= 4 { digits[digits.len() - 4..].iter().collect() } else { "****".into() };
+    format!("***-**-{tail}")
+}
+
+fn is_ssn(i: &crate::domain::Identifier) -> bool {
+    i.r#type == Some(IdentifierType::Ss) || i.system == SSN_SYSTEM
+}
+
+/// What of a patient the grant discloses: the patient with undisclosed
+/// groups removed or masked, and the groups disclosed.
+pub(super) fn disclose(grant: &Grant, mut p: Patient) -> (Patient, Vec<&'static str>) {
+    let mut shown = Vec::new();
+    let d = &mut p.data;
+    if grant.has(Permission::FieldsIdentity) {
+        shown.push(groups::IDENTITY);
+        if d.identifiers.iter().any(is_ssn) {
+            if grant.has(Permission::FieldsSsn) {
+                shown.push(groups::SSN);
+            } else {
+                shown.push(groups::SSN_MASKED);
+                for i in d.identifiers.iter_mut().filter(|i| is_ssn(i)) {
+                    i.value = mask_ssn(&i.value);
+                }
+            }
+        }
+    } else {
+        // Without the identity group only the id and metadata are returned.
+        d.identifiers.clear();
+        d.names.clear();
+        d.gender = None;
+        d.birth_date = None;
+        d.preferred_language = None;
+    }
+    if grant.has(Permission::FieldsContact) {
+        shown.push(groups::CONTACT);
+    } else {
+        d.telecom.clear();
+        d.addresses.clear();
+        d.contacts.clear();
+    }
+    (p, shown)
+}
+
+/// A caller cannot mean to change what it cannot see: groups the grant does
+/// not disclose keep their stored values, and an SSN sent back in its masked
+/// form keeps the stored SSN.
+pub(super) fn keep_undisclosed(grant: &Grant, stored: &PatientData, mut new: PatientData) -> PatientData {
+    if !grant.has(Permission::FieldsContact) {
+        new.telecom = stored.telecom.clone();
+        new.addresses = stored.addresses.clone();
+        new.contacts = stored.contacts.clone();
+    }
+    if !grant.has(Permission::FieldsIdentity) {
+        new.identifiers = stored.identifiers.clone();
+        new.names = stored.names.clone();
+        new.gender = stored.gender;
+        new.birth_date = stored.birth_date;
+        new.preferred_language = stored.preferred_language.clone();
+    } else if !grant.has(Permission::FieldsSsn) {
+        for i in new.identifiers.iter_mut().filter(|i| is_ssn(i)) {
+            if let Some(old) = stored.identifiers.iter().find(|o| is_ssn(o) && mask_ssn(&o.value) == i.value) {
+                i.value = old.value.clone();
+            }
+        }
+    }
+    new
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(s: &str) -> Result<Vec<u8>, AppError> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).map_err(|_| AppError::DataLoss)
+}
+
+impl App {
+    /// True when the patient is flagged restricted.
+    pub(super) fn is_restricted(&self, patient: PatientId) -> Result<bool, AppError> {
+        Ok(self.store.access_get(&restricted_key(patient)).map_err(internal)?.is_some())
+    }
+
+    /// The subject's unexpired break-glass grant for `patient`, if any.
+    fn active_grant(&self, subject: &str, patient: PatientId) -> Result<Option<uuid::Uuid>, AppError> {
+        let Some(v) = self.store.access_get(&active_key(subject, patient)).map_err(internal)? else {
+            return Ok(None);
+        };
+        let (id, expires) = v.split_at_checked(16).ok_or(AppError::DataLoss)?;
+        let expires = i64::from_be_bytes(expires.try_into().map_err(|_| AppError::DataLoss)?);
+        let id = uuid::Uuid::from_slice(id).map_err(|_| AppError::DataLoss)?;
+        Ok((expires > self.now()).then_some(id))
+    }
+
+    /// May this caller see `patient` in a listing or search result? (Never
+    /// creates a grant.)
+    pub(super) fn visible(&self, subject: Option<&str>, grant: &Grant, patient: PatientId) -> Result<bool, AppError> {
+        if grant.has(Permission::RestrictedAccess) || !self.is_restricted(patient)? {
+            return Ok(true);
+        }
+        match subject {
+            Some(s) if grant.has(Permission::BreakGlass) => Ok(self.active_grant(s, patient)?.is_some()),
+            _ => Ok(false),
+        }
+    }
+
+    /// Checks that the caller may reach `patient` (see module docs); a refusal
+    /// is audited. A new break-glass grant is staged on the attempt and
+    /// commits with its entry.
+    pub(super) async fn reach(
+        &self,
+        ctx: &CallContext,
+        attempt: &mut Attempt,
+        patient: PatientId,
+        how: Reach,
+    ) -> Result<(), AppError> {
+        match self.check_reach(ctx, attempt, patient, how) {
+            Ok(()) => Ok(()),
+            Err(AppError::Hidden(_)) => {
+                Err(self.fail(ctx, attempt, AppError::Hidden(attempt.action.resource_type_name())).await)
+            }
+            Err(e) => Err(self.fail(ctx, attempt, e).await),
+        }
+    }
+
+    fn check_reach(
+        &self,
+        ctx: &CallContext,
+        attempt: &mut Attempt,
+        patient: PatientId,
+        how: Reach,
+    ) -> Result<(), AppError> {
+        if !self.is_restricted(patient)? {
+            return Ok(());
+        }
+        if attempt.grant.has(Permission::RestrictedAccess) {
+            attempt.entry.scopes.push(Permission::RestrictedAccess.as_str().to_string());
+            return Ok(());
+        }
+        let subject = ctx.subject().ok_or(AppError::Internal)?;
+        let breaking = attempt.grant.has(Permission::BreakGlass) && ctx.purpose() == Some(Purpose::ETREAT);
+        if how == Reach::Write || !breaking {
+            return Err(AppError::Hidden("patient"));
+        }
+        if let Some(id) = self.active_grant(subject, patient)? {
+            attempt.entry.break_glass = id.to_string();
+            attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
+            return Ok(());
+        }
+        let reason = match &ctx.break_glass_reason {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(AppError::Forbidden(
+                    "break-glass access needs a reason: send x-break-glass-reason with purpose ETREAT",
+                ));
+            }
+            Err(()) => {
+                return Err(AppError::invalid("x-break-glass-reason", "must be 1 to 1000 printable ASCII characters"));
+            }
+        };
+        let id = uuid::Uuid::now_v7();
+        let now = self.now();
+        let sealed =
+            self.keys.seal_note(format!("{id}/reason").as_bytes(), reason.as_bytes()).map_err(super::crypto_failure)?;
+        let record = GrantRecord {
+            id: id.to_string(),
+            subject: subject.to_string(),
+            service: ctx.service.clone().unwrap_or_default(),
+            patient_id: patient.to_string(),
+            granted_at: now,
+            expires_at: now.saturating_add(self.access.break_glass_micros),
+            reason: b64(&sealed),
+            review: None,
+        };
+        let json = serde_json::to_vec(&record).map_err(|_| AppError::Internal)?;
+        let mut active = id.as_bytes().to_vec();
+        active.extend_from_slice(&record.expires_at.to_be_bytes());
+        attempt.meta.push(MetaWrite { key: grant_key(&id), value: Some(json), expect: Some(None) });
+        attempt.meta.push(MetaWrite { key: active_key(subject, patient), value: Some(active), expect: None });
+        attempt.entry.break_glass = id.to_string();
+        attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
+        attempt.entry.details.push("break_glass=granted".into());
+        attempt.entry.details.push(format!("break_glass_expires={}", record.expires_at));
+        Ok(())
+    }
+
+    /// Flags a patient restricted, or clears the flag.
+    pub async fn set_restriction(&self, ctx: &CallContext, input: Parsed<(PatientId, bool)>) -> Result<bool, AppError> {
+        let mut attempt = self.begin(ctx, Action::AccessRestrict);
+        self.authorize(ctx, &mut attempt).await?;
+        let (id, restricted) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.patient_id = id.to_string();
+        attempt.entry.resource_id = id.to_string();
+        attempt.entry.details.push(format!("restricted={restricted}"));
+        match self.head(crate::crypto::RecordKind::Patient, &id.bytes()) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(self.fail(ctx, &mut attempt, AppError::NotFound("patient")).await),
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        }
+        let value = restricted.then(|| self.now().to_be_bytes().to_vec());
+        attempt.meta.push(MetaWrite { key: restricted_key(id), value, expect: None });
+        self.commit_ok(ctx, attempt).await?;
+        Ok(restricted)
+    }
+
+    fn load_grant(&self, id: &uuid::Uuid) -> Result<Option<(Vec<u8>, GrantRecord)>, AppError> {
+        let Some(raw) = self.store.access_get(&grant_key(id)).map_err(internal)? else { return Ok(None) };
+        let rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
+        Ok(Some((raw, rec)))
+    }
+
+    fn reveal(&self, rec: GrantRecord) -> Result<BreakGlassGrant, AppError> {
+        let open = |ctx: String, b: &str| -> Result<String, AppError> {
+            let plain = self.keys.open_note(ctx.as_bytes(), &unb64(b)?).map_err(super::crypto_failure)?;
+            String::from_utf8(plain.to_vec()).map_err(|_| AppError::DataLoss)
+        };
+        let reason = open(format!("{}/reason", rec.id), &rec.reason)?;
+        let review = match rec.review {
+            Some(r) => Some(GrantReview {
+                note: open(format!("{}/review", rec.id), &r.note)?,
+                reviewer: r.reviewer,
+                reviewed_at: r.reviewed_at,
+            }),
+            None => None,
+        };
+        Ok(BreakGlassGrant {
+            id: rec.id,
+            subject: rec.subject,
+            service: rec.service,
+            patient_id: rec.patient_id,
+            granted_at: rec.granted_at,
+            expires_at: rec.expires_at,
+            reason,
+            review,
+        })
+    }
+
+    /// Lists break-glass grants, oldest first (the review queue).
+    pub async fn list_grants(&self, ctx: &CallContext, input: Parsed<GrantsRequest>) -> Result<GrantPage, AppError> {
+        let mut attempt = self.begin(ctx, Action::BreakGlassList);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        let result = self.grant_page(&req);
+        if let Ok(page) = &result {
+            attempt.entry.result_count = Some(super::count(page.grants.len()));
+            attempt.entry.details = page.grants.iter().map(|g| format!("grant={}", g.id)).collect();
+        }
+        self.finish(ctx, attempt, result).await
+    }
+
+    fn grant_page(&self, req: &GrantsRequest) -> Result<GrantPage, AppError> {
+        let all = self.store.access_scan(b"G").map_err(internal)?;
+        let mut grants = Vec::new();
+        let mut next_after = None;
+        for (k, v) in all {
+            let id = uuid::Uuid::from_slice(&k[1..]).map_err(|_| AppError::DataLoss)?;
+            if req.after.is_some_and(|a| id <= a) {
+                continue;
+            }
+            let rec: GrantRecord = serde_json::from_slice(&v).map_err(|_| AppError::DataLoss)?;
+            let keep = match req.filter {
+                ReviewFilter::Pending => rec.review.is_none(),
+                ReviewFilter::Reviewed => rec.review.is_some(),
+                ReviewFilter::All => true,
+            };
+            if !keep {
+                continue;
+            }
+            if grants.len() == req.page_size {
+                next_after = grants.last().and_then(|g: &BreakGlassGrant| uuid::Uuid::parse_str(&g.id).ok());
+                break;
+            }
+            grants.push(self.reveal(rec)?);
+        }
+        Ok(GrantPage { grants, next_after })
+    }
+
+    /// Marks a grant reviewed with a note. Nobody reviews their own grant.
+    pub async fn review_grant(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<(uuid::Uuid, String)>,
+    ) -> Result<BreakGlassGrant, AppError> {
+        let mut attempt = self.begin(ctx, Action::BreakGlassReview);
+        self.authorize(ctx, &mut attempt).await?;
+        let (id, note) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.resource_id = id.to_string();
+        let prepared = (|| {
+            let (raw, mut rec) = self.load_grant(&id)?.ok_or(AppError::NotFound("break-glass grant"))?;
+            if rec.review.is_some() {
+                return Err(AppError::FailedPrecondition("break-glass grant is already reviewed"));
+            }
+            if Some(rec.subject.as_str()) == ctx.subject() {
+                return Err(AppError::Forbidden(
+                    "a break-glass grant must be reviewed by someone other than its holder",
+                ));
+            }
+            let sealed = self
+                .keys
+                .seal_note(format!("{id}/review").as_bytes(), note.as_bytes())
+                .map_err(super::crypto_failure)?;
+            rec.review = Some(ReviewRecord {
+                reviewer: ctx.subject().unwrap_or_default().to_string(),
+                reviewed_at: self.now(),
+                note: b64(&sealed),
+            });
+            let json = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
+            Ok((raw, rec, json))
+        })();
+        let (raw, rec, json) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.patient_id = rec.patient_id.clone();
+        attempt.meta.push(MetaWrite { key: grant_key(&id), value: Some(json), expect: Some(Some(raw)) });
+        self.commit_ok(ctx, attempt).await?;
+        self.reveal(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::domain::Identifier;
+
+    fn grant(perms: &[Permission]) -> Grant {
+        Grant { permissions: perms.iter().copied().collect::<BTreeSet<_>>() }
+    }
+
+    fn data(ssn: &str) -> PatientData {
+        PatientData {
+            identifiers: vec![
+                Identifier { system: SSN_SYSTEM.into(), value: ssn.into(), r#type: Some(IdentifierType::Ss) },
+                Identifier { system: "urn:mrn".into(), value: "MRN-1".into(), r#type: Some(IdentifierType::Mr) },
+            ],
+            names: vec![],
+            gender: None,
+            birth_date: None,
+            telecom: vec![crate::domain::ContactPoint {
+                system: crate::domain::ContactPointSystem::Phone,
+                value: "555".into(),
+                contact_use: None,
+            }],
+            addresses: vec![],
+            preferred_language: None,
+            contacts: vec![],
+        }
+    }
+
+    fn patient(ssn: &str) -> Patient {
+        Patient {
+            id: crate::domain::patient::PatientIdText("x".into()),
+            version: 1,
+            create_time: 0,
+            update_time: 0,
+            delete_time: None,
+            data: data(ssn),
+        }
+    }
+
+    #[test]
+    fn ssns_are_masked_to_the_last_four_digits() {
+        assert_eq!(mask_ssn("123-45-6789"), "***-**-6789");
+        assert_eq!(mask_ssn("123456789"), "***-**-6789");
+        assert_eq!(mask_ssn("12"), "***-**-****");
+    }
+
+    #[test]
+    fn without_fields_ssn_the_ssn_is_masked_and_the_groups_say_so() {
+        let (p, groups) =
+            disclose(&grant(&[Permission::FieldsIdentity, Permission::FieldsContact]), patient("123-45-6789"));
+        assert_eq!(p.data.identifiers[0].value, "***-**-6789");
+        assert_eq!(p.data.identifiers[1].value, "MRN-1");
+        assert_eq!(groups, vec!["identity", "ssn_masked", "contact"]);
+        let (p, groups) =
+            disclose(&grant(&[Permission::FieldsIdentity, Permission::FieldsSsn]), patient("123-45-6789"));
+        assert_eq!(p.data.identifiers[0].value, "123-45-6789");
+        assert!(p.data.telecom.is_empty());
+        assert_eq!(groups, vec!["identity", "ssn"]);
+    }
+
+    #[test]
+    fn an_update_cannot_clobber_what_the_caller_cannot_see() {
+        let g = grant(&[Permission::FieldsIdentity]);
+        let stored = data("123-45-6789");
+        let mut sent = data("***-**-6789");
+        sent.telecom.clear();
+        let kept = keep_undisclosed(&g, &stored, sent);
+        assert_eq!(kept.identifiers[0].value, "123-45-6789");
+        assert_eq!(kept.telecom, stored.telecom);
+        // A full new SSN is a real change and is kept as sent.
+        let changed = keep_undisclosed(&g, &stored, data("987-65-4321"));
+        assert_eq!(changed.identifiers[0].value, "987-65-4321");
+    }
+}
