@@ -123,6 +123,24 @@ pub struct GrantPage {
     pub next_after: Option<uuid::Uuid>,
 }
 
+/// Whether a listing may show a patient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Visibility {
+    Visible,
+    /// Only through this unexpired break-glass grant.
+    ThroughGrant(uuid::Uuid),
+    Hidden,
+}
+
+/// Records on the entry the break-glass grants a listing relied on.
+pub(super) fn note_grants(attempt: &mut Attempt, grants: &[uuid::Uuid]) {
+    if let Some(first) = grants.first() {
+        attempt.entry.break_glass = first.to_string();
+        attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
+        attempt.entry.details.extend(grants.iter().map(|g| format!("break_glass_grant={g}")));
+    }
+}
+
 /// Whether an access reads or changes the patient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reach {
@@ -249,13 +267,20 @@ impl App {
 
     /// May this caller see `patient` in a listing or search result? (Never
     /// creates a grant.)
-    pub(super) fn visible(&self, subject: Option<&str>, grant: &Grant, patient: PatientId) -> Result<bool, AppError> {
+    pub(super) fn visible(
+        &self,
+        subject: Option<&str>,
+        grant: &Grant,
+        patient: PatientId,
+    ) -> Result<Visibility, AppError> {
         if grant.has(Permission::RestrictedAccess) || !self.is_restricted(patient)? {
-            return Ok(true);
+            return Ok(Visibility::Visible);
         }
         match subject {
-            Some(s) if grant.has(Permission::BreakGlass) => Ok(self.active_grant(s, patient)?.is_some()),
-            _ => Ok(false),
+            Some(s) if grant.has(Permission::BreakGlass) => {
+                Ok(self.active_grant(s, patient)?.map_or(Visibility::Hidden, Visibility::ThroughGrant))
+            }
+            _ => Ok(Visibility::Hidden),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Patient use cases: create, read, update, soft delete, list, search, history.
 
-use super::access::{Reach, disclose, keep_undisclosed};
+use super::access::{Reach, Visibility, disclose, keep_undisclosed, note_grants};
 use super::{App, Attempt, CallContext, Opened, Parsed, blocking, internal};
 use crate::auth::policy::Grant;
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
@@ -34,6 +34,8 @@ pub struct PatientPage {
     pub patients: Vec<Patient>,
     /// Where the next page starts, if there is one.
     pub next_after: Option<PatientId>,
+    /// Break-glass grants that made restricted patients visible.
+    pub(super) via_grants: Vec<uuid::Uuid>,
 }
 
 /// How to search.
@@ -72,6 +74,8 @@ pub struct SearchResult {
     pub patients: Vec<Patient>,
     /// More matched than `limit`.
     pub truncated: bool,
+    /// Break-glass grants that made restricted patients visible.
+    pub(super) via_grants: Vec<uuid::Uuid>,
 }
 
 /// Builds one `blind` tree key (see storage module docs).
@@ -271,6 +275,7 @@ impl App {
         let result = result.map(|mut page| {
             attempt.entry.result_count = Some(super::count(page.patients.len()));
             attempt.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
+            note_grants(&mut attempt, &page.via_grants);
             page.patients = show_all(&mut attempt, page.patients);
             page
         });
@@ -282,6 +287,7 @@ impl App {
         // patients cannot make one call unbounded.
         let scan_budget = req.page_size.saturating_mul(10).max(100);
         let mut patients = Vec::new();
+        let mut via_grants = Vec::new();
         let mut after = req.after.map(|a| a.bytes());
         let mut scanned = 0usize;
         loop {
@@ -290,18 +296,21 @@ impl App {
                 .list(RecordKind::Patient, after, req.page_size.min(scan_budget - scanned))
                 .map_err(internal)?;
             if batch.is_empty() {
-                return Ok(PatientPage { patients, next_after: None });
+                return Ok(PatientPage { patients, next_after: None, via_grants });
             }
             for (id, _) in &batch {
                 scanned += 1;
                 after = Some(*id);
                 let pid = PatientId::from_bytes(*id);
-                if !self.visible(subject, grant, pid)? {
-                    continue;
-                }
+                let through = match self.visible(subject, grant, pid)? {
+                    Visibility::Hidden => continue,
+                    Visibility::Visible => None,
+                    Visibility::ThroughGrant(g) => Some(g),
+                };
                 let p = self.load_patient(pid)?.record;
                 if req.show_deleted || p.active() {
                     patients.push(p);
+                    via_grants.extend(through);
                 }
                 if patients.len() == req.page_size || scanned >= scan_budget {
                     // There may be more: hand out a token; an empty next page is harmless.
@@ -309,6 +318,7 @@ impl App {
                     return Ok(PatientPage {
                         patients,
                         next_after: if more { after.map(PatientId::from_bytes) } else { None },
+                        via_grants,
                     });
                 }
             }
@@ -330,6 +340,7 @@ impl App {
         let result = result.map(|mut r| {
             attempt.entry.result_count = Some(super::count(r.patients.len()));
             attempt.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
+            note_grants(&mut attempt, &r.via_grants);
             r.patients = show_all(&mut attempt, r.patients);
             r
         });
@@ -354,12 +365,15 @@ impl App {
             .blind_lookup(kind.tag(), &mac, req.limit.saturating_mul(4).saturating_add(1))
             .map_err(internal)?;
         let mut patients = Vec::new();
+        let mut via_grants = Vec::new();
         let mut truncated = false;
         for id in candidates {
             let pid = PatientId::from_bytes(id);
-            if !self.visible(subject, grant, pid)? {
-                continue;
-            }
+            let through = match self.visible(subject, grant, pid)? {
+                Visibility::Hidden => continue,
+                Visibility::Visible => None,
+                Visibility::ThroughGrant(g) => Some(g),
+            };
             let p = self.load_patient(pid)?.record;
             if !req.show_deleted && !p.active() {
                 continue;
@@ -369,8 +383,9 @@ impl App {
                 break;
             }
             patients.push(p);
+            via_grants.extend(through);
         }
-        Ok(SearchResult { patients, truncated })
+        Ok(SearchResult { patients, truncated, via_grants })
     }
 
     /// Every version of a patient, oldest first.

@@ -7,11 +7,13 @@ use std::sync::atomic::AtomicBool;
 
 use carevault::auth::TokenRules;
 use carevault::auth::limits::LimitSettings;
+use carevault::auth::tls::{ClientAuth, ClientTls, ServerTls, dev_files, write_dev_certs};
 use carevault::auth::token::{self, TokenSpec};
 use carevault::clock::{Clock, SystemClock};
 use carevault::config::ServiceConfig;
 use carevault::keystore::{self, KeyPaths};
 use carevault::proto::v1 as pb;
+use carevault::proto::v1::access_service_client::AccessServiceClient;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
 use carevault::proto::v1::coverage_service_client::CoverageServiceClient;
 use carevault::proto::v1::patient_service_client::PatientServiceClient;
@@ -43,6 +45,15 @@ require_purpose = false
 
 [roles.t_audit_read]
 permissions = ["audit.read"]
+
+# A care team cleared for restricted (confidential) patients.
+[roles.vip_care]
+permissions = ["patients.read", "coverage.read", "restricted.access", "fields.identity", "fields.contact"]
+purposes = ["TREAT"]
+
+[[principals]]
+token_role = "vip_care"
+roles = ["vip_care"]
 
 [[principals]]
 token_role = "patients.read"
@@ -92,9 +103,43 @@ pub struct TestServer {
     pub key_dir: PathBuf,
     pub fail_syncs: Arc<AtomicBool>,
     issuer_der: Vec<u8>,
+    /// With TLS: the dev CA files (ca.pem, server.*, client.*), see `certs dev`.
+    pub tls_dir: Option<PathBuf>,
+    /// The server's clock; tokens are minted at its time.
+    clock: Arc<dyn Clock>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// How a test server differs from the default.
+pub struct Options {
+    pub clock: Arc<dyn Clock>,
+    /// Serve mutual TLS with certificates from `certs dev` (client cert required or optional).
+    pub mtls: Option<ClientAuth>,
+    pub limits: LimitSettings,
+    pub break_glass_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            clock: Arc::new(SystemClock),
+            mtls: None,
+            limits: LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 },
+            break_glass_secs: 3600,
+        }
+    }
+}
+
+/// A TLS channel to `addr` trusting `ca`, presenting `identity` (cert, key) if given.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTls { ca: Some(ca.to_path_buf()), identity, domain: Some("localhost".into()) }.load().unwrap();
+    Channel::from_shared(format!("https://localhost:{}", addr.port())).unwrap().tls_config(tls)?.connect().await
 }
 
 /// A test server configuration; writes [`TEST_POLICY`] beside the data directory.
@@ -133,16 +178,43 @@ impl TestServer {
         s
     }
 
+    pub async fn start_with(options: Options) -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let key_dir = tmp.path().join("keys");
+        let mut s = TestServer::start_opts(data_dir, key_dir, options).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
     pub async fn start_in(data_dir: PathBuf, key_dir: PathBuf, clock: Arc<dyn Clock>) -> TestServer {
+        TestServer::start_opts(data_dir, key_dir, Options { clock, ..Options::default() }).await
+    }
+
+    pub async fn start_opts(data_dir: PathBuf, key_dir: PathBuf, options: Options) -> TestServer {
         let paths = KeyPaths { dir: key_dir.clone() };
         keystore::ensure_keys(&paths).unwrap();
         let issuer_der = std::fs::read(paths.issuer_private()).unwrap();
         let fail_syncs = Arc::new(AtomicBool::new(false));
-        let service = server::open(
-            &config(data_dir.clone(), key_dir.clone()),
-            OpenOptions { clock, fail_syncs: Some(fail_syncs.clone()) },
-        )
-        .unwrap();
+        let mut cfg = config(data_dir.clone(), key_dir.clone());
+        cfg.limits = options.limits;
+        cfg.break_glass_secs = options.break_glass_secs;
+        let tls_dir = options.mtls.map(|mode| {
+            let dir = data_dir.parent().unwrap().join("tls");
+            if !dir.join(dev_files::CA_CERT).exists() {
+                write_dev_certs(&dir).unwrap();
+            }
+            cfg.tls = Some(ServerTls {
+                cert: dir.join(dev_files::SERVER_CERT),
+                key: dir.join(dev_files::SERVER_KEY),
+                client_ca: Some(dir.join(dev_files::CA_CERT)),
+                client_auth: mode,
+            });
+            dir
+        });
+        let clock = options.clock.clone();
+        let service =
+            server::open(&cfg, OpenOptions { clock: options.clock, fail_syncs: Some(fail_syncs.clone()) }).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -153,7 +225,16 @@ impl TestServer {
             .await
             .unwrap();
         });
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = match &tls_dir {
+            None => Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap(),
+            Some(dir) => tls_channel(
+                addr,
+                &dir.join(dev_files::CA_CERT),
+                Some((dir.join(dev_files::CLIENT_CERT), dir.join(dev_files::CLIENT_KEY))),
+            )
+            .await
+            .unwrap(),
+        };
         TestServer {
             addr,
             channel,
@@ -161,6 +242,8 @@ impl TestServer {
             key_dir,
             fail_syncs,
             issuer_der,
+            tls_dir,
+            clock,
             shutdown: Some(tx),
             handle: Some(handle),
             _tmp: None,
@@ -185,7 +268,9 @@ impl TestServer {
 
     /// A token for `sub` whose roles claim is the space-separated `roles`.
     pub fn token(&self, sub: &str, roles: &str) -> String {
-        mint(&self.issuer_der, sub, roles)
+        let roles: Vec<&str> = roles.split_whitespace().collect();
+        let now = self.clock.now_micros().div_euclid(1_000_000);
+        token::issue(&self.issuer_der, &TokenSpec::new(sub, &roles), now).unwrap()
     }
 
     pub fn admin(&self) -> String {
@@ -202,6 +287,10 @@ impl TestServer {
 
     pub fn audit(&self) -> AuditServiceClient<Channel> {
         AuditServiceClient::new(self.channel.clone())
+    }
+
+    pub fn access(&self) -> AccessServiceClient<Channel> {
+        AccessServiceClient::new(self.channel.clone())
     }
 
     pub fn issuer_der(&self) -> &[u8] {

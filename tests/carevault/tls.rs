@@ -1,0 +1,89 @@
+//! Transport security: which connections a mutual-TLS server accepts.
+
+use std::path::{Path, PathBuf};
+
+use carevault::auth::tls::{ClientAuth, DEV_CLIENT_IDENTITY, DevCa, dev_files};
+use carevault::proto::v1 as pb;
+use carevault::proto::v1::audit_service_client::AuditServiceClient;
+use tonic::transport::Channel;
+
+use crate::helpers::*;
+
+/// True when a call over `channel` (if it connected at all) is answered.
+async fn answered(s: &TestServer, channel: Result<Channel, tonic::transport::Error>) -> bool {
+    let Ok(channel) = channel else { return false };
+    let token = s.token("probe", "audit.read");
+    AuditServiceClient::new(channel).get_audit_head(req(pb::GetAuditHeadRequest {}, &token)).await.is_ok()
+}
+
+fn write_pair(dir: &Path, name: &str, cert: &carevault::auth::tls::IssuedCert) -> (PathBuf, PathBuf) {
+    let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&c, &cert.cert_pem).unwrap();
+    std::fs::write(&k, &cert.key_pem).unwrap();
+    (c, k)
+}
+
+#[tokio::test]
+async fn a_required_client_certificate_must_chain_to_the_configured_ca() {
+    let s = TestServer::start_with(Options { mtls: Some(ClientAuth::Required), ..Options::default() }).await;
+    let dir = s.tls_dir.clone().unwrap();
+    let ca = dir.join(dev_files::CA_CERT);
+    let good = (dir.join(dev_files::CLIENT_CERT), dir.join(dev_files::CLIENT_KEY));
+    assert!(answered(&s, tls_channel(s.addr, &ca, Some(good)).await).await, "good client certificate refused");
+
+    assert!(!answered(&s, tls_channel(s.addr, &ca, None).await).await, "no client certificate accepted");
+
+    let scratch = tempfile::tempdir().unwrap();
+    let self_signed = DevCa::new("mallory").unwrap().cert();
+    let self_signed = write_pair(scratch.path(), "self", &self_signed);
+    assert!(!answered(&s, tls_channel(s.addr, &ca, Some(self_signed)).await).await, "self-signed accepted");
+
+    let other_ca = DevCa::new("another CA").unwrap();
+    let foreign = write_pair(scratch.path(), "foreign", &other_ca.client(DEV_CLIENT_IDENTITY).unwrap());
+    assert!(!answered(&s, tls_channel(s.addr, &ca, Some(foreign)).await).await, "wrong-CA certificate accepted");
+
+    let plaintext = Channel::from_shared(format!("http://{}", s.addr)).unwrap().connect().await;
+    assert!(!answered(&s, plaintext).await, "plaintext accepted on the TLS port");
+
+    // A client that does not trust the server's CA refuses the server.
+    let other_ca_file = scratch.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca.cert().cert_pem).unwrap();
+    let distrust = (dir.join(dev_files::CLIENT_CERT), dir.join(dev_files::CLIENT_KEY));
+    assert!(!answered(&s, tls_channel(s.addr, &other_ca_file, Some(distrust)).await).await);
+}
+
+#[tokio::test]
+async fn with_optional_client_certificates_a_call_without_one_is_served_and_audited_without_a_service() {
+    let s = TestServer::start_with(Options { mtls: Some(ClientAuth::Optional), ..Options::default() }).await;
+    let ca = s.tls_dir.clone().unwrap().join(dev_files::CA_CERT);
+    let bare = tls_channel(s.addr, &ca, None).await.unwrap();
+    let token = s.token("portal-user", "patients.read patients.write");
+    let mut pc = carevault::proto::v1::patient_service_client::PatientServiceClient::new(bare);
+    let p = patient("Optional", "Olga", "1975-05-05", "MRN-OPT");
+    pc.create_patient(req(pb::CreatePatientRequest { patient: Some(p.clone()) }, &token)).await.unwrap();
+    // The same through the mutual-TLS channel records the service identity.
+    s.patients().create_patient(req(pb::CreatePatientRequest { patient: Some(p) }, &token)).await.unwrap();
+    let services: Vec<String> =
+        s.all_events().await.into_iter().filter(|e| e.actor == "portal-user").map(|e| e.service).collect();
+    assert_eq!(services, vec!["".to_string(), DEV_CLIENT_IDENTITY.to_string()]);
+}
+
+#[test]
+fn certs_dev_writes_a_ca_server_and_client_set_and_never_overwrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tls");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
+            .args(["certs", "dev", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    for f in ["ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let second = run();
+    assert_eq!(second.status.code(), Some(2));
+}
