@@ -3,10 +3,12 @@
 //! How one call flows (open these files in order):
 //!
 //! 1. `server.rs`   tonic server, health, reflection; wires an [`api::Edge`] per service.
-//! 2. `api/*.rs`    build the [`app::CallContext`] (request id, peer, bearer token via
-//!    [`auth`]), parse the proto into domain input (`api/convert.rs`), or collect field violations.
-//! 3. `app/*.rs`    start an audit entry, authorize the scope, check the input, then open or seal
-//!    records with [`crypto`] under the patient's data key.
+//! 2. `api/*.rs`    build the [`app::CallContext`] (request id, peer, bearer token and client
+//!    certificate identity via [`auth`], purpose of use, a concurrency slot), parse the proto into
+//!    domain input (`api/convert.rs`), or collect field violations.
+//! 3. `app/*.rs`    start an audit entry, authorize (limits, token, policy and purpose), reach the
+//!    patient (restricted, break-glass), check the input, open or seal records with [`crypto`]
+//!    under the patient's data key, and disclose only the field groups the roles allow.
 //! 4. `storage/sequencer.rs` commits the record change and its audit entry in one sled
 //!    transaction, batches concurrent commits, fdatasyncs, and only then answers.
 //! 5. back in `api`, the domain result becomes a proto response; errors become a `Status` only in

@@ -31,7 +31,7 @@ fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
     eprintln!("data directory: {}", data_dir.display());
     eprintln!("key directory:  {}", key_dir.display());
     eprintln!(
-        "mint a dev token: carevault token issue --key-dir {} --sub you@example.org --role front_desk",
+        "mint a dev token: carevault token issue --key-dir {} --sub you@example.org --role front_desk (PHI calls also need x-purpose-of-use, e.g. client --purpose TREAT)",
         key_dir.display()
     );
 }
