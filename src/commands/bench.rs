@@ -405,7 +405,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }));
     let der = keystore::read_private(&key_paths.issuer_private())?;
     let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
-    let spec = token::TokenSpec { ttl_secs: 20 * 3600, ..token::TokenSpec::new("bench", &["front_desk"]) };
+    let spec =
+        token::TokenSpec { ttl_secs: 20 * 3600, ..token::TokenSpec::new("bench", &["front_desk", "compliance"]) };
     let token = token::issue(&der, &spec, now)?;
     let mut channels = Vec::new();
     for _ in 0..args.channels.max(1) {
