@@ -87,3 +87,50 @@ fn certs_dev_writes_a_ca_server_and_client_set_and_never_overwrites() {
     let second = run();
     assert_eq!(second.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn the_cli_client_and_verify_speak_mutual_tls() {
+    let s = TestServer::start_with(Options { mtls: Some(ClientAuth::Required), ..Options::default() }).await;
+    let dir = s.tls_dir.clone().unwrap();
+    let url = format!("https://localhost:{}", s.addr.port());
+    let token = s.token("cli-officer", "compliance");
+    let run = move |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_carevault")).args(args).output().unwrap()
+        })
+    };
+    let path = |f: &str| dir.join(f).display().to_string();
+    let tls = vec![
+        "--tls-ca".to_string(),
+        path(dev_files::CA_CERT),
+        "--tls-client-cert".into(),
+        path(dev_files::CLIENT_CERT),
+        "--tls-client-key".into(),
+        path(dev_files::CLIENT_KEY),
+    ];
+    let mut head = vec!["client".to_string(), "--server".into(), url.clone(), "--token".into(), token.clone()];
+    head.extend(tls.clone());
+    head.push("audit-head".into());
+    let out = run(head).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("1:"));
+
+    let mut verify = vec!["verify".to_string(), "--server".into(), url.clone(), "--token".into(), token.clone()];
+    verify.extend(tls.clone());
+    let out = run(verify).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Without the client certificate the server refuses the CLI.
+    let bare = vec![
+        "client".to_string(),
+        "--server".into(),
+        url,
+        "--token".into(),
+        token,
+        "--tls-ca".into(),
+        tls[1].clone(),
+        "audit-head".into(),
+    ];
+    let out = run(bare).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
