@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/carevault/v1/coverage.proto",
         "proto/carevault/v1/audit.proto",
         "proto/carevault/v1/access.proto",
+        "proto/carevault/v1/keys.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

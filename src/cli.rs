@@ -93,12 +93,30 @@ pub struct DirArgs {
     pub key_dir: Option<PathBuf>,
 }
 
+/// Where master keys come from (default: key files in the key directory).
+#[derive(Debug, Args, Clone, Default)]
+pub struct KeyCustodyArgs {
+    /// Command whose standard output is master key version $CAREVAULT_KEY_VERSION (64 hex digits),
+    /// run with `sh -c`: how a KMS, an HSM or a password manager plugs in.
+    #[arg(long, env = "CAREVAULT_MASTER_KEY_COMMAND", conflicts_with_all = ["master_key_credentials", "insecure_dev_env_keys"])]
+    pub master_key_command: Option<String>,
+    /// Read master keys from systemd credentials: $CREDENTIALS_DIRECTORY/carevault-master-<N>.
+    #[arg(long, conflicts_with = "insecure_dev_env_keys")]
+    pub master_key_credentials: bool,
+    /// Development only: read master keys from CAREVAULT_MASTER_KEY_<N> environment variables.
+    #[arg(long)]
+    pub insecure_dev_env_keys: bool,
+}
+
 /// `serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Directories.
     #[command(flatten)]
     pub dirs: DirArgs,
+    /// Master key custody.
+    #[command(flatten)]
+    pub custody: KeyCustodyArgs,
     /// Address to listen on.
     #[arg(long, env = "CAREVAULT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use crate::auth::TokenRules;
 use crate::auth::limits::LimitSettings;
 use crate::auth::tls::ServerTls;
+use crate::keystore::KeySource;
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -15,6 +16,8 @@ pub struct ServiceConfig {
     pub data_dir: PathBuf,
     /// Where the master keys (and the dev issuer key) live.
     pub key_dir: PathBuf,
+    /// Where master keys come from; `None`: key files in `key_dir`.
+    pub key_source: Option<KeySource>,
     /// Listen address.
     pub listen: SocketAddr,
     /// Token issuer public key (PEM); defaults to the dev issuer's in the key dir.

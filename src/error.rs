@@ -58,6 +58,10 @@ pub enum AppError {
     /// The resource's state forbids the call.
     #[error("failed precondition: {0}")]
     FailedPrecondition(&'static str),
+    /// A key version cannot be retired: the message names what depends on it
+    /// (counts and version numbers only).
+    #[error("in use: {0}")]
+    InUse(String),
     /// A stored ciphertext failed to open: tampering, corruption or a wrong key.
     #[error("stored record failed to authenticate")]
     DataLoss,
@@ -79,7 +83,7 @@ impl AppError {
             AppError::InvalidArgument(_) => Outcome::InvalidArgument,
             AppError::NotFound(_) => Outcome::NotFound,
             AppError::Conflict { .. } => Outcome::Aborted,
-            AppError::FailedPrecondition(_) => Outcome::FailedPrecondition,
+            AppError::FailedPrecondition(_) | AppError::InUse(_) => Outcome::FailedPrecondition,
             AppError::DataLoss => Outcome::DataLoss,
             AppError::AuditUnavailable | AppError::Internal => Outcome::Internal,
         }
@@ -130,6 +134,7 @@ pub fn to_status(err: &AppError, request_id: &str) -> Status {
             Status::aborted(format!("version conflict: the record is at version {current}; read it again and retry"))
         }
         AppError::FailedPrecondition(why) => Status::failed_precondition(*why),
+        AppError::InUse(why) => Status::failed_precondition(why.clone()),
         AppError::DataLoss => Status::data_loss("stored record failed to authenticate"),
         AppError::AuditUnavailable => {
             Status::unavailable("the audit trail could not record this request, so it was not performed")

@@ -8,14 +8,14 @@ use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
 
 use crate::api::Edge;
-use crate::app::{AccessControl, App};
+use crate::app::{AccessControl, App, KeyManager};
 use crate::auth::Authenticator;
 use crate::auth::limits::Limits;
 use crate::auth::policy::{Policy, PolicyError};
 use crate::auth::tls::TlsError;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServiceConfig};
-use crate::keystore::{self, KeyError, KeyPaths};
+use crate::keystore::{self, KeyError, KeyPaths, KeySource};
 use crate::proto::v1::access_service_server::AccessServiceServer;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::coverage_service_server::CoverageServiceServer;
@@ -101,7 +101,8 @@ pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, Ser
     let policy = load_policy(config.policy_file.as_deref())?;
     let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
     let key_paths = KeyPaths { dir: config.key_dir.clone() };
-    let keyring = keystore::open_for_data_dir(&key_paths, &config.data_dir)?;
+    let source = config.key_source.clone().unwrap_or_else(|| KeySource::Files(key_paths.clone()));
+    let (keyring, key_state) = keystore::open_for_data_dir(&source, &config.data_dir)?;
     let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
     let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
     let db_dir = config.data_dir.join("db");
@@ -113,7 +114,8 @@ pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, Ser
         limits: Limits::new(config.limits),
         break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
     };
-    let app = App::new(store, sequencer.clone(), Arc::new(keyring), options.clock.clone(), access);
+    let keys = KeyManager::new(source, config.data_dir.clone(), keyring, key_state);
+    let app = App::new(store, sequencer.clone(), keys, options.clock.clone(), access);
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);
     Ok(Service { edge, sequencer, tls, thread })

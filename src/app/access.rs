@@ -21,7 +21,7 @@ use crate::auth::policy::{Grant, Permission, Purpose};
 use crate::crypto;
 use crate::domain::{Action, IdentifierType, Patient, PatientData, PatientId};
 use crate::error::AppError;
-use crate::storage::MetaWrite;
+use crate::storage::{MetaTree, MetaWrite};
 
 /// The FHIR identifier system of US social security numbers.
 pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
@@ -340,8 +340,11 @@ impl App {
         };
         let id = uuid::Uuid::now_v7();
         let now = self.now();
-        let sealed =
-            self.keys.seal_note(format!("{id}/reason").as_bytes(), reason.as_bytes()).map_err(super::crypto_failure)?;
+        let sealed = self
+            .keys
+            .ring()
+            .seal_note(format!("{id}/reason").as_bytes(), reason.as_bytes())
+            .map_err(super::crypto_failure)?;
         let record = GrantRecord {
             id: id.to_string(),
             subject: subject.to_string(),
@@ -355,13 +358,67 @@ impl App {
         let json = serde_json::to_vec(&record).map_err(|_| AppError::Internal)?;
         let mut active = id.as_bytes().to_vec();
         active.extend_from_slice(&record.expires_at.to_be_bytes());
-        attempt.meta.push(MetaWrite { key: grant_key(&id), value: Some(json), expect: Some(None) });
-        attempt.meta.push(MetaWrite { key: active_key(subject, patient), value: Some(active), expect: None });
+        attempt.meta.push(MetaWrite {
+            tree: MetaTree::Access,
+            key: grant_key(&id),
+            value: Some(json),
+            expect: Some(None),
+        });
+        attempt.meta.push(MetaWrite {
+            tree: MetaTree::Access,
+            key: active_key(subject, patient),
+            value: Some(active),
+            expect: None,
+        });
         attempt.entry.break_glass = id.to_string();
         attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
         attempt.entry.details.push("break_glass=granted".into());
         attempt.entry.details.push(format!("break_glass_expires={}", record.expires_at));
         Ok(())
+    }
+
+    /// The master version of every sealed note (reasons and review notes).
+    pub(super) fn note_versions(&self) -> Result<Vec<u32>, AppError> {
+        let mut out = Vec::new();
+        for (_, raw) in self.store.access_scan(b"G").map_err(internal)? {
+            let rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
+            let sealed = std::iter::once(&rec.reason).chain(rec.review.as_ref().map(|r| &r.note));
+            for s in sealed {
+                out.push(crypto::Keyring::note_version(&unb64(s)?).map_err(|_| AppError::DataLoss)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` grant records re-sealed under `target` (each applied only
+    /// if the record is unchanged when the batch commits).
+    pub(super) fn rewrap_notes(&self, target: u32, max: usize) -> Result<Vec<MetaWrite>, AppError> {
+        let ring = self.keys.ring();
+        let mut writes = Vec::new();
+        for (key, raw) in self.store.access_scan(b"G").map_err(internal)? {
+            let mut rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
+            let mut changed = false;
+            let mut reseal = |field: &mut String, context: String| -> Result<(), AppError> {
+                let sealed = unb64(field)?;
+                if crypto::Keyring::note_version(&sealed).map_err(|_| AppError::DataLoss)? != target {
+                    *field = b64(&ring.reseal_note(context.as_bytes(), &sealed).map_err(super::crypto_failure)?);
+                    changed = true;
+                }
+                Ok(())
+            };
+            reseal(&mut rec.reason, format!("{}/reason", rec.id))?;
+            if let Some(r) = rec.review.as_mut() {
+                reseal(&mut r.note, format!("{}/review", rec.id))?;
+            }
+            if changed {
+                let json = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
+                writes.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json), expect: Some(Some(raw)) });
+                if writes.len() == max {
+                    break;
+                }
+            }
+        }
+        Ok(writes)
     }
 
     /// Flags a patient restricted, or clears the flag.
@@ -378,7 +435,7 @@ impl App {
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         }
         let value = restricted.then(|| self.now().to_be_bytes().to_vec());
-        attempt.meta.push(MetaWrite { key: restricted_key(id), value, expect: None });
+        attempt.meta.push(MetaWrite { tree: MetaTree::Access, key: restricted_key(id), value, expect: None });
         self.commit_ok(ctx, attempt).await?;
         Ok(restricted)
     }
@@ -391,7 +448,7 @@ impl App {
 
     fn reveal(&self, rec: GrantRecord) -> Result<BreakGlassGrant, AppError> {
         let open = |ctx: String, b: &str| -> Result<String, AppError> {
-            let plain = self.keys.open_note(ctx.as_bytes(), &unb64(b)?).map_err(super::crypto_failure)?;
+            let plain = self.keys.ring().open_note(ctx.as_bytes(), &unb64(b)?).map_err(super::crypto_failure)?;
             String::from_utf8(plain.to_vec()).map_err(|_| AppError::DataLoss)
         };
         let reason = open(format!("{}/reason", rec.id), &rec.reason)?;
@@ -477,6 +534,7 @@ impl App {
             }
             let sealed = self
                 .keys
+                .ring()
                 .seal_note(format!("{id}/review").as_bytes(), note.as_bytes())
                 .map_err(super::crypto_failure)?;
             rec.review = Some(ReviewRecord {
@@ -492,7 +550,12 @@ impl App {
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
         attempt.entry.patient_id = rec.patient_id.clone();
-        attempt.meta.push(MetaWrite { key: grant_key(&id), value: Some(json), expect: Some(Some(raw)) });
+        attempt.meta.push(MetaWrite {
+            tree: MetaTree::Access,
+            key: grant_key(&id),
+            value: Some(json),
+            expect: Some(Some(raw)),
+        });
         self.commit_ok(ctx, attempt).await?;
         self.reveal(rec)
     }

@@ -41,6 +41,7 @@ impl App {
         }
         let mac = self
             .keys
+            .ring()
             .blind_index(BlindIndexKind::MemberId, normalize::identifier_value(&c.data.subscriber_id).as_bytes());
         vec![blind_key(BlindIndexKind::MemberId, mac, patient.bytes(), RecordKind::Coverage, id.bytes())]
     }

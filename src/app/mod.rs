@@ -8,7 +8,9 @@
 mod access;
 mod audit_log;
 mod coverages;
+mod keys;
 mod patients;
+mod rewrap;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,14 +18,16 @@ use std::time::Instant;
 pub use access::{BreakGlassGrant, GrantPage, GrantReview, GrantsRequest, ReviewFilter};
 pub use audit_log::{AuditFilter, AuditPage, ExportStart};
 pub use coverages::{CoverageCreate, CoverageUpdate};
+pub use keys::{KeyManager, KeyStatus, VersionStatus, VersionUse};
 pub use patients::{PageRequest, PatientPage, PatientUpdate, SearchCriterion, SearchRequest, SearchResult};
+pub use rewrap::{RewrapJob, RewrapRequest};
 
 use crate::audit::AuditEntry;
 use crate::auth::limits::{Limited, Limits};
 use crate::auth::policy::{Grant, Identity, Policy, Purpose};
 use crate::auth::{AuthFailure, Principal};
 use crate::clock::Clock;
-use crate::crypto::{self, DataKey, Keyring, RecordAad, RecordKind, WrappedDataKey};
+use crate::crypto::{self, DataKey, RecordAad, RecordKind, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::{AppError, FieldViolation};
 use crate::storage::{Commit, CommitOutcome, Committed, Head, MetaWrite, RecordWrite, Sequencer, StorageError, Store};
@@ -106,9 +110,11 @@ pub struct AccessControl {
 pub struct App {
     store: Store,
     sequencer: Sequencer,
-    keys: Arc<Keyring>,
+    keys: Arc<KeyManager>,
     clock: Arc<dyn Clock>,
     access: Arc<AccessControl>,
+    /// Held while a rewrap job runs, so only one runs at a time.
+    rewrap_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -116,11 +122,18 @@ impl App {
     pub fn new(
         store: Store,
         sequencer: Sequencer,
-        keys: Arc<Keyring>,
+        keys: KeyManager,
         clock: Arc<dyn Clock>,
         access: AccessControl,
     ) -> Self {
-        App { store, sequencer, keys, clock, access: Arc::new(access) }
+        App {
+            store,
+            sequencer,
+            keys: Arc::new(keys),
+            clock,
+            access: Arc::new(access),
+            rewrap_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 
     /// The limits (the edge takes concurrency permits from them).
@@ -306,7 +319,7 @@ impl App {
         let wrapped = self.store.wrapped_dek(&patient.bytes()).map_err(internal)?.ok_or(AppError::DataLoss)?;
         let wrapped = WrappedDataKey(wrapped);
         let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
-        let dek = self.keys.unwrap_data_key(&patient.bytes(), &wrapped).map_err(crypto_failure)?;
+        let dek = self.keys.ring().unwrap_data_key(&patient.bytes(), &wrapped).map_err(crypto_failure)?;
         Ok((dek, version))
     }
 

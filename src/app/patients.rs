@@ -106,13 +106,14 @@ impl App {
         for ident in &data.identifiers {
             let mac = self
                 .keys
+                .ring()
                 .blind_index(BlindIndexKind::Identifier, &normalize::identifier_key(&ident.system, &ident.value));
             keys.push(blind_key(BlindIndexKind::Identifier, mac, p, RecordKind::Patient, p));
         }
         if let Some(birth) = data.birth_date {
             for name in &data.names {
                 let norm = normalize::name_birth_date_key(&name.family, &birth.to_string());
-                let mac = self.keys.blind_index(BlindIndexKind::NameBirthDate, &norm);
+                let mac = self.keys.ring().blind_index(BlindIndexKind::NameBirthDate, &norm);
                 keys.push(blind_key(BlindIndexKind::NameBirthDate, mac, p, RecordKind::Patient, p));
             }
         }
@@ -145,7 +146,7 @@ impl App {
         let patient =
             Patient { id: id.into(), version: 1, create_time: now, update_time: now, delete_time: None, data };
         let prepared = (|| {
-            let (dek, wrapped) = self.keys.new_data_key(&id.bytes()).map_err(super::crypto_failure)?;
+            let (dek, wrapped) = self.keys.ring().new_data_key(&id.bytes()).map_err(super::crypto_failure)?;
             let sealed = self.seal(&dek, &patient_aad(id, 1), &patient)?;
             Ok::<_, AppError>((sealed, wrapped))
         })();
@@ -154,7 +155,7 @@ impl App {
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
         attempt.entry.record_version = 1;
-        attempt.entry.key_version = self.keys.primary_version();
+        attempt.entry.key_version = self.keys.ring().primary_version();
         let write = RecordWrite {
             kind: RecordKind::Patient,
             id: id.bytes(),
@@ -357,7 +358,7 @@ impl App {
             }
             SearchCriterion::MemberId(m) => (BlindIndexKind::MemberId, normalize::identifier_value(m).into_bytes()),
         };
-        let mac = self.keys.blind_index(kind, &normalized);
+        let mac = self.keys.ring().blind_index(kind, &normalized);
         // Candidates beyond the limit tell us whether the result was truncated;
         // deleted patients filtered out below need headroom too.
         let candidates = self

@@ -379,6 +379,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let config = ServiceConfig {
         data_dir,
         key_dir,
+        key_source: None,
         listen: "127.0.0.1:0".parse()?,
         issuer_public_key: None,
         tokens: TokenRules {

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use carevault::auth::tls::ClientTls;
-use carevault::cli::{DirArgs, TlsClientArgs};
+use carevault::cli::{DirArgs, KeyCustodyArgs, TlsClientArgs};
 use carevault::config::{default_data_dir, default_key_dir};
+use carevault::keystore::{KeyPaths, KeySource};
 use tonic::transport::Channel;
 
 /// Data and key directories with defaults applied.
@@ -37,4 +38,28 @@ pub async fn connect(url: &str, tls: &TlsClientArgs) -> anyhow::Result<Channel> 
         endpoint = endpoint.tls_config(config).context("TLS configuration")?;
     }
     endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+}
+
+/// The master key source the flags ask for; reads the process environment
+/// (CREDENTIALS_DIRECTORY, CAREVAULT_MASTER_KEY_<N>) here, at the binary's edge.
+pub fn key_source(args: &KeyCustodyArgs, key_dir: &std::path::Path) -> anyhow::Result<KeySource> {
+    if let Some(cmd) = &args.master_key_command {
+        return Ok(KeySource::Command(cmd.clone()));
+    }
+    if args.master_key_credentials {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .context("--master-key-credentials needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)")?;
+        return Ok(KeySource::Credentials(dir.into()));
+    }
+    if args.insecure_dev_env_keys {
+        let mut vars = std::collections::BTreeMap::new();
+        for (name, value) in std::env::vars() {
+            if let Some(v) = name.strip_prefix("CAREVAULT_MASTER_KEY_").and_then(|v| v.parse::<u32>().ok()) {
+                vars.insert(v, value);
+            }
+        }
+        tracing::warn!("master keys from environment variables: development only");
+        return Ok(KeySource::InsecureDevEnv(vars));
+    }
+    Ok(KeySource::Files(KeyPaths { dir: key_dir.to_path_buf() }))
 }

@@ -6,25 +6,33 @@ use anyhow::Context;
 use carevault::auth::TokenRules;
 use carevault::auth::limits::LimitSettings;
 use carevault::auth::tls::{ClientAuth, ServerTls};
-use carevault::cli::{DirArgs, ServeArgs};
+use carevault::cli::{DirArgs, KeyCustodyArgs, ServeArgs};
 use carevault::clock::SystemClock;
 use carevault::config::ServiceConfig;
-use carevault::keystore::{self, KeyPaths};
+use carevault::keystore::{self, KeyPaths, KeySource};
 use carevault::server::{self, OpenOptions};
 
-fn prepare(dirs: &DirArgs) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+fn prepare(
+    dirs: &DirArgs,
+    custody: &KeyCustodyArgs,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, KeySource)> {
     let (data_dir, key_dir) = super::dirs(dirs);
     let fresh_data = !data_dir.join("keycheck.json").exists() && !data_dir.join("db").exists();
     let key_paths = KeyPaths { dir: key_dir.clone() };
-    if fresh_data {
+    let source = super::key_source(custody, &key_dir)?;
+    let files = matches!(source, KeySource::Files(_));
+    if fresh_data && files {
         if keystore::ensure_keys(&key_paths)? {
             eprintln!("created keys in {} (keep this directory secret and backed up separately)", key_dir.display());
         }
-    } else if keystore::master_versions(&key_paths)?.is_empty() {
-        anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir));
+    } else {
+        keystore::ensure_issuer(&key_paths)?;
+        if files && keystore::master_versions(&key_paths)?.is_empty() {
+            anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir));
+        }
     }
-    keystore::open_for_data_dir(&key_paths, &data_dir)?;
-    Ok((data_dir, key_dir))
+    keystore::open_for_data_dir(&source, &data_dir)?;
+    Ok((data_dir, key_dir, source))
 }
 
 fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
@@ -38,17 +46,18 @@ fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
 
 /// Creates directories and keys, then exits.
 pub fn init(dirs: DirArgs) -> anyhow::Result<()> {
-    let (data_dir, key_dir) = prepare(&dirs)?;
+    let (data_dir, key_dir, _) = prepare(&dirs, &KeyCustodyArgs::default())?;
     print_welcome(&data_dir, &key_dir);
     Ok(())
 }
 
 /// Runs the service until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (data_dir, key_dir) = prepare(&args.dirs)?;
+    let (data_dir, key_dir, source) = prepare(&args.dirs, &args.custody)?;
     let config = ServiceConfig {
         data_dir: data_dir.clone(),
         key_dir: key_dir.clone(),
+        key_source: Some(source),
         listen: args.listen,
         issuer_public_key: args.issuer_public_key,
         tokens: TokenRules {

@@ -27,6 +27,11 @@ const WRAPPED_FORMAT_V1: u8 = 0x01;
 pub struct MasterKey(Zeroizing<[u8; 32]>);
 
 impl MasterKey {
+    /// A copy (for checking a key before it joins a keyring); zeroized on drop like the original.
+    pub fn clone_key(&self) -> MasterKey {
+        MasterKey(Zeroizing::new(*self.0))
+    }
+
     /// Parses the key file format: 64 hex digits, surrounding whitespace ignored.
     pub fn from_hex(text: &str) -> Result<Self, CryptoError> {
         let trimmed = text.trim();
@@ -203,15 +208,9 @@ impl Keyring {
     pub fn new_data_key(&self, patient_id: &[u8; 16]) -> Result<(DataKey, WrappedDataKey), CryptoError> {
         let mut key = Zeroizing::new([0u8; 32]);
         random_fill(key.as_mut())?;
-        let generation = 1;
-        let derived = self.versions.get(&self.primary).ok_or(CryptoError::UnknownKeyVersion(self.primary))?;
-        let sealed = envelope::seal(&derived.kek, &dek_aad(patient_id, self.primary, generation), key.as_ref())?;
-        let mut wrapped = Vec::with_capacity(9 + sealed.len());
-        wrapped.push(WRAPPED_FORMAT_V1);
-        wrapped.extend_from_slice(&self.primary.to_be_bytes());
-        wrapped.extend_from_slice(&generation.to_be_bytes());
-        wrapped.extend_from_slice(&sealed);
-        Ok((DataKey { key, generation }, WrappedDataKey(wrapped)))
+        let dek = DataKey { key, generation: 1 };
+        let wrapped = self.wrap(patient_id, &dek, self.primary)?;
+        Ok((dek, wrapped))
     }
 
     /// Seals a short access note (a break-glass reason, a review note) under
@@ -235,6 +234,43 @@ impl Keyring {
         let version = u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]);
         let derived = self.versions.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
         Ok(Zeroizing::new(envelope::open(&derived.notes, &note_aad(context), &sealed[5..])?))
+    }
+
+    /// Re-wraps a patient's data key under master version `target` (same key,
+    /// same generation): the rewrap job's one step.
+    pub fn rewrap_data_key(
+        &self,
+        patient_id: &[u8; 16],
+        wrapped: &WrappedDataKey,
+        target: u32,
+    ) -> Result<WrappedDataKey, CryptoError> {
+        let dek = self.unwrap_data_key(patient_id, wrapped)?;
+        self.wrap(patient_id, &dek, target)
+    }
+
+    fn wrap(&self, patient_id: &[u8; 16], dek: &DataKey, version: u32) -> Result<WrappedDataKey, CryptoError> {
+        let derived = self.versions.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
+        let sealed = envelope::seal(&derived.kek, &dek_aad(patient_id, version, dek.generation), dek.key.as_ref())?;
+        let mut wrapped = Vec::with_capacity(9 + sealed.len());
+        wrapped.push(WRAPPED_FORMAT_V1);
+        wrapped.extend_from_slice(&version.to_be_bytes());
+        wrapped.extend_from_slice(&dek.generation.to_be_bytes());
+        wrapped.extend_from_slice(&sealed);
+        Ok(WrappedDataKey(wrapped))
+    }
+
+    /// The master version a sealed note names.
+    pub fn note_version(sealed: &[u8]) -> Result<u32, CryptoError> {
+        if sealed.len() < 5 || sealed[0] != WRAPPED_FORMAT_V1 {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]))
+    }
+
+    /// Re-seals a note under the primary version.
+    pub fn reseal_note(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let plain = self.open_note(context, sealed)?;
+        self.seal_note(context, &plain)
     }
 
     /// Unwraps a patient's data key.
@@ -297,6 +333,20 @@ mod tests {
         assert_eq!(ring.open_note(b"grant-1/reason", &sealed).unwrap().as_slice(), b"patient unconscious in ED");
         assert_eq!(ring.open_note(b"grant-2/reason", &sealed).err(), Some(CryptoError::Open));
         assert!(!sealed.windows(11).any(|w| w == b"unconscious"));
+    }
+
+    #[test]
+    fn rewrapping_moves_a_data_key_to_another_version_without_changing_it() {
+        let v1 = MasterKey::from_hex(&"11".repeat(32)).unwrap();
+        let v2 = MasterKey::from_hex(&"22".repeat(32)).unwrap();
+        let old = Keyring::new(vec![(1, v1.clone_key())], 1, 1).unwrap();
+        let (dek, wrapped) = old.new_data_key(&[7; 16]).unwrap();
+        let both = Keyring::new(vec![(1, v1), (2, v2.clone_key())], 2, 1).unwrap();
+        let moved = both.rewrap_data_key(&[7; 16], &wrapped, 2).unwrap();
+        assert_eq!(moved.master_version().unwrap(), 2);
+        let only_v2 = Keyring::new(vec![(2, v2)], 2, 2).unwrap();
+        assert_eq!(only_v2.unwrap_data_key(&[7; 16], &moved).unwrap().bytes(), dek.bytes());
+        assert_eq!(only_v2.unwrap_data_key(&[7; 16], &wrapped).err(), Some(CryptoError::UnknownKeyVersion(1)));
     }
 
     #[test]

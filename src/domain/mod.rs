@@ -110,6 +110,13 @@ pub enum Action {
     AccessRestrict,
     BreakGlassList,
     BreakGlassReview,
+    KeysStatus,
+    KeysRotate,
+    KeysRewrap,
+    KeysRewrapBatch,
+    KeysRewrapComplete,
+    KeysRetire,
+    KeysDestroy,
 }
 
 impl Action {
@@ -135,6 +142,13 @@ impl Action {
             Action::AccessRestrict => "access.restrict",
             Action::BreakGlassList => "access.break_glass_list",
             Action::BreakGlassReview => "access.break_glass_review",
+            Action::KeysStatus => "keys.status",
+            Action::KeysRotate => "keys.rotate",
+            Action::KeysRewrap => "keys.rewrap",
+            Action::KeysRewrapBatch => "keys.rewrap_batch",
+            Action::KeysRewrapComplete => "keys.rewrap_complete",
+            Action::KeysRetire => "keys.retire",
+            Action::KeysDestroy => "keys.destroy",
         }
     }
 
@@ -150,6 +164,13 @@ impl Action {
             Action::AuditList | Action::AuditExport | Action::AuditHead => Permission::AuditRead,
             Action::AccessRestrict => Permission::PatientsRestrict,
             Action::BreakGlassList | Action::BreakGlassReview => Permission::AuditReview,
+            Action::KeysStatus
+            | Action::KeysRotate
+            | Action::KeysRewrap
+            | Action::KeysRewrapBatch
+            | Action::KeysRewrapComplete
+            | Action::KeysRetire
+            | Action::KeysDestroy => Permission::KeysAdmin,
         }
     }
 
@@ -185,6 +206,13 @@ impl Action {
             Action::AuditList | Action::AuditExport | Action::AuditHead => "audit",
             Action::AccessRestrict => "access",
             Action::BreakGlassList | Action::BreakGlassReview => "grant",
+            Action::KeysStatus
+            | Action::KeysRotate
+            | Action::KeysRewrap
+            | Action::KeysRewrapBatch
+            | Action::KeysRewrapComplete
+            | Action::KeysRetire
+            | Action::KeysDestroy => "key",
         }
     }
 }

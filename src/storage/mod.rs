@@ -29,7 +29,7 @@ use std::path::Path;
 
 use crate::crypto::RecordKind;
 
-pub use sequencer::{Commit, CommitOutcome, Committed, MetaWrite, RecordWrite, Sequencer};
+pub use sequencer::{Commit, CommitOutcome, Committed, MetaTree, MetaWrite, RecordWrite, Sequencer};
 
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -111,7 +111,8 @@ fn u64_at(b: &[u8], at: usize) -> Result<u64, StorageError> {
     Ok(u64::from_be_bytes(s))
 }
 
-fn decode_head(v: &[u8]) -> Result<Head, StorageError> {
+/// Decodes a `heads` value.
+pub(crate) fn decode_head(v: &[u8]) -> Result<Head, StorageError> {
     if v.len() != 24 {
         return Err(StorageError::Corrupt("bad head"));
     }

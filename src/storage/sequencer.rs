@@ -56,11 +56,23 @@ pub struct RecordWrite {
     pub index_keys: Vec<[u8; BLIND_KEY_LEN]>,
 }
 
-/// A change to the `access` tree (restriction flags, break-glass grants),
-/// applied only if every precondition of its commit holds.
+/// Which tree a [`MetaWrite`] changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaTree {
+    /// Restriction flags, break-glass grants, job state.
+    Access,
+    /// Wrapped data keys (rewrap jobs).
+    Deks,
+}
+
+/// A change to the `access` or `deks` tree (restriction flags, break-glass
+/// grants, job state, rewrapped data keys), applied only if every
+/// precondition of its commit holds.
 #[derive(Debug, Clone)]
 pub struct MetaWrite {
-    /// Key in the `access` tree.
+    /// The tree.
+    pub tree: MetaTree,
+    /// Key in the tree.
     pub key: Vec<u8>,
     /// New value; `None` removes the key.
     pub value: Option<Vec<u8>>,

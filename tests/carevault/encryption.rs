@@ -138,7 +138,7 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     std::fs::remove_file(key_dir.join("master-1.key")).unwrap();
     let result =
         server::open(&config(data_dir, key_dir), OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None });
-    assert!(matches!(result, Err(ServerError::Keys(KeyError::NoMasterKey(_)))));
+    assert!(matches!(result, Err(ServerError::Keys(KeyError::MissingVersion(1)))));
 }
 
 #[tokio::test]

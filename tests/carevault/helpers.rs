@@ -151,6 +151,7 @@ pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
     ServiceConfig {
         data_dir,
         key_dir,
+        key_source: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         issuer_public_key: None,
         tokens: TokenRules {

@@ -1,0 +1,276 @@
+//! The rewrap job: moves every wrapped data key, then every sealed note, from
+//! older master key versions to the primary, while the service keeps serving.
+//!
+//! The job works in batches. Each batch is one sequencer commit: the new
+//! wrapped keys (each applied only if the stored one is still the one that
+//! was read), the job's state with its cursor, and a checkpoint audit entry.
+//! So a crash loses at most the batch in progress, and a restart resumes from
+//! the persisted cursor ([`App::resume_jobs`]). Requests never wait on it:
+//! readers unwrap with whichever version a key names, and both are in the
+//! keyring until the old one is retired. New patients are wrapped with the
+//! primary from the moment it changes, so nothing written during the job is
+//! left on an old version.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{App, CallContext, Parsed, blocking, internal};
+use crate::audit::AuditEntry;
+use crate::crypto::WrappedDataKey;
+use crate::domain::{Action, Outcome};
+use crate::error::AppError;
+use crate::storage::{Commit, CommitOutcome, MetaTree, MetaWrite};
+
+/// Data keys per batch.
+const BATCH: usize = 256;
+
+/// The `access` tree key of the job state.
+const JOB_KEY: &[u8] = b"Jrewrap";
+
+/// The persisted job state (JSON under `Jrewrap` in the `access` tree).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RewrapJob {
+    /// Job id (UUID v7).
+    pub id: String,
+    /// "running", "completed" or "dry_run".
+    pub state: String,
+    /// Version everything moves to.
+    pub target: u32,
+    /// Last patient id (hex) handled in the data-key phase; `None` before the first batch.
+    pub cursor: Option<String>,
+    /// True once every data key is done and notes are being rewrapped.
+    pub notes_phase: bool,
+    /// Rewrapped so far.
+    pub done: u64,
+    /// Not on the target when the job started.
+    pub total: u64,
+    /// Data keys per second at most (0: unlimited).
+    pub max_per_second: u32,
+    /// µs.
+    pub started_at: i64,
+    /// µs, when completed.
+    pub finished_at: Option<i64>,
+    /// Who started it.
+    pub started_by: String,
+}
+
+impl RewrapJob {
+    /// Rewraps per second since the start, at `now` (µs).
+    pub fn rate(&self, now: i64) -> f64 {
+        let end = self.finished_at.unwrap_or(now);
+        let secs = (end - self.started_at) as f64 / 1e6;
+        if secs > 0.0 { self.done as f64 / secs } else { 0.0 }
+    }
+}
+
+/// What `StartRewrap` asks for.
+pub struct RewrapRequest {
+    /// Count only.
+    pub dry_run: bool,
+    /// Data keys per second at most (0: unlimited).
+    pub max_per_second: u32,
+}
+
+impl App {
+    /// The job state, if a job ever ran.
+    pub(super) fn rewrap_job(&self) -> Result<Option<RewrapJob>, AppError> {
+        match self.store.access_get(JOB_KEY).map_err(internal)? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
+        }
+    }
+
+    /// Data keys and notes not on `target`.
+    fn rewrap_backlog(&self, target: u32) -> Result<u64, AppError> {
+        let usage = self.key_usage()?;
+        Ok(usage.iter().filter(|(v, _)| **v != target).map(|(_, u)| u.data_keys + u.notes).sum())
+    }
+
+    /// Starts the job (or counts, for a dry run). A running job is returned as is.
+    pub async fn start_rewrap(&self, ctx: &CallContext, input: Parsed<RewrapRequest>) -> Result<RewrapJob, AppError> {
+        let mut attempt = self.begin(ctx, Action::KeysRewrap);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        let app = self.clone();
+        let subject = ctx.subject().unwrap_or_default().to_string();
+        let now = self.now();
+        let prepared = blocking(move || {
+            if let Some(job) = app.rewrap_job()?
+                && job.state == "running"
+            {
+                return Ok((job, false));
+            }
+            let target = app.keys.ring().primary_version();
+            let job = RewrapJob {
+                id: uuid::Uuid::now_v7().to_string(),
+                state: if req.dry_run { "dry_run".into() } else { "running".into() },
+                target,
+                cursor: None,
+                notes_phase: false,
+                done: 0,
+                total: app.rewrap_backlog(target)?,
+                max_per_second: req.max_per_second,
+                started_at: now,
+                finished_at: req.dry_run.then_some(now),
+                started_by: subject,
+            };
+            Ok((job, !req.dry_run))
+        })
+        .await;
+        let (job, start) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.key_version = job.target;
+        attempt.entry.details = vec![
+            format!("job={}", job.id),
+            format!("state={}", job.state),
+            format!("total={}", job.total),
+            format!("max_per_second={}", job.max_per_second),
+        ];
+        if start {
+            let json = serde_json::to_vec(&job).map_err(|_| AppError::Internal)?;
+            attempt.meta.push(MetaWrite {
+                tree: MetaTree::Access,
+                key: JOB_KEY.to_vec(),
+                value: Some(json),
+                expect: None,
+            });
+        }
+        self.commit_ok(ctx, attempt).await?;
+        if start {
+            self.spawn_rewrap();
+        }
+        Ok(job)
+    }
+
+    /// The job's progress (audited like every call).
+    pub async fn get_rewrap_job(&self, ctx: &CallContext) -> Result<Option<RewrapJob>, AppError> {
+        let mut attempt = self.begin(ctx, Action::KeysStatus);
+        self.authorize(ctx, &mut attempt).await?;
+        let result = self.rewrap_job();
+        self.finish(ctx, attempt, result).await
+    }
+
+    /// Continues a job interrupted by a stop or crash. Called once the server runs.
+    pub fn resume_jobs(&self) {
+        if let Ok(Some(job)) = self.rewrap_job()
+            && job.state == "running"
+        {
+            tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming rewrap job");
+            self.spawn_rewrap();
+        }
+    }
+
+    fn spawn_rewrap(&self) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = app.run_rewrap().await {
+                tracing::error!(error = %e, "rewrap job stopped; it resumes at the next start or StartRewrap");
+            }
+        });
+    }
+
+    /// Runs the job to completion. One task at a time: a second caller finds the job's
+    /// state advanced by the first, and its conflicting batches are retried.
+    pub async fn run_rewrap(&self) -> Result<(), AppError> {
+        let _only_one = self.rewrap_lock.lock().await;
+        loop {
+            let Some(job) = self.rewrap_job()? else { return Ok(()) };
+            if job.state != "running" {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let app = self.clone();
+            let j = job.clone();
+            let (batch, mut next) = blocking(move || app.next_batch(&j)).await?;
+            let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+            next.done = next.done.saturating_add(n);
+            let finished = next.state == "completed";
+            if finished {
+                next.finished_at = Some(self.now());
+            }
+            let mut meta = batch;
+            let json = serde_json::to_vec(&next).map_err(|_| AppError::Internal)?;
+            meta.push(MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None });
+            let entry = AuditEntry {
+                actor: "carevault".into(),
+                action: if finished { Action::KeysRewrapComplete } else { Action::KeysRewrapBatch }.as_str().into(),
+                resource_type: "key".into(),
+                outcome: Outcome::Ok.as_str().into(),
+                key_version: next.target,
+                details: vec![
+                    format!("job={}", next.id),
+                    format!("batch={n}"),
+                    format!("done={}", next.done),
+                    format!("total={}", next.total),
+                    format!("started_by={}", next.started_by),
+                ],
+                ..AuditEntry::default()
+            };
+            let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await.map_err(internal)?;
+            if committed.outcome != CommitOutcome::Written {
+                // A key changed under the batch (a concurrent erase); read it again.
+                continue;
+            }
+            if finished {
+                tracing::info!(job = %next.id, done = next.done, "rewrap job completed");
+                return Ok(());
+            }
+            if next.max_per_second > 0 && n > 0 {
+                let budget = Duration::from_secs_f64(n as f64 / f64::from(next.max_per_second));
+                if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
+            }
+        }
+    }
+
+    /// The next batch of rewrites after the job's cursor, and the job advanced past it.
+    fn next_batch(&self, job: &RewrapJob) -> Result<(Vec<MetaWrite>, RewrapJob), AppError> {
+        let ring = self.keys.ring();
+        let mut next = job.clone();
+        let mut writes = Vec::new();
+        if !job.notes_phase {
+            let start = match &job.cursor {
+                Some(c) => {
+                    let mut k = hex::decode(c).map_err(|_| AppError::DataLoss)?;
+                    k.push(0); // strictly after
+                    k
+                }
+                None => Vec::new(),
+            };
+            let mut last = None;
+            for kv in self.store.deks.range(start..) {
+                let (k, v) = kv.map_err(|e| internal(e.into()))?;
+                last = Some(k.to_vec());
+                let wrapped = WrappedDataKey(v.to_vec());
+                if wrapped.master_version().map_err(|_| AppError::DataLoss)? == job.target {
+                    continue;
+                }
+                let patient: [u8; 16] = k.as_ref().try_into().map_err(|_| AppError::DataLoss)?;
+                let new = ring.rewrap_data_key(&patient, &wrapped, job.target).map_err(super::crypto_failure)?;
+                writes.push(MetaWrite {
+                    tree: MetaTree::Deks,
+                    key: k.to_vec(),
+                    value: Some(new.0),
+                    expect: Some(Some(v.to_vec())),
+                });
+                if writes.len() == BATCH {
+                    break;
+                }
+            }
+            match (writes.len() == BATCH, last) {
+                (true, Some(k)) => next.cursor = Some(hex::encode(k)),
+                _ => next.notes_phase = true,
+            }
+            return Ok((writes, next));
+        }
+        let writes = self.rewrap_notes(job.target, BATCH)?;
+        if writes.is_empty() {
+            next.state = "completed".into();
+        }
+        Ok((writes, next))
+    }
+}

@@ -1,0 +1,349 @@
+//! Key files on disk: where they live, their permissions, first-start
+//! creation, and the key-check that stops a wrong master key before the data
+//! directory is touched.
+//!
+//! Key directory (default `~/.config/carevault/keys`, outside the data directory):
+//!
+//! | file                  | content                                   | mode |
+//! |-----------------------|-------------------------------------------|------|
+//! | `master-<N>.key`      | master key version N: 64 hex digits + LF  | 0600 (refused if group/other can read) |
+//! | `issuer-ed25519.pk8`  | dev token issuer private key, PKCS#8 DER  | 0600 |
+//! | `issuer-ed25519.pub`  | its public key, PEM SubjectPublicKeyInfo   | 0644 |
+//!
+//! Data directory (default `~/.local/share/carevault`): `db/` (sled) and
+//! `keycheck.json`, the key state:
+//!
+//! ```json
+//! {"format": 2, "primary": 2, "blind_index_version": 1,
+//!  "master_keys": {"1": {"kcv": "<hex>", "state": "retired"},
+//!                  "2": {"kcv": "<hex>", "state": "active"}}}
+//! ```
+//!
+//! `state` is `active` (loaded, can decrypt), `retired` (not loaded: nothing
+//! may depend on it) or `destroyed` (material removed). Format 1 (written
+//! before rotation existed: `"master_keys": {"1": "<hex KCV>"}`, every version
+//! active, primary the highest) is read and rewritten as format 2.
+
+pub mod custody;
+
+pub use custody::{Destroyed, KeySource};
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, Keyring, MasterKey};
+
+/// Start-up failures about keys and directories. Messages name files and
+/// versions, never key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// I/O on a key or data file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A key file is readable by group or others.
+    #[error("{0}: key file is readable by group or others; run `chmod 600` on it (refusing to start)")]
+    Permissions(PathBuf),
+    /// A key file's content is malformed.
+    #[error("{0}: malformed key file")]
+    Malformed(PathBuf),
+    /// No master key files.
+    #[error(
+        "no master key (master-<N>.key) in {0}; the data directory exists, so refusing to create a new key. Point --key-dir at the keys for this data directory"
+    )]
+    NoMasterKey(PathBuf),
+    /// A master key does not match the data directory's key-check value.
+    #[error(
+        "master key version {0} does not match this data directory (key-check value mismatch): wrong master key. Refusing to start; nothing was modified"
+    )]
+    WrongKey(u32),
+    /// The data directory needs a master key version the key directory lacks.
+    #[error(
+        "this data directory needs master key version {0}, which the key source does not have. Refusing to start; nothing was modified"
+    )]
+    MissingVersion(u32),
+    /// A database exists without a key-check file.
+    #[error("{0}: database present but keycheck.json missing; refusing to guess which key protects it")]
+    NoKeyCheck(PathBuf),
+    /// The key command failed.
+    #[error("--master-key-command failed for version {0} (exit code {1:?})")]
+    Command(u32, Option<i32>),
+    /// A new version is not available from a source carevault cannot write to.
+    #[error("master key version {0} is not provisioned in the key source; provision it there first, then rotate")]
+    NotProvisioned(u32),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Io { path: path.to_path_buf(), source }
+}
+
+/// Paths of the key files.
+#[derive(Debug, Clone)]
+pub struct KeyPaths {
+    /// The key directory.
+    pub dir: PathBuf,
+}
+
+impl KeyPaths {
+    /// The master key file for a version.
+    pub fn master(&self, version: u32) -> PathBuf {
+        self.dir.join(format!("master-{version}.key"))
+    }
+    /// The dev issuer private key.
+    pub fn issuer_private(&self) -> PathBuf {
+        self.dir.join("issuer-ed25519.pk8")
+    }
+    /// The dev issuer public key (PEM).
+    pub fn issuer_public(&self) -> PathBuf {
+        self.dir.join("issuer-ed25519.pub")
+    }
+}
+
+/// Refuses a key file that group or others can read.
+pub fn check_private(path: &Path) -> Result<(), KeyError> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(KeyError::Permissions(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Reads a secret file after checking its permissions.
+pub fn read_private(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+    check_private(path)?;
+    Ok(zeroize::Zeroizing::new(fs::read(path).map_err(io(path))?))
+}
+
+pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn create_dir_private(dir: &Path) -> Result<(), KeyError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))
+}
+
+/// PEM SubjectPublicKeyInfo for a raw Ed25519 public key.
+pub fn ed25519_public_pem(public_key: &[u8; 32]) -> String {
+    let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    der.extend_from_slice(public_key);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n")
+}
+
+/// Parses a PEM SubjectPublicKeyInfo holding an Ed25519 key.
+pub fn parse_ed25519_public_pem(path: &Path) -> Result<[u8; 32], KeyError> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|_| KeyError::Malformed(path.to_path_buf()))?;
+    let prefix = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    if der.len() != 44 || der[..12] != prefix {
+        return Err(KeyError::Malformed(path.to_path_buf()));
+    }
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&der[12..]);
+    Ok(k)
+}
+
+/// Creates the key directory with master key v1 and a dev issuer key pair,
+/// for whichever of them does not exist yet. Returns true if anything was created.
+pub fn ensure_keys(paths: &KeyPaths) -> Result<bool, KeyError> {
+    let mut created = ensure_issuer(paths)?;
+    if master_versions(paths)?.is_empty() {
+        let key = MasterKey::generate().map_err(|_| KeyError::Malformed(paths.master(1)))?;
+        write_new(&paths.master(1), key.to_hex().as_bytes(), 0o600)?;
+        created = true;
+    }
+    Ok(created)
+}
+
+/// Creates the key directory and the dev token issuer key pair if missing
+/// (master keys may come from elsewhere). Returns true if anything was created.
+pub fn ensure_issuer(paths: &KeyPaths) -> Result<bool, KeyError> {
+    if !paths.dir.exists() {
+        create_dir_private(&paths.dir)?;
+    }
+    if paths.issuer_private().exists() {
+        return Ok(false);
+    }
+    let pair = crypto::generate_issuer_key().map_err(|_| KeyError::Malformed(paths.issuer_private()))?;
+    write_new(&paths.issuer_private(), &pair.pkcs8_der, 0o600)?;
+    let public = paths.issuer_public();
+    if public.exists() {
+        fs::remove_file(&public).map_err(io(&public))?;
+    }
+    write_new(&public, ed25519_public_pem(&pair.public_key).as_bytes(), 0o644)?;
+    Ok(true)
+}
+
+/// Master key versions present in the key directory.
+pub fn master_versions(paths: &KeyPaths) -> Result<Vec<u32>, KeyError> {
+    let Ok(entries) = fs::read_dir(&paths.dir) else { return Ok(Vec::new()) };
+    let mut versions = Vec::new();
+    for e in entries {
+        let e = e.map_err(io(&paths.dir))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(v) =
+            name.strip_prefix("master-").and_then(|s| s.strip_suffix(".key")).and_then(|s| s.parse::<u32>().ok())
+        {
+            versions.push(v);
+        }
+    }
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+/// The life-cycle state of a master key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    /// Loaded; can decrypt (and wrap, if primary).
+    Active,
+    /// Not loaded; nothing depends on it.
+    Retired,
+    /// Material removed.
+    Destroyed,
+}
+
+impl VersionState {
+    /// The name used in keycheck.json and `keys status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Active => "active",
+            VersionState::Retired => "retired",
+            VersionState::Destroyed => "destroyed",
+        }
+    }
+}
+
+/// One version's record in the key state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Key-check value (hex); reveals nothing about the key.
+    pub kcv: String,
+    /// Life-cycle state.
+    pub state: VersionState,
+}
+
+/// The key state of a data directory (`keycheck.json`, format 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// Always 2 when written.
+    pub format: u32,
+    /// The version new data keys are wrapped with.
+    pub primary: u32,
+    /// The version the blind-index key is derived from.
+    pub blind_index_version: u32,
+    /// Every version ever used, by number.
+    pub master_keys: BTreeMap<u32, VersionInfo>,
+}
+
+#[derive(Deserialize)]
+struct KeyCheckV1 {
+    master_keys: BTreeMap<String, String>,
+    blind_index_version: u32,
+}
+
+impl KeyState {
+    /// Active versions, ascending.
+    pub fn active(&self) -> Vec<u32> {
+        self.master_keys.iter().filter(|(_, i)| i.state == VersionState::Active).map(|(v, _)| *v).collect()
+    }
+
+    fn read(path: &Path) -> Result<KeyState, KeyError> {
+        let text = fs::read_to_string(path).map_err(io(path))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|_| KeyError::Malformed(path.into()))?;
+        if value.get("format").and_then(|f| f.as_u64()) == Some(1) {
+            let v1: KeyCheckV1 = serde_json::from_value(value).map_err(|_| KeyError::Malformed(path.into()))?;
+            let mut master_keys = BTreeMap::new();
+            for (v, kcv) in v1.master_keys {
+                let v: u32 = v.parse().map_err(|_| KeyError::Malformed(path.into()))?;
+                master_keys.insert(v, VersionInfo { kcv, state: VersionState::Active });
+            }
+            let primary = *master_keys.keys().last().ok_or_else(|| KeyError::Malformed(path.into()))?;
+            return Ok(KeyState { format: 2, primary, blind_index_version: v1.blind_index_version, master_keys });
+        }
+        serde_json::from_value(value).map_err(|_| KeyError::Malformed(path.into()))
+    }
+
+    /// Writes the state atomically (temporary file, fsync, rename, directory fsync).
+    pub fn write(&self, data_dir: &Path) -> Result<(), KeyError> {
+        let path = data_dir.join("keycheck.json");
+        let text = serde_json::to_string_pretty(self).map_err(|_| KeyError::Malformed(path.clone()))?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io(data_dir))?;
+        Ok(())
+    }
+
+    /// Builds the keyring of the active versions, fetching each from `source`
+    /// and checking it against its key-check value.
+    pub fn keyring(&self, source: &KeySource) -> Result<Keyring, KeyError> {
+        let mut masters = Vec::new();
+        for v in self.active() {
+            let key = source.fetch(v)?.ok_or(KeyError::MissingVersion(v))?;
+            let ring = Keyring::new(vec![(v, key.clone_key())], v, v).map_err(|_| KeyError::MissingVersion(v))?;
+            if ring.key_check_value(v).as_deref() != Some(self.master_keys[&v].kcv.as_str()) {
+                return Err(KeyError::WrongKey(v));
+            }
+            masters.push((v, key));
+        }
+        Keyring::new(masters, self.primary, self.blind_index_version)
+            .map_err(|_| KeyError::MissingVersion(self.primary))
+    }
+}
+
+/// Opens the keyring for a data directory, checking every active version
+/// against the directory's key-check values before anything in it is opened.
+/// On a fresh data directory, creates it with version 1 (created in the
+/// source if it is key files) and writes the key state.
+pub fn open_for_data_dir(source: &KeySource, data_dir: &Path) -> Result<(Keyring, KeyState), KeyError> {
+    let check_path = data_dir.join("keycheck.json");
+    if check_path.exists() {
+        let state = KeyState::read(&check_path)?;
+        let ring = state.keyring(source)?;
+        return Ok((ring, state));
+    }
+    if data_dir.join("db").exists() {
+        return Err(KeyError::NoKeyCheck(data_dir.to_path_buf()));
+    }
+    let key = match source {
+        KeySource::Files(paths) => {
+            let first =
+                master_versions(paths)?.first().copied().ok_or_else(|| KeyError::NoMasterKey(paths.dir.clone()))?;
+            if first != 1 {
+                return Err(KeyError::MissingVersion(1));
+            }
+            source.fetch(1)?.ok_or(KeyError::MissingVersion(1))?
+        }
+        _ => source.fetch(1)?.ok_or(KeyError::NotProvisioned(1))?,
+    };
+    let ring = Keyring::new(vec![(1, key)], 1, 1).map_err(|_| KeyError::MissingVersion(1))?;
+    let kcv = ring.key_check_value(1).ok_or(KeyError::MissingVersion(1))?;
+    let state = KeyState {
+        format: 2,
+        primary: 1,
+        blind_index_version: 1,
+        master_keys: [(1, VersionInfo { kcv, state: VersionState::Active })].into_iter().collect(),
+    };
+    create_dir_private(data_dir)?;
+    state.write(data_dir)?;
+    Ok((ring, state))
+}
