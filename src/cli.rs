@@ -44,6 +44,8 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Master key operations: against a running server (--server) or offline on a stopped data directory.
+    Keys(KeysArgs),
     /// A small client for trying the service by hand.
     Client(ClientArgs),
     /// Measure throughput and latency of audited operations (see BENCHMARKS.md).
@@ -168,6 +170,67 @@ pub struct ServeArgs {
     /// How long a break-glass grant lasts.
     #[arg(long, env = "CAREVAULT_BREAK_GLASS_TTL", default_value = "60m", value_parser = humantime::parse_duration)]
     pub break_glass_ttl: std::time::Duration,
+}
+
+/// `keys` options. Give --server (with --token and TLS options) for a running
+/// server; otherwise the command works offline on --data-dir/--key-dir, which
+/// must not be in use by a server.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// A running server's URL.
+    #[arg(long, global = true)]
+    pub server: Option<String>,
+    /// Bearer token with keys.admin (role key_admin), for --server.
+    #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// TLS for --server.
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
+    /// Directories, for offline use.
+    #[command(flatten)]
+    pub dirs: DirArgs,
+    /// Master key custody, for offline use.
+    #[command(flatten)]
+    pub custody: KeyCustodyArgs,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+/// Key operations.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Versions, primary, what depends on each version, the rewrap job.
+    Status,
+    /// Add a master key version and make it primary.
+    Rotate,
+    /// Rewrap every data key and note onto the primary version (background job; shows progress).
+    Rewrap {
+        /// Count only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Data keys per second at most (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        max_per_second: u32,
+        /// Start the job and return without waiting (online only).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a version from decrypting (refused while anything depends on it).
+    Retire {
+        /// The master key version.
+        #[arg(value_name = "VERSION")]
+        key_version: u32,
+    },
+    /// Remove a retired version's material for good.
+    Destroy {
+        /// The master key version.
+        #[arg(value_name = "VERSION")]
+        key_version: u32,
+    },
 }
 
 /// `certs` subcommands.
@@ -359,4 +422,13 @@ pub enum ClientCommand {
         #[arg(long)]
         note: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

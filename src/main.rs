@@ -37,6 +37,7 @@ fn main() {
             Command::Verify(args) => commands::verify::verify(args).await,
             Command::Token(TokenCommand::Issue(args)) => commands::token::issue(args).map(|()| 0),
             Command::Certs(cmd) => commands::certs::run(cmd).map(|()| 0),
+            Command::Keys(args) => commands::keys::run(args).await.map(|()| 0),
             Command::Client(args) => commands::client::run(args).await.map(|()| 0),
             Command::Bench(args) => commands::bench::run(args).await.map(|()| 0),
         };

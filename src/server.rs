@@ -17,6 +17,7 @@ use crate::clock::Clock;
 use crate::config::{ConfigError, ServiceConfig};
 use crate::keystore::{self, KeyError, KeyPaths, KeySource};
 use crate::proto::v1::access_service_server::AccessServiceServer;
+use crate::proto::v1::key_service_server::KeyServiceServer;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::coverage_service_server::CoverageServiceServer;
 use crate::proto::v1::patient_service_server::PatientServiceServer;
@@ -79,6 +80,19 @@ pub struct Service {
     thread: std::thread::JoinHandle<()>,
 }
 
+impl Service {
+    /// Stops background jobs and the sequencer (after a final sync) without
+    /// serving: for offline commands that used the app directly.
+    pub async fn close(self) {
+        self.edge.app().stop_jobs();
+        let Service { edge, sequencer, thread, .. } = self;
+        let _only_after_jobs = edge.app().wait_jobs().await;
+        drop(edge);
+        drop(sequencer);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
 /// Reads and validates the policy: the file if configured, else the embedded default.
 pub fn load_policy(file: Option<&std::path::Path>) -> Result<Policy, ServerError> {
     match file {
@@ -133,6 +147,7 @@ pub async fn run(
     health_reporter.set_serving::<CoverageServiceServer<Edge>>().await;
     health_reporter.set_serving::<AuditServiceServer<Edge>>().await;
     health_reporter.set_serving::<AccessServiceServer<Edge>>().await;
+    health_reporter.set_serving::<KeyServiceServer<Edge>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -144,6 +159,8 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
     let Service { edge, sequencer, tls, thread } = service;
+    // A rewrap job interrupted by a stop or a crash continues now.
+    edge.app().resume_jobs();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -156,6 +173,7 @@ pub async fn run(
         .add_service(CoverageServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
         .add_service(AuditServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
         .add_service(AccessServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
+        .add_service(KeyServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
         // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies
         // written in more than one segment.
         .serve_with_incoming_shutdown(
@@ -163,6 +181,7 @@ pub async fn run(
             shutdown,
         )
         .await;
+    edge.app().stop_jobs();
     drop(edge);
     drop(sequencer);
     drop(health_reporter);

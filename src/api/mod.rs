@@ -7,6 +7,7 @@ pub mod access;
 pub mod audit;
 pub mod convert;
 pub mod coverage;
+pub mod keys;
 pub mod patient;
 pub mod validate;
 
@@ -68,7 +69,22 @@ impl Edge {
                 .map(|s| Some(s.to_string()))
                 .ok_or(()),
         };
-        CallContext { request_id, client_address, auth, service, purpose, break_glass_reason, permit, started }
+        CallContext {
+            request_id,
+            client_address,
+            auth,
+            service,
+            purpose,
+            break_glass_reason,
+            permit,
+            started,
+            local_operator: false,
+        }
+    }
+
+    /// The application behind the edge (offline key commands and job resumption).
+    pub fn app(&self) -> &App {
+        &self.app
     }
 
     fn today(&self) -> CalendarDate {

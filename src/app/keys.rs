@@ -208,6 +208,12 @@ impl App {
                 return Err(AppError::FailedPrecondition("the primary version cannot be retired; rotate first"));
             }
             let uses = app.key_usage()?.remove(&version).unwrap_or_default();
+            if version == state.blind_index_version {
+                return Err(AppError::InUse(format!(
+                    "master key version {version} is still in use: the blind-index key ({} entries) is derived from it; blind-index key rotation is not available yet, so this version stays active",
+                    uses.index_entries
+                )));
+            }
             if uses.total() > 0 {
                 return Err(AppError::InUse(format!(
                     "master key version {version} is still in use: {} data keys ({} records), {} blind index entries, {} notes; run keys rewrap (and rotate the blind-index key) first",

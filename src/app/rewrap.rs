@@ -145,6 +145,11 @@ impl App {
         Ok(job)
     }
 
+    /// The job's state without an audit entry (for the offline CLI's progress bar).
+    pub fn rewrap_progress(&self) -> Result<Option<RewrapJob>, AppError> {
+        self.rewrap_job()
+    }
+
     /// The job's progress (audited like every call).
     pub async fn get_rewrap_job(&self, ctx: &CallContext) -> Result<Option<RewrapJob>, AppError> {
         let mut attempt = self.begin(ctx, Action::KeysStatus);
@@ -177,6 +182,9 @@ impl App {
     pub async fn run_rewrap(&self) -> Result<(), AppError> {
         let _only_one = self.rewrap_lock.lock().await;
         loop {
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
             let Some(job) = self.rewrap_job()? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod keys;
 pub mod serve;
 pub mod token;
 pub mod verify;

@@ -305,8 +305,10 @@ impl KeyState {
             }
             masters.push((v, key));
         }
-        Keyring::new(masters, self.primary, self.blind_index_version)
-            .map_err(|_| KeyError::MissingVersion(self.primary))
+        Keyring::new(masters, self.primary, self.blind_index_version).map_err(|e| match e {
+            crate::crypto::CryptoError::UnknownKeyVersion(v) => KeyError::MissingVersion(v),
+            _ => KeyError::MissingVersion(self.primary),
+        })
     }
 }
 

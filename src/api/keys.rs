@@ -1,0 +1,127 @@
+//! KeyService: master key status, rotation, rewrap, retirement, destruction.
+
+use tonic::{Request, Response, Status};
+
+use super::convert::timestamp;
+use super::validate::Checker;
+use super::{Edge, reply};
+use crate::app::{KeyStatus, RewrapJob, RewrapRequest};
+use crate::proto::v1 as pb;
+use crate::proto::v1::key_service_server::KeyService;
+
+/// A job as its proto message, with its rate at `now` (µs).
+pub fn job_pb(j: &RewrapJob, now: i64) -> pb::RewrapJob {
+    pb::RewrapJob {
+        job_id: j.id.clone(),
+        state: j.state.clone(),
+        target_version: j.target,
+        done: j.done,
+        total: j.total,
+        rate: j.rate(now),
+        max_per_second: j.max_per_second,
+        start_time: Some(timestamp(j.started_at)),
+        finish_time: j.finished_at.map(timestamp),
+    }
+}
+
+/// A status report as its proto message.
+pub fn status_pb(s: &KeyStatus, now: i64) -> pb::GetKeyStatusResponse {
+    pb::GetKeyStatusResponse {
+        versions: s
+            .versions
+            .iter()
+            .map(|v| pb::KeyVersionStatus {
+                version: v.version,
+                state: v.state.as_str().into(),
+                primary: v.primary,
+                data_keys: v.uses.data_keys,
+                records: v.uses.records,
+                index_entries: v.uses.index_entries,
+                notes: v.uses.notes,
+            })
+            .collect(),
+        primary_version: s.primary,
+        blind_index_version: s.blind_index_version,
+        key_source: s.source.clone(),
+        job: s.job.as_ref().map(|j| job_pb(j, now)),
+    }
+}
+
+fn version(c: &mut Checker, v: u32) -> Option<u32> {
+    if v == 0 {
+        c.bad("version", "is required (versions start at 1)");
+        return None;
+    }
+    Some(v)
+}
+
+#[tonic::async_trait]
+impl KeyService for Edge {
+    async fn get_key_status(
+        &self,
+        req: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
+        let ctx = self.context(&req);
+        let now = self.clock.now_micros();
+        let result = self.app.key_status(&ctx).await;
+        reply(&ctx, result.map(|s| status_pb(&s, now)))
+    }
+
+    async fn rotate_master_key(
+        &self,
+        req: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        let ctx = self.context(&req);
+        let result = self.app.rotate_master_key(&ctx).await;
+        reply(
+            &ctx,
+            result.map(|(new_version, previous_primary)| pb::RotateMasterKeyResponse { new_version, previous_primary }),
+        )
+    }
+
+    async fn start_rewrap(
+        &self,
+        req: Request<pb::StartRewrapRequest>,
+    ) -> Result<Response<pb::StartRewrapResponse>, Status> {
+        let ctx = self.context(&req);
+        let r = req.get_ref();
+        let input = Checker::default()
+            .into_result(Some(RewrapRequest { dry_run: r.dry_run, max_per_second: r.max_per_second }));
+        let now = self.clock.now_micros();
+        let result = self.app.start_rewrap(&ctx, input).await;
+        reply(&ctx, result.map(|j| pb::StartRewrapResponse { job: Some(job_pb(&j, now)) }))
+    }
+
+    async fn get_rewrap_job(
+        &self,
+        req: Request<pb::GetRewrapJobRequest>,
+    ) -> Result<Response<pb::GetRewrapJobResponse>, Status> {
+        let ctx = self.context(&req);
+        let now = self.clock.now_micros();
+        let result = self.app.get_rewrap_job(&ctx).await;
+        reply(&ctx, result.map(|j| pb::GetRewrapJobResponse { job: j.as_ref().map(|j| job_pb(j, now)) }))
+    }
+
+    async fn retire_master_key(
+        &self,
+        req: Request<pb::RetireMasterKeyRequest>,
+    ) -> Result<Response<pb::RetireMasterKeyResponse>, Status> {
+        let ctx = self.context(&req);
+        let mut c = Checker::default();
+        let v = version(&mut c, req.get_ref().version);
+        let result = self.app.retire_master_key(&ctx, c.into_result(v)).await;
+        reply(&ctx, result.map(|version| pb::RetireMasterKeyResponse { version }))
+    }
+
+    async fn destroy_master_key(
+        &self,
+        req: Request<pb::DestroyMasterKeyRequest>,
+    ) -> Result<Response<pb::DestroyMasterKeyResponse>, Status> {
+        let ctx = self.context(&req);
+        let mut c = Checker::default();
+        let v = version(&mut c, req.get_ref().version);
+        let result = self.app.destroy_master_key(&ctx, c.into_result(v)).await;
+        let version = req.get_ref().version;
+        reply(&ctx, result.map(|material_removed| pb::DestroyMasterKeyResponse { version, material_removed }))
+    }
+}

@@ -1,0 +1,207 @@
+//! `carevault keys`: master key operations, online (KeyService) or offline
+//! (the same use cases on a stopped data directory, audited as `offline:<user>`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use carevault::api::keys::{job_pb, status_pb};
+use carevault::app::{App, CallContext, RewrapRequest};
+use carevault::auth::TokenRules;
+use carevault::auth::limits::LimitSettings;
+use carevault::cli::{KeysArgs, KeysCommand};
+use carevault::clock::{Clock, SystemClock};
+use carevault::config::ServiceConfig;
+use carevault::proto::v1 as pb;
+use carevault::proto::v1::key_service_client::KeyServiceClient;
+use carevault::server::{self, OpenOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn app_error(e: carevault::error::AppError) -> anyhow::Error {
+    let s = carevault::error::to_status(&e, "offline");
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        println!("{}", human());
+    }
+    Ok(())
+}
+
+fn human_status(s: &pb::GetKeyStatusResponse) -> String {
+    let mut out = format!(
+        "key source: {}\nprimary: v{}   blind index: v{}\nversion  state      data keys    records  index entries  notes\n",
+        s.key_source, s.primary_version, s.blind_index_version
+    );
+    for v in &s.versions {
+        out += &format!(
+            "v{:<7} {:<10} {:>9} {:>10} {:>14} {:>6}{}\n",
+            v.version,
+            v.state,
+            v.data_keys,
+            v.records,
+            v.index_entries,
+            v.notes,
+            if v.primary { "  (primary)" } else { "" }
+        );
+    }
+    if let Some(j) = &s.job {
+        out += &format!("rewrap job {}: {} to v{}, {}/{} done, {:.0}/s\n", j.job_id, j.state, j.target_version, j.done, j.total, j.rate);
+    }
+    out.trim_end().to_string()
+}
+
+fn bar(total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} rewrapped, {per_sec}, eta {eta}") {
+        pb.set_style(style);
+    }
+    pb
+}
+
+/// Runs a `keys` subcommand.
+pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
+    match &args.server {
+        Some(url) => online(url, &args).await,
+        None => offline(&args).await,
+    }
+}
+
+async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
+    let token = args.token.clone().context("--server needs --token (or CAREVAULT_TOKEN) with the key_admin role")?;
+    let mut client = KeyServiceClient::new(super::connect(url, &args.tls).await?);
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    macro_rules! req {
+        ($m:expr) => {{
+            let mut r = tonic::Request::new($m);
+            r.metadata_mut().insert("authorization", bearer.clone());
+            r
+        }};
+    }
+    match &args.command {
+        KeysCommand::Status => {
+            let s = client.get_key_status(req!(pb::GetKeyStatusRequest {})).await.map_err(status)?.into_inner();
+            print(args.json, &s, || human_status(&s))
+        }
+        KeysCommand::Rotate => {
+            let r = client.rotate_master_key(req!(pb::RotateMasterKeyRequest {})).await.map_err(status)?.into_inner();
+            print(args.json, &r, || format!("v{} is primary (was v{}); run `keys rewrap` next", r.new_version, r.previous_primary))
+        }
+        KeysCommand::Retire { key_version: version } => {
+            let r = client.retire_master_key(req!(pb::RetireMasterKeyRequest { version: *version })).await.map_err(status)?;
+            print(args.json, &r.into_inner(), || format!("v{version} retired: it can no longer decrypt"))
+        }
+        KeysCommand::Destroy { key_version: version } => {
+            let r = client.destroy_master_key(req!(pb::DestroyMasterKeyRequest { version: *version })).await.map_err(status)?;
+            let r = r.into_inner();
+            print(args.json, &r, || destroyed_message(*version, r.material_removed))
+        }
+        KeysCommand::Rewrap { dry_run, max_per_second, no_wait } => {
+            let start = pb::StartRewrapRequest { dry_run: *dry_run, max_per_second: *max_per_second };
+            let job = client.start_rewrap(req!(start)).await.map_err(status)?.into_inner().job.context("no job")?;
+            if *dry_run || *no_wait || job.state != "running" {
+                return print(args.json, &job, || format!("{}: {} data keys and notes to rewrap to v{}", job.state, job.total, job.target_version));
+            }
+            let pb = bar(job.total);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let j = client.get_rewrap_job(req!(pb::GetRewrapJobRequest {})).await.map_err(status)?.into_inner();
+                let Some(j) = j.job else { continue };
+                pb.set_position(j.done);
+                if j.state == "completed" {
+                    pb.finish();
+                    return print(args.json, &j, || format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate));
+                }
+            }
+        }
+    }
+}
+
+fn destroyed_message(version: u32, removed: bool) -> String {
+    if removed {
+        format!("v{version} destroyed: its key file is removed")
+    } else {
+        format!("v{version} marked destroyed: remove its material from your key source now")
+    }
+}
+
+async fn offline(args: &KeysArgs) -> anyhow::Result<()> {
+    let (data_dir, key_dir) = super::dirs(&args.dirs);
+    if !data_dir.join("keycheck.json").exists() {
+        anyhow::bail!("{} is not a carevault data directory (no keycheck.json)", data_dir.display());
+    }
+    let source = super::key_source(&args.custody, &key_dir)?;
+    let config = ServiceConfig {
+        data_dir,
+        key_dir,
+        key_source: Some(source),
+        listen: "127.0.0.1:0".parse()?,
+        issuer_public_key: None,
+        tokens: TokenRules { max_lifetime_secs: 3600, leeway_secs: 30, issuer: String::new(), audience: String::new() },
+        cache_bytes: 256 << 20,
+        tls: None,
+        insecure_plaintext: false,
+        policy_file: None,
+        limits: LimitSettings::default(),
+        break_glass_secs: 3600,
+    };
+    // The issuer key is not needed offline, but `open` reads it; an absent one is an error worth seeing.
+    let service = server::open(&config, OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: None })
+        .context("cannot open the data directory (is a server running on it?)")?;
+    let app = service.edge.app().clone();
+    let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let result = offline_command(&app, &user, args).await;
+    drop(app); // the sequencer stops once every handle is gone
+    service.close().await;
+    result
+}
+
+async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Result<()> {
+    let ctx = CallContext::offline(app, user);
+    let now = SystemClock.now_micros();
+    match &args.command {
+        KeysCommand::Status => {
+            let s = status_pb(&app.key_status(&ctx).await.map_err(app_error)?, now);
+            print(args.json, &s, || human_status(&s))
+        }
+        KeysCommand::Rotate => {
+            let (new_version, previous_primary) = app.rotate_master_key(&ctx).await.map_err(app_error)?;
+            let r = pb::RotateMasterKeyResponse { new_version, previous_primary };
+            print(args.json, &r, || format!("v{new_version} is primary (was v{previous_primary}); run `keys rewrap` next"))
+        }
+        KeysCommand::Retire { key_version: version } => {
+            app.retire_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
+            print(args.json, &pb::RetireMasterKeyResponse { version: *version }, || format!("v{version} retired: it can no longer decrypt"))
+        }
+        KeysCommand::Destroy { key_version: version } => {
+            let removed = app.destroy_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
+            let r = pb::DestroyMasterKeyResponse { version: *version, material_removed: removed };
+            print(args.json, &r, || destroyed_message(*version, removed))
+        }
+        KeysCommand::Rewrap { dry_run, max_per_second, .. } => {
+            let req = RewrapRequest { dry_run: *dry_run, max_per_second: *max_per_second };
+            let job = app.start_rewrap(&ctx, Ok(req)).await.map_err(app_error)?;
+            if job.state != "running" {
+                let j = job_pb(&job, now);
+                return print(args.json, &j, || format!("{}: {} data keys and notes to rewrap to v{}", j.state, j.total, j.target_version));
+            }
+            let pb = bar(job.total);
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(j) = app.rewrap_progress().map_err(app_error)? else { continue };
+                pb.set_position(j.done);
+                if j.state == "completed" {
+                    pb.finish();
+                    let j = job_pb(&j, SystemClock.now_micros());
+                    return print(args.json, &j, || format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate));
+                }
+            }
+        }
+    }
+}
