@@ -52,7 +52,10 @@ fn human_status(s: &pb::GetKeyStatusResponse) -> String {
         );
     }
     if let Some(j) = &s.job {
-        out += &format!("rewrap job {}: {} to v{}, {}/{} done, {:.0}/s\n", j.job_id, j.state, j.target_version, j.done, j.total, j.rate);
+        out += &format!(
+            "rewrap job {}: {} to v{}, {}/{} done, {:.0}/s\n",
+            j.job_id, j.state, j.target_version, j.done, j.total, j.rate
+        );
     }
     out.trim_end().to_string()
 }
@@ -91,14 +94,22 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::Rotate => {
             let r = client.rotate_master_key(req!(pb::RotateMasterKeyRequest {})).await.map_err(status)?.into_inner();
-            print(args.json, &r, || format!("v{} is primary (was v{}); run `keys rewrap` next", r.new_version, r.previous_primary))
+            print(args.json, &r, || {
+                format!("v{} is primary (was v{}); run `keys rewrap` next", r.new_version, r.previous_primary)
+            })
         }
         KeysCommand::Retire { key_version: version } => {
-            let r = client.retire_master_key(req!(pb::RetireMasterKeyRequest { version: *version })).await.map_err(status)?;
+            let r = client
+                .retire_master_key(req!(pb::RetireMasterKeyRequest { version: *version }))
+                .await
+                .map_err(status)?;
             print(args.json, &r.into_inner(), || format!("v{version} retired: it can no longer decrypt"))
         }
         KeysCommand::Destroy { key_version: version } => {
-            let r = client.destroy_master_key(req!(pb::DestroyMasterKeyRequest { version: *version })).await.map_err(status)?;
+            let r = client
+                .destroy_master_key(req!(pb::DestroyMasterKeyRequest { version: *version }))
+                .await
+                .map_err(status)?;
             let r = r.into_inner();
             print(args.json, &r, || destroyed_message(*version, r.material_removed))
         }
@@ -106,7 +117,9 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
             let start = pb::StartRewrapRequest { dry_run: *dry_run, max_per_second: *max_per_second };
             let job = client.start_rewrap(req!(start)).await.map_err(status)?.into_inner().job.context("no job")?;
             if *dry_run || *no_wait || job.state != "running" {
-                return print(args.json, &job, || format!("{}: {} data keys and notes to rewrap to v{}", job.state, job.total, job.target_version));
+                return print(args.json, &job, || {
+                    format!("{}: {} data keys and notes to rewrap to v{}", job.state, job.total, job.target_version)
+                });
             }
             let pb = bar(job.total);
             loop {
@@ -116,7 +129,9 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
                 pb.set_position(j.done);
                 if j.state == "completed" {
                     pb.finish();
-                    return print(args.json, &j, || format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate));
+                    return print(args.json, &j, || {
+                        format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate)
+                    });
                 }
             }
         }
@@ -173,11 +188,15 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
         KeysCommand::Rotate => {
             let (new_version, previous_primary) = app.rotate_master_key(&ctx).await.map_err(app_error)?;
             let r = pb::RotateMasterKeyResponse { new_version, previous_primary };
-            print(args.json, &r, || format!("v{new_version} is primary (was v{previous_primary}); run `keys rewrap` next"))
+            print(args.json, &r, || {
+                format!("v{new_version} is primary (was v{previous_primary}); run `keys rewrap` next")
+            })
         }
         KeysCommand::Retire { key_version: version } => {
             app.retire_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
-            print(args.json, &pb::RetireMasterKeyResponse { version: *version }, || format!("v{version} retired: it can no longer decrypt"))
+            print(args.json, &pb::RetireMasterKeyResponse { version: *version }, || {
+                format!("v{version} retired: it can no longer decrypt")
+            })
         }
         KeysCommand::Destroy { key_version: version } => {
             let removed = app.destroy_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
@@ -189,7 +208,9 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             let job = app.start_rewrap(&ctx, Ok(req)).await.map_err(app_error)?;
             if job.state != "running" {
                 let j = job_pb(&job, now);
-                return print(args.json, &j, || format!("{}: {} data keys and notes to rewrap to v{}", j.state, j.total, j.target_version));
+                return print(args.json, &j, || {
+                    format!("{}: {} data keys and notes to rewrap to v{}", j.state, j.total, j.target_version)
+                });
             }
             let pb = bar(job.total);
             loop {
@@ -199,7 +220,9 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
                 if j.state == "completed" {
                     pb.finish();
                     let j = job_pb(&j, SystemClock.now_micros());
-                    return print(args.json, &j, || format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate));
+                    return print(args.json, &j, || {
+                        format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate)
+                    });
                 }
             }
         }

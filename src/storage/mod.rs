@@ -338,4 +338,12 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+
+    /// Raw access for tests that restore an old wrapped data key (to show a
+    /// destroyed version cannot open it). Bypasses the sequencer and the audit trail.
+    pub fn danger_put_dek_raw(&self, patient: &[u8; 16], value: Vec<u8>) -> Result<(), StorageError> {
+        self.deks.insert(patient, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
 }

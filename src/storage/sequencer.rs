@@ -302,8 +302,9 @@ fn apply(
                 let c = &p.commit;
                 let mut outcome = CommitOutcome::Written;
                 for m in &c.meta {
+                    let tree = if m.tree == MetaTree::Deks { deks } else { access };
                     if let Some(expect) = &m.expect
-                        && access.get(&m.key)?.map(|v| v.to_vec()) != *expect
+                        && tree.get(&m.key)?.map(|v| v.to_vec()) != *expect
                     {
                         outcome = CommitOutcome::Conflict { current: 0 };
                     }
@@ -322,9 +323,10 @@ fn apply(
                 }
                 if outcome == CommitOutcome::Written {
                     for m in &c.meta {
+                        let tree = if m.tree == MetaTree::Deks { deks } else { access };
                         match &m.value {
-                            Some(v) => access.insert(m.key.as_slice(), v.as_slice())?,
-                            None => access.remove(m.key.as_slice())?,
+                            Some(v) => tree.insert(m.key.as_slice(), v.as_slice())?,
+                            None => tree.remove(m.key.as_slice())?,
                         };
                     }
                 }
@@ -443,6 +445,37 @@ mod tests {
         assert_eq!(seqs, (1..=400).collect::<Vec<_>>(), "gapless, each sequence once");
         let used = syncs.load(std::sync::atomic::Ordering::SeqCst) - before;
         assert!(used <= 40, "{used} syncs for 400 commits: group commit is not batching");
+        drop(seq);
+        handle.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meta_writes_land_in_their_own_tree_only_when_every_precondition_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, seq, handle, _) = start(dir.path());
+        let put = |tree, key: &[u8], value: &[u8], expect: Option<Option<Vec<u8>>>| MetaWrite {
+            tree,
+            key: key.to_vec(),
+            value: Some(value.to_vec()),
+            expect,
+        };
+        let both = vec![put(MetaTree::Deks, &[9; 16], b"w1", Some(None)), put(MetaTree::Access, b"Gx", b"g1", None)];
+        let c = seq.commit(Commit { entry: entry("keys.rewrap_batch"), write: None, meta: both }).await.unwrap();
+        assert_eq!(c.outcome, CommitOutcome::Written);
+        assert_eq!(store.wrapped_dek(&[9; 16]).unwrap(), Some(b"w1".to_vec()));
+        assert_eq!(store.access_get(b"Gx").unwrap(), Some(b"g1".to_vec()));
+        assert_eq!(store.access_get(&[9; 16]).unwrap(), None, "a deks write never lands in access");
+        // One stale precondition: nothing of the commit is applied, the entry says aborted.
+        let stale = vec![
+            put(MetaTree::Deks, &[9; 16], b"w2", Some(Some(b"w0".to_vec()))),
+            put(MetaTree::Access, b"Gx", b"g2", Some(Some(b"g1".to_vec()))),
+        ];
+        let c = seq.commit(Commit { entry: entry("keys.rewrap_batch"), write: None, meta: stale }).await.unwrap();
+        assert_eq!(c.outcome, CommitOutcome::Conflict { current: 0 });
+        assert_eq!(store.wrapped_dek(&[9; 16]).unwrap(), Some(b"w1".to_vec()));
+        assert_eq!(store.access_get(b"Gx").unwrap(), Some(b"g1".to_vec()));
+        let aborted = AuditEntry::decode(&store.audit_entry(c.sequence).unwrap().unwrap().bytes).unwrap();
+        assert_eq!(aborted.outcome, "aborted");
         drop(seq);
         handle.join().unwrap();
     }

@@ -1,0 +1,287 @@
+//! Master key rotation, online rewrap, retirement and destruction.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use carevault::proto::v1 as pb;
+use carevault::proto::v1::key_service_client::KeyServiceClient;
+use carevault::storage::Store;
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn keys(s: &TestServer) -> KeyServiceClient<tonic::transport::Channel> {
+    KeyServiceClient::new(s.channel.clone())
+}
+
+async fn status(s: &TestServer) -> pb::GetKeyStatusResponse {
+    let t = s.token("keyper", "key_admin");
+    keys(s).get_key_status(req_for(pb::GetKeyStatusRequest {}, &t, None)).await.unwrap().into_inner()
+}
+
+fn on(st: &pb::GetKeyStatusResponse, version: u32) -> &pb::KeyVersionStatus {
+    st.versions.iter().find(|v| v.version == version).unwrap()
+}
+
+async fn rewrap_to_completion(s: &TestServer) -> pb::RewrapJob {
+    let t = s.token("keyper", "key_admin");
+    let start = pb::StartRewrapRequest { dry_run: false, max_per_second: 0 };
+    keys(s).start_rewrap(req_for(start, &t, None)).await.unwrap();
+    for _ in 0..600 {
+        let j = keys(s).get_rewrap_job(req_for(pb::GetRewrapJobRequest {}, &t, None)).await.unwrap().into_inner();
+        if let Some(j) = j.job.filter(|j| j.state == "completed") {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let j = keys(s).get_rewrap_job(req_for(pb::GetRewrapJobRequest {}, &t, None)).await.unwrap().into_inner();
+    panic!("rewrap did not complete: {j:?}");
+}
+
+async fn make_patients(s: &TestServer, n: usize) -> Vec<pb::Patient> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let p = create(s, patient("Rot", &format!("P{i}"), "1970-01-01", &format!("ROT-{i}"))).await;
+        let c = coverage(&p.id, &format!("ROTM{i}"), 1);
+        s.coverages().create_coverage(req(pb::CreateCoverageRequest { coverage: Some(c) }, &s.admin())).await.unwrap();
+        out.push(p);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_and_rewrapping_under_load_fails_no_request_and_leaves_nothing_on_the_old_version() {
+    let s = TestServer::start().await;
+    let patients = make_patients(&s, 300).await;
+    // A break-glass reason sealed under v1 is moved too.
+    let vip = create(&s, patient("Vip", "Vera", "1960-06-06", "VIP-1")).await;
+    set_restricted_and_break_glass(&s, &vip.id).await;
+    let before = status(&s).await;
+    assert_eq!((on(&before, 1).data_keys, on(&before, 1).notes), (301, 1));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let ids: Vec<String> = patients.iter().skip(w).step_by(6).map(|p| p.id.clone()).collect();
+            let (mut pc, token) = (s.patients(), s.admin());
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let id = ids[i % ids.len()].clone();
+                    i += 1;
+                    let r = async {
+                        let p = pc.get_patient(req(pb::GetPatientRequest { patient_id: id }, &token)).await?;
+                        let mut p = p.into_inner().patient.unwrap();
+                        p.preferred_language = if i.is_multiple_of(2) { "en".into() } else { "es".into() };
+                        pc.update_patient(req(pb::UpdatePatientRequest { patient: Some(p) }, &token)).await?;
+                        if i.is_multiple_of(10) {
+                            let np = patient("Fresh", "New", "1999-09-09", &format!("NEW-{w}-{i}"));
+                            pc.create_patient(req(pb::CreatePatientRequest { patient: Some(np) }, &token)).await?;
+                        }
+                        Ok::<_, tonic::Status>(())
+                    }
+                    .await;
+                    match r {
+                        Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            eprintln!("request failed during rotation: {e:?}");
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = s.token("keyper", "key_admin");
+    let rotated = keys(&s).rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &t, None)).await.unwrap();
+    assert_eq!(rotated.into_inner().new_version, 2);
+    let job = rewrap_to_completion(&s).await;
+    assert_eq!(job.target_version, 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed during rotation");
+    assert!(ok.load(Ordering::SeqCst) > 50);
+
+    let after = status(&s).await;
+    assert_eq!((on(&after, 1).data_keys, on(&after, 1).notes), (0, 0), "something left on v1");
+    assert!(on(&after, 2).data_keys >= 300 && on(&after, 2).primary);
+    assert_eq!(on(&after, 2).notes, 1);
+    for p in &patients {
+        s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await.unwrap();
+    }
+    // The job's start, checkpoints and completion are in the trail, and it still verifies.
+    let events = s.all_events().await;
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert!(actions.contains(&"keys.rotate") && actions.contains(&"keys.rewrap"));
+    assert!(actions.contains(&"keys.rewrap_batch") && actions.contains(&"keys.rewrap_complete"));
+    let reads: Vec<_> = events.iter().filter(|e| e.action == "patient.read").collect();
+    assert!(reads.iter().any(|e| e.key_version == 1) && reads.iter().any(|e| e.key_version == 2));
+}
+
+async fn set_restricted_and_break_glass(s: &TestServer, id: &str) {
+    let officer = s.token("officer", "compliance");
+    let r = pb::SetPatientRestrictionRequest { patient_id: id.into(), restricted: true };
+    s.access().set_patient_restriction(req_for(r, &officer, None)).await.unwrap();
+    let doc = s.token("doc", "clinician");
+    let mut r = req_for(pb::GetPatientRequest { patient_id: id.into() }, &doc, Some("ETREAT"));
+    r.metadata_mut().insert("x-break-glass-reason", "cardiac arrest".parse().unwrap());
+    s.patients().get_patient(r).await.unwrap();
+}
+
+#[tokio::test]
+async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_a_destroyed_version_cannot_decrypt() {
+    let s = TestServer::start().await;
+    let patients = make_patients(&s, 20).await;
+    let t = s.token("keyper", "key_admin");
+    let mut k = keys(&s);
+    let retire = |v| req_for(pb::RetireMasterKeyRequest { version: v }, &t, None);
+    let destroy = |v| req_for(pb::DestroyMasterKeyRequest { version: v }, &t, None);
+
+    k.rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &t, None)).await.unwrap();
+    let err = k.retire_master_key(retire(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("blind-index"), "{}", err.message());
+    rewrap_to_completion(&s).await;
+    // Everything is on v2 now; snapshot one patient's v2-wrapped key.
+    k.rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &t, None)).await.unwrap();
+    let err = k.retire_master_key(retire(2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("20 data keys"), "{}", err.message());
+    let err = k.destroy_master_key(destroy(2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("retire it first"));
+    let err = k.retire_master_key(retire(3)).await.unwrap_err();
+    assert!(err.message().contains("primary"));
+
+    let (data_dir, key_dir, guard) = s.stop_keep().await;
+    let first = uuid::Uuid::parse_str(&patients[0].id).unwrap().into_bytes();
+    let old_v2_key = Store::open(&data_dir.join("db"), 8 << 20).unwrap().wrapped_dek(&first).unwrap().unwrap();
+    let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
+    rewrap_to_completion(&s).await;
+    let t = s.token("keyper", "key_admin");
+    let mut k = keys(&s);
+    k.retire_master_key(req_for(pb::RetireMasterKeyRequest { version: 2 }, &t, None)).await.unwrap();
+    let d = k.destroy_master_key(req_for(pb::DestroyMasterKeyRequest { version: 2 }, &t, None)).await.unwrap();
+    assert!(d.into_inner().material_removed);
+    assert!(!s.key_dir.join("master-2.key").exists());
+    let st = status(&s).await;
+    assert_eq!(on(&st, 2).state, "destroyed");
+    assert_eq!(on(&st, 3).data_keys, 20);
+
+    // Put the v2-wrapped key back behind the server's back: nothing can open it any more.
+    let (data_dir, key_dir, _guard2) = s.stop_keep().await;
+    Store::open(&data_dir.join("db"), 8 << 20).unwrap().danger_put_dek_raw(&first, old_v2_key).unwrap();
+    let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
+    let err = s
+        .patients()
+        .get_patient(req(pb::GetPatientRequest { patient_id: patients[0].id.clone() }, &s.admin()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss);
+    // Others still read, and every key operation is in the trail.
+    s.patients()
+        .get_patient(req(pb::GetPatientRequest { patient_id: patients[1].id.clone() }, &s.admin()))
+        .await
+        .unwrap();
+    let events = s.all_events().await;
+    let refused =
+        events.iter().filter(|e| e.action == "keys.retire" && e.outcome == pb::AuditOutcome::FailedPrecondition as i32);
+    assert_eq!(refused.count(), 3);
+    assert!(events.iter().any(|e| e.action == "keys.destroy" && e.details == vec!["material_removed=true"]));
+    drop(guard);
+}
+
+#[tokio::test]
+async fn key_operations_need_the_key_admin_role() {
+    let s = TestServer::start().await;
+    let desk = s.token("desk", "front_desk");
+    let err = keys(&s).rotate_master_key(req(pb::RotateMasterKeyRequest {}, &desk)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let officer = s.token("officer", "compliance");
+    let err = keys(&s).get_key_status(req_for(pb::GetKeyStatusRequest {}, &officer, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrap_killed_midway_resumes_from_its_cursor_after_restart_and_completes() {
+    use carevault::audit::{RawEntry, verify_chain};
+    use carevault::proto::v1::patient_service_client::PatientServiceClient;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, key_dir) = (tmp.path().join("data"), tmp.path().join("keys"));
+    let (mut child, addr) = spawn_binary_server(&data, &key_dir);
+    let der = std::fs::read(key_dir.join("issuer-ed25519.pk8")).unwrap();
+    let (desk, ops) = (mint(&der, "desk", "front_desk"), mint(&der, "ops", "key_admin"));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let creators: Vec<_> = (0..8)
+        .map(|w| {
+            let (mut pc, desk) = (PatientServiceClient::new(channel.clone()), desk.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..75 {
+                    let p = patient("Kill", "Midway", "1980-01-01", &format!("KM-{w}-{i}"));
+                    let r = pc.create_patient(req(pb::CreatePatientRequest { patient: Some(p) }, &desk)).await.unwrap();
+                    ids.push(r.into_inner().patient.unwrap().id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in creators {
+        ids.extend(c.await.unwrap());
+    }
+    let mut k = KeyServiceClient::new(channel.clone());
+    k.rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &ops, None)).await.unwrap();
+    // 600 keys at 200/s: about three seconds of work.
+    let start = pb::StartRewrapRequest { dry_run: false, max_per_second: 200 };
+    let job = k.start_rewrap(req_for(start, &ops, None)).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(job.total, 600);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let midway = k.get_rewrap_job(req_for(pb::GetRewrapJobRequest {}, &ops, None)).await.unwrap();
+    let midway = midway.into_inner().job.unwrap();
+    assert!(midway.done > 0 && midway.done < 600, "not midway: {midway:?}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    drop(k);
+    drop(channel);
+
+    let (mut child, addr) = spawn_binary_server(&data, &key_dir);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut k = KeyServiceClient::new(channel.clone());
+    let mut finished = None;
+    for _ in 0..200 {
+        let j = k.get_rewrap_job(req_for(pb::GetRewrapJobRequest {}, &ops, None)).await.unwrap().into_inner().job;
+        let j = j.unwrap();
+        assert_eq!(j.job_id, job.job_id, "the same job continues");
+        if j.state == "completed" {
+            finished = Some(j);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = finished.expect("the job resumed and completed");
+    assert_eq!(finished.done, 600, "every key counted once across the kill: {finished:?}");
+    let st = k.get_key_status(req_for(pb::GetKeyStatusRequest {}, &ops, None)).await.unwrap().into_inner();
+    assert_eq!(on(&st, 1).data_keys, 0);
+    assert_eq!(on(&st, 2).data_keys, 600);
+    let mut pc = PatientServiceClient::new(channel.clone());
+    for id in &ids {
+        pc.get_patient(req(pb::GetPatientRequest { patient_id: id.clone() }, &desk)).await.unwrap();
+    }
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let store = Store::open(&data.join("db"), 8 << 20).unwrap();
+    let raw: Vec<RawEntry> = store
+        .audit_all()
+        .map(|e| e.map(|e| RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(verify_chain(raw, None).is_ok());
+}
