@@ -67,7 +67,8 @@ pub struct BenchArgs {
     /// HTTP/2 connections the requests are spread over.
     #[arg(long, default_value_t = 4)]
     pub channels: usize,
-    /// Workloads to run, in order.
+    /// Workloads to run, in order. `rewrap` (not in the default list) rotates the master key and
+    /// rewraps every data key while the read workload runs, and reports the rewrap rate.
     #[arg(long, value_delimiter = ',', default_value = "baseline,read,create,update,search,active-coverage,mixed")]
     pub workloads: Vec<String>,
     /// sled cache for the in-process server, MiB.

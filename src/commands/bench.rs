@@ -360,6 +360,39 @@ async fn run_workload(target: Arc<Target>, name: &str, args: &BenchArgs, syncs: 
     })
 }
 
+/// Rotates the master key and rewraps every data key (unthrottled) while the
+/// `read` workload runs; returns the reads' outcome and a summary line.
+async fn rewrap_under_reads(
+    target: Arc<Target>,
+    args: &BenchArgs,
+    syncs: &AtomicU64,
+) -> anyhow::Result<(Outcome, String)> {
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let mut k = KeyServiceClient::new(target.channels[0].clone());
+    k.rotate_master_key(authed(pb::RotateMasterKeyRequest {}, &target.token)).await?;
+    let start = pb::StartRewrapRequest { dry_run: false, max_per_second: 0 };
+    k.start_rewrap(authed(start, &target.token)).await?;
+    let mut reads = run_workload(target.clone(), "read", args, syncs).await?;
+    reads.name = "read+rewrap".into();
+    let finished = loop {
+        let j = k.get_rewrap_job(authed(pb::GetRewrapJobRequest {}, &target.token)).await?.into_inner().job;
+        let j = j.context("no job")?;
+        if j.state == "completed" {
+            break j;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let secs = match (finished.start_time, finished.finish_time) {
+        (Some(a), Some(b)) => (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9,
+        _ => 0.0,
+    };
+    let line = format!(
+        "rewrap: {} data keys to v{} in {:.1}s = {:.0}/s, while serving audited reads ({} read errors)",
+        finished.done, finished.target_version, secs, finished.rate, reads.errors
+    );
+    Ok((reads, line))
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -406,8 +439,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }));
     let der = keystore::read_private(&key_paths.issuer_private())?;
     let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
-    let spec =
-        token::TokenSpec { ttl_secs: 20 * 3600, ..token::TokenSpec::new("bench", &["front_desk", "compliance"]) };
+    let spec = token::TokenSpec {
+        ttl_secs: 20 * 3600,
+        ..token::TokenSpec::new("bench", &["front_desk", "compliance", "key_admin"])
+    };
     let token = token::issue(&der, &spec, now)?;
     let mut channels = Vec::new();
     for _ in 0..args.channels.max(1) {
@@ -450,11 +485,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let target = Arc::new(Target { channels, token, patients });
 
     let mut results = Vec::new();
+    let mut rewrap = None;
     for name in &args.workloads {
+        if name == "rewrap" {
+            let (reads, line) = rewrap_under_reads(target.clone(), &args, &syncs).await?;
+            results.push(reads);
+            rewrap = Some(line);
+            continue;
+        }
         results.push(run_workload(target.clone(), name, &args, &syncs).await?);
     }
     let verify = if args.verify_entries > 0 { Some(verify_bench(args.verify_entries)) } else { None };
     report(&args, &results, preload_secs, verify);
+    if let Some(line) = rewrap {
+        println!("{line}");
+    }
     let _ = stop_tx.send(());
     server_task.await??;
     if args.data_dir.is_none() {

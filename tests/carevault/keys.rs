@@ -285,3 +285,31 @@ async fn a_rewrap_killed_midway_resumes_from_its_cursor_after_restart_and_comple
         .unwrap();
     assert!(verify_chain(raw, None).is_ok());
 }
+
+#[tokio::test]
+async fn keys_can_come_from_an_operator_command_and_a_wrong_one_stops_with_a_clear_error() {
+    let s = TestServer::start().await;
+    create(&s, patient("Cmd", "Key", "1980", "CK-1")).await;
+    let (data_dir, key_dir, _guard) = s.stop_keep().await;
+    let run = |cmd: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
+            .args(["keys", "--data-dir"])
+            .arg(&data_dir)
+            .arg("--key-dir")
+            .arg(&key_dir)
+            .args(["--master-key-command", &cmd, "--json", "status"])
+            .output()
+            .unwrap()
+    };
+    let good = run(format!("cat {}/master-$CAREVAULT_KEY_VERSION.key", key_dir.display()));
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
+    assert_eq!(st["keySource"], "operator command");
+    assert_eq!(st["versions"][0]["dataKeys"], "1");
+    let wrong = run(format!("echo {}", "ab".repeat(32)));
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong master key"));
+    let failing = run("exit 3".into());
+    assert_eq!(failing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&failing.stderr).contains("--master-key-command failed for version 1"));
+}
