@@ -1,6 +1,5 @@
 //! AccessService: the restricted flag and the break-glass review queue.
 
-use base64::Engine;
 use tonic::{Request, Response, Status};
 
 use super::convert::{patient_id, timestamp};
@@ -13,18 +12,8 @@ use crate::proto::v1::access_service_server::AccessService;
 const PAGE_TOKEN_PREFIX: &str = "g1:";
 
 fn decode_page_token(c: &mut Checker, token: &str) -> Option<uuid::Uuid> {
-    if token.is_empty() {
-        return None;
-    }
-    let parsed = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix(PAGE_TOKEN_PREFIX).and_then(|u| uuid::Uuid::parse_str(u).ok()));
-    if parsed.is_none() {
-        c.bad("page_token", "is not a token returned by ListBreakGlassGrants");
-    }
-    parsed
+    let parse = |u: &str| uuid::Uuid::parse_str(u).ok();
+    super::decode_page_token(c, token, PAGE_TOKEN_PREFIX, parse, "is not a token returned by ListBreakGlassGrants")
 }
 
 fn grant_id(c: &mut Checker, field: &str, s: &str) -> Option<uuid::Uuid> {
@@ -94,7 +83,7 @@ impl AccessService for Edge {
                 grants: page.grants.iter().map(grant_pb).collect(),
                 next_page_token: page
                     .next_after
-                    .map(|a| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{a}")))
+                    .map(|a| super::encode_page_token(PAGE_TOKEN_PREFIX, a))
                     .unwrap_or_default(),
             }),
         )

@@ -2,7 +2,6 @@
 
 use std::pin::Pin;
 
-use base64::Engine;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -20,21 +19,8 @@ pub const EXPORT_BATCH: usize = 512;
 const TOKEN_PREFIX: &str = "a1:";
 
 fn decode_token(c: &mut Checker, token: &str) -> u64 {
-    if token.is_empty() {
-        return 0;
-    }
-    let seq = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix(TOKEN_PREFIX).and_then(|n| n.parse::<u64>().ok()));
-    match seq {
-        Some(s) => s,
-        None => {
-            c.bad("page_token", "is not a token returned by ListAuditEvents");
-            0
-        }
-    }
+    let parse = |n: &str| n.parse::<u64>().ok();
+    super::decode_page_token(c, token, TOKEN_PREFIX, parse, "is not a token returned by ListAuditEvents").unwrap_or(0)
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportAuditEventsResponse, Status>> + Send>>;
@@ -83,7 +69,7 @@ impl AuditService for Edge {
                 events: page.events.iter().map(|(e, h)| audit_event_pb(e, h)).collect(),
                 next_page_token: page
                     .next_sequence
-                    .map(|s| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{s}")))
+                    .map(|s| super::encode_page_token(TOKEN_PREFIX, s))
                     .unwrap_or_default(),
             }),
         )

@@ -113,6 +113,37 @@ fn reply<T>(ctx: &CallContext, result: Result<T, AppError>) -> Result<Response<T
     }
 }
 
+/// An opaque page token: URL-safe base64 of `prefix` followed by `position`.
+fn encode_page_token(prefix: &str, position: impl std::fmt::Display) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{prefix}{position}"))
+}
+
+/// Decodes a token made by [`encode_page_token`] with the same `prefix`; an
+/// empty token is `None`, a bad one a violation of `page_token` (`bad`
+/// names the RPC that hands such tokens out).
+fn decode_page_token<T>(
+    c: &mut validate::Checker,
+    token: &str,
+    prefix: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+    bad: &'static str,
+) -> Option<T> {
+    use base64::Engine;
+    if token.is_empty() {
+        return None;
+    }
+    let parsed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix(prefix).and_then(parse));
+    if parsed.is_none() {
+        c.bad("page_token", bad);
+    }
+    parsed
+}
+
 /// Page size: 0 means `default`; otherwise 1..=max.
 fn page_size(c: &mut validate::Checker, field: &str, v: i32, default: usize, max: usize) -> usize {
     match usize::try_from(v) {

@@ -1,6 +1,5 @@
 //! PatientService.
 
-use base64::Engine;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -15,22 +14,11 @@ use crate::proto::v1::patient_service_server::PatientService;
 const PAGE_TOKEN_PREFIX: &str = "p1:";
 
 fn encode_page_token(after: PatientId) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{after}"))
+    super::encode_page_token(PAGE_TOKEN_PREFIX, after)
 }
 
 fn decode_page_token(c: &mut Checker, token: &str) -> Option<PatientId> {
-    if token.is_empty() {
-        return None;
-    }
-    let parsed = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix(PAGE_TOKEN_PREFIX).and_then(PatientId::parse));
-    if parsed.is_none() {
-        c.bad("page_token", "is not a token returned by ListPatients");
-    }
-    parsed
+    super::decode_page_token(c, token, PAGE_TOKEN_PREFIX, PatientId::parse, "is not a token returned by ListPatients")
 }
 
 #[tonic::async_trait]

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use carevault::audit::{AuditEntry, RawEntry, verify_chain};
+use carevault::audit::{AuditEntry, verify_chain};
 use carevault::clock::SystemClock;
 use carevault::crypto::RecordKind;
 use carevault::proto::v1 as pb;
@@ -93,11 +93,7 @@ async fn crash_once(seed: u64) {
 
     {
         let store = Store::open(&data.join("db"), 8 << 20).unwrap();
-        let raw: Vec<RawEntry> = store
-            .audit_all()
-            .map(|e| e.map(|e| RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let raw = raw_chain(&store);
         let report = verify_chain(raw.clone(), None);
         assert!(report.is_ok(), "chain after crash: {report:?}");
         let entries: Vec<AuditEntry> = raw.iter().map(|r| AuditEntry::decode(&r.bytes).unwrap()).collect();

@@ -471,3 +471,12 @@ pub async fn search(s: &TestServer, criterion: pb::search_patients_request::Crit
     let r = pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 0 };
     s.patients().search_patients(req(r, &s.admin())).await.unwrap().into_inner()
 }
+
+/// Every stored audit entry of a store, as the verifier takes them.
+pub fn raw_chain(store: &carevault::storage::Store) -> Vec<carevault::audit::RawEntry> {
+    store
+        .audit_all()
+        .map(|e| e.map(|e| carevault::audit::RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
