@@ -49,6 +49,32 @@ pub enum ConfigError {
 }
 
 impl ServiceConfig {
+    /// A configuration over these directories with the defaults `serve` uses:
+    /// key files, 127.0.0.1:0, the dev issuer and audience, one-hour tokens
+    /// with 30 s skew, a 256 MiB cache, plaintext on loopback, the embedded
+    /// policy, default limits, one-hour break-glass grants.
+    pub fn new(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
+        ServiceConfig {
+            data_dir,
+            key_dir,
+            key_source: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            issuer_public_key: None,
+            tokens: TokenRules {
+                max_lifetime_secs: 3600,
+                leeway_secs: 30,
+                issuer: crate::auth::token::DEFAULT_ISSUER.into(),
+                audience: crate::auth::token::DEFAULT_AUDIENCE.into(),
+            },
+            cache_bytes: 256 << 20,
+            tls: None,
+            insecure_plaintext: false,
+            policy_file: None,
+            limits: LimitSettings::default(),
+            break_glass_secs: 3600,
+        }
+    }
+
     /// Checks rules that span several settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.insecure_plaintext {

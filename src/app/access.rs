@@ -296,9 +296,6 @@ impl App {
     ) -> Result<(), AppError> {
         match self.check_reach(ctx, attempt, patient, how) {
             Ok(()) => Ok(()),
-            Err(AppError::Hidden(_)) => {
-                Err(self.fail(ctx, attempt, AppError::Hidden(attempt.action.resource_type_name())).await)
-            }
             Err(e) => Err(self.fail(ctx, attempt, e).await),
         }
     }
@@ -320,7 +317,7 @@ impl App {
         let subject = ctx.subject().ok_or(AppError::Internal)?;
         let breaking = attempt.grant.has(Permission::BreakGlass) && ctx.purpose() == Some(Purpose::ETREAT);
         if how == Reach::Write || !breaking {
-            return Err(AppError::Hidden("patient"));
+            return Err(AppError::Hidden(attempt.action.resource_type_name()));
         }
         if let Some(id) = self.active_grant(subject, patient)? {
             attempt.entry.break_glass = id.to_string();
@@ -543,13 +540,14 @@ impl App {
                 note: b64(&sealed),
             });
             let json = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
-            Ok((raw, rec, json))
+            // Opened before the commit: an "ok" review entry means the reviewer got the grant back.
+            Ok((raw, self.reveal(rec)?, json))
         })();
-        let (raw, rec, json) = match prepared {
+        let (raw, revealed, json) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
-        attempt.entry.patient_id = rec.patient_id.clone();
+        attempt.entry.patient_id = revealed.patient_id.clone();
         attempt.meta.push(MetaWrite {
             tree: MetaTree::Access,
             key: grant_key(&id),
@@ -557,7 +555,7 @@ impl App {
             expect: Some(Some(raw)),
         });
         self.commit_ok(ctx, attempt).await?;
-        self.reveal(rec)
+        Ok(revealed)
     }
 }
 

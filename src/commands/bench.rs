@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use carevault::auth::TokenRules;
 use carevault::auth::limits::LimitSettings;
 use carevault::auth::token;
 use carevault::cli::BenchArgs;
@@ -409,26 +408,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let key_dir = tmp.join("keys");
     let key_paths = KeyPaths { dir: key_dir.clone() };
     keystore::ensure_keys(&key_paths)?;
-    let config = ServiceConfig {
-        data_dir,
-        key_dir,
-        key_source: None,
-        listen: "127.0.0.1:0".parse()?,
-        issuer_public_key: None,
-        tokens: TokenRules {
-            max_lifetime_secs: 24 * 3600,
-            leeway_secs: 30,
-            issuer: token::DEFAULT_ISSUER.into(),
-            audience: token::DEFAULT_AUDIENCE.into(),
-        },
-        cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
-        tls: None,
-        insecure_plaintext: false,
-        policy_file: None,
-        // One principal drives the whole load, so the per-principal rate limit is off.
-        limits: LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 },
-        break_glass_secs: 3600,
-    };
+    let mut config = ServiceConfig::new(data_dir, key_dir);
+    config.tokens.max_lifetime_secs = 24 * 3600;
+    config.cache_bytes = args.cache_mb.saturating_mul(1024 * 1024);
+    // One principal drives the whole load, so the per-principal rate limit is off.
+    config.limits = LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 };
     let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
     let syncs = service.sequencer.sync_counter();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

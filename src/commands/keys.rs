@@ -6,8 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 use carevault::api::keys::{job_pb, status_pb};
 use carevault::app::{App, CallContext, RewrapRequest};
-use carevault::auth::TokenRules;
-use carevault::auth::limits::LimitSettings;
 use carevault::cli::{KeysArgs, KeysCommand};
 use carevault::clock::{Clock, SystemClock};
 use carevault::config::ServiceConfig;
@@ -152,20 +150,7 @@ async fn offline(args: &KeysArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} is not a carevault data directory (no keycheck.json)", data_dir.display());
     }
     let source = super::key_source(&args.custody, &key_dir)?;
-    let config = ServiceConfig {
-        data_dir,
-        key_dir,
-        key_source: Some(source),
-        listen: "127.0.0.1:0".parse()?,
-        issuer_public_key: None,
-        tokens: TokenRules { max_lifetime_secs: 3600, leeway_secs: 30, issuer: String::new(), audience: String::new() },
-        cache_bytes: 256 << 20,
-        tls: None,
-        insecure_plaintext: false,
-        policy_file: None,
-        limits: LimitSettings::default(),
-        break_glass_secs: 3600,
-    };
+    let config = ServiceConfig { key_source: Some(source), ..ServiceConfig::new(data_dir, key_dir) };
     // The issuer key is not needed offline, but `open` reads it; an absent one is an error worth seeing.
     let service = server::open(&config, OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: None })
         .context("cannot open the data directory (is a server running on it?)")?;

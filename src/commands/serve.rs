@@ -82,7 +82,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         break_glass_secs: args.break_glass_ttl.as_secs(),
     };
-    config.validate()?;
     let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

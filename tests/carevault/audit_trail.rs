@@ -142,17 +142,7 @@ async fn every_stored_version_has_its_ok_audit_entry_and_every_ok_write_entry_it
     let mut ids = Vec::new();
     for i in 0..4 {
         let p = create(&s, patient("Atomic", &format!("A{i}"), "1980", &format!("AT-{i}"))).await;
-        let c = s
-            .coverages()
-            .create_coverage(req(
-                pb::CreateCoverageRequest { coverage: Some(coverage(&p.id, &format!("M{i}"), 1)) },
-                &s.admin(),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .coverage
-            .unwrap();
+        let c = create_coverage(&s, coverage(&p.id, &format!("M{i}"), 1)).await;
         let mut changed = p.clone();
         changed.preferred_language = "es".into();
         s.patients()

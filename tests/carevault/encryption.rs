@@ -37,7 +37,7 @@ async fn no_phi_appears_anywhere_in_the_data_directory() {
     let p = create(&s, p).await;
     let mut c = coverage(&p.id, "MBRXQ99812", 1);
     c.plan_name = "Platypusplan Gold".into();
-    s.coverages().create_coverage(req(pb::CreateCoverageRequest { coverage: Some(c) }, &s.admin())).await.unwrap();
+    create_coverage(&s, c).await;
     let mut changed = p.clone();
     changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
     s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use carevault::auth::TokenRules;
 use carevault::auth::limits::LimitSettings;
 use carevault::auth::tls::{ClientAuth, ClientTls, ServerTls, dev_files, write_dev_certs};
 use carevault::auth::token::{self, TokenSpec};
@@ -149,23 +148,10 @@ pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
     let policy = parent.join("test-policy.toml");
     std::fs::write(&policy, TEST_POLICY).unwrap();
     ServiceConfig {
-        data_dir,
-        key_dir,
-        key_source: None,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        issuer_public_key: None,
-        tokens: TokenRules {
-            max_lifetime_secs: 3600,
-            leeway_secs: 30,
-            issuer: token::DEFAULT_ISSUER.into(),
-            audience: token::DEFAULT_AUDIENCE.into(),
-        },
         cache_bytes: 16 * 1024 * 1024,
-        tls: None,
-        insecure_plaintext: false,
         policy_file: Some(policy),
         limits: LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 },
-        break_glass_secs: 3600,
+        ..ServiceConfig::new(data_dir, key_dir)
     }
 }
 
@@ -427,6 +413,17 @@ pub async fn create(s: &TestServer, p: pb::Patient) -> pb::Patient {
         .unwrap()
         .into_inner()
         .patient
+        .unwrap()
+}
+
+/// Adds a coverage with the admin token and returns it as stored.
+pub async fn create_coverage(s: &TestServer, c: pb::Coverage) -> pb::Coverage {
+    s.coverages()
+        .create_coverage(req(pb::CreateCoverageRequest { coverage: Some(c) }, &s.admin()))
+        .await
+        .unwrap()
+        .into_inner()
+        .coverage
         .unwrap()
 }
 

@@ -43,8 +43,7 @@ async fn make_patients(s: &TestServer, n: usize) -> Vec<pb::Patient> {
     let mut out = Vec::new();
     for i in 0..n {
         let p = create(s, patient("Rot", &format!("P{i}"), "1970-01-01", &format!("ROT-{i}"))).await;
-        let c = coverage(&p.id, &format!("ROTM{i}"), 1);
-        s.coverages().create_coverage(req(pb::CreateCoverageRequest { coverage: Some(c) }, &s.admin())).await.unwrap();
+        create_coverage(s, coverage(&p.id, &format!("ROTM{i}"), 1)).await;
         out.push(p);
     }
     out

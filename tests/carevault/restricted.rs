@@ -45,17 +45,7 @@ async fn a_restricted_patient_is_indistinguishable_from_a_missing_one_for_everyo
     let s = TestServer::start().await;
     let hidden = create(&s, ssn_patient("Hidden", "MRN-H1")).await;
     let visible = create(&s, ssn_patient("Hidden", "MRN-H2")).await;
-    let cov = s
-        .coverages()
-        .create_coverage(req(
-            pb::CreateCoverageRequest { coverage: Some(coverage(&hidden.id, "VIP-1", 1)) },
-            &s.admin(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .coverage
-        .unwrap();
+    let cov = create_coverage(&s, coverage(&hidden.id, "VIP-1", 1)).await;
     set_restricted(&s, &hidden.id, true).await;
 
     let desk = s.token("desk-1", "front_desk");

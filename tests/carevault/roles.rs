@@ -114,17 +114,7 @@ async fn call(s: &TestServer, rpc: &str, token: &str, purpose: Option<&str>, n: 
     // Fresh fixtures for every call, made by the test's own all-permission token.
     let family = format!("Table{n}");
     let p = create(s, patient_with_ssn(&family)).await;
-    let cov = s
-        .coverages()
-        .create_coverage(req(
-            pb::CreateCoverageRequest { coverage: Some(coverage(&p.id, &format!("M{n}"), 1)) },
-            &s.admin(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .coverage
-        .unwrap();
+    let cov = create_coverage(s, coverage(&p.id, &format!("M{n}"), 1)).await;
     macro_rules! r {
         ($m:expr) => {
             req_for($m, token, purpose)
