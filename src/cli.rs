@@ -46,10 +46,23 @@ pub enum Command {
     Certs(CertsCommand),
     /// Master key operations: against a running server (--server) or offline on a stopped data directory.
     Keys(KeysArgs),
+    /// Back up a stopped data directory: a compacted copy of the database plus keycheck.json and erasure-keys (master keys are not copied).
+    Backup(BackupArgs),
     /// A small client for trying the service by hand.
     Client(ClientArgs),
     /// Measure throughput and latency of audited operations (see BENCHMARKS.md).
     Bench(BenchArgs),
+}
+
+/// `backup` options.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The data directory to back up (no server may be using it).
+    #[arg(long, env = "CAREVAULT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where to write the backup (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `bench` options.
@@ -232,6 +245,27 @@ pub enum KeysCommand {
         #[arg(value_name = "VERSION")]
         key_version: u32,
     },
+    /// New data keys and fresh ciphertexts (suspected data-key compromise), for one patient or all.
+    Reencrypt {
+        /// One patient (default: every patient).
+        #[arg(long)]
+        patient: Option<String>,
+        /// Patients per second at most (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        max_per_second: u32,
+        /// Start the job and return without waiting (online only).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Erase one patient by crypto-shredding (needs patients.erase; refused under a legal hold).
+    Erase {
+        /// The patient id.
+        #[arg(long)]
+        patient: String,
+        /// Why (required; stored sealed, never in the audit entry).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// `certs` subcommands.
@@ -408,6 +442,14 @@ pub enum ClientCommand {
         /// true or false.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         restricted: bool,
+    },
+    /// Place a legal hold on a patient (or lift it with --hold false); a held patient cannot be erased.
+    SetLegalHold {
+        /// Patient id.
+        patient_id: String,
+        /// true or false.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        hold: bool,
     },
     /// List break-glass grants (the review queue).
     BreakGlassQueue {

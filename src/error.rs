@@ -49,6 +49,12 @@ pub enum AppError {
     /// The named resource does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The record was crypto-shredded: it exists in the audit trail only.
+    #[error("{0} erased")]
+    Erased(&'static str),
+    /// The patient's data key changed (re-encryption or erasure) while the call ran.
+    #[error("data key changed")]
+    KeyChanged,
     /// The caller's version is stale.
     #[error("version conflict: current version is {current}")]
     Conflict {
@@ -81,8 +87,8 @@ impl AppError {
             AppError::PermissionDenied(_) | AppError::Forbidden(_) | AppError::Hidden(_) => Outcome::PermissionDenied,
             AppError::Limited(_) => Outcome::ResourceExhausted,
             AppError::InvalidArgument(_) => Outcome::InvalidArgument,
-            AppError::NotFound(_) => Outcome::NotFound,
-            AppError::Conflict { .. } => Outcome::Aborted,
+            AppError::NotFound(_) | AppError::Erased(_) => Outcome::NotFound,
+            AppError::Conflict { .. } | AppError::KeyChanged => Outcome::Aborted,
             AppError::FailedPrecondition(_) | AppError::InUse(_) => Outcome::FailedPrecondition,
             AppError::DataLoss => Outcome::DataLoss,
             AppError::AuditUnavailable | AppError::Internal => Outcome::Internal,
@@ -130,6 +136,12 @@ pub fn to_status(err: &AppError, request_id: &str) -> Status {
             )
         }
         AppError::NotFound(what) => Status::not_found(format!("{what} not found")),
+        AppError::Erased(what) => Status::not_found(format!(
+            "{what} was erased (crypto-shredded): its records can no longer be decrypted; the audit trail keeps its history"
+        )),
+        AppError::KeyChanged => Status::aborted(
+            "the patient's data key changed while this request ran (re-encryption or erasure); read again and retry",
+        ),
         AppError::Conflict { current } => {
             Status::aborted(format!("version conflict: the record is at version {current}; read it again and retry"))
         }

@@ -39,6 +39,7 @@ fn main() {
             Command::Certs(cmd) => commands::certs::run(cmd).map(|()| 0),
             Command::Keys(args) => commands::keys::run(args).await.map(|()| 0),
             Command::Client(args) => commands::client::run(args).await.map(|()| 0),
+            Command::Backup(args) => commands::backup::run(args).map(|()| 0),
             Command::Bench(args) => commands::bench::run(args).await.map(|()| 0),
         };
         match result {

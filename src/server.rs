@@ -116,7 +116,7 @@ pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, Ser
     let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
     let key_paths = KeyPaths { dir: config.key_dir.clone() };
     let source = config.key_source.clone().unwrap_or_else(|| KeySource::Files(key_paths.clone()));
-    let (keyring, key_state) = keystore::open_for_data_dir(&source, &config.data_dir)?;
+    let (keyring, key_state, shreds) = keystore::open_for_data_dir(&source, &config.data_dir)?;
     let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
     let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
     let db_dir = config.data_dir.join("db");
@@ -128,7 +128,7 @@ pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, Ser
         limits: Limits::new(config.limits),
         break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
     };
-    let keys = KeyManager::new(source, config.data_dir.clone(), keyring, key_state);
+    let keys = KeyManager::new(source, config.data_dir.clone(), keyring, key_state, shreds);
     let app = App::new(store, sequencer.clone(), keys, options.clock.clone(), access);
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);

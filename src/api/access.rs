@@ -1,4 +1,4 @@
-//! AccessService: the restricted flag and the break-glass review queue.
+//! AccessService: the restricted flag, legal holds and the break-glass review queue.
 
 use tonic::{Request, Response, Status};
 
@@ -56,6 +56,20 @@ impl AccessService for Edge {
         let result = self.app.set_restriction(&ctx, input).await;
         let patient_id = r.patient_id.clone();
         reply(&ctx, result.map(|restricted| pb::SetPatientRestrictionResponse { patient_id, restricted }))
+    }
+
+    async fn set_legal_hold(
+        &self,
+        req: Request<pb::SetLegalHoldRequest>,
+    ) -> Result<Response<pb::SetLegalHoldResponse>, Status> {
+        let ctx = self.context(&req);
+        let r = req.get_ref();
+        let mut c = Checker::default();
+        let id = patient_id(&mut c, "patient_id", &r.patient_id);
+        let input = c.into_result(id.map(|id| (id, r.legal_hold)));
+        let result = self.app.set_legal_hold(&ctx, input).await;
+        let patient_id = r.patient_id.clone();
+        reply(&ctx, result.map(|legal_hold| pb::SetLegalHoldResponse { patient_id, legal_hold }))
     }
 
     async fn list_break_glass_grants(

@@ -1,11 +1,12 @@
-//! KeyService: master key status, rotation, rewrap, retirement, destruction.
+//! KeyService: master key status, rotation, rewrap, retirement, destruction,
+//! re-encryption and erasure.
 
 use tonic::{Request, Response, Status};
 
-use super::convert::timestamp;
+use super::convert::{patient_id, timestamp};
 use super::validate::Checker;
 use super::{Edge, reply};
-use crate::app::{KeyStatus, RewrapJob, RewrapRequest};
+use crate::app::{EraseRequest, Erasure, KeyStatus, ReencryptJob, ReencryptRequest, RewrapJob, RewrapRequest};
 use crate::proto::v1 as pb;
 use crate::proto::v1::key_service_server::KeyService;
 
@@ -21,6 +22,35 @@ pub fn job_pb(j: &RewrapJob, now: i64) -> pb::RewrapJob {
         max_per_second: j.max_per_second,
         start_time: Some(timestamp(j.started_at)),
         finish_time: j.finished_at.map(timestamp),
+    }
+}
+
+/// A re-encryption job as its proto message, with its rate at `now` (µs).
+pub fn reencrypt_pb(j: &ReencryptJob, now: i64) -> pb::ReencryptJob {
+    pb::ReencryptJob {
+        job_id: j.id.clone(),
+        state: j.state.clone(),
+        patient_id: j.patient.clone().unwrap_or_default(),
+        done: j.done,
+        total: j.total,
+        record_versions: j.record_versions,
+        rate: j.rate(now),
+        max_per_second: j.max_per_second,
+        start_time: Some(timestamp(j.started_at)),
+        finish_time: j.finished_at.map(timestamp),
+    }
+}
+
+/// An erasure's report as its proto message.
+pub fn erasure_pb(e: &Erasure) -> pb::ErasePatientResponse {
+    pb::ErasePatientResponse {
+        patient_id: e.patient.to_string(),
+        erase_time: Some(timestamp(e.erased_at)),
+        audit_sequence: e.audit_sequence,
+        coverages_erased: e.coverages,
+        record_versions_erased: e.record_versions,
+        data_keys_rekeyed: e.rekeyed,
+        caveats: e.caveats.clone(),
     }
 }
 
@@ -123,5 +153,44 @@ impl KeyService for Edge {
         let result = self.app.destroy_master_key(&ctx, c.into_result(v)).await;
         let version = req.get_ref().version;
         reply(&ctx, result.map(|material_removed| pb::DestroyMasterKeyResponse { version, material_removed }))
+    }
+
+    async fn erase_patient(
+        &self,
+        req: Request<pb::ErasePatientRequest>,
+    ) -> Result<Response<pb::ErasePatientResponse>, Status> {
+        let ctx = self.context(&req);
+        let r = req.get_ref();
+        let mut c = Checker::default();
+        let patient = patient_id(&mut c, "patient_id", &r.patient_id);
+        let reason = c.text("reason", &r.reason, 1000, true);
+        let input = c.into_result(patient.map(|patient| EraseRequest { patient, reason }));
+        let result = self.app.erase_patient(&ctx, input).await;
+        reply(&ctx, result.map(|e| erasure_pb(&e)))
+    }
+
+    async fn start_reencrypt(
+        &self,
+        req: Request<pb::StartReencryptRequest>,
+    ) -> Result<Response<pb::StartReencryptResponse>, Status> {
+        let ctx = self.context(&req);
+        let r = req.get_ref();
+        let mut c = Checker::default();
+        let patient = if r.patient_id.is_empty() { None } else { patient_id(&mut c, "patient_id", &r.patient_id) };
+        let valid = r.patient_id.is_empty() || patient.is_some();
+        let input = c.into_result(valid.then_some(ReencryptRequest { patient, max_per_second: r.max_per_second }));
+        let now = self.clock.now_micros();
+        let result = self.app.start_reencrypt(&ctx, input).await;
+        reply(&ctx, result.map(|j| pb::StartReencryptResponse { job: Some(reencrypt_pb(&j, now)) }))
+    }
+
+    async fn get_reencrypt_job(
+        &self,
+        req: Request<pb::GetReencryptJobRequest>,
+    ) -> Result<Response<pb::GetReencryptJobResponse>, Status> {
+        let ctx = self.context(&req);
+        let now = self.clock.now_micros();
+        let result = self.app.get_reencrypt_job(&ctx).await;
+        reply(&ctx, result.map(|j| pb::GetReencryptJobResponse { job: j.as_ref().map(|j| reencrypt_pb(j, now)) }))
     }
 }

@@ -238,12 +238,12 @@ pub(super) fn keep_undisclosed(grant: &Grant, stored: &PatientData, mut new: Pat
     new
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(super) fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn unb64(s: &str) -> Result<Vec<u8>, AppError> {
+pub(super) fn unb64(s: &str) -> Result<Vec<u8>, AppError> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).map_err(|_| AppError::DataLoss)
 }
@@ -374,9 +374,16 @@ impl App {
         Ok(())
     }
 
-    /// The master version of every sealed note (reasons and review notes).
+    /// The master version of every sealed note (break-glass reasons, review
+    /// notes, erasure reasons).
     pub(super) fn note_versions(&self) -> Result<Vec<u32>, AppError> {
         let mut out = Vec::new();
+        for (_, raw) in self.store.access_scan(b"E\x01").map_err(internal)? {
+            let tomb: super::erasure::Tombstone = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
+            if let Some(sealed) = tomb.reason {
+                out.push(crypto::Keyring::note_version(&unb64(&sealed)?).map_err(|_| AppError::DataLoss)?);
+            }
+        }
         for (_, raw) in self.store.access_scan(b"G").map_err(internal)? {
             let rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
             let sealed = std::iter::once(&rec.reason).chain(rec.review.as_ref().map(|r| &r.note));
@@ -392,6 +399,21 @@ impl App {
     pub(super) fn rewrap_notes(&self, target: u32, max: usize) -> Result<Vec<MetaWrite>, AppError> {
         let ring = self.keys.ring();
         let mut writes = Vec::new();
+        for (key, raw) in self.store.access_scan(b"E\x01").map_err(internal)? {
+            let mut tomb: super::erasure::Tombstone = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
+            let Some(reason) = &tomb.reason else { continue };
+            let sealed = unb64(reason)?;
+            if crypto::Keyring::note_version(&sealed).map_err(|_| AppError::DataLoss)? == target {
+                continue;
+            }
+            let context = format!("{}/erasure", tomb.patient);
+            tomb.reason = Some(b64(&ring.reseal_note(context.as_bytes(), &sealed).map_err(super::crypto_failure)?));
+            let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+            writes.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json), expect: Some(Some(raw)) });
+            if writes.len() == max {
+                return Ok(writes);
+            }
+        }
         for (key, raw) in self.store.access_scan(b"G").map_err(internal)? {
             let mut rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
             let mut changed = false;
@@ -428,7 +450,10 @@ impl App {
         attempt.entry.details.push(format!("restricted={restricted}"));
         match self.head(crate::crypto::RecordKind::Patient, &id.bytes()) {
             Ok(Some(_)) => {}
-            Ok(None) => return Err(self.fail(ctx, &mut attempt, AppError::NotFound("patient")).await),
+            Ok(None) => {
+                let e = self.missing(crate::crypto::RecordKind::Patient, &id.bytes());
+                return Err(self.fail(ctx, &mut attempt, e).await);
+            }
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         }
         let value = restricted.then(|| self.now().to_be_bytes().to_vec());

@@ -46,8 +46,19 @@ impl App {
         vec![blind_key(BlindIndexKind::MemberId, mac, patient.bytes(), RecordKind::Coverage, id.bytes())]
     }
 
+    /// Loads and opens a coverage's current version (read again once if it
+    /// fails to open, like `load_patient`).
     fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        let head = self.head(RecordKind::Coverage, &id.bytes())?.ok_or(AppError::NotFound("coverage"))?;
+        match self.load_coverage_once(id) {
+            Err(AppError::DataLoss) => self.load_coverage_once(id),
+            other => other,
+        }
+    }
+
+    fn load_coverage_once(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
+        let head = self
+            .head(RecordKind::Coverage, &id.bytes())?
+            .ok_or_else(|| self.missing(RecordKind::Coverage, &id.bytes()))?;
         let patient = PatientId::from_bytes(head.patient_id);
         let sealed = self
             .store
@@ -83,6 +94,8 @@ impl App {
         attempt.entry.resource_id = id.to_string();
         self.reach(ctx, &mut attempt, req.patient_id, Reach::Write).await?;
         attempt.entry.disclosed = vec![groups::INSURANCE.into()];
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
         let prepared = (|| {
             let Opened { record: patient, dek, key_version: kv, .. } = self.load_patient(req.patient_id)?;
             if !patient.active() {
@@ -99,9 +112,9 @@ impl App {
                 data: req.data,
             };
             let sealed = self.seal(&dek, &coverage_aad(id, req.patient_id, 1), &coverage)?;
-            Ok((coverage, sealed, kv))
+            Ok((coverage, sealed, kv, dek.generation()))
         })();
-        let (coverage, sealed, kv) = match prepared {
+        let (coverage, sealed, kv, key_generation) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
@@ -114,6 +127,7 @@ impl App {
             expected_version: 0,
             sealed,
             new_dek: None,
+            key_generation,
             index_keys: self.coverage_index_keys(id, req.patient_id, &coverage),
         };
         self.commit_write(ctx, attempt, write).await?;
@@ -187,6 +201,8 @@ impl App {
         claimed_patient: Option<PatientId>,
         change: impl FnOnce(Coverage, i64) -> Coverage,
     ) -> Result<Coverage, AppError> {
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
         let prepared = (|| {
             let Opened { record: current, patient, dek, key_version: kv } = self.load_coverage(id)?;
             if claimed_patient.is_some_and(|p| p != patient) {
@@ -201,9 +217,9 @@ impl App {
             let mut next = change(current, self.now());
             next.version = expected + 1;
             let sealed = self.seal(&dek, &coverage_aad(id, patient, next.version), &next)?;
-            Ok((next, patient, sealed, kv))
+            Ok((next, patient, sealed, kv, dek.generation()))
         })();
-        let (next, patient, sealed, kv) = match prepared {
+        let (next, patient, sealed, kv, key_generation) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
         };
@@ -217,6 +233,7 @@ impl App {
             expected_version: expected,
             sealed,
             new_dek: None,
+            key_generation,
             index_keys: self.coverage_index_keys(id, patient, &next),
         };
         self.commit_write(ctx, attempt, write).await?;
@@ -234,7 +251,10 @@ impl App {
     ) -> Result<(), AppError> {
         let patient = match self.head(RecordKind::Coverage, &id.bytes()) {
             Ok(Some(h)) => PatientId::from_bytes(h.patient_id),
-            Ok(None) => return Err(self.fail(ctx, attempt, AppError::NotFound("coverage")).await),
+            Ok(None) => {
+                let e = self.missing(RecordKind::Coverage, &id.bytes());
+                return Err(self.fail(ctx, attempt, e).await);
+            }
             Err(e) => return Err(self.fail(ctx, attempt, e).await),
         };
         self.reach(ctx, attempt, patient, how).await
@@ -277,7 +297,8 @@ impl App {
         attempt.entry.disclosed = vec![groups::INSURANCE.into()];
         let app = self.clone();
         let result = blocking(move || {
-            app.head(RecordKind::Patient, &patient.bytes())?.ok_or(AppError::NotFound("patient"))?;
+            app.head(RecordKind::Patient, &patient.bytes())?
+                .ok_or_else(|| app.missing(RecordKind::Patient, &patient.bytes()))?;
             let all = app.load_coverages_of(patient)?;
             Ok(all.into_iter().filter(|c| keep(c)).collect::<Vec<_>>())
         })

@@ -11,29 +11,65 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::{App, CallContext, Parsed, blocking, internal};
-use crate::crypto::{Keyring, WrappedDataKey};
+use crate::crypto::{Keyring, ShredKeys, WrappedDataKey};
 use crate::domain::Action;
 use crate::error::AppError;
 use crate::keystore::{Destroyed, KeyError, KeySource, KeyState, VersionInfo, VersionState};
 use crate::storage::Head;
 
-/// The live keyring and the key state behind it.
+/// The live keyring, the erasure bucket keys, and the key state behind them.
 pub struct KeyManager {
     source: KeySource,
     data_dir: PathBuf,
     state: Mutex<KeyState>,
     ring: RwLock<Arc<Keyring>>,
+    shreds: RwLock<Arc<ShredKeys>>,
+    /// Held shared by everything that wraps a data key, from the wrap until
+    /// its commit is durable (creates, rewrap batches, re-encryption), and
+    /// exclusively by an erasure while it moves a bucket to a new generation,
+    /// so no key is committed under a generation that is being dropped.
+    pub(super) wrap_gate: tokio::sync::RwLock<()>,
 }
 
 impl KeyManager {
-    /// Wraps an opened keyring and its state.
-    pub fn new(source: KeySource, data_dir: PathBuf, ring: Keyring, state: KeyState) -> KeyManager {
-        KeyManager { source, data_dir, state: Mutex::new(state), ring: RwLock::new(Arc::new(ring)) }
+    /// Wraps an opened keyring, its state and the erasure bucket keys.
+    pub fn new(source: KeySource, data_dir: PathBuf, ring: Keyring, state: KeyState, shreds: ShredKeys) -> KeyManager {
+        KeyManager {
+            source,
+            data_dir,
+            state: Mutex::new(state),
+            ring: RwLock::new(Arc::new(ring)),
+            shreds: RwLock::new(Arc::new(shreds)),
+            wrap_gate: tokio::sync::RwLock::new(()),
+        }
     }
 
     /// The current keyring.
     pub fn ring(&self) -> Arc<Keyring> {
         self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The current erasure bucket keys.
+    pub fn shreds(&self) -> Arc<ShredKeys> {
+        self.shreds.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Persists new erasure bucket keys (atomic rewrite of `erasure-keys`), then makes them live.
+    pub(super) fn apply_shreds(&self, next: ShredKeys) -> Result<(), KeyError> {
+        crate::keystore::write_erasure_keys(&self.data_dir, &next)?;
+        *self.shreds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Master versions that wrapped data keys before erasure buckets existed and are not destroyed.
+    pub(super) fn pre_erasure_versions_alive(&self) -> Vec<u32> {
+        let state = self.state();
+        state
+            .pre_erasure_versions
+            .iter()
+            .copied()
+            .filter(|v| state.master_keys.get(v).is_some_and(|i| i.state != VersionState::Destroyed))
+            .collect()
     }
 
     fn state(&self) -> KeyState {

@@ -8,8 +8,10 @@
 mod access;
 mod audit_log;
 mod coverages;
+mod erasure;
 mod keys;
 mod patients;
+mod reencrypt;
 mod rewrap;
 
 use std::sync::Arc;
@@ -18,8 +20,10 @@ use std::time::Instant;
 pub use access::{BreakGlassGrant, GrantPage, GrantReview, GrantsRequest, ReviewFilter};
 pub use audit_log::{AuditFilter, AuditPage, ExportStart};
 pub use coverages::{CoverageCreate, CoverageUpdate};
+pub use erasure::{EraseRequest, Erasure};
 pub use keys::{KeyManager, KeyStatus, VersionStatus, VersionUse};
 pub use patients::{PageRequest, PatientPage, PatientUpdate, SearchCriterion, SearchRequest, SearchResult};
+pub use reencrypt::{ReencryptJob, ReencryptRequest};
 pub use rewrap::{RewrapJob, RewrapRequest};
 
 use crate::audit::AuditEntry;
@@ -135,6 +139,10 @@ pub struct App {
     access: Arc<AccessControl>,
     /// Held while a rewrap job runs, so only one runs at a time.
     rewrap_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held by an erasure (and by finishing interrupted ones): one at a time.
+    erase_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a re-encryption job runs.
+    reencrypt_lock: Arc<tokio::sync::Mutex<()>>,
     /// Set at shutdown: background jobs stop after their current batch.
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -155,6 +163,8 @@ impl App {
             clock,
             access: Arc::new(access),
             rewrap_lock: Arc::new(tokio::sync::Mutex::new(())),
+            erase_lock: Arc::new(tokio::sync::Mutex::new(())),
+            reencrypt_lock: Arc::new(tokio::sync::Mutex::new(())),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
@@ -162,6 +172,7 @@ impl App {
     /// Waits until no background job runs (after [`App::stop_jobs`]).
     pub async fn wait_jobs(&self) {
         let _ = self.rewrap_lock.lock().await;
+        let _ = self.reencrypt_lock.lock().await;
     }
 
     /// Asks background jobs to stop after their current batch (shutdown).
@@ -302,6 +313,10 @@ impl App {
                     self.log(ctx, attempt.action, Outcome::Aborted, Some(&c));
                     Err(AppError::Conflict { current })
                 }
+                CommitOutcome::KeyChanged => {
+                    self.log(ctx, attempt.action, Outcome::Aborted, Some(&c));
+                    Err(AppError::KeyChanged)
+                }
             },
             Err(e) => {
                 self.log(ctx, attempt.action, Outcome::Internal, None);
@@ -353,11 +368,36 @@ impl App {
 
     /// Loads and unwraps a patient's data key.
     fn data_key(&self, patient: PatientId) -> Result<(DataKey, u32), AppError> {
-        let wrapped = self.store.wrapped_dek(&patient.bytes()).map_err(internal)?.ok_or(AppError::DataLoss)?;
-        let wrapped = WrappedDataKey(wrapped);
-        let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
-        let dek = self.keys.ring().unwrap_data_key(&patient.bytes(), &wrapped).map_err(crypto_failure)?;
-        Ok((dek, version))
+        let mut attempts = 0;
+        loop {
+            // The bucket keys are taken before the wrapped key is read: an
+            // erasure in the same bucket may move the key to a newer
+            // generation in between, which a second read then finds.
+            let shreds = self.keys.shreds();
+            let wrapped = match self.store.wrapped_dek(&patient.bytes()).map_err(internal)? {
+                Some(w) => WrappedDataKey(w),
+                None => return Err(self.missing(RecordKind::Patient, &patient.bytes())),
+            };
+            let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
+            match self.keys.ring().unwrap_data_key(&patient.bytes(), &wrapped, &shreds) {
+                Ok(dek) => return Ok((dek, version)),
+                Err(crypto::CryptoError::UnknownErasureKey(..)) if attempts < 3 => attempts += 1,
+                Err(e) => return Err(crypto_failure(e)),
+            }
+        }
+    }
+
+    /// NOT_FOUND for a record that does not exist, or "erased" for one that was crypto-shredded.
+    fn missing(&self, kind: RecordKind, id: &[u8; 16]) -> AppError {
+        let what = match kind {
+            RecordKind::Patient => "patient",
+            RecordKind::Coverage => "coverage",
+        };
+        match self.store.access_get(&erasure::erased_key(kind, id)) {
+            Ok(Some(_)) => AppError::Erased(what),
+            Ok(None) => AppError::NotFound(what),
+            Err(e) => internal(e),
+        }
     }
 
     /// Opens one stored version of a record and decodes its JSON plaintext.

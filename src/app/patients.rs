@@ -122,9 +122,20 @@ impl App {
         keys
     }
 
-    /// Loads and opens the current version of a patient.
+    /// Loads and opens the current version of a patient. A record that fails
+    /// to open is read once more: a re-encryption batch may have committed
+    /// between reading the key and reading the record.
     pub(super) fn load_patient(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        let head = self.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
+        match self.load_patient_once(id) {
+            Err(AppError::DataLoss) => self.load_patient_once(id),
+            other => other,
+        }
+    }
+
+    fn load_patient_once(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
+        let head = self
+            .head(RecordKind::Patient, &id.bytes())?
+            .ok_or_else(|| self.missing(RecordKind::Patient, &id.bytes()))?;
         let sealed = self
             .store
             .record(RecordKind::Patient, &id.bytes(), head.version)
@@ -145,8 +156,11 @@ impl App {
         let now = self.now();
         let patient =
             Patient { id: id.into(), version: 1, create_time: now, update_time: now, delete_time: None, data };
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
         let prepared = (|| {
-            let (dek, wrapped) = self.keys.ring().new_data_key(&id.bytes()).map_err(super::crypto_failure)?;
+            let shreds = self.keys.shreds();
+            let (dek, wrapped) = self.keys.ring().new_data_key(&id.bytes(), &shreds).map_err(super::crypto_failure)?;
             let sealed = self.seal(&dek, &patient_aad(id, 1), &patient)?;
             Ok::<_, AppError>((sealed, wrapped))
         })();
@@ -163,6 +177,7 @@ impl App {
             expected_version: 0,
             sealed,
             new_dek: Some(wrapped.0),
+            key_generation: 1,
             index_keys: self.patient_index_keys(id, &patient.data),
         };
         let shown = show(&mut attempt, patient);
@@ -230,6 +245,8 @@ impl App {
         expected: u64,
         change: impl FnOnce(Patient, i64) -> Patient,
     ) -> Result<Patient, AppError> {
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
         let loaded = self.load_patient(id);
         let Opened { record: current, dek, key_version, .. } = match loaded {
             Ok(v) => v,
@@ -258,6 +275,7 @@ impl App {
             expected_version: expected,
             sealed,
             new_dek: None,
+            key_generation: dek.generation(),
             index_keys: self.patient_index_keys(id, &next.data),
         };
         let shown = show(&mut attempt, next);
@@ -398,7 +416,9 @@ impl App {
         self.reach(ctx, &mut attempt, id, Reach::Read).await?;
         let app = self.clone();
         let result = blocking(move || {
-            let head = app.head(RecordKind::Patient, &id.bytes())?.ok_or(AppError::NotFound("patient"))?;
+            let head = app
+                .head(RecordKind::Patient, &id.bytes())?
+                .ok_or_else(|| app.missing(RecordKind::Patient, &id.bytes()))?;
             let (dek, kv) = app.data_key(id)?;
             let versions = app.store.versions(RecordKind::Patient, &id.bytes()).map_err(internal)?;
             if super::count(versions.len()) != head.version {

@@ -158,8 +158,16 @@ impl App {
         self.finish(ctx, attempt, result).await
     }
 
-    /// Continues a job interrupted by a stop or crash. Called once the server runs.
+    /// Continues a job interrupted by a stop or crash, and finishes any
+    /// erasure a crash interrupted. Called once the server runs.
     pub fn resume_jobs(&self) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = app.finish_erasures().await {
+                tracing::error!(error = %e, "finishing an interrupted erasure failed; it is retried at the next start");
+            }
+        });
+        self.resume_reencrypt();
         if let Ok(Some(job)) = self.rewrap_job()
             && job.state == "running"
         {
@@ -190,6 +198,9 @@ impl App {
                 return Ok(());
             }
             let started = Instant::now();
+            // Wrapped keys are committed under the gate, so an erasure never
+            // sees a key land under a bucket generation it is dropping.
+            let gate = self.keys.wrap_gate.read().await;
             let app = self.clone();
             let j = job.clone();
             let (batch, mut next) = blocking(move || app.next_batch(&j)).await?;
@@ -218,6 +229,7 @@ impl App {
                 ..AuditEntry::default()
             };
             let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await.map_err(internal)?;
+            drop(gate);
             if committed.outcome != CommitOutcome::Written {
                 // A key changed under the batch (a concurrent erase); read it again.
                 continue;
@@ -238,6 +250,7 @@ impl App {
     /// The next batch of rewrites after the job's cursor, and the job advanced past it.
     fn next_batch(&self, job: &RewrapJob) -> Result<(Vec<MetaWrite>, RewrapJob), AppError> {
         let ring = self.keys.ring();
+        let shreds = self.keys.shreds();
         let mut next = job.clone();
         let mut writes = Vec::new();
         if !job.notes_phase {
@@ -258,7 +271,8 @@ impl App {
                     continue;
                 }
                 let patient: [u8; 16] = k.as_ref().try_into().map_err(|_| AppError::DataLoss)?;
-                let new = ring.rewrap_data_key(&patient, &wrapped, job.target).map_err(super::crypto_failure)?;
+                let new =
+                    ring.rewrap_data_key(&patient, &wrapped, job.target, &shreds).map_err(super::crypto_failure)?;
                 writes.push(MetaWrite {
                     tree: MetaTree::Deks,
                     key: k.to_vec(),

@@ -41,6 +41,10 @@ pub enum Permission {
     BreakGlass,
     /// Key operations.
     KeysAdmin,
+    /// Erase a patient by crypto-shredding (refused under legal hold).
+    PatientsErase,
+    /// Place and lift legal holds (which block erasure).
+    PatientsLegalHold,
     /// Field group: names, gender, birth date, identifiers (SSN masked), language.
     FieldsIdentity,
     /// Field group: phones, e-mail, addresses, contacts.
@@ -51,7 +55,7 @@ pub enum Permission {
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 15] = [
         Permission::PatientsRead,
         Permission::PatientsWrite,
         Permission::CoverageRead,
@@ -62,6 +66,8 @@ impl Permission {
         Permission::RestrictedAccess,
         Permission::BreakGlass,
         Permission::KeysAdmin,
+        Permission::PatientsErase,
+        Permission::PatientsLegalHold,
         Permission::FieldsIdentity,
         Permission::FieldsContact,
         Permission::FieldsSsn,
@@ -80,6 +86,8 @@ impl Permission {
             Permission::RestrictedAccess => "restricted.access",
             Permission::BreakGlass => "break_glass",
             Permission::KeysAdmin => "keys.admin",
+            Permission::PatientsErase => "patients.erase",
+            Permission::PatientsLegalHold => "patients.legal_hold",
             Permission::FieldsIdentity => "fields.identity",
             Permission::FieldsContact => "fields.contact",
             Permission::FieldsSsn => "fields.ssn",

@@ -158,6 +158,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             let r = access.set_patient_restriction(c.req(req)?).await.map_err(status)?;
             print(&r.into_inner())
         }
+        ClientCommand::SetLegalHold { patient_id, hold } => {
+            let req = pb::SetLegalHoldRequest { patient_id, legal_hold: hold };
+            let r = access.set_legal_hold(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
         ClientCommand::BreakGlassQueue { state } => {
             let state = match state.as_str() {
                 "pending" => pb::ReviewState::Pending,

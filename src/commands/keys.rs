@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use carevault::api::keys::{job_pb, status_pb};
-use carevault::app::{App, CallContext, RewrapRequest};
+use carevault::api::keys::{erasure_pb, job_pb, reencrypt_pb, status_pb};
+use carevault::app::{App, CallContext, EraseRequest, ReencryptRequest, RewrapRequest};
 use carevault::cli::{KeysArgs, KeysCommand};
 use carevault::clock::{Clock, SystemClock};
 use carevault::config::ServiceConfig;
+use carevault::domain::PatientId;
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::key_service_client::KeyServiceClient;
 use carevault::server::{self, OpenOptions};
@@ -58,9 +59,37 @@ fn human_status(s: &pb::GetKeyStatusResponse) -> String {
     out.trim_end().to_string()
 }
 
+fn human_erasure(r: &pb::ErasePatientResponse) -> String {
+    let mut out = format!(
+        "patient {} erased (audit entry {}): {} coverages, {} record versions; {} other data keys moved to a new erasure key\n",
+        r.patient_id, r.audit_sequence, r.coverages_erased, r.record_versions_erased, r.data_keys_rekeyed
+    );
+    for c in &r.caveats {
+        out += &format!("note: {c}\n");
+    }
+    out.trim_end().to_string()
+}
+
+fn human_reencrypt(j: &pb::ReencryptJob) -> String {
+    format!(
+        "re-encryption {}: {}/{} patients, {} record versions re-sealed, {:.0} patients/s",
+        j.state, j.done, j.total, j.record_versions, j.rate
+    )
+}
+
+fn patient_arg(s: &str) -> anyhow::Result<PatientId> {
+    PatientId::parse(s).with_context(|| format!("--patient {s:?} is not a lowercase hyphenated UUID"))
+}
+
 fn bar(total: u64) -> ProgressBar {
+    bar_of(total, "rewrapped")
+}
+
+fn bar_of(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} rewrapped, {per_sec}, eta {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what}, {{per_sec}}, eta {{eta}}"))
+    {
         pb.set_style(style);
     }
     pb
@@ -110,6 +139,32 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
                 .map_err(status)?;
             let r = r.into_inner();
             print(args.json, &r, || destroyed_message(*version, r.material_removed))
+        }
+        KeysCommand::Erase { patient, reason } => {
+            let m = pb::ErasePatientRequest { patient_id: patient.clone(), reason: reason.clone() };
+            let r = client.erase_patient(req!(m)).await.map_err(status)?.into_inner();
+            print(args.json, &r, || human_erasure(&r))
+        }
+        KeysCommand::Reencrypt { patient, max_per_second, no_wait } => {
+            let m = pb::StartReencryptRequest {
+                patient_id: patient.clone().unwrap_or_default(),
+                max_per_second: *max_per_second,
+            };
+            let job = client.start_reencrypt(req!(m)).await.map_err(status)?.into_inner().job.context("no job")?;
+            if *no_wait || job.state != "running" {
+                return print(args.json, &job, || human_reencrypt(&job));
+            }
+            let pb = bar_of(job.total, "patients re-encrypted");
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let j = client.get_reencrypt_job(req!(pb::GetReencryptJobRequest {})).await.map_err(status)?;
+                let Some(j) = j.into_inner().job else { continue };
+                pb.set_position(j.done);
+                if j.state == "completed" {
+                    pb.finish();
+                    return print(args.json, &j, || human_reencrypt(&j));
+                }
+            }
         }
         KeysCommand::Rewrap { dry_run, max_per_second, no_wait } => {
             let start = pb::StartRewrapRequest { dry_run: *dry_run, max_per_second: *max_per_second };
@@ -187,6 +242,30 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             let removed = app.destroy_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
             let r = pb::DestroyMasterKeyResponse { version: *version, material_removed: removed };
             print(args.json, &r, || destroyed_message(*version, removed))
+        }
+        KeysCommand::Erase { patient, reason } => {
+            let req = EraseRequest { patient: patient_arg(patient)?, reason: reason.trim().to_string() };
+            if req.reason.is_empty() {
+                anyhow::bail!("--reason is required");
+            }
+            let r = erasure_pb(&app.erase_patient(&ctx, Ok(req)).await.map_err(app_error)?);
+            print(args.json, &r, || human_erasure(&r))
+        }
+        KeysCommand::Reencrypt { patient, max_per_second, .. } => {
+            let patient = patient.as_deref().map(patient_arg).transpose()?;
+            let req = ReencryptRequest { patient, max_per_second: *max_per_second };
+            let job = app.start_reencrypt(&ctx, Ok(req)).await.map_err(app_error)?;
+            let pb = bar_of(job.total, "patients re-encrypted");
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(j) = app.reencrypt_progress().map_err(app_error)? else { continue };
+                pb.set_position(j.done);
+                if j.state == "completed" {
+                    pb.finish();
+                    let j = reencrypt_pb(&j, SystemClock.now_micros());
+                    return print(args.json, &j, || human_reencrypt(&j));
+                }
+            }
         }
         KeysCommand::Rewrap { dry_run, max_per_second, .. } => {
             let req = RewrapRequest { dry_run: *dry_run, max_per_second: *max_per_second };

@@ -1,5 +1,6 @@
 //! Command implementations (binary edge: errors are `anyhow`).
 
+pub mod backup;
 pub mod bench;
 pub mod certs;
 pub mod client;

@@ -18,10 +18,13 @@ use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
 use super::envelope;
+use super::shred::{BucketKey, ShredKeys};
 use super::{CryptoError, hkdf32, hmac_sha256, random_fill};
 
 const KDF_SALT: &[u8] = b"carevault/v1/kdf";
 const WRAPPED_FORMAT_V1: u8 = 0x01;
+/// Wrapped data keys that also name an erasure bucket (see `shred`).
+const WRAPPED_FORMAT_V2: u8 = 0x02;
 
 /// A 256-bit master key. Zeroized on drop; deliberately has no `Debug`.
 pub struct MasterKey(Zeroizing<[u8; 32]>);
@@ -124,27 +127,50 @@ impl DataKey {
     }
 }
 
-/// A data key wrapped by a key-encryption key, in its storage encoding:
-/// `0x01` || master key version (u32 BE) || DEK generation (u32 BE) || envelope
-/// of the 32-byte DEK under KEK_v, with associated data
+/// A data key wrapped by a key-encryption key, in its storage encoding.
+///
+/// Format 2 (every key written since erasure buckets exist):
+/// `0x02` || master key version (u32 BE) || DEK generation (u32 BE) ||
+/// erasure bucket (u16 BE) || bucket generation (u32 BE) || envelope of the
+/// 32-byte DEK under the wrapping key
+/// `W = HKDF-SHA256(salt="carevault/v1/kdf", ikm=KEK_v || bucket key, info="dek-wrap")`,
+/// with associated data `"carevault/v2/dek"` || patient id (16 bytes) ||
+/// master version (u32 BE) || generation (u32 BE) || bucket (u16 BE) || bucket generation (u32 BE).
+///
+/// Format 1 (read only): `0x01` || master key version (u32 BE) || DEK
+/// generation (u32 BE) || envelope of the DEK under KEK_v, with associated data
 /// `"carevault/v1/dek"` || patient id (16 bytes) || master version (u32 BE) || generation (u32 BE).
 #[derive(Clone, PartialEq, Eq)]
 pub struct WrappedDataKey(pub Vec<u8>);
 
 impl WrappedDataKey {
+    fn header_len(&self) -> Result<usize, CryptoError> {
+        match self.0.first() {
+            Some(&WRAPPED_FORMAT_V1) if self.0.len() >= 9 => Ok(9),
+            Some(&WRAPPED_FORMAT_V2) if self.0.len() >= 15 => Ok(15),
+            _ => Err(CryptoError::Malformed),
+        }
+    }
+
     /// The master key version whose KEK wrapped this key.
     pub fn master_version(&self) -> Result<u32, CryptoError> {
-        if self.0.len() < 9 || self.0[0] != WRAPPED_FORMAT_V1 {
-            return Err(CryptoError::Malformed);
-        }
+        self.header_len()?;
         Ok(u32::from_be_bytes([self.0[1], self.0[2], self.0[3], self.0[4]]))
     }
 
-    fn generation(&self) -> Result<u32, CryptoError> {
-        if self.0.len() < 9 {
-            return Err(CryptoError::Malformed);
-        }
+    /// The data key's generation (1 for a patient's first key; `keys reencrypt` makes the next).
+    pub fn generation(&self) -> Result<u32, CryptoError> {
+        self.header_len()?;
         Ok(u32::from_be_bytes([self.0[5], self.0[6], self.0[7], self.0[8]]))
+    }
+
+    /// The erasure bucket and its generation (format 2), or `None` for a format-1 key.
+    pub fn erasure_bucket(&self) -> Result<Option<(u16, u32)>, CryptoError> {
+        if self.header_len()? == 9 {
+            return Ok(None);
+        }
+        let b = &self.0;
+        Ok(Some((u16::from_be_bytes([b[9], b[10]]), u32::from_be_bytes([b[11], b[12], b[13], b[14]]))))
     }
 }
 
@@ -155,6 +181,25 @@ fn dek_aad(patient_id: &[u8; 16], master_version: u32, generation: u32) -> Vec<u
     aad.extend_from_slice(&master_version.to_be_bytes());
     aad.extend_from_slice(&generation.to_be_bytes());
     aad
+}
+
+fn dek_aad_v2(patient_id: &[u8; 16], master_version: u32, generation: u32, bucket: u16, bucket_gen: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + 16 + 14);
+    aad.extend_from_slice(b"carevault/v2/dek");
+    aad.extend_from_slice(patient_id);
+    aad.extend_from_slice(&master_version.to_be_bytes());
+    aad.extend_from_slice(&generation.to_be_bytes());
+    aad.extend_from_slice(&bucket.to_be_bytes());
+    aad.extend_from_slice(&bucket_gen.to_be_bytes());
+    aad
+}
+
+/// The format-2 wrapping key: HKDF over KEK_v and the bucket key together.
+fn dek_wrapping_key(kek: &[u8; 32], bucket_key: &BucketKey) -> Zeroizing<[u8; 32]> {
+    let mut ikm = Zeroizing::new([0u8; 64]);
+    ikm[..32].copy_from_slice(kek);
+    ikm[32..].copy_from_slice(bucket_key.bytes());
+    hkdf32(KDF_SALT, ikm.as_ref(), b"dek-wrap")
 }
 
 fn note_aad(context: &[u8]) -> Vec<u8> {
@@ -204,12 +249,28 @@ impl Keyring {
         self.versions.get(&version).map(|d| hex::encode(d.kcv))
     }
 
-    /// A fresh data key for a patient, and its wrapped form under the primary KEK.
-    pub fn new_data_key(&self, patient_id: &[u8; 16]) -> Result<(DataKey, WrappedDataKey), CryptoError> {
+    /// A fresh data key (generation 1) for a patient, and its wrapped form
+    /// under the primary KEK and the patient's current erasure-bucket key.
+    pub fn new_data_key(
+        &self,
+        patient_id: &[u8; 16],
+        shreds: &ShredKeys,
+    ) -> Result<(DataKey, WrappedDataKey), CryptoError> {
+        self.fresh_data_key(patient_id, 1, shreds)
+    }
+
+    /// A fresh data key of the given generation (re-encryption makes the next
+    /// generation of a patient's key), wrapped like [`Keyring::new_data_key`].
+    pub fn fresh_data_key(
+        &self,
+        patient_id: &[u8; 16],
+        generation: u32,
+        shreds: &ShredKeys,
+    ) -> Result<(DataKey, WrappedDataKey), CryptoError> {
         let mut key = Zeroizing::new([0u8; 32]);
         random_fill(key.as_mut())?;
-        let dek = DataKey { key, generation: 1 };
-        let wrapped = self.wrap(patient_id, &dek, self.primary)?;
+        let dek = DataKey { key, generation };
+        let wrapped = self.wrap(patient_id, &dek, self.primary, shreds)?;
         Ok((dek, wrapped))
     }
 
@@ -236,25 +297,40 @@ impl Keyring {
         Ok(Zeroizing::new(envelope::open(&derived.notes, &note_aad(context), &sealed[5..])?))
     }
 
-    /// Re-wraps a patient's data key under master version `target` (same key,
-    /// same generation): the rewrap job's one step.
+    /// Re-wraps a patient's data key (same key, same generation) under master
+    /// version `target` and the bucket's current erasure key, in format 2:
+    /// the rewrap job's and an erasure's one step.
     pub fn rewrap_data_key(
         &self,
         patient_id: &[u8; 16],
         wrapped: &WrappedDataKey,
         target: u32,
+        shreds: &ShredKeys,
     ) -> Result<WrappedDataKey, CryptoError> {
-        let dek = self.unwrap_data_key(patient_id, wrapped)?;
-        self.wrap(patient_id, &dek, target)
+        let dek = self.unwrap_data_key(patient_id, wrapped, shreds)?;
+        self.wrap(patient_id, &dek, target, shreds)
     }
 
-    fn wrap(&self, patient_id: &[u8; 16], dek: &DataKey, version: u32) -> Result<WrappedDataKey, CryptoError> {
+    fn wrap(
+        &self,
+        patient_id: &[u8; 16],
+        dek: &DataKey,
+        version: u32,
+        shreds: &ShredKeys,
+    ) -> Result<WrappedDataKey, CryptoError> {
         let derived = self.versions.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
-        let sealed = envelope::seal(&derived.kek, &dek_aad(patient_id, version, dek.generation), dek.key.as_ref())?;
-        let mut wrapped = Vec::with_capacity(9 + sealed.len());
-        wrapped.push(WRAPPED_FORMAT_V1);
+        let bucket = shreds.bucket_of(patient_id);
+        let bucket_key = shreds.current(bucket)?;
+        let bucket_gen = bucket_key.generation();
+        let w = dek_wrapping_key(&derived.kek, bucket_key);
+        let aad = dek_aad_v2(patient_id, version, dek.generation, bucket, bucket_gen);
+        let sealed = envelope::seal(&w, &aad, dek.key.as_ref())?;
+        let mut wrapped = Vec::with_capacity(15 + sealed.len());
+        wrapped.push(WRAPPED_FORMAT_V2);
         wrapped.extend_from_slice(&version.to_be_bytes());
         wrapped.extend_from_slice(&dek.generation.to_be_bytes());
+        wrapped.extend_from_slice(&bucket.to_be_bytes());
+        wrapped.extend_from_slice(&bucket_gen.to_be_bytes());
         wrapped.extend_from_slice(&sealed);
         Ok(WrappedDataKey(wrapped))
     }
@@ -273,13 +349,25 @@ impl Keyring {
         self.seal_note(context, &plain)
     }
 
-    /// Unwraps a patient's data key.
-    pub fn unwrap_data_key(&self, patient_id: &[u8; 16], wrapped: &WrappedDataKey) -> Result<DataKey, CryptoError> {
+    /// Unwraps a patient's data key (either format; format 2 needs the
+    /// bucket generation it names to be in `shreds`).
+    pub fn unwrap_data_key(
+        &self,
+        patient_id: &[u8; 16],
+        wrapped: &WrappedDataKey,
+        shreds: &ShredKeys,
+    ) -> Result<DataKey, CryptoError> {
         let version = wrapped.master_version()?;
         let generation = wrapped.generation()?;
         let derived = self.versions.get(&version).ok_or(CryptoError::UnknownKeyVersion(version))?;
-        let plain =
-            Zeroizing::new(envelope::open(&derived.kek, &dek_aad(patient_id, version, generation), &wrapped.0[9..])?);
+        let plain = Zeroizing::new(match wrapped.erasure_bucket()? {
+            None => envelope::open(&derived.kek, &dek_aad(patient_id, version, generation), &wrapped.0[9..])?,
+            Some((bucket, bucket_gen)) => {
+                let w = dek_wrapping_key(&derived.kek, shreds.get(bucket, bucket_gen)?);
+                let aad = dek_aad_v2(patient_id, version, generation, bucket, bucket_gen);
+                envelope::open(&w, &aad, &wrapped.0[15..])?
+            }
+        });
         let mut key = Zeroizing::new([0u8; 32]);
         if plain.len() != 32 {
             return Err(CryptoError::Malformed);
@@ -337,27 +425,66 @@ mod tests {
 
     #[test]
     fn rewrapping_moves_a_data_key_to_another_version_without_changing_it() {
+        let shreds = ShredKeys::generate(16).unwrap();
         let v1 = MasterKey::from_hex(&"11".repeat(32)).unwrap();
         let v2 = MasterKey::from_hex(&"22".repeat(32)).unwrap();
         let old = Keyring::new(vec![(1, v1.clone_key())], 1, 1).unwrap();
-        let (dek, wrapped) = old.new_data_key(&[7; 16]).unwrap();
+        let (dek, wrapped) = old.new_data_key(&[7; 16], &shreds).unwrap();
         let both = Keyring::new(vec![(1, v1), (2, v2.clone_key())], 2, 1).unwrap();
-        let moved = both.rewrap_data_key(&[7; 16], &wrapped, 2).unwrap();
+        let moved = both.rewrap_data_key(&[7; 16], &wrapped, 2, &shreds).unwrap();
         assert_eq!(moved.master_version().unwrap(), 2);
         let only_v2 = Keyring::new(vec![(2, v2)], 2, 2).unwrap();
-        assert_eq!(only_v2.unwrap_data_key(&[7; 16], &moved).unwrap().bytes(), dek.bytes());
-        assert_eq!(only_v2.unwrap_data_key(&[7; 16], &wrapped).err(), Some(CryptoError::UnknownKeyVersion(1)));
+        assert_eq!(only_v2.unwrap_data_key(&[7; 16], &moved, &shreds).unwrap().bytes(), dek.bytes());
+        assert_eq!(only_v2.unwrap_data_key(&[7; 16], &wrapped, &shreds).err(), Some(CryptoError::UnknownKeyVersion(1)));
     }
 
     #[test]
     fn a_wrapped_data_key_unwraps_only_for_its_patient() {
+        let shreds = ShredKeys::generate(16).unwrap();
         let ring = ring_with(&"ab".repeat(32));
-        let (dek, wrapped) = ring.new_data_key(&[1; 16]).unwrap();
-        let again = ring.unwrap_data_key(&[1; 16], &wrapped).unwrap();
+        let (dek, wrapped) = ring.new_data_key(&[1; 16], &shreds).unwrap();
+        assert_eq!(wrapped.0[0], 2);
+        assert_eq!(wrapped.erasure_bucket().unwrap(), Some((shreds.bucket_of(&[1; 16]), 1)));
+        let again = ring.unwrap_data_key(&[1; 16], &wrapped, &shreds).unwrap();
         assert_eq!(dek.bytes(), again.bytes());
-        assert!(matches!(ring.unwrap_data_key(&[2; 16], &wrapped), Err(CryptoError::Open)));
+        assert!(matches!(ring.unwrap_data_key(&[2; 16], &wrapped, &shreds), Err(CryptoError::Open)));
         let other = ring_with(&"cd".repeat(32));
-        assert!(matches!(other.unwrap_data_key(&[1; 16], &wrapped), Err(CryptoError::Open)));
+        assert!(matches!(other.unwrap_data_key(&[1; 16], &wrapped, &shreds), Err(CryptoError::Open)));
+        let other_shreds = ShredKeys::generate(16).unwrap();
+        assert!(matches!(ring.unwrap_data_key(&[1; 16], &wrapped, &other_shreds), Err(CryptoError::Open)));
+    }
+
+    #[test]
+    fn dropping_a_bucket_generation_makes_keys_wrapped_under_it_unopenable() {
+        let shreds = ShredKeys::generate(4).unwrap();
+        let ring = ring_with(&"ab".repeat(32));
+        let p = [9u8; 16];
+        let bucket = shreds.bucket_of(&p);
+        let (dek, old) = ring.new_data_key(&p, &shreds).unwrap();
+        let during = shreds.with_next_generation(bucket).unwrap();
+        // A neighbour's key is moved to the new generation; the erased one is not.
+        let moved = ring.rewrap_data_key(&p, &old, 1, &during).unwrap();
+        assert_eq!(moved.erasure_bucket().unwrap(), Some((bucket, 2)));
+        let after = during.without_previous(bucket);
+        assert_eq!(ring.unwrap_data_key(&p, &moved, &after).unwrap().bytes(), dek.bytes());
+        assert_eq!(ring.unwrap_data_key(&p, &old, &after).err(), Some(CryptoError::UnknownErasureKey(bucket, 1)));
+    }
+
+    #[test]
+    fn a_format_1_wrapped_key_still_unwraps_and_rewraps_into_format_2() {
+        // Written by hand the way format 1 was: envelope under KEK_v with the v1 associated data.
+        let shreds = ShredKeys::generate(4).unwrap();
+        let ring = ring_with(&"ab".repeat(32));
+        let derived = ring.versions.get(&1).unwrap();
+        let dek = [5u8; 32];
+        let mut v1 = vec![1, 0, 0, 0, 1, 0, 0, 0, 1];
+        v1.extend(envelope::seal(&derived.kek, &dek_aad(&[3; 16], 1, 1), &dek).unwrap());
+        let v1 = WrappedDataKey(v1);
+        assert_eq!(v1.erasure_bucket().unwrap(), None);
+        assert_eq!(ring.unwrap_data_key(&[3; 16], &v1, &shreds).unwrap().bytes(), &dek);
+        let v2 = ring.rewrap_data_key(&[3; 16], &v1, 1, &shreds).unwrap();
+        assert_eq!((v2.0[0], v2.generation().unwrap()), (2, 1));
+        assert_eq!(ring.unwrap_data_key(&[3; 16], &v2, &shreds).unwrap().bytes(), &dek);
     }
 
     #[test]

@@ -8,11 +8,13 @@
 
 pub mod envelope;
 pub mod keyring;
+pub mod shred;
 
 use ring::rand::SecureRandom;
 
 pub use envelope::{RecordAad, RecordKind, open_record, seal_record};
 pub use keyring::{BlindIndexKind, DataKey, Keyring, MasterKey, WrappedDataKey};
+pub use shred::ShredKeys;
 
 /// Errors from the crypto layer. Deliberately carries no key material or plaintext.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +28,10 @@ pub enum CryptoError {
     /// The key version a ciphertext names is not in the keyring.
     #[error("key version {0} is not in the keyring")]
     UnknownKeyVersion(u32),
+    /// The erasure-bucket key generation a wrapped data key names is not held
+    /// (the patient was erased, or the erasure-keys file is not this store's).
+    #[error("erasure bucket {0} generation {1} is not held")]
+    UnknownErasureKey(u16, u32),
     /// The system random generator failed.
     #[error("random generator failed")]
     Random,

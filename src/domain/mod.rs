@@ -117,6 +117,11 @@ pub enum Action {
     KeysRewrapComplete,
     KeysRetire,
     KeysDestroy,
+    PatientErase,
+    ErasureRekey,
+    KeysReencrypt,
+    KeysReencryptBatch,
+    AccessLegalHold,
 }
 
 impl Action {
@@ -149,6 +154,11 @@ impl Action {
             Action::KeysRewrapComplete => "keys.rewrap_complete",
             Action::KeysRetire => "keys.retire",
             Action::KeysDestroy => "keys.destroy",
+            Action::PatientErase => "patient.erase",
+            Action::ErasureRekey => "keys.erasure_rekey",
+            Action::KeysReencrypt => "keys.reencrypt",
+            Action::KeysReencryptBatch => "keys.reencrypt_batch",
+            Action::AccessLegalHold => "access.legal_hold",
         }
     }
 
@@ -170,7 +180,11 @@ impl Action {
             | Action::KeysRewrapBatch
             | Action::KeysRewrapComplete
             | Action::KeysRetire
-            | Action::KeysDestroy => Permission::KeysAdmin,
+            | Action::KeysDestroy
+            | Action::KeysReencrypt
+            | Action::KeysReencryptBatch => Permission::KeysAdmin,
+            Action::PatientErase | Action::ErasureRekey => Permission::PatientsErase,
+            Action::AccessLegalHold => Permission::PatientsLegalHold,
         }
     }
 
@@ -184,7 +198,8 @@ impl Action {
 
     /// True when the action reads or writes PHI (and so needs a purpose of use).
     pub fn is_phi(self) -> bool {
-        matches!(self.resource_type(), "patient" | "coverage")
+        // An erasure names a patient but discloses nothing.
+        matches!(self.resource_type(), "patient" | "coverage") && self != Action::PatientErase
     }
 
     /// The resource type recorded with this action.
@@ -196,7 +211,8 @@ impl Action {
             | Action::PatientDelete
             | Action::PatientList
             | Action::PatientSearch
-            | Action::PatientHistory => "patient",
+            | Action::PatientHistory
+            | Action::PatientErase => "patient",
             Action::CoverageCreate
             | Action::CoverageRead
             | Action::CoverageUpdate
@@ -204,7 +220,7 @@ impl Action {
             | Action::CoverageList
             | Action::CoverageActive => "coverage",
             Action::AuditList | Action::AuditExport | Action::AuditHead => "audit",
-            Action::AccessRestrict => "access",
+            Action::AccessRestrict | Action::AccessLegalHold => "access",
             Action::BreakGlassList | Action::BreakGlassReview => "grant",
             Action::KeysStatus
             | Action::KeysRotate
@@ -212,7 +228,10 @@ impl Action {
             | Action::KeysRewrapBatch
             | Action::KeysRewrapComplete
             | Action::KeysRetire
-            | Action::KeysDestroy => "key",
+            | Action::KeysDestroy
+            | Action::ErasureRekey
+            | Action::KeysReencrypt
+            | Action::KeysReencryptBatch => "key",
         }
     }
 }

@@ -23,6 +23,14 @@
 //! may depend on it) or `destroyed` (material removed). Format 1 (written
 //! before rotation existed: `"master_keys": {"1": "<hex KCV>"}`, every version
 //! active, primary the highest) is read and rewritten as format 2.
+//! `pre_erasure_versions` (absent when empty) lists the master versions that
+//! wrapped data keys before the store had erasure buckets: until they are
+//! destroyed, an erasure cannot promise old log bytes are unopenable.
+//!
+//! The data directory also holds `erasure-keys` (mode 0600), the erasure
+//! bucket keys (format in `crypto::shred`), created with the store and
+//! rewritten whole (temporary file, fsync, rename, directory fsync) by every
+//! erasure.
 
 pub mod custody;
 
@@ -128,6 +136,46 @@ pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyE
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))?;
     f.sync_all().map_err(io(path))
+}
+
+/// Replaces `dir/name` atomically and durably: a temporary file with `mode`,
+/// fsync, rename over the old one, directory fsync. The old content is gone
+/// from the file system's namespace once this returns.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io(&path))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The erasure-keys file of a data directory.
+pub const ERASURE_KEYS_FILE: &str = "erasure-keys";
+
+/// Writes the erasure bucket keys (atomically, mode 0600).
+pub fn write_erasure_keys(data_dir: &Path, keys: &crypto::ShredKeys) -> Result<(), KeyError> {
+    write_atomic(data_dir, ERASURE_KEYS_FILE, &keys.encode(), 0o600)
+}
+
+/// Reads the erasure bucket keys, creating them for a store that has none.
+/// A store whose database predates them gets its active versions recorded in
+/// `pre_erasure_versions`.
+fn open_erasure_keys(data_dir: &Path, state: &mut KeyState) -> Result<crypto::ShredKeys, KeyError> {
+    let path = data_dir.join(ERASURE_KEYS_FILE);
+    if path.exists() {
+        let bytes = read_private(&path)?;
+        return crypto::ShredKeys::decode(&bytes).map_err(|_| KeyError::Malformed(path));
+    }
+    let keys = crypto::ShredKeys::generate(crypto::shred::DEFAULT_BUCKETS).map_err(|_| KeyError::Malformed(path))?;
+    if data_dir.join("db").exists() {
+        state.pre_erasure_versions = state.active();
+        state.write(data_dir)?;
+    }
+    write_erasure_keys(data_dir, &keys)?;
+    Ok(keys)
 }
 
 fn create_dir_private(dir: &Path) -> Result<(), KeyError> {
@@ -250,6 +298,9 @@ pub struct KeyState {
     pub blind_index_version: u32,
     /// Every version ever used, by number.
     pub master_keys: BTreeMap<u32, VersionInfo>,
+    /// Versions that wrapped data keys before erasure buckets existed (see the module docs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_erasure_versions: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -275,7 +326,13 @@ impl KeyState {
                 master_keys.insert(v, VersionInfo { kcv, state: VersionState::Active });
             }
             let primary = *master_keys.keys().last().ok_or_else(|| KeyError::Malformed(path.into()))?;
-            return Ok(KeyState { format: 2, primary, blind_index_version: v1.blind_index_version, master_keys });
+            return Ok(KeyState {
+                format: 2,
+                primary,
+                blind_index_version: v1.blind_index_version,
+                master_keys,
+                pre_erasure_versions: Vec::new(),
+            });
         }
         serde_json::from_value(value).map_err(|_| KeyError::Malformed(path.into()))
     }
@@ -284,13 +341,7 @@ impl KeyState {
     pub fn write(&self, data_dir: &Path) -> Result<(), KeyError> {
         let path = data_dir.join("keycheck.json");
         let text = serde_json::to_string_pretty(self).map_err(|_| KeyError::Malformed(path.clone()))?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io(data_dir))?;
-        Ok(())
+        write_atomic(data_dir, "keycheck.json", text.as_bytes(), 0o644)
     }
 
     /// Builds the keyring of the active versions, fetching each from `source`
@@ -316,12 +367,16 @@ impl KeyState {
 /// against the directory's key-check values before anything in it is opened.
 /// On a fresh data directory, creates it with version 1 (created in the
 /// source if it is key files) and writes the key state.
-pub fn open_for_data_dir(source: &KeySource, data_dir: &Path) -> Result<(Keyring, KeyState), KeyError> {
+pub fn open_for_data_dir(
+    source: &KeySource,
+    data_dir: &Path,
+) -> Result<(Keyring, KeyState, crypto::ShredKeys), KeyError> {
     let check_path = data_dir.join("keycheck.json");
     if check_path.exists() {
-        let state = KeyState::read(&check_path)?;
+        let mut state = KeyState::read(&check_path)?;
         let ring = state.keyring(source)?;
-        return Ok((ring, state));
+        let shreds = open_erasure_keys(data_dir, &mut state)?;
+        return Ok((ring, state, shreds));
     }
     if data_dir.join("db").exists() {
         return Err(KeyError::NoKeyCheck(data_dir.to_path_buf()));
@@ -344,8 +399,12 @@ pub fn open_for_data_dir(source: &KeySource, data_dir: &Path) -> Result<(Keyring
         primary: 1,
         blind_index_version: 1,
         master_keys: [(1, VersionInfo { kcv, state: VersionState::Active })].into_iter().collect(),
+        pre_erasure_versions: Vec::new(),
     };
     create_dir_private(data_dir)?;
     state.write(data_dir)?;
-    Ok((ring, state))
+    let shreds = crypto::ShredKeys::generate(crypto::shred::DEFAULT_BUCKETS)
+        .map_err(|_| KeyError::Malformed(data_dir.join(ERASURE_KEYS_FILE)))?;
+    write_erasure_keys(data_dir, &shreds)?;
+    Ok((ring, state, shreds))
 }

@@ -21,6 +21,9 @@
 //! | `access`              | `R` · patient (16)                                       | restricted since (i64 µs); absent: not restricted |
 //! | `access`              | `G` · grant id (16)                                      | break-glass grant (JSON, see `app::access`) |
 //! | `access`              | `A` · SHA-256(subject) (32) · patient (16)               | grant id (16) · expires (i64 µs): the subject's latest grant |
+//! | `access`              | `H` · patient (16)                                       | legal hold placed at (i64 µs); absent: no hold |
+//! | `access`              | `E` · kind (1) · id (16)                                 | erasure tombstone (JSON, see `app::erasure`) |
+//! | `access`              | `Jrewrap`                                                | the rewrap job (JSON, see `app::rewrap`) |
 
 pub mod durability;
 pub mod sequencer;
@@ -95,7 +98,7 @@ fn head_key(kind: RecordKind, id: &[u8; 16]) -> [u8; 17] {
     k
 }
 
-fn record_key(kind: RecordKind, id: &[u8; 16], version: u64) -> [u8; 25] {
+pub(crate) fn record_key(kind: RecordKind, id: &[u8; 16], version: u64) -> [u8; 25] {
     let mut k = [0u8; 25];
     k[..17].copy_from_slice(&head_key(kind, id));
     k[17..].copy_from_slice(&version.to_be_bytes());
@@ -124,6 +127,18 @@ fn encode_head(h: Head) -> [u8; 24] {
     v[..8].copy_from_slice(&h.version.to_be_bytes());
     v[8..].copy_from_slice(&h.patient_id);
     v
+}
+
+/// Every stored key that belongs to one patient (its record, its coverages,
+/// their versions, index entries and data key): what an erasure removes.
+#[derive(Debug, Default)]
+pub struct Footprint {
+    /// (tree, key) pairs to remove.
+    pub keys: Vec<(MetaTree, Vec<u8>)>,
+    /// The patient's coverage ids.
+    pub coverages: Vec<[u8; 16]>,
+    /// Stored record versions (patient and coverages).
+    pub record_versions: u64,
 }
 
 /// A stored audit entry: its canonical bytes and the hash stored beside them.
@@ -165,6 +180,30 @@ impl Store {
         })
     }
 
+    /// Copies every tree into a new database at `dest` (which must not
+    /// exist) and makes it durable: a compacted, consistent backup of a
+    /// store no server is using. Only live values are copied, never sled's
+    /// stale log segments. Returns the number of keys copied.
+    pub fn backup_to(&self, dest: &Path) -> Result<u64, StorageError> {
+        if dest.exists() {
+            return Err(StorageError::Io(format!("{} already exists", dest.display())));
+        }
+        let out = sled::Config::new().path(dest).open()?;
+        let mut copied = 0u64;
+        for name in self.db.tree_names() {
+            let from = self.db.open_tree(&name)?;
+            let to = out.open_tree(&name)?;
+            for kv in from.iter() {
+                let (k, v) = kv?;
+                to.insert(k, v)?;
+                copied += 1;
+            }
+        }
+        let mut durability = durability::Durability::open(dest, None)?;
+        durability.sync(&out)?;
+        Ok(copied)
+    }
+
     /// Current version and owner of a record.
     pub fn head(&self, kind: RecordKind, id: &[u8; 16]) -> Result<Option<Head>, StorageError> {
         self.heads.get(head_key(kind, id))?.map(|v| decode_head(&v)).transpose()
@@ -184,6 +223,33 @@ impl Store {
                 Ok((u64_at(&k, 17)?, v.to_vec()))
             })
             .collect()
+    }
+
+    /// Everything stored for a patient (see [`Footprint`]).
+    pub fn footprint(&self, patient: &[u8; 16]) -> Result<Footprint, StorageError> {
+        let mut f = Footprint { coverages: self.coverages_of(patient)?, ..Footprint::default() };
+        let mut owners = vec![head_key(RecordKind::Patient, patient)];
+        for c in &f.coverages {
+            let mut k = patient.to_vec();
+            k.extend_from_slice(c);
+            f.keys.push((MetaTree::CoverageByPatient, k));
+            owners.push(head_key(RecordKind::Coverage, c));
+        }
+        for owner in owners {
+            if self.heads.contains_key(owner)? {
+                f.keys.push((MetaTree::Heads, owner.to_vec()));
+            }
+            for kv in self.records.scan_prefix(owner) {
+                let (k, _) = kv?;
+                f.keys.push((MetaTree::Records, k.to_vec()));
+                f.record_versions += 1;
+            }
+            if let Some(index) = self.blind_owner.get(owner)? {
+                f.keys.extend(index.chunks(BLIND_KEY_LEN).map(|k| (MetaTree::Blind, k.to_vec())));
+                f.keys.push((MetaTree::BlindOwner, owner.to_vec()));
+            }
+        }
+        Ok(f)
     }
 
     /// A value in the `access` tree.

@@ -28,7 +28,7 @@ use super::durability::Durability;
 use super::{BLIND_KEY_LEN, Head, StorageError, Store, decode_head, encode_head, head_key, record_key};
 use crate::audit::AuditEntry;
 use crate::clock::Clock;
-use crate::crypto::RecordKind;
+use crate::crypto::{RecordKind, WrappedDataKey};
 use crate::domain::PatientId;
 
 /// Most commits applied in one transaction and one sync.
@@ -52,6 +52,10 @@ pub struct RecordWrite {
     pub sealed: Vec<u8>,
     /// A new patient's wrapped data key.
     pub new_dek: Option<Vec<u8>>,
+    /// The generation of the data key `sealed` was sealed with. Without
+    /// `new_dek`, the write applies only if the patient's stored data key is
+    /// still of this generation (not re-encrypted or erased since it was read).
+    pub key_generation: u32,
     /// The record's complete new set of blind index keys (replaces the old set).
     pub index_keys: Vec<[u8; BLIND_KEY_LEN]>,
 }
@@ -59,14 +63,24 @@ pub struct RecordWrite {
 /// Which tree a [`MetaWrite`] changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaTree {
-    /// Restriction flags, break-glass grants, job state.
+    /// Restriction flags, legal holds, break-glass grants, erasure tombstones, job state.
     Access,
-    /// Wrapped data keys (rewrap jobs).
+    /// Wrapped data keys (rewrap jobs, re-encryption, erasure).
     Deks,
+    /// Record heads (erasure removes them).
+    Heads,
+    /// Sealed record versions (re-encryption replaces them, erasure removes them).
+    Records,
+    /// Blind index entries (erasure removes them).
+    Blind,
+    /// A record's blind index keys (erasure removes them).
+    BlindOwner,
+    /// A patient's coverage ids (erasure removes them).
+    CoverageByPatient,
 }
 
-/// A change to the `access` or `deks` tree (restriction flags, break-glass
-/// grants, job state, rewrapped data keys), applied only if every
+/// A change to any tree but the audit trees (access changes, rewrapped or
+/// erased data keys, re-sealed or erased records), applied only if every
 /// precondition of its commit holds.
 #[derive(Debug, Clone)]
 pub struct MetaWrite {
@@ -109,6 +123,9 @@ pub enum CommitOutcome {
         /// Version actually stored (0 if none, or for a failed access precondition).
         current: u64,
     },
+    /// The patient's data key changed (re-encrypted or erased) after the
+    /// write sealed with it; only the audit entry ("aborted") was committed.
+    KeyChanged,
 }
 
 /// A durable commit.
@@ -301,8 +318,17 @@ fn apply(
             for p in batch {
                 let c = &p.commit;
                 let mut outcome = CommitOutcome::Written;
+                let tree_of = |t: MetaTree| match t {
+                    MetaTree::Access => access,
+                    MetaTree::Deks => deks,
+                    MetaTree::Heads => heads,
+                    MetaTree::Records => records,
+                    MetaTree::Blind => blind,
+                    MetaTree::BlindOwner => blind_owner,
+                    MetaTree::CoverageByPatient => cov,
+                };
                 for m in &c.meta {
-                    let tree = if m.tree == MetaTree::Deks { deks } else { access };
+                    let tree = tree_of(m.tree);
                     if let Some(expect) = &m.expect
                         && tree.get(&m.key)?.map(|v| v.to_vec()) != *expect
                     {
@@ -315,15 +341,21 @@ fn apply(
                         Some(v) => decode_head(&v).map_err(ConflictableTransactionError::Abort)?.version,
                         None => 0,
                     };
+                    let key_current = w.new_dek.is_some() || {
+                        let stored = deks.get(w.patient_id)?;
+                        stored.and_then(|v| WrappedDataKey(v.to_vec()).generation().ok()) == Some(w.key_generation)
+                    };
                     if current != w.expected_version {
                         outcome = CommitOutcome::Conflict { current };
+                    } else if !key_current {
+                        outcome = CommitOutcome::KeyChanged;
                     } else {
                         write_record(w, heads, records, deks, blind, blind_owner, cov)?;
                     }
                 }
                 if outcome == CommitOutcome::Written {
                     for m in &c.meta {
-                        let tree = if m.tree == MetaTree::Deks { deks } else { access };
+                        let tree = tree_of(m.tree);
                         match &m.value {
                             Some(v) => tree.insert(m.key.as_slice(), v.as_slice())?,
                             None => tree.remove(m.key.as_slice())?,
@@ -335,7 +367,7 @@ fn apply(
                 entry.sequence = seq;
                 entry.previous_hash = prev;
                 entry.time_micros = now;
-                if let CommitOutcome::Conflict { .. } = outcome {
+                if outcome != CommitOutcome::Written {
                     entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
                 }
                 let bytes = entry.encode();
@@ -421,7 +453,9 @@ mod tests {
             patient_id: [id; 16],
             expected_version: expected,
             sealed: vec![id, u8::try_from(expected).unwrap()],
-            new_dek: (expected == 0).then(|| vec![9]),
+            // A format-2 wrapped-key header naming generation 1 (the sequencer reads only that).
+            new_dek: (expected == 0).then(|| vec![2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]),
+            key_generation: 1,
             index_keys: vec![[id; BLIND_KEY_LEN]],
         }
     }

@@ -141,6 +141,22 @@ pub async fn tls_channel(
     Channel::from_shared(format!("https://localhost:{}", addr.port())).unwrap().tls_config(tls)?.connect().await
 }
 
+/// Runs `open` until sled's file lock is free. A database a test just
+/// dropped keeps its lock until sled's background flusher thread notices, a
+/// moment later (longer on a loaded machine).
+pub async fn open_when_unlocked<T, E: std::fmt::Debug>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    for _ in 0..100 {
+        match open() {
+            Ok(v) => return v,
+            Err(e) if format!("{e:?}").contains("could not acquire lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("open failed: {e:?}"),
+        }
+    }
+    panic!("the database stayed locked for 10 s")
+}
+
 /// A test server configuration; writes [`TEST_POLICY`] beside the data directory.
 pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
     let parent = data_dir.parent().unwrap().to_path_buf();
@@ -200,8 +216,10 @@ impl TestServer {
             dir
         });
         let clock = options.clock.clone();
-        let service =
-            server::open(&cfg, OpenOptions { clock: options.clock, fail_syncs: Some(fail_syncs.clone()) }).unwrap();
+        let service = open_when_unlocked(|| {
+            server::open(&cfg, OpenOptions { clock: options.clock.clone(), fail_syncs: Some(fail_syncs.clone()) })
+        })
+        .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -9,6 +9,7 @@ mod cli;
 mod coverage;
 mod crash;
 mod encryption;
+mod erasure;
 mod keys;
 mod limits;
 mod patients;

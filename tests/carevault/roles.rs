@@ -23,7 +23,7 @@ enum Expect {
 
 use Expect::*;
 
-const RPCS: [&str; 20] = [
+const RPCS: [&str; 22] = [
     "CreatePatient",
     "GetPatient",
     "UpdatePatient",
@@ -44,10 +44,12 @@ const RPCS: [&str; 20] = [
     "ListBreakGlassGrants",
     "ReviewBreakGlassGrant",
     "GetKeyStatus",
+    "SetLegalHold",
+    "ErasePatient",
 ];
 
 /// (role, purpose it works under, expectation per RPC in `RPCS` order).
-fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 20])> {
+fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 22])> {
     let nf = Code(Code::NotFound);
     vec![
         (
@@ -55,7 +57,7 @@ fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 20])> {
             Some("TREAT"),
             [
                 Masked, Masked, Ok, Ok, Masked, Masked, Masked, Ok, Ok, Ok, Ok, Ok, Ok, Denied, Denied, Denied, Denied,
-                Denied, Denied, Denied,
+                Denied, Denied, Denied, Denied, Denied,
             ],
         ),
         (
@@ -63,7 +65,7 @@ fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 20])> {
             Some("TREAT"),
             [
                 Denied, Masked, Denied, Denied, Masked, Masked, Masked, Denied, Ok, Denied, Denied, Ok, Ok, Denied,
-                Denied, Denied, Denied, Denied, Denied, Denied,
+                Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied,
             ],
         ),
         (
@@ -71,7 +73,7 @@ fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 20])> {
             Some("HPAYMT"),
             [
                 Denied, Ok, Denied, Denied, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Denied, Denied, Denied, Denied, Denied,
-                Denied, Denied,
+                Denied, Denied, Denied, Denied,
             ],
         ),
         (
@@ -79,7 +81,7 @@ fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 20])> {
             None,
             [
                 Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied,
-                Ok, Ok, Ok, Ok, Ok, nf, Denied,
+                Ok, Ok, Ok, Ok, Ok, nf, Denied, Ok, Denied,
             ],
         ),
         (
@@ -87,7 +89,7 @@ fn table() -> Vec<(&'static str, Option<&'static str>, [Expect; 20])> {
             None,
             [
                 Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied, Denied,
-                Denied, Denied, Denied, Denied, Denied, Denied, Ok,
+                Denied, Denied, Denied, Denied, Denied, Denied, Ok, Denied, Ok,
             ],
         ),
     ]
@@ -219,6 +221,14 @@ async fn call(s: &TestServer, rpc: &str, token: &str, purpose: Option<&str>, n: 
             .map(|_| None),
         "GetKeyStatus" => carevault::proto::v1::key_service_client::KeyServiceClient::new(s.channel.clone())
             .get_key_status(r!(pb::GetKeyStatusRequest {}))
+            .await
+            .map(|_| None),
+        "SetLegalHold" => xc
+            .set_legal_hold(r!(pb::SetLegalHoldRequest { patient_id: p.id.clone(), legal_hold: true }))
+            .await
+            .map(|_| None),
+        "ErasePatient" => carevault::proto::v1::key_service_client::KeyServiceClient::new(s.channel.clone())
+            .erase_patient(r!(pb::ErasePatientRequest { patient_id: p.id.clone(), reason: "table test".into() }))
             .await
             .map(|_| None),
         other => panic!("unknown rpc {other}"),

@@ -1,0 +1,364 @@
+//! Erasure by crypto-shredding, and the legal hold that blocks it.
+//!
+//! `ErasePatient` (permission `patients.erase`, with a reason) does this:
+//!
+//! 1. Refuses while the patient is under a legal hold (`H` · patient in the
+//!    `access` tree, set and cleared by `SetLegalHold`, permission
+//!    `patients.legal_hold`).
+//! 2. With every record write paused (the key manager's wrap gate, held
+//!    exclusively for a few milliseconds), gives the patient's erasure bucket
+//!    a new key generation (`erasure-keys` rewritten durably), then commits in
+//!    one sequencer transaction, with the `patient.erase` audit entry: the
+//!    removal of the patient's wrapped data key, of every stored version of
+//!    the patient and its coverages, of their index entries, and tombstones
+//!    (`E` · kind · id) that make later reads answer "erased".
+//! 3. Rewraps the bucket's other data keys to the new generation (batches,
+//!    each a `keys.erasure_rekey` audit entry) and rewrites `erasure-keys`
+//!    without the old generation. From then on nothing in the data directory
+//!    can open the old wrapped key, wherever sled's log still holds its bytes.
+//!
+//! A crash after step 2 leaves a bucket with two generations; the next start
+//! finishes step 3 ([`App::finish_erasures`]). The audit trail keeps every
+//! entry about the patient (they hold identifiers, never PHI) and verifies.
+//!
+//! Tombstone (JSON): `{"patient": uuid, "erased_at": µs, "erased_by":
+//! subject, "reason": base64 note or null}`. The reason is sealed like a
+//! break-glass reason (notes key, context `<patient uuid>/erasure`), only on
+//! the patient's tombstone.
+
+use serde::{Deserialize, Serialize};
+
+use super::access::{b64, unb64};
+use super::{App, CallContext, Parsed, blocking, internal};
+use crate::audit::AuditEntry;
+use crate::crypto::{self, RecordKind, WrappedDataKey};
+use crate::domain::{Action, Outcome, PatientId};
+use crate::error::AppError;
+use crate::storage::{Commit, CommitOutcome, MetaTree, MetaWrite};
+
+/// Data keys per rekey batch.
+const BATCH: usize = 256;
+
+/// The `access` key of a record's erasure tombstone.
+pub(super) fn erased_key(kind: RecordKind, id: &[u8; 16]) -> Vec<u8> {
+    let mut k = vec![b'E', kind.tag()];
+    k.extend_from_slice(id);
+    k
+}
+
+fn hold_key(patient: PatientId) -> Vec<u8> {
+    let mut k = b"H".to_vec();
+    k.extend_from_slice(&patient.bytes());
+    k
+}
+
+/// An erasure tombstone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Tombstone {
+    pub patient: String,
+    pub erased_at: i64,
+    pub erased_by: String,
+    /// Base64 of the sealed reason (the patient's tombstone only).
+    pub reason: Option<String>,
+}
+
+/// What an erasure did, and what it cannot promise.
+#[derive(Debug, Clone)]
+pub struct Erasure {
+    /// The patient.
+    pub patient: PatientId,
+    /// When (µs).
+    pub erased_at: i64,
+    /// The `patient.erase` audit entry.
+    pub audit_sequence: u64,
+    /// Coverages erased with the patient.
+    pub coverages: u64,
+    /// Stored record versions removed (patient and coverages).
+    pub record_versions: u64,
+    /// Other patients' data keys moved to the bucket's new generation.
+    pub rekeyed: u64,
+    /// Honest limits: backups, and keys wrapped before erasure buckets existed.
+    pub caveats: Vec<String>,
+}
+
+/// `ErasePatient` input.
+pub struct EraseRequest {
+    /// The patient.
+    pub patient: PatientId,
+    /// Why (sealed; never in the audit entry).
+    pub reason: String,
+}
+
+impl App {
+    /// Places or lifts a legal hold.
+    pub async fn set_legal_hold(&self, ctx: &CallContext, input: Parsed<(PatientId, bool)>) -> Result<bool, AppError> {
+        let mut attempt = self.begin(ctx, Action::AccessLegalHold);
+        self.authorize(ctx, &mut attempt).await?;
+        let (id, hold) = self.valid(ctx, &mut attempt, input).await?;
+        attempt.entry.patient_id = id.to_string();
+        attempt.entry.resource_id = id.to_string();
+        attempt.entry.details.push(format!("legal_hold={hold}"));
+        match self.head(RecordKind::Patient, &id.bytes()) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let e = self.missing(RecordKind::Patient, &id.bytes());
+                return Err(self.fail(ctx, &mut attempt, e).await);
+            }
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        }
+        let value = hold.then(|| self.now().to_be_bytes().to_vec());
+        attempt.meta.push(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value, expect: None });
+        self.commit_ok(ctx, attempt).await?;
+        Ok(hold)
+    }
+
+    /// Whether a patient is under a legal hold.
+    pub(super) fn on_legal_hold(&self, id: PatientId) -> Result<bool, AppError> {
+        Ok(self.store.access_get(&hold_key(id)).map_err(internal)?.is_some())
+    }
+
+    /// Erases a patient by destroying its data key (see the module docs).
+    pub async fn erase_patient(&self, ctx: &CallContext, input: Parsed<EraseRequest>) -> Result<Erasure, AppError> {
+        let mut attempt = self.begin(ctx, Action::PatientErase);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        let id = req.patient;
+        attempt.patient(id);
+        let _one_at_a_time = self.erase_lock.lock().await;
+        let checked = (|| {
+            if self.head(RecordKind::Patient, &id.bytes())?.is_none() {
+                return Err(self.missing(RecordKind::Patient, &id.bytes()));
+            }
+            if self.on_legal_hold(id)? {
+                return Err(AppError::FailedPrecondition(
+                    "the patient is under a legal hold; compliance must lift it before the patient can be erased",
+                ));
+            }
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            return Err(self.fail(ctx, &mut attempt, e).await);
+        }
+        // A bucket left with two generations by a crash is finished first.
+        let bucket = self.keys.shreds().bucket_of(&id.bytes());
+        if let Err(e) = self.finish_bucket(bucket).await {
+            return Err(self.fail(ctx, &mut attempt, e).await);
+        }
+        let gate = self.keys.wrap_gate.write().await;
+        let app = self.clone();
+        let subject = ctx.subject().unwrap_or_default().to_string();
+        let now = self.now();
+        let prepared = blocking(move || {
+            let next = app.keys.shreds().with_next_generation(bucket).map_err(super::crypto_failure)?;
+            let generation = next.current(bucket).map_err(super::crypto_failure)?.generation();
+            app.keys.apply_shreds(next).map_err(|e| {
+                tracing::error!(error = %e, "writing erasure-keys failed");
+                AppError::Internal
+            })?;
+            let footprint = app.store.footprint(&id.bytes()).map_err(internal)?;
+            let wrapped = app.store.wrapped_dek(&id.bytes()).map_err(internal)?;
+            let key_version = match &wrapped {
+                Some(w) => WrappedDataKey(w.clone()).master_version().map_err(|_| AppError::DataLoss)?,
+                None => 0,
+            };
+            let reason = app
+                .keys
+                .ring()
+                .seal_note(format!("{id}/erasure").as_bytes(), req.reason.as_bytes())
+                .map_err(super::crypto_failure)?;
+            let mut meta: Vec<MetaWrite> = footprint
+                .keys
+                .iter()
+                .map(|(tree, key)| MetaWrite { tree: *tree, key: key.clone(), value: None, expect: None })
+                .collect();
+            meta.push(MetaWrite { tree: MetaTree::Deks, key: id.bytes().to_vec(), value: None, expect: Some(wrapped) });
+            // Refused if a hold was placed since the check above.
+            meta.push(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value: None, expect: Some(None) });
+            let mut tomb =
+                Tombstone { patient: id.to_string(), erased_at: now, erased_by: subject, reason: Some(b64(&reason)) };
+            let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+            meta.push(MetaWrite {
+                tree: MetaTree::Access,
+                key: erased_key(RecordKind::Patient, &id.bytes()),
+                value: Some(json),
+                expect: None,
+            });
+            tomb.reason = None;
+            let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+            for c in &footprint.coverages {
+                let key = erased_key(RecordKind::Coverage, c);
+                meta.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json.clone()), expect: None });
+            }
+            Ok((meta, footprint.coverages.len(), footprint.record_versions, generation, key_version))
+        })
+        .await;
+        let (meta, coverages, record_versions, generation, key_version) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                drop(gate);
+                return Err(self.fail(ctx, &mut attempt, e).await);
+            }
+        };
+        attempt.entry.key_version = key_version;
+        attempt.entry.details = vec![
+            format!("coverages={coverages}"),
+            format!("record_versions={record_versions}"),
+            format!("erasure_bucket={bucket}"),
+            format!("bucket_generation={generation}"),
+        ];
+        attempt.meta = meta;
+        let committed = self.commit_ok(ctx, attempt).await;
+        drop(gate);
+        let committed = match committed {
+            Ok(c) => c,
+            Err(AppError::Conflict { .. }) => {
+                return Err(AppError::FailedPrecondition(
+                    "the patient was placed under a legal hold or changed while being erased; nothing was erased",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let rekeyed = self.finish_bucket(bucket).await?;
+        tracing::info!(audit_seq = committed.sequence, rekeyed, "patient erased");
+        Ok(Erasure {
+            patient: id,
+            erased_at: committed.time_micros,
+            audit_sequence: committed.sequence,
+            coverages: super::count(coverages),
+            record_versions,
+            rekeyed,
+            caveats: self.erasure_caveats(committed.time_micros),
+        })
+    }
+
+    fn erasure_caveats(&self, at: i64) -> Vec<String> {
+        let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1000)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| format!("{at} µs since the epoch"));
+        let mut out = vec![format!(
+            "backups of the data directory taken before {when} still hold this patient's wrapped data key and the erasure-bucket key that opens it: restoring one restores the patient, so erase the patient again after any restore"
+        )];
+        let legacy = self.keys.pre_erasure_versions_alive();
+        if !legacy.is_empty() {
+            let list: Vec<String> = legacy.iter().map(u32::to_string).collect();
+            out.push(format!(
+                "this store wrapped data keys before erasure buckets existed: copies of this patient's key wrapped that way may remain in the database log, openable with master key version(s) {} until they are retired and destroyed (keys rotate, keys rewrap, keys retire, keys destroy)",
+                list.join(", ")
+            ));
+        }
+        out
+    }
+
+    /// Finishes any erasure a crash interrupted (a bucket with two
+    /// generations). Called once the server runs.
+    pub async fn finish_erasures(&self) -> Result<(), AppError> {
+        let _one_at_a_time = self.erase_lock.lock().await;
+        for (bucket, _) in self.keys.shreds().pending() {
+            let n = self.finish_bucket(bucket).await?;
+            tracing::info!(bucket, rekeyed = n, "finished an interrupted erasure");
+        }
+        Ok(())
+    }
+
+    /// Moves every data key of `bucket` to its current generation, then drops
+    /// the older one from `erasure-keys`. Returns how many keys moved.
+    async fn finish_bucket(&self, bucket: u16) -> Result<u64, AppError> {
+        let shreds = self.keys.shreds();
+        if !shreds.pending().iter().any(|(b, _)| *b == bucket) {
+            return Ok(0);
+        }
+        let target = shreds.current(bucket).map_err(super::crypto_failure)?.generation();
+        let mut moved = 0u64;
+        loop {
+            let app = self.clone();
+            let batch = blocking(move || app.rekey_batch(bucket, target)).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let n = super::count(batch.len());
+            let entry = AuditEntry {
+                actor: "carevault".into(),
+                action: Action::ErasureRekey.as_str().into(),
+                resource_type: Action::ErasureRekey.resource_type().into(),
+                outcome: Outcome::Ok.as_str().into(),
+                details: vec![
+                    format!("erasure_bucket={bucket}"),
+                    format!("bucket_generation={target}"),
+                    format!("batch={n}"),
+                ],
+                ..AuditEntry::default()
+            };
+            let committed = self.sequencer.commit(Commit { entry, write: None, meta: batch }).await;
+            match committed {
+                Ok(c) if c.outcome == CommitOutcome::Written => moved += n,
+                // A key changed under the batch (a rewrap or a write); read again.
+                Ok(_) => {}
+                Err(e) => return Err(super::audit_unavailable(e)),
+            }
+        }
+        let keys = self.keys.clone();
+        blocking(move || {
+            let next = keys.shreds().without_previous(bucket);
+            keys.apply_shreds(next).map_err(|e| {
+                tracing::error!(error = %e, "writing erasure-keys failed");
+                AppError::Internal
+            })
+        })
+        .await?;
+        Ok(moved)
+    }
+
+    /// Up to [`BATCH`] data keys of `bucket` not on generation `target`, rewrapped to it
+    /// (same master version), each applied only if unchanged.
+    fn rekey_batch(&self, bucket: u16, target: u32) -> Result<Vec<MetaWrite>, AppError> {
+        let ring = self.keys.ring();
+        let shreds = self.keys.shreds();
+        let mut out = Vec::new();
+        for kv in self.store.deks.iter() {
+            let (k, v) = kv.map_err(|e| internal(e.into()))?;
+            let wrapped = WrappedDataKey(v.to_vec());
+            match wrapped.erasure_bucket().map_err(|_| AppError::DataLoss)? {
+                Some((b, g)) if b == bucket && g != target => {}
+                _ => continue,
+            }
+            let patient: [u8; 16] = k.as_ref().try_into().map_err(|_| AppError::DataLoss)?;
+            let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
+            let new = match ring.rewrap_data_key(&patient, &wrapped, version, &shreds) {
+                Ok(n) => n,
+                Err(crypto::CryptoError::UnknownKeyVersion(_)) => {
+                    return Err(AppError::FailedPrecondition(
+                        "a data key in the bucket is on a retired master version",
+                    ));
+                }
+                Err(e) => return Err(super::crypto_failure(e)),
+            };
+            out.push(MetaWrite {
+                tree: MetaTree::Deks,
+                key: k.to_vec(),
+                value: Some(new.0),
+                expect: Some(Some(v.to_vec())),
+            });
+            if out.len() == BATCH {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens an erasure's sealed reason (for audit review tools and tests).
+    pub fn erasure_reason(&self, patient: PatientId) -> Result<Option<String>, AppError> {
+        let Some(raw) = self.store.access_get(&erased_key(RecordKind::Patient, &patient.bytes())).map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let tomb: Tombstone = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
+        let Some(sealed) = tomb.reason else { return Ok(None) };
+        let plain = self
+            .keys
+            .ring()
+            .open_note(format!("{patient}/erasure").as_bytes(), &unb64(&sealed)?)
+            .map_err(super::crypto_failure)?;
+        String::from_utf8(plain.to_vec()).map(Some).map_err(|_| AppError::DataLoss)
+    }
+}

@@ -1,0 +1,334 @@
+//! The re-encryption job (`keys reencrypt`), for a suspected data-key
+//! compromise: each patient gets the next generation of its data key, and
+//! every stored version of the patient and its coverages is opened with the
+//! old key and sealed again with the new one (fresh nonces, fresh one-time
+//! keys, associated data naming the new generation).
+//!
+//! Like the rewrap job it runs in batches (up to [`BATCH`] patients), each
+//! one sequencer commit carrying the new wrapped keys and ciphertexts (each
+//! applied only if unchanged since read), the job state with its cursor and
+//! a `keys.reencrypt_batch` audit entry, so a crash resumes from the cursor.
+//! A batch holds the key manager's wrap gate exclusively from its first read
+//! to its commit, so no write can add a ciphertext under a key generation
+//! the batch is replacing; writes wait a few milliseconds, none fails.
+//! Reads are not gated: one that read the old key just before a batch
+//! committed finds the new ciphertext, and reads again (see `App::load_patient`).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{App, CallContext, Parsed, blocking, internal};
+use crate::audit::AuditEntry;
+use crate::crypto::{self, RecordAad, RecordKind, WrappedDataKey};
+use crate::domain::{Action, Outcome, PatientId};
+use crate::error::AppError;
+use crate::storage::{Commit, CommitOutcome, MetaTree, MetaWrite};
+
+/// Patients per batch.
+const BATCH: usize = 32;
+
+/// The `access` tree key of the job state.
+const JOB_KEY: &[u8] = b"Jreencrypt";
+
+/// The persisted job state (JSON under `Jreencrypt` in the `access` tree).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReencryptJob {
+    /// Job id (UUID v7).
+    pub id: String,
+    /// "running" or "completed".
+    pub state: String,
+    /// One patient (UUID), or `None` for all.
+    pub patient: Option<String>,
+    /// Last patient id (hex) done; `None` before the first batch.
+    pub cursor: Option<String>,
+    /// Patients re-encrypted so far.
+    pub done: u64,
+    /// Patients to do when the job started.
+    pub total: u64,
+    /// Record versions re-sealed so far.
+    pub record_versions: u64,
+    /// Patients per second at most (0: unlimited).
+    pub max_per_second: u32,
+    /// µs.
+    pub started_at: i64,
+    /// µs, when completed.
+    pub finished_at: Option<i64>,
+    /// Who started it.
+    pub started_by: String,
+}
+
+impl ReencryptJob {
+    /// Patients per second since the start, at `now` (µs).
+    pub fn rate(&self, now: i64) -> f64 {
+        let end = self.finished_at.unwrap_or(now);
+        let secs = (end - self.started_at) as f64 / 1e6;
+        if secs > 0.0 { self.done as f64 / secs } else { 0.0 }
+    }
+}
+
+/// What `StartReencrypt` asks for.
+pub struct ReencryptRequest {
+    /// One patient, or all.
+    pub patient: Option<PatientId>,
+    /// Patients per second at most (0: unlimited).
+    pub max_per_second: u32,
+}
+
+/// One batch: its writes, how many patients and record versions, and the last patient.
+struct Batch {
+    writes: Vec<MetaWrite>,
+    patients: u64,
+    versions: u64,
+    last: Option<[u8; 16]>,
+}
+
+impl App {
+    fn reencrypt_job(&self) -> Result<Option<ReencryptJob>, AppError> {
+        match self.store.access_get(JOB_KEY).map_err(internal)? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
+        }
+    }
+
+    /// Starts the job. A running job is returned as is.
+    pub async fn start_reencrypt(
+        &self,
+        ctx: &CallContext,
+        input: Parsed<ReencryptRequest>,
+    ) -> Result<ReencryptJob, AppError> {
+        let mut attempt = self.begin(ctx, Action::KeysReencrypt);
+        self.authorize(ctx, &mut attempt).await?;
+        let req = self.valid(ctx, &mut attempt, input).await?;
+        if let Some(p) = req.patient {
+            attempt.entry.patient_id = p.to_string();
+        }
+        let app = self.clone();
+        let subject = ctx.subject().unwrap_or_default().to_string();
+        let now = self.now();
+        let prepared = blocking(move || {
+            if let Some(job) = app.reencrypt_job()?
+                && job.state == "running"
+            {
+                return Ok((job, false));
+            }
+            let total = match req.patient {
+                Some(p) => {
+                    if app.store.wrapped_dek(&p.bytes()).map_err(internal)?.is_none() {
+                        return Err(app.missing(RecordKind::Patient, &p.bytes()));
+                    }
+                    1
+                }
+                None => super::count(app.store.deks.len()),
+            };
+            let job = ReencryptJob {
+                id: uuid::Uuid::now_v7().to_string(),
+                state: "running".into(),
+                patient: req.patient.map(|p| p.to_string()),
+                cursor: None,
+                done: 0,
+                total,
+                record_versions: 0,
+                max_per_second: req.max_per_second,
+                started_at: now,
+                finished_at: None,
+                started_by: subject,
+            };
+            Ok((job, true))
+        })
+        .await;
+        let (job, start) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+        };
+        attempt.entry.details = vec![
+            format!("job={}", job.id),
+            format!("state={}", job.state),
+            format!("total={}", job.total),
+            format!("max_per_second={}", job.max_per_second),
+        ];
+        if start {
+            let json = serde_json::to_vec(&job).map_err(|_| AppError::Internal)?;
+            attempt.meta.push(MetaWrite {
+                tree: MetaTree::Access,
+                key: JOB_KEY.to_vec(),
+                value: Some(json),
+                expect: None,
+            });
+        }
+        self.commit_ok(ctx, attempt).await?;
+        if start {
+            self.spawn_reencrypt();
+        }
+        Ok(job)
+    }
+
+    /// The job's state without an audit entry (for the offline CLI's progress bar).
+    pub fn reencrypt_progress(&self) -> Result<Option<ReencryptJob>, AppError> {
+        self.reencrypt_job()
+    }
+
+    /// The job's progress (audited like every call).
+    pub async fn get_reencrypt_job(&self, ctx: &CallContext) -> Result<Option<ReencryptJob>, AppError> {
+        let mut attempt = self.begin(ctx, Action::KeysStatus);
+        self.authorize(ctx, &mut attempt).await?;
+        let result = self.reencrypt_job();
+        self.finish(ctx, attempt, result).await
+    }
+
+    /// Continues an interrupted job (called from `resume_jobs`).
+    pub(super) fn resume_reencrypt(&self) {
+        if let Ok(Some(job)) = self.reencrypt_job()
+            && job.state == "running"
+        {
+            tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming re-encryption job");
+            self.spawn_reencrypt();
+        }
+    }
+
+    fn spawn_reencrypt(&self) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = app.run_reencrypt().await {
+                tracing::error!(error = %e, "re-encryption job stopped; it resumes at the next start");
+            }
+        });
+    }
+
+    /// Runs the job to completion (one task at a time).
+    pub async fn run_reencrypt(&self) -> Result<(), AppError> {
+        let _only_one = self.reencrypt_lock.lock().await;
+        loop {
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            let Some(job) = self.reencrypt_job()? else { return Ok(()) };
+            if job.state != "running" {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let gate = self.keys.wrap_gate.write().await;
+            let app = self.clone();
+            let j = job.clone();
+            let batch = blocking(move || app.reencrypt_batch(&j)).await?;
+            let mut next = job.clone();
+            next.done = next.done.saturating_add(batch.patients);
+            next.record_versions = next.record_versions.saturating_add(batch.versions);
+            match (batch.last, &job.patient) {
+                (Some(last), None) if batch.patients == u64::try_from(BATCH).unwrap_or(u64::MAX) => {
+                    next.cursor = Some(hex::encode(last));
+                }
+                _ => {
+                    next.state = "completed".into();
+                    next.finished_at = Some(self.now());
+                }
+            }
+            let finished = next.state == "completed";
+            let mut meta = batch.writes;
+            let json = serde_json::to_vec(&next).map_err(|_| AppError::Internal)?;
+            meta.push(MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None });
+            let entry = AuditEntry {
+                actor: "carevault".into(),
+                action: Action::KeysReencryptBatch.as_str().into(),
+                resource_type: "key".into(),
+                outcome: Outcome::Ok.as_str().into(),
+                patient_id: job.patient.clone().unwrap_or_default(),
+                details: vec![
+                    format!("job={}", next.id),
+                    format!("batch={}", batch.patients),
+                    format!("record_versions={}", batch.versions),
+                    format!("done={}", next.done),
+                    format!("total={}", next.total),
+                    format!("state={}", next.state),
+                    format!("started_by={}", next.started_by),
+                ],
+                ..AuditEntry::default()
+            };
+            let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await;
+            drop(gate);
+            let committed = committed.map_err(internal)?;
+            if committed.outcome != CommitOutcome::Written {
+                // A key changed under the batch (a rewrap batch or an erasure); read it again.
+                continue;
+            }
+            if finished {
+                tracing::info!(job = %next.id, done = next.done, "re-encryption job completed");
+                return Ok(());
+            }
+            if next.max_per_second > 0 && batch.patients > 0 {
+                let budget = Duration::from_secs_f64(batch.patients as f64 / f64::from(next.max_per_second));
+                if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
+            }
+        }
+    }
+
+    fn reencrypt_batch(&self, job: &ReencryptJob) -> Result<Batch, AppError> {
+        let mut batch = Batch { writes: Vec::new(), patients: 0, versions: 0, last: None };
+        let patients: Vec<([u8; 16], Vec<u8>)> = match &job.patient {
+            Some(p) => {
+                let id = PatientId::parse(p).ok_or(AppError::DataLoss)?;
+                match self.store.wrapped_dek(&id.bytes()).map_err(internal)? {
+                    // Erased since the job started: nothing left to do.
+                    None => Vec::new(),
+                    Some(w) => vec![(id.bytes(), w)],
+                }
+            }
+            None => {
+                let start = match &job.cursor {
+                    Some(c) => {
+                        let mut k = hex::decode(c).map_err(|_| AppError::DataLoss)?;
+                        k.push(0); // strictly after
+                        k
+                    }
+                    None => Vec::new(),
+                };
+                let mut out = Vec::with_capacity(BATCH);
+                for kv in self.store.deks.range(start..).take(BATCH) {
+                    let (k, v) = kv.map_err(|e| internal(e.into()))?;
+                    out.push((k.as_ref().try_into().map_err(|_| AppError::DataLoss)?, v.to_vec()));
+                }
+                out
+            }
+        };
+        let ring = self.keys.ring();
+        let shreds = self.keys.shreds();
+        for (patient, wrapped_bytes) in patients {
+            let wrapped = WrappedDataKey(wrapped_bytes.clone());
+            let old = ring.unwrap_data_key(&patient, &wrapped, &shreds).map_err(super::crypto_failure)?;
+            let generation = old.generation().checked_add(1).ok_or(AppError::Internal)?;
+            let (new, new_wrapped) =
+                ring.fresh_data_key(&patient, generation, &shreds).map_err(super::crypto_failure)?;
+            let mut owners = vec![(RecordKind::Patient, patient)];
+            owners.extend(
+                self.store.coverages_of(&patient).map_err(internal)?.into_iter().map(|c| (RecordKind::Coverage, c)),
+            );
+            for (kind, id) in owners {
+                for (version, sealed) in self.store.versions(kind, &id).map_err(internal)? {
+                    let aad = RecordAad { kind, record_id: id, patient_id: patient, version };
+                    let plain =
+                        Zeroizing::new(crypto::open_record(&old, &aad, &sealed).map_err(super::crypto_failure)?);
+                    let resealed = crypto::seal_record(&new, &aad, &plain).map_err(super::crypto_failure)?;
+                    batch.writes.push(MetaWrite {
+                        tree: MetaTree::Records,
+                        key: crate::storage::record_key(kind, &id, version).to_vec(),
+                        value: Some(resealed),
+                        expect: Some(Some(sealed)),
+                    });
+                    batch.versions += 1;
+                }
+            }
+            batch.writes.push(MetaWrite {
+                tree: MetaTree::Deks,
+                key: patient.to_vec(),
+                value: Some(new_wrapped.0),
+                expect: Some(Some(wrapped_bytes)),
+            });
+            batch.patients += 1;
+            batch.last = Some(patient);
+        }
+        Ok(batch)
+    }
+}
