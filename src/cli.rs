@@ -257,6 +257,12 @@ pub enum KeysCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Rotate the blind-index key to the primary version: build the new search index beside the old one, switch, drop the old (background job; shows progress).
+    RotateBlindIndex {
+        /// Start the job and return without waiting (online only).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Erase one patient by crypto-shredding (needs patients.erase; refused under a legal hold).
     Erase {
         /// The patient id.

@@ -6,7 +6,9 @@ use tonic::{Request, Response, Status};
 use super::convert::{patient_id, timestamp};
 use super::validate::Checker;
 use super::{Edge, reply};
-use crate::app::{EraseRequest, Erasure, KeyStatus, ReencryptJob, ReencryptRequest, RewrapJob, RewrapRequest};
+use crate::app::{
+    BlindIndexJob, EraseRequest, Erasure, KeyStatus, ReencryptJob, ReencryptRequest, RewrapJob, RewrapRequest,
+};
 use crate::proto::v1 as pb;
 use crate::proto::v1::key_service_server::KeyService;
 
@@ -36,6 +38,21 @@ pub fn reencrypt_pb(j: &ReencryptJob, now: i64) -> pb::ReencryptJob {
         record_versions: j.record_versions,
         rate: j.rate(now),
         max_per_second: j.max_per_second,
+        start_time: Some(timestamp(j.started_at)),
+        finish_time: j.finished_at.map(timestamp),
+    }
+}
+
+/// A blind-index rotation as its proto message.
+pub fn blind_pb(j: &BlindIndexJob) -> pb::BlindIndexJob {
+    pb::BlindIndexJob {
+        job_id: j.id.clone(),
+        state: j.state.clone(),
+        from_version: j.from,
+        to_version: j.to,
+        reindexed: j.reindexed,
+        total: j.total,
+        dropped: j.dropped,
         start_time: Some(timestamp(j.started_at)),
         finish_time: j.finished_at.map(timestamp),
     }
@@ -74,6 +91,8 @@ pub fn status_pb(s: &KeyStatus, now: i64) -> pb::GetKeyStatusResponse {
         blind_index_version: s.blind_index_version,
         key_source: s.source.clone(),
         job: s.job.as_ref().map(|j| job_pb(j, now)),
+        reencrypt_job: s.reencrypt_job.as_ref().map(|j| reencrypt_pb(j, now)),
+        blind_index_job: s.blind_index_job.as_ref().map(blind_pb),
     }
 }
 
@@ -182,6 +201,24 @@ impl KeyService for Edge {
         let now = self.clock.now_micros();
         let result = self.app.start_reencrypt(&ctx, input).await;
         reply(&ctx, result.map(|j| pb::StartReencryptResponse { job: Some(reencrypt_pb(&j, now)) }))
+    }
+
+    async fn rotate_blind_index_key(
+        &self,
+        req: Request<pb::RotateBlindIndexKeyRequest>,
+    ) -> Result<Response<pb::RotateBlindIndexKeyResponse>, Status> {
+        let ctx = self.context(&req);
+        let result = self.app.rotate_blind_index(&ctx).await;
+        reply(&ctx, result.map(|j| pb::RotateBlindIndexKeyResponse { job: Some(blind_pb(&j)) }))
+    }
+
+    async fn get_blind_index_job(
+        &self,
+        req: Request<pb::GetBlindIndexJobRequest>,
+    ) -> Result<Response<pb::GetBlindIndexJobResponse>, Status> {
+        let ctx = self.context(&req);
+        let result = self.app.get_blind_index_job(&ctx).await;
+        reply(&ctx, result.map(|j| pb::GetBlindIndexJobResponse { job: j.as_ref().map(blind_pb) }))
     }
 
     async fn get_reencrypt_job(

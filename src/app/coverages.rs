@@ -35,20 +35,26 @@ fn coverage_aad(id: CoverageId, patient: PatientId, version: u64) -> RecordAad {
 }
 
 impl App {
-    fn coverage_index_keys(&self, id: CoverageId, patient: PatientId, c: &Coverage) -> Vec<[u8; BLIND_KEY_LEN]> {
+    pub(super) fn coverage_index_keys(
+        &self,
+        id: CoverageId,
+        patient: PatientId,
+        c: &Coverage,
+    ) -> Vec<[u8; BLIND_KEY_LEN]> {
         if c.delete_time.is_some() || c.data.subscriber_id.is_empty() {
             return Vec::new();
         }
-        let mac = self
-            .keys
-            .ring()
-            .blind_index(BlindIndexKind::MemberId, normalize::identifier_value(&c.data.subscriber_id).as_bytes());
-        vec![blind_key(BlindIndexKind::MemberId, mac, patient.bytes(), RecordKind::Coverage, id.bytes())]
+        let norm = normalize::identifier_value(&c.data.subscriber_id);
+        let ring = self.keys.ring();
+        ring.blind_indexes(BlindIndexKind::MemberId, norm.as_bytes())
+            .into_iter()
+            .map(|(tag, mac)| blind_key(tag, mac, patient.bytes(), RecordKind::Coverage, id.bytes()))
+            .collect()
     }
 
     /// Loads and opens a coverage's current version (read again once if it
     /// fails to open, like `load_patient`).
-    fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
+    pub(super) fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
         match self.load_coverage_once(id) {
             Err(AppError::DataLoss) => self.load_coverage_once(id),
             other => other,

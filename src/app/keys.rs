@@ -72,12 +72,12 @@ impl KeyManager {
             .collect()
     }
 
-    fn state(&self) -> KeyState {
+    pub(super) fn state(&self) -> KeyState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Persists a new state, then makes it live.
-    fn apply(&self, next: KeyState) -> Result<(), KeyError> {
+    pub(super) fn apply(&self, next: KeyState) -> Result<(), KeyError> {
         let ring = next.keyring(&self.source)?;
         next.write(&self.data_dir)?;
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = next;
@@ -131,9 +131,13 @@ pub struct KeyStatus {
     pub source: String,
     /// The rewrap job, if one ever ran.
     pub job: Option<super::rewrap::RewrapJob>,
+    /// The re-encryption job, if one ever ran.
+    pub reencrypt_job: Option<super::reencrypt::ReencryptJob>,
+    /// The blind-index rotation, if one ever ran.
+    pub blind_index_job: Option<super::blind::BlindIndexJob>,
 }
 
-fn key_error(e: KeyError) -> AppError {
+pub(super) fn key_error(e: KeyError) -> AppError {
     tracing::error!(error = %e, "key operation failed");
     match e {
         KeyError::NotProvisioned(_) => AppError::FailedPrecondition(
@@ -164,8 +168,9 @@ impl App {
                 usage.entry(*version).or_default().records += 1;
             }
         }
-        let bi = self.keys.ring().blind_index_version();
-        usage.entry(bi).or_default().index_entries = super::count(self.store.blind.len());
+        for (version, n) in self.index_entries_by_version()? {
+            usage.entry(version).or_default().index_entries += n;
+        }
         for version in self.note_versions()? {
             usage.entry(version).or_default().notes += 1;
         }
@@ -196,6 +201,8 @@ impl App {
                 blind_index_version: state.blind_index_version,
                 source: app.keys.source.describe(),
                 job: app.rewrap_job()?,
+                reencrypt_job: app.reencrypt_progress()?,
+                blind_index_job: app.blind_index_progress()?,
             })
         })
         .await;
@@ -244,9 +251,9 @@ impl App {
                 return Err(AppError::FailedPrecondition("the primary version cannot be retired; rotate first"));
             }
             let uses = app.key_usage()?.remove(&version).unwrap_or_default();
-            if version == state.blind_index_version {
+            if version == state.blind_index_version || state.blind_index_next == Some(version) {
                 return Err(AppError::InUse(format!(
-                    "master key version {version} is still in use: the blind-index key ({} entries) is derived from it; blind-index key rotation is not available yet, so this version stays active",
+                    "master key version {version} is still in use: the blind-index key ({} entries) is derived from it; run keys rotate-blind-index first",
                     uses.index_entries
                 )));
             }

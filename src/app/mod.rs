@@ -7,6 +7,7 @@
 
 mod access;
 mod audit_log;
+mod blind;
 mod coverages;
 mod erasure;
 mod keys;
@@ -19,6 +20,7 @@ use std::time::Instant;
 
 pub use access::{BreakGlassGrant, GrantPage, GrantReview, GrantsRequest, ReviewFilter};
 pub use audit_log::{AuditFilter, AuditPage, ExportStart};
+pub use blind::BlindIndexJob;
 pub use coverages::{CoverageCreate, CoverageUpdate};
 pub use erasure::{EraseRequest, Erasure};
 pub use keys::{KeyManager, KeyStatus, VersionStatus, VersionUse};
@@ -143,6 +145,8 @@ pub struct App {
     erase_lock: Arc<tokio::sync::Mutex<()>>,
     /// Held while a re-encryption job runs.
     reencrypt_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a blind-index rotation runs.
+    blind_lock: Arc<tokio::sync::Mutex<()>>,
     /// Set at shutdown: background jobs stop after their current batch.
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -165,6 +169,7 @@ impl App {
             rewrap_lock: Arc::new(tokio::sync::Mutex::new(())),
             erase_lock: Arc::new(tokio::sync::Mutex::new(())),
             reencrypt_lock: Arc::new(tokio::sync::Mutex::new(())),
+            blind_lock: Arc::new(tokio::sync::Mutex::new(())),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
@@ -173,6 +178,7 @@ impl App {
     pub async fn wait_jobs(&self) {
         let _ = self.rewrap_lock.lock().await;
         let _ = self.reencrypt_lock.lock().await;
+        let _ = self.blind_lock.lock().await;
     }
 
     /// Asks background jobs to stop after their current batch (shutdown).

@@ -78,16 +78,17 @@ pub struct SearchResult {
     pub(super) via_grants: Vec<uuid::Uuid>,
 }
 
-/// Builds one `blind` tree key (see storage module docs).
+/// Builds one `blind` tree key (see storage module docs); `tag` is the
+/// index kind's tag in its slot (`Keyring::blind_tag`).
 pub(super) fn blind_key(
-    index: BlindIndexKind,
+    tag: u8,
     mac: [u8; 16],
     patient: [u8; 16],
     kind: RecordKind,
     record: [u8; 16],
 ) -> [u8; BLIND_KEY_LEN] {
     let mut k = [0u8; BLIND_KEY_LEN];
-    k[0] = index.tag();
+    k[0] = tag;
     k[1..17].copy_from_slice(&mac);
     k[17..33].copy_from_slice(&patient);
     k[33] = kind.tag();
@@ -100,21 +101,22 @@ fn patient_aad(id: PatientId, version: u64) -> RecordAad {
 }
 
 impl App {
-    fn patient_index_keys(&self, id: PatientId, data: &PatientData) -> Vec<[u8; BLIND_KEY_LEN]> {
+    pub(super) fn patient_index_keys(&self, id: PatientId, data: &PatientData) -> Vec<[u8; BLIND_KEY_LEN]> {
         let p = id.bytes();
+        let ring = self.keys.ring();
         let mut keys = Vec::new();
         for ident in &data.identifiers {
-            let mac = self
-                .keys
-                .ring()
-                .blind_index(BlindIndexKind::Identifier, &normalize::identifier_key(&ident.system, &ident.value));
-            keys.push(blind_key(BlindIndexKind::Identifier, mac, p, RecordKind::Patient, p));
+            let norm = normalize::identifier_key(&ident.system, &ident.value);
+            for (tag, mac) in ring.blind_indexes(BlindIndexKind::Identifier, &norm) {
+                keys.push(blind_key(tag, mac, p, RecordKind::Patient, p));
+            }
         }
         if let Some(birth) = data.birth_date {
             for name in &data.names {
                 let norm = normalize::name_birth_date_key(&name.family, &birth.to_string());
-                let mac = self.keys.ring().blind_index(BlindIndexKind::NameBirthDate, &norm);
-                keys.push(blind_key(BlindIndexKind::NameBirthDate, mac, p, RecordKind::Patient, p));
+                for (tag, mac) in ring.blind_indexes(BlindIndexKind::NameBirthDate, &norm) {
+                    keys.push(blind_key(tag, mac, p, RecordKind::Patient, p));
+                }
             }
         }
         keys.sort_unstable();
@@ -376,12 +378,13 @@ impl App {
             }
             SearchCriterion::MemberId(m) => (BlindIndexKind::MemberId, normalize::identifier_value(m).into_bytes()),
         };
-        let mac = self.keys.ring().blind_index(kind, &normalized);
+        let ring = self.keys.ring();
+        let mac = ring.blind_index(kind, &normalized);
         // Candidates beyond the limit tell us whether the result was truncated;
         // deleted patients filtered out below need headroom too.
         let candidates = self
             .store
-            .blind_lookup(kind.tag(), &mac, req.limit.saturating_mul(4).saturating_add(1))
+            .blind_lookup(ring.blind_tag(kind), &mac, req.limit.saturating_mul(4).saturating_add(1))
             .map_err(internal)?;
         let mut patients = Vec::new();
         let mut via_grants = Vec::new();

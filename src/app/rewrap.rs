@@ -168,6 +168,7 @@ impl App {
             }
         });
         self.resume_reencrypt();
+        self.resume_blind_index();
         if let Ok(Some(job)) = self.rewrap_job()
             && job.state == "running"
         {

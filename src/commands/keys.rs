@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use carevault::api::keys::{erasure_pb, job_pb, reencrypt_pb, status_pb};
+use carevault::api::keys::{blind_pb, erasure_pb, job_pb, reencrypt_pb, status_pb};
 use carevault::app::{App, CallContext, EraseRequest, ReencryptRequest, RewrapRequest};
 use carevault::cli::{KeysArgs, KeysCommand};
 use carevault::clock::{Clock, SystemClock};
@@ -56,7 +56,20 @@ fn human_status(s: &pb::GetKeyStatusResponse) -> String {
             j.job_id, j.state, j.target_version, j.done, j.total, j.rate
         );
     }
+    if let Some(j) = &s.reencrypt_job {
+        out += &(human_reencrypt(j) + "\n");
+    }
+    if let Some(j) = &s.blind_index_job {
+        out += &(human_blind(j) + "\n");
+    }
     out.trim_end().to_string()
+}
+
+fn human_blind(j: &pb::BlindIndexJob) -> String {
+    format!(
+        "blind-index rotation {} v{} -> v{}: {}/{} records re-indexed, {} old entries dropped",
+        j.state, j.from_version, j.to_version, j.reindexed, j.total, j.dropped
+    )
 }
 
 fn human_erasure(r: &pb::ErasePatientResponse) -> String {
@@ -139,6 +152,25 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
                 .map_err(status)?;
             let r = r.into_inner();
             print(args.json, &r, || destroyed_message(*version, r.material_removed))
+        }
+        KeysCommand::RotateBlindIndex { no_wait } => {
+            let m = pb::RotateBlindIndexKeyRequest {};
+            let job =
+                client.rotate_blind_index_key(req!(m)).await.map_err(status)?.into_inner().job.context("no job")?;
+            if *no_wait || job.state == "completed" {
+                return print(args.json, &job, || human_blind(&job));
+            }
+            let pb = bar_of(job.total, "records re-indexed");
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let j = client.get_blind_index_job(req!(pb::GetBlindIndexJobRequest {})).await.map_err(status)?;
+                let Some(j) = j.into_inner().job else { continue };
+                pb.set_position(j.reindexed);
+                if j.state == "completed" {
+                    pb.finish();
+                    return print(args.json, &j, || human_blind(&j));
+                }
+            }
         }
         KeysCommand::Erase { patient, reason } => {
             let m = pb::ErasePatientRequest { patient_id: patient.clone(), reason: reason.clone() };
@@ -242,6 +274,20 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             let removed = app.destroy_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
             let r = pb::DestroyMasterKeyResponse { version: *version, material_removed: removed };
             print(args.json, &r, || destroyed_message(*version, removed))
+        }
+        KeysCommand::RotateBlindIndex { .. } => {
+            let job = app.rotate_blind_index(&ctx).await.map_err(app_error)?;
+            let pb = bar_of(job.total, "records re-indexed");
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(j) = app.blind_index_progress().map_err(app_error)? else { continue };
+                pb.set_position(j.reindexed);
+                if j.state == "completed" {
+                    pb.finish();
+                    let j = blind_pb(&j);
+                    return print(args.json, &j, || human_blind(&j));
+                }
+            }
         }
         KeysCommand::Erase { patient, reason } => {
             let req = EraseRequest { patient: patient_arg(patient)?, reason: reason.trim().to_string() };

@@ -213,6 +213,10 @@ pub struct Keyring {
     versions: BTreeMap<u32, DerivedKeys>,
     primary: u32,
     blind_index_version: u32,
+    /// Which of the two index slots the current blind index lives in (see [`Keyring::blind_tag`]).
+    blind_slot: u8,
+    /// A blind index being built beside the current one (version), in the other slot.
+    next_blind: Option<u32>,
 }
 
 impl Keyring {
@@ -226,7 +230,44 @@ impl Keyring {
         if !versions.contains_key(&blind_index_version) {
             return Err(CryptoError::UnknownKeyVersion(blind_index_version));
         }
-        Ok(Keyring { versions, primary, blind_index_version })
+        Ok(Keyring { versions, primary, blind_index_version, blind_slot: 0, next_blind: None })
+    }
+
+    /// Sets the current blind index's slot (0 or 1) and a version whose index
+    /// is being built in the other slot, which must be held.
+    pub fn with_blind_slots(mut self, slot: u8, next: Option<u32>) -> Result<Self, CryptoError> {
+        if let Some(v) = next
+            && !self.versions.contains_key(&v)
+        {
+            return Err(CryptoError::UnknownKeyVersion(v));
+        }
+        self.blind_slot = slot & 1;
+        self.next_blind = next;
+        Ok(self)
+    }
+
+    /// The first byte of a `blind` tree key: the index kind's tag (1-3), plus
+    /// 16 for slot 1. Two slots let a new blind index be built beside the
+    /// current one during blind-index key rotation.
+    pub fn blind_tag(&self, kind: BlindIndexKind) -> u8 {
+        kind.tag() + 16 * self.blind_slot
+    }
+
+    /// The blind index being built, if any: its version and its slot's tag for `kind`.
+    pub fn next_blind_index(&self) -> Option<u32> {
+        self.next_blind
+    }
+
+    /// Every index entry a value needs now: `(tag, HMAC)` in the current
+    /// slot, and in the other slot too while a new blind index is built.
+    pub fn blind_indexes(&self, kind: BlindIndexKind, normalized: &[u8]) -> Vec<(u8, [u8; 16])> {
+        let mut out = vec![(self.blind_tag(kind), self.blind_index(kind, normalized))];
+        if let Some(next) = self.next_blind
+            && let Some(d) = self.versions.get(&next)
+        {
+            out.push((kind.tag() + 16 * (1 - self.blind_slot), blind_mac(&d.blind, kind, normalized)));
+        }
+        out
     }
 
     /// The version new data keys are wrapped with.
@@ -379,20 +420,24 @@ impl Keyring {
     /// The 16-byte blind index of an already normalized value.
     /// `HMAC-SHA256(BIK, "carevault/v1/blind" || 0x00 || label || 0x00 || value)[..16]`.
     pub fn blind_index(&self, kind: BlindIndexKind, normalized: &[u8]) -> [u8; 16] {
-        let mut msg = Vec::with_capacity(32 + normalized.len());
-        msg.extend_from_slice(b"carevault/v1/blind\0");
-        msg.extend_from_slice(kind.label());
-        msg.push(0);
-        msg.extend_from_slice(normalized);
         // Invariant: the blind-index version was checked present in `new`.
-        let mac = match self.versions.get(&self.blind_index_version) {
-            Some(d) => hmac_sha256(d.blind.as_ref(), &msg),
-            None => [0u8; 32],
-        };
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&mac[..16]);
-        out
+        match self.versions.get(&self.blind_index_version) {
+            Some(d) => blind_mac(&d.blind, kind, normalized),
+            None => [0u8; 16],
+        }
     }
+}
+
+fn blind_mac(key: &[u8; 32], kind: BlindIndexKind, normalized: &[u8]) -> [u8; 16] {
+    let mut msg = Vec::with_capacity(32 + normalized.len());
+    msg.extend_from_slice(b"carevault/v1/blind\0");
+    msg.extend_from_slice(kind.label());
+    msg.push(0);
+    msg.extend_from_slice(normalized);
+    let mac = hmac_sha256(key, &msg);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&mac[..16]);
+    out
 }
 
 #[cfg(test)]

@@ -121,6 +121,10 @@ pub enum Action {
     ErasureRekey,
     KeysReencrypt,
     KeysReencryptBatch,
+    KeysBlindIndexRotate,
+    KeysBlindIndexBatch,
+    KeysBlindIndexSwitch,
+    KeysBlindIndexComplete,
     AccessLegalHold,
 }
 
@@ -158,6 +162,10 @@ impl Action {
             Action::ErasureRekey => "keys.erasure_rekey",
             Action::KeysReencrypt => "keys.reencrypt",
             Action::KeysReencryptBatch => "keys.reencrypt_batch",
+            Action::KeysBlindIndexRotate => "keys.blind_index_rotate",
+            Action::KeysBlindIndexBatch => "keys.blind_index_batch",
+            Action::KeysBlindIndexSwitch => "keys.blind_index_switch",
+            Action::KeysBlindIndexComplete => "keys.blind_index_complete",
             Action::AccessLegalHold => "access.legal_hold",
         }
     }
@@ -182,7 +190,11 @@ impl Action {
             | Action::KeysRetire
             | Action::KeysDestroy
             | Action::KeysReencrypt
-            | Action::KeysReencryptBatch => Permission::KeysAdmin,
+            | Action::KeysReencryptBatch
+            | Action::KeysBlindIndexRotate
+            | Action::KeysBlindIndexBatch
+            | Action::KeysBlindIndexSwitch
+            | Action::KeysBlindIndexComplete => Permission::KeysAdmin,
             Action::PatientErase | Action::ErasureRekey => Permission::PatientsErase,
             Action::AccessLegalHold => Permission::PatientsLegalHold,
         }
@@ -231,7 +243,11 @@ impl Action {
             | Action::KeysDestroy
             | Action::ErasureRekey
             | Action::KeysReencrypt
-            | Action::KeysReencryptBatch => "key",
+            | Action::KeysReencryptBatch
+            | Action::KeysBlindIndexRotate
+            | Action::KeysBlindIndexBatch
+            | Action::KeysBlindIndexSwitch
+            | Action::KeysBlindIndexComplete => "key",
         }
     }
 }

@@ -23,6 +23,10 @@
 //! may depend on it) or `destroyed` (material removed). Format 1 (written
 //! before rotation existed: `"master_keys": {"1": "<hex KCV>"}`, every version
 //! active, primary the highest) is read and rewritten as format 2.
+//! `blind_index_slot` (absent: 0) is the index slot of the current blind
+//! index; `blind_index_next` names the version whose index is being built in
+//! the other slot, and `blind_index_previous` the version whose old entries
+//! are being dropped (both absent outside a blind-index key rotation).
 //! `pre_erasure_versions` (absent when empty) lists the master versions that
 //! wrapped data keys before the store had erasure buckets: until they are
 //! destroyed, an erasure cannot promise old log bytes are unopenable.
@@ -301,6 +305,19 @@ pub struct KeyState {
     /// Versions that wrapped data keys before erasure buckets existed (see the module docs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pre_erasure_versions: Vec<u32>,
+    /// The index slot (0 or 1) of the current blind index (absent: 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blind_index_slot: u8,
+    /// A blind index being built in the other slot, from this version (blind-index key rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blind_index_next: Option<u32>,
+    /// The previous blind index's version while its entries are being dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blind_index_previous: Option<u32>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 #[derive(Deserialize)]
@@ -332,6 +349,9 @@ impl KeyState {
                 blind_index_version: v1.blind_index_version,
                 master_keys,
                 pre_erasure_versions: Vec::new(),
+                blind_index_slot: 0,
+                blind_index_next: None,
+                blind_index_previous: None,
             });
         }
         serde_json::from_value(value).map_err(|_| KeyError::Malformed(path.into()))
@@ -356,10 +376,12 @@ impl KeyState {
             }
             masters.push((v, key));
         }
-        Keyring::new(masters, self.primary, self.blind_index_version).map_err(|e| match e {
-            crate::crypto::CryptoError::UnknownKeyVersion(v) => KeyError::MissingVersion(v),
-            _ => KeyError::MissingVersion(self.primary),
-        })
+        Keyring::new(masters, self.primary, self.blind_index_version)
+            .and_then(|ring| ring.with_blind_slots(self.blind_index_slot, self.blind_index_next))
+            .map_err(|e| match e {
+                crate::crypto::CryptoError::UnknownKeyVersion(v) => KeyError::MissingVersion(v),
+                _ => KeyError::MissingVersion(self.primary),
+            })
     }
 }
 
@@ -400,6 +422,9 @@ pub fn open_for_data_dir(
         blind_index_version: 1,
         master_keys: [(1, VersionInfo { kcv, state: VersionState::Active })].into_iter().collect(),
         pre_erasure_versions: Vec::new(),
+        blind_index_slot: 0,
+        blind_index_next: None,
+        blind_index_previous: None,
     };
     create_dir_private(data_dir)?;
     state.write(data_dir)?;

@@ -161,7 +161,9 @@ async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_
 
     let (data_dir, key_dir, guard) = s.stop_keep().await;
     let first = uuid::Uuid::parse_str(&patients[0].id).unwrap().into_bytes();
-    let old_v2_key = Store::open(&data_dir.join("db"), 8 << 20).unwrap().wrapped_dek(&first).unwrap().unwrap();
+    let store = open_when_unlocked(|| Store::open(&data_dir.join("db"), 8 << 20)).await;
+    let old_v2_key = store.wrapped_dek(&first).unwrap().unwrap();
+    drop(store);
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
     rewrap_to_completion(&s).await;
     let t = s.token("keyper", "key_admin");
@@ -176,7 +178,9 @@ async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_
 
     // Put the v2-wrapped key back behind the server's back: nothing can open it any more.
     let (data_dir, key_dir, _guard2) = s.stop_keep().await;
-    Store::open(&data_dir.join("db"), 8 << 20).unwrap().danger_put_dek_raw(&first, old_v2_key).unwrap();
+    let store = open_when_unlocked(|| Store::open(&data_dir.join("db"), 8 << 20)).await;
+    store.danger_put_dek_raw(&first, old_v2_key).unwrap();
+    drop(store);
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
     let err = s
         .patients()
@@ -306,4 +310,104 @@ async fn keys_can_come_from_an_operator_command_and_a_wrong_one_stops_with_a_cle
     let failing = run("exit 3".into());
     assert_eq!(failing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&failing.stderr).contains("--master-key-command failed for version 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blind_index_key_rotates_online_while_searches_never_miss_and_then_the_old_version_retires() {
+    let s = TestServer::start().await;
+    let patients = make_patients(&s, 300).await;
+    let t = s.token("keyper", "key_admin");
+    let mut k = keys(&s);
+    k.rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &t, None)).await.unwrap();
+    rewrap_to_completion(&s).await;
+    let err = k.retire_master_key(req_for(pb::RetireMasterKeyRequest { version: 1 }, &t, None)).await.unwrap_err();
+    assert!(err.message().contains("blind-index"), "{}", err.message());
+    let before = status(&s).await;
+    let entries = on(&before, 1).index_entries;
+    assert_eq!((before.blind_index_version, on(&before, 2).index_entries), (1, 0));
+    assert!(entries >= 600, "{entries}");
+
+    // Searches by identifier and member id, and updates, run throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (misses, ops) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for w in 0..3usize {
+        let (ch, tok, stop, misses, ops) = (s.channel.clone(), s.admin(), stop.clone(), misses.clone(), ops.clone());
+        let ps = patients.clone();
+        load.push(tokio::spawn(async move {
+            use pb::search_patients_request::Criterion;
+            let mut client = pb::patient_service_client::PatientServiceClient::new(ch);
+            let mut i = w;
+            while !stop.load(Ordering::SeqCst) {
+                let p = &ps[i % ps.len()];
+                i += 3;
+                let criterion = if i % 2 == 0 {
+                    Criterion::Identifier(pb::IdentifierQuery {
+                        system: p.identifiers[0].system.clone(),
+                        value: p.identifiers[0].value.clone(),
+                    })
+                } else {
+                    Criterion::MemberId(pb::MemberIdQuery { member_id: format!("ROTM{}", i % ps.len()) })
+                };
+                let r = pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 0 };
+                match client.search_patients(req(r, &tok)).await {
+                    Ok(found) if found.get_ref().patients.len() == 1 => {}
+                    _ => {
+                        misses.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if w == 0 {
+                    // Re-save a patient (its index is rewritten in both slots).
+                    let got = client.get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &tok)).await;
+                    let u = pb::UpdatePatientRequest { patient: got.unwrap().into_inner().patient };
+                    if client.update_patient(req(u, &tok)).await.is_err() {
+                        misses.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                ops.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let job = k.rotate_blind_index_key(req_for(pb::RotateBlindIndexKeyRequest {}, &t, None)).await.unwrap();
+    let job = job.into_inner().job.unwrap();
+    assert_eq!((job.from_version, job.to_version, job.total), (1, 2, 600));
+    let mut done = None;
+    for _ in 0..600 {
+        let j = k.get_blind_index_job(req_for(pb::GetBlindIndexJobRequest {}, &t, None)).await.unwrap();
+        if let Some(j) = j.into_inner().job.filter(|j| j.state == "completed") {
+            done = Some(j);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for l in load {
+        l.await.unwrap();
+    }
+    let done = done.expect("blind-index rotation did not complete");
+    // Updates after the switch remove their own old entries, so the job drops at most all of them.
+    assert!(done.reindexed >= 600 && done.dropped <= entries && done.dropped > 0, "{done:?}");
+    assert!(ops.load(Ordering::SeqCst) > 0);
+    assert_eq!(misses.load(Ordering::SeqCst), 0, "every search found its patient and every update succeeded");
+
+    let after = status(&s).await;
+    assert_eq!((after.blind_index_version, on(&after, 1).index_entries, on(&after, 2).index_entries), (2, 0, entries));
+    // A patient created afterwards is found through the new index; v1 can retire now.
+    let late = create(&s, patient("Late", "Lou", "1999-09-09", "LATE-1")).await;
+    let found = search(
+        &s,
+        pb::search_patients_request::Criterion::Identifier(pb::IdentifierQuery {
+            system: late.identifiers[0].system.clone(),
+            value: "LATE-1".into(),
+        }),
+    )
+    .await;
+    assert_eq!(found.patients.len(), 1);
+    k.retire_master_key(req_for(pb::RetireMasterKeyRequest { version: 1 }, &t, None)).await.unwrap();
+    let events = s.all_events().await;
+    for action in
+        ["keys.blind_index_rotate", "keys.blind_index_batch", "keys.blind_index_switch", "keys.blind_index_complete"]
+    {
+        assert!(events.iter().any(|e| e.action == action), "{action}");
+    }
 }
