@@ -81,10 +81,20 @@ impl App {
         }
     }
 
-    /// Data keys and notes not on `target`.
+    /// Data keys and notes not on `target`, plus format-1 data keys on it
+    /// (written before erasure buckets; the job rewrites them as format 2).
     fn rewrap_backlog(&self, target: u32) -> Result<u64, AppError> {
         let usage = self.key_usage()?;
-        Ok(usage.iter().filter(|(v, _)| **v != target).map(|(_, u)| u.data_keys + u.notes).sum())
+        let mut n: u64 = usage.iter().filter(|(v, _)| **v != target).map(|(_, u)| u.data_keys + u.notes).sum();
+        for kv in self.store.deks.iter() {
+            let (_, v) = kv.map_err(|e| internal(e.into()))?;
+            let w = WrappedDataKey(v.to_vec());
+            if w.master_version().ok() == Some(target) && w.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_none()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Starts the job (or counts, for a dry run). A running job is returned as is.
@@ -268,7 +278,8 @@ impl App {
                 let (k, v) = kv.map_err(|e| internal(e.into()))?;
                 last = Some(k.to_vec());
                 let wrapped = WrappedDataKey(v.to_vec());
-                if wrapped.master_version().map_err(|_| AppError::DataLoss)? == job.target {
+                let format_2 = wrapped.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_some();
+                if wrapped.master_version().map_err(|_| AppError::DataLoss)? == job.target && format_2 {
                     continue;
                 }
                 let patient: [u8; 16] = k.as_ref().try_into().map_err(|_| AppError::DataLoss)?;

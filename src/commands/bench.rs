@@ -392,6 +392,80 @@ async fn rewrap_under_reads(
     Ok((reads, line))
 }
 
+fn seconds(a: Option<pbjson_types::Timestamp>, b: Option<pbjson_types::Timestamp>) -> f64 {
+    match (a, b) {
+        (Some(a), Some(b)) => (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9,
+        _ => 0.0,
+    }
+}
+
+/// Re-encrypts every patient (new data keys, every stored version re-sealed)
+/// while the `read` workload runs; returns the reads' outcome and a summary line.
+async fn reencrypt_under_reads(
+    target: Arc<Target>,
+    args: &BenchArgs,
+    syncs: &AtomicU64,
+) -> anyhow::Result<(Outcome, String)> {
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let mut k = KeyServiceClient::new(target.channels[0].clone());
+    let start = pb::StartReencryptRequest { patient_id: String::new(), max_per_second: 0 };
+    k.start_reencrypt(authed(start, &target.token)).await?;
+    let mut reads = run_workload(target.clone(), "read", args, syncs).await?;
+    reads.name = "read+reencrypt".into();
+    let finished = loop {
+        let j = k.get_reencrypt_job(authed(pb::GetReencryptJobRequest {}, &target.token)).await?.into_inner().job;
+        let j = j.context("no job")?;
+        if j.state == "completed" {
+            break j;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let secs = seconds(finished.start_time, finished.finish_time);
+    let line = format!(
+        "reencrypt: {} patients ({} record versions re-sealed) in {:.1}s = {:.0} patients/s, reads ran for the first {:.0}s ({} read errors)",
+        finished.done, finished.record_versions, secs, finished.rate, reads.secs, reads.errors
+    );
+    Ok((reads, line))
+}
+
+/// Rotates the blind-index key (after a master key rotation if needed) while
+/// the `read` workload runs; returns the reads' outcome and a summary line.
+async fn blind_index_under_reads(
+    target: Arc<Target>,
+    args: &BenchArgs,
+    syncs: &AtomicU64,
+) -> anyhow::Result<(Outcome, String)> {
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let mut k = KeyServiceClient::new(target.channels[0].clone());
+    let st = k.get_key_status(authed(pb::GetKeyStatusRequest {}, &target.token)).await?.into_inner();
+    if st.primary_version == st.blind_index_version {
+        k.rotate_master_key(authed(pb::RotateMasterKeyRequest {}, &target.token)).await?;
+    }
+    k.rotate_blind_index_key(authed(pb::RotateBlindIndexKeyRequest {}, &target.token)).await?;
+    let mut reads = run_workload(target.clone(), "read", args, syncs).await?;
+    reads.name = "read+blind-index".into();
+    let finished = loop {
+        let j = k.get_blind_index_job(authed(pb::GetBlindIndexJobRequest {}, &target.token)).await?.into_inner().job;
+        let j = j.context("no job")?;
+        if j.state == "completed" {
+            break j;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let secs = seconds(finished.start_time, finished.finish_time);
+    let line = format!(
+        "blind-index: {} records re-indexed to v{} and {} old entries dropped in {:.1}s = {:.0} records/s, reads ran for the first {:.0}s ({} read errors)",
+        finished.reindexed,
+        finished.to_version,
+        finished.dropped,
+        secs,
+        finished.reindexed as f64 / secs.max(1e-9),
+        reads.secs,
+        reads.errors
+    );
+    Ok((reads, line))
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -469,19 +543,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let target = Arc::new(Target { channels, token, patients });
 
     let mut results = Vec::new();
-    let mut rewrap = None;
+    let mut job_lines = Vec::new();
     for name in &args.workloads {
-        if name == "rewrap" {
-            let (reads, line) = rewrap_under_reads(target.clone(), &args, &syncs).await?;
-            results.push(reads);
-            rewrap = Some(line);
-            continue;
+        let job = match name.as_str() {
+            "rewrap" => Some(rewrap_under_reads(target.clone(), &args, &syncs).await?),
+            "reencrypt" => Some(reencrypt_under_reads(target.clone(), &args, &syncs).await?),
+            "blind-index" => Some(blind_index_under_reads(target.clone(), &args, &syncs).await?),
+            _ => None,
+        };
+        match job {
+            Some((reads, line)) => {
+                results.push(reads);
+                job_lines.push(line);
+            }
+            None => results.push(run_workload(target.clone(), name, &args, &syncs).await?),
         }
-        results.push(run_workload(target.clone(), name, &args, &syncs).await?);
     }
     let verify = if args.verify_entries > 0 { Some(verify_bench(args.verify_entries)) } else { None };
     report(&args, &results, preload_secs, verify);
-    if let Some(line) = rewrap {
+    for line in job_lines {
         println!("{line}");
     }
     let _ = stop_tx.send(());

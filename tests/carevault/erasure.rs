@@ -284,3 +284,44 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
         assert_eq!(w.generation().unwrap(), if i == 5 { 3 } else { 2 });
     }
 }
+
+/// How many key generations bucket `b` holds in `erasure-keys`.
+fn generations_in_file(data: &Path, bucket: u16) -> usize {
+    let bytes = std::fs::read(data.join("erasure-keys")).unwrap();
+    let mut at = 7;
+    for _ in 0..bucket {
+        at += 1 + usize::from(bytes[at]) * 36;
+    }
+    usize::from(bytes[at])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_interrupted_before_the_old_bucket_generation_was_dropped_finishes_at_the_next_start() {
+    let s = TestServer::start().await;
+    let p = create(&s, patient("Crashy", "Cal", "1960-01-01", "CR-1")).await;
+    let (data, key_dir, _tmp) = s.stop_keep().await;
+    // The state a crash leaves between an erasure's commit and its last step: the
+    // bucket holds two generations and a neighbour's key still names the old one.
+    let bucket = bucket_of(&p.id);
+    let old_key = bucket_key_from_file(&data, bucket);
+    let source = KeySource::Files(KeyPaths { dir: key_dir.clone() });
+    let (_, _, shreds) = keystore::open_for_data_dir(&source, &data).unwrap();
+    keystore::write_erasure_keys(&data, &shreds.with_next_generation(bucket).unwrap()).unwrap();
+    assert_eq!(generations_in_file(&data, bucket), 2);
+
+    let s = TestServer::start_in(data.clone(), key_dir, Arc::new(carevault::clock::SystemClock)).await;
+    let mut finished = false;
+    for _ in 0..200 {
+        if generations_in_file(&data, bucket) == 1 {
+            finished = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(finished, "the interrupted erasure was not finished");
+    assert!(contains(&data, &old_key).is_empty());
+    let got = s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await;
+    assert_eq!(got.unwrap().into_inner().patient.unwrap().names, p.names);
+    let rekey = s.last_event("keys.erasure_rekey").await;
+    assert!(rekey.details.contains(&format!("erasure_bucket={bucket}")), "{:?}", rekey.details);
+}
