@@ -230,7 +230,10 @@ impl App {
             meta.push(MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None });
             let entry = AuditEntry {
                 actor: "carevault".into(),
-                action: Action::KeysReencryptBatch.as_str().into(),
+                action: if finished { Action::KeysReencryptComplete } else { Action::KeysReencryptBatch }
+                    .as_str()
+                    .into(),
+                key_version: self.keys.ring().primary_version(),
                 resource_type: "key".into(),
                 outcome: Outcome::Ok.as_str().into(),
                 patient_id: job.patient.clone().unwrap_or_default(),

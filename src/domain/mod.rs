@@ -121,6 +121,7 @@ pub enum Action {
     ErasureRekey,
     KeysReencrypt,
     KeysReencryptBatch,
+    KeysReencryptComplete,
     KeysBlindIndexRotate,
     KeysBlindIndexBatch,
     KeysBlindIndexSwitch,
@@ -162,6 +163,7 @@ impl Action {
             Action::ErasureRekey => "keys.erasure_rekey",
             Action::KeysReencrypt => "keys.reencrypt",
             Action::KeysReencryptBatch => "keys.reencrypt_batch",
+            Action::KeysReencryptComplete => "keys.reencrypt_complete",
             Action::KeysBlindIndexRotate => "keys.blind_index_rotate",
             Action::KeysBlindIndexBatch => "keys.blind_index_batch",
             Action::KeysBlindIndexSwitch => "keys.blind_index_switch",
@@ -191,6 +193,7 @@ impl Action {
             | Action::KeysDestroy
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
+            | Action::KeysReencryptComplete
             | Action::KeysBlindIndexRotate
             | Action::KeysBlindIndexBatch
             | Action::KeysBlindIndexSwitch
@@ -244,6 +247,7 @@ impl Action {
             | Action::ErasureRekey
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
+            | Action::KeysReencryptComplete
             | Action::KeysBlindIndexRotate
             | Action::KeysBlindIndexBatch
             | Action::KeysBlindIndexSwitch

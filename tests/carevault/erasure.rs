@@ -261,7 +261,9 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
     assert!(done.record_versions >= 240, "{}", done.record_versions);
     assert!(ops.load(Ordering::SeqCst) > 0);
     assert_eq!(errors.load(Ordering::SeqCst), 0, "no request fails because of re-encryption");
-    assert!(s.all_events().await.iter().any(|e| e.action == "keys.reencrypt_batch"));
+    let events = s.all_events().await;
+    assert!(events.iter().any(|e| e.action == "keys.reencrypt_batch"));
+    assert!(events.iter().any(|e| e.action == "keys.reencrypt_complete"));
 
     // One patient again: generation 3 for it alone.
     let one = pb::StartReencryptRequest { patient_id: patients[5].id.clone(), max_per_second: 0 };
