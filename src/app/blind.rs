@@ -20,6 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::job_write;
 use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::RecordKind;
@@ -81,10 +82,7 @@ fn after(cursor: &Option<String>) -> Result<Vec<u8>, AppError> {
 
 impl App {
     fn blind_job(&self) -> Result<Option<BlindIndexJob>, AppError> {
-        match self.store.access_get(JOB_KEY).map_err(internal)? {
-            None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
-        }
+        self.job_state(JOB_KEY)
     }
 
     /// The job's state without an audit entry (status reports, the offline CLI).
@@ -94,10 +92,7 @@ impl App {
 
     /// The job's progress (audited).
     pub async fn get_blind_index_job(&self, ctx: &CallContext) -> Result<Option<BlindIndexJob>, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysStatus);
-        self.authorize(ctx, &mut attempt).await?;
-        let result = self.blind_job();
-        self.finish(ctx, attempt, result).await
+        self.audited_job_state(ctx, JOB_KEY).await
     }
 
     /// Starts rotating the blind-index key to the primary version. A running job is returned as is.
@@ -155,19 +150,13 @@ impl App {
             format!("total={}", job.total),
         ];
         if start {
-            let json = serde_json::to_vec(&job).map_err(|_| AppError::Internal)?;
-            attempt.meta.push(MetaWrite {
-                tree: MetaTree::Access,
-                key: JOB_KEY.to_vec(),
-                value: Some(json),
-                expect: None,
-            });
+            attempt.meta.push(job_write(JOB_KEY, &job)?);
         }
         let committed = self.commit_ok(ctx, attempt).await;
         drop(gate);
         committed?;
         if start {
-            self.spawn_blind_index();
+            self.spawn_job("blind-index", |app| async move { app.run_blind_index().await });
         }
         Ok(job)
     }
@@ -178,17 +167,8 @@ impl App {
             && job.state != "completed"
         {
             tracing::info!(job = %job.id, state = %job.state, "resuming blind-index rotation");
-            self.spawn_blind_index();
+            self.spawn_job("blind-index", |app| async move { app.run_blind_index().await });
         }
-    }
-
-    fn spawn_blind_index(&self) {
-        let app = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = app.run_blind_index().await {
-                tracing::error!(error = %e, "blind-index rotation stopped; it resumes at the next start");
-            }
-        });
     }
 
     /// Runs the job to completion (one task at a time).
@@ -241,8 +221,7 @@ impl App {
                 }
                 _ => return Ok(()),
             };
-            let json = serde_json::to_vec(&next).map_err(|_| AppError::Internal)?;
-            meta.push(MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None });
+            meta.push(job_write(JOB_KEY, &next)?);
             let committed = self.sequencer.commit(Commit { entry: job_entry(action, &next), write: None, meta }).await;
             match committed.map_err(internal)?.outcome {
                 CommitOutcome::Written if next.state == "completed" => {
@@ -267,8 +246,7 @@ impl App {
         let mut next = job.clone();
         next.state = "dropping".into();
         next.cursor = None;
-        let json = serde_json::to_vec(&next).map_err(|_| AppError::Internal)?;
-        let meta = vec![MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None }];
+        let meta = vec![job_write(JOB_KEY, &next)?];
         let entry = job_entry(Action::KeysBlindIndexSwitch, &next);
         self.sequencer.commit(Commit { entry, write: None, meta }).await.map_err(internal)?;
         Ok(())

@@ -10,6 +10,7 @@ mod audit_log;
 mod blind;
 mod coverages;
 mod erasure;
+mod jobs;
 mod keys;
 mod patients;
 mod reencrypt;

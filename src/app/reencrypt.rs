@@ -14,11 +14,12 @@
 //! Reads are not gated: one that read the old key just before a batch
 //! committed finds the new ciphertext, and reads again (see `App::load_patient`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::jobs::{job_write, throttle};
 use super::{App, CallContext, Parsed, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::{self, RecordAad, RecordKind, WrappedDataKey};
@@ -86,10 +87,7 @@ struct Batch {
 
 impl App {
     fn reencrypt_job(&self) -> Result<Option<ReencryptJob>, AppError> {
-        match self.store.access_get(JOB_KEY).map_err(internal)? {
-            None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
-        }
+        self.job_state(JOB_KEY)
     }
 
     /// Starts the job. A running job is returned as is.
@@ -149,17 +147,11 @@ impl App {
             format!("max_per_second={}", job.max_per_second),
         ];
         if start {
-            let json = serde_json::to_vec(&job).map_err(|_| AppError::Internal)?;
-            attempt.meta.push(MetaWrite {
-                tree: MetaTree::Access,
-                key: JOB_KEY.to_vec(),
-                value: Some(json),
-                expect: None,
-            });
+            attempt.meta.push(job_write(JOB_KEY, &job)?);
         }
         self.commit_ok(ctx, attempt).await?;
         if start {
-            self.spawn_reencrypt();
+            self.spawn_job("reencrypt", |app| async move { app.run_reencrypt().await });
         }
         Ok(job)
     }
@@ -171,10 +163,7 @@ impl App {
 
     /// The job's progress (audited like every call).
     pub async fn get_reencrypt_job(&self, ctx: &CallContext) -> Result<Option<ReencryptJob>, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysStatus);
-        self.authorize(ctx, &mut attempt).await?;
-        let result = self.reencrypt_job();
-        self.finish(ctx, attempt, result).await
+        self.audited_job_state(ctx, JOB_KEY).await
     }
 
     /// Continues an interrupted job (called from `resume_jobs`).
@@ -183,17 +172,8 @@ impl App {
             && job.state == "running"
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming re-encryption job");
-            self.spawn_reencrypt();
+            self.spawn_job("reencrypt", |app| async move { app.run_reencrypt().await });
         }
-    }
-
-    fn spawn_reencrypt(&self) {
-        let app = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = app.run_reencrypt().await {
-                tracing::error!(error = %e, "re-encryption job stopped; it resumes at the next start");
-            }
-        });
     }
 
     /// Runs the job to completion (one task at a time).
@@ -226,8 +206,7 @@ impl App {
             }
             let finished = next.state == "completed";
             let mut meta = batch.writes;
-            let json = serde_json::to_vec(&next).map_err(|_| AppError::Internal)?;
-            meta.push(MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None });
+            meta.push(job_write(JOB_KEY, &next)?);
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysReencryptComplete } else { Action::KeysReencryptBatch }
@@ -259,12 +238,7 @@ impl App {
                 tracing::info!(job = %next.id, done = next.done, "re-encryption job completed");
                 return Ok(());
             }
-            if next.max_per_second > 0 && batch.patients > 0 {
-                let budget = Duration::from_secs_f64(batch.patients as f64 / f64::from(next.max_per_second));
-                if let Some(rest) = budget.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(rest).await;
-                }
-            }
+            throttle(started, batch.patients, next.max_per_second).await;
         }
     }
 

@@ -11,10 +11,11 @@
 //! primary from the moment it changes, so nothing written during the job is
 //! left on an old version.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::{job_write, throttle};
 use super::{App, CallContext, Parsed, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::WrappedDataKey;
@@ -75,10 +76,7 @@ pub struct RewrapRequest {
 impl App {
     /// The job state, if a job ever ran.
     pub(super) fn rewrap_job(&self) -> Result<Option<RewrapJob>, AppError> {
-        match self.store.access_get(JOB_KEY).map_err(internal)? {
-            None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
-        }
+        self.job_state(JOB_KEY)
     }
 
     /// Data keys and notes not on `target`, plus format-1 data keys on it
@@ -140,17 +138,11 @@ impl App {
             format!("max_per_second={}", job.max_per_second),
         ];
         if start {
-            let json = serde_json::to_vec(&job).map_err(|_| AppError::Internal)?;
-            attempt.meta.push(MetaWrite {
-                tree: MetaTree::Access,
-                key: JOB_KEY.to_vec(),
-                value: Some(json),
-                expect: None,
-            });
+            attempt.meta.push(job_write(JOB_KEY, &job)?);
         }
         self.commit_ok(ctx, attempt).await?;
         if start {
-            self.spawn_rewrap();
+            self.spawn_job("rewrap", |app| async move { app.run_rewrap().await });
         }
         Ok(job)
     }
@@ -162,10 +154,7 @@ impl App {
 
     /// The job's progress (audited like every call).
     pub async fn get_rewrap_job(&self, ctx: &CallContext) -> Result<Option<RewrapJob>, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysStatus);
-        self.authorize(ctx, &mut attempt).await?;
-        let result = self.rewrap_job();
-        self.finish(ctx, attempt, result).await
+        self.audited_job_state(ctx, JOB_KEY).await
     }
 
     /// Continues a job interrupted by a stop or crash, and finishes any
@@ -183,17 +172,8 @@ impl App {
             && job.state == "running"
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming rewrap job");
-            self.spawn_rewrap();
+            self.spawn_job("rewrap", |app| async move { app.run_rewrap().await });
         }
-    }
-
-    fn spawn_rewrap(&self) {
-        let app = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = app.run_rewrap().await {
-                tracing::error!(error = %e, "rewrap job stopped; it resumes at the next start or StartRewrap");
-            }
-        });
     }
 
     /// Runs the job to completion. One task at a time: a second caller finds the job's
@@ -222,8 +202,7 @@ impl App {
                 next.finished_at = Some(self.now());
             }
             let mut meta = batch;
-            let json = serde_json::to_vec(&next).map_err(|_| AppError::Internal)?;
-            meta.push(MetaWrite { tree: MetaTree::Access, key: JOB_KEY.to_vec(), value: Some(json), expect: None });
+            meta.push(job_write(JOB_KEY, &next)?);
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysRewrapComplete } else { Action::KeysRewrapBatch }.as_str().into(),
@@ -249,12 +228,7 @@ impl App {
                 tracing::info!(job = %next.id, done = next.done, "rewrap job completed");
                 return Ok(());
             }
-            if next.max_per_second > 0 && n > 0 {
-                let budget = Duration::from_secs_f64(n as f64 / f64::from(next.max_per_second));
-                if let Some(rest) = budget.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(rest).await;
-                }
-            }
+            throttle(started, n, next.max_per_second).await;
         }
     }
 

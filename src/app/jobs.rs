@@ -1,0 +1,67 @@
+//! What the key jobs (rewrap, re-encryption, blind-index rotation) share:
+//! their state, persisted as JSON under a `J…` key of the `access` tree and
+//! written in the same commit as each batch; the audited progress read; the
+//! background task; and throttling to a rate.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{App, CallContext, internal};
+use crate::domain::Action;
+use crate::error::AppError;
+use crate::storage::{MetaTree, MetaWrite};
+
+impl App {
+    /// A job's persisted state, if it ever ran.
+    pub(super) fn job_state<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, AppError> {
+        match self.store.access_get(key).map_err(internal)? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
+        }
+    }
+
+    /// A job's state, read by an audited call (`keys.status`).
+    pub(super) async fn audited_job_state<T: DeserializeOwned>(
+        &self,
+        ctx: &CallContext,
+        key: &[u8],
+    ) -> Result<Option<T>, AppError> {
+        let mut attempt = self.begin(ctx, Action::KeysStatus);
+        self.authorize(ctx, &mut attempt).await?;
+        let result = self.job_state(key);
+        self.finish(ctx, attempt, result).await
+    }
+
+    /// Runs a job in the background; an error is logged and the job resumes at the next start.
+    pub(super) fn spawn_job<F>(&self, name: &'static str, run: impl FnOnce(App) -> F)
+    where
+        F: Future<Output = Result<(), AppError>> + Send + 'static,
+    {
+        let job = run(self.clone());
+        tokio::spawn(async move {
+            if let Err(e) = job.await {
+                tracing::error!(error = %e, job = name, "key job stopped; it resumes at the next start");
+            }
+        });
+    }
+}
+
+/// The write that persists a job's state with its batch.
+pub(super) fn job_write<T: Serialize>(key: &[u8], job: &T) -> Result<MetaWrite, AppError> {
+    let json = serde_json::to_vec(job).map_err(|_| AppError::Internal)?;
+    Ok(MetaWrite { tree: MetaTree::Access, key: key.to_vec(), value: Some(json), expect: None })
+}
+
+/// Sleeps so that `n` items done since `started` stay under `max_per_second` (0: unlimited).
+pub(super) async fn throttle(started: Instant, n: u64, max_per_second: u32) {
+    if max_per_second == 0 || n == 0 {
+        return;
+    }
+    let budget = Duration::from_secs_f64(n as f64 / f64::from(max_per_second));
+    if let Some(rest) = budget.checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+}
