@@ -81,13 +81,9 @@ fn after(cursor: &Option<String>) -> Result<Vec<u8>, AppError> {
 }
 
 impl App {
-    fn blind_job(&self) -> Result<Option<BlindIndexJob>, AppError> {
-        self.job_state(JOB_KEY)
-    }
-
     /// The job's state without an audit entry (status reports, the offline CLI).
     pub fn blind_index_progress(&self) -> Result<Option<BlindIndexJob>, AppError> {
-        self.blind_job()
+        self.job_state(JOB_KEY)
     }
 
     /// The job's progress (audited).
@@ -104,7 +100,7 @@ impl App {
         let subject = ctx.subject().unwrap_or_default().to_string();
         let now = self.now();
         let prepared = blocking(move || {
-            if let Some(job) = app.blind_job()?
+            if let Some(job) = app.blind_index_progress()?
                 && job.state != "completed"
             {
                 return Ok((job, false));
@@ -163,7 +159,7 @@ impl App {
 
     /// Continues an interrupted job (called from `resume_jobs`).
     pub(super) fn resume_blind_index(&self) {
-        if let Ok(Some(job)) = self.blind_job()
+        if let Ok(Some(job)) = self.blind_index_progress()
             && job.state != "completed"
         {
             tracing::info!(job = %job.id, state = %job.state, "resuming blind-index rotation");
@@ -178,7 +174,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.blind_job()? else { return Ok(()) };
+            let Some(job) = self.blind_index_progress()? else { return Ok(()) };
             let (action, mut meta, next) = match job.state.as_str() {
                 "building" => {
                     let app = self.clone();

@@ -28,7 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::access::{b64, unb64};
+use super::access::b64;
 use super::{App, CallContext, Parsed, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::{self, RecordKind, WrappedDataKey};
@@ -344,21 +344,5 @@ impl App {
             }
         }
         Ok(out)
-    }
-
-    /// Opens an erasure's sealed reason (for audit review tools and tests).
-    pub fn erasure_reason(&self, patient: PatientId) -> Result<Option<String>, AppError> {
-        let Some(raw) = self.store.access_get(&erased_key(RecordKind::Patient, &patient.bytes())).map_err(internal)?
-        else {
-            return Ok(None);
-        };
-        let tomb: Tombstone = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
-        let Some(sealed) = tomb.reason else { return Ok(None) };
-        let plain = self
-            .keys
-            .ring()
-            .open_note(format!("{patient}/erasure").as_bytes(), &unb64(&sealed)?)
-            .map_err(super::crypto_failure)?;
-        String::from_utf8(plain.to_vec()).map(Some).map_err(|_| AppError::DataLoss)
     }
 }

@@ -86,10 +86,6 @@ struct Batch {
 }
 
 impl App {
-    fn reencrypt_job(&self) -> Result<Option<ReencryptJob>, AppError> {
-        self.job_state(JOB_KEY)
-    }
-
     /// Starts the job. A running job is returned as is.
     pub async fn start_reencrypt(
         &self,
@@ -106,7 +102,7 @@ impl App {
         let subject = ctx.subject().unwrap_or_default().to_string();
         let now = self.now();
         let prepared = blocking(move || {
-            if let Some(job) = app.reencrypt_job()?
+            if let Some(job) = app.reencrypt_progress()?
                 && job.state == "running"
             {
                 return Ok((job, false));
@@ -156,9 +152,9 @@ impl App {
         Ok(job)
     }
 
-    /// The job's state without an audit entry (for the offline CLI's progress bar).
+    /// The job's state without an audit entry (status reports, the offline CLI's progress bar).
     pub fn reencrypt_progress(&self) -> Result<Option<ReencryptJob>, AppError> {
-        self.reencrypt_job()
+        self.job_state(JOB_KEY)
     }
 
     /// The job's progress (audited like every call).
@@ -168,7 +164,7 @@ impl App {
 
     /// Continues an interrupted job (called from `resume_jobs`).
     pub(super) fn resume_reencrypt(&self) {
-        if let Ok(Some(job)) = self.reencrypt_job()
+        if let Ok(Some(job)) = self.reencrypt_progress()
             && job.state == "running"
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming re-encryption job");
@@ -183,7 +179,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.reencrypt_job()? else { return Ok(()) };
+            let Some(job) = self.reencrypt_progress()? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());
             }

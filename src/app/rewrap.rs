@@ -82,13 +82,12 @@ impl App {
     /// Data keys and notes not on `target`, plus format-1 data keys on it
     /// (written before erasure buckets; the job rewrites them as format 2).
     fn rewrap_backlog(&self, target: u32) -> Result<u64, AppError> {
-        let usage = self.key_usage()?;
-        let mut n: u64 = usage.iter().filter(|(v, _)| **v != target).map(|(_, u)| u.data_keys + u.notes).sum();
+        let mut n = super::count(self.note_versions()?.into_iter().filter(|v| *v != target).count());
         for kv in self.store.deks.iter() {
             let (_, v) = kv.map_err(|e| internal(e.into()))?;
             let w = WrappedDataKey(v.to_vec());
-            if w.master_version().ok() == Some(target) && w.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_none()
-            {
+            let format_2 = w.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_some();
+            if w.master_version().map_err(|_| AppError::DataLoss)? != target || !format_2 {
                 n += 1;
             }
         }

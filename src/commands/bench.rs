@@ -359,39 +359,6 @@ async fn run_workload(target: Arc<Target>, name: &str, args: &BenchArgs, syncs: 
     })
 }
 
-/// Rotates the master key and rewraps every data key (unthrottled) while the
-/// `read` workload runs; returns the reads' outcome and a summary line.
-async fn rewrap_under_reads(
-    target: Arc<Target>,
-    args: &BenchArgs,
-    syncs: &AtomicU64,
-) -> anyhow::Result<(Outcome, String)> {
-    use carevault::proto::v1::key_service_client::KeyServiceClient;
-    let mut k = KeyServiceClient::new(target.channels[0].clone());
-    k.rotate_master_key(authed(pb::RotateMasterKeyRequest {}, &target.token)).await?;
-    let start = pb::StartRewrapRequest { dry_run: false, max_per_second: 0 };
-    k.start_rewrap(authed(start, &target.token)).await?;
-    let mut reads = run_workload(target.clone(), "read", args, syncs).await?;
-    reads.name = "read+rewrap".into();
-    let finished = loop {
-        let j = k.get_rewrap_job(authed(pb::GetRewrapJobRequest {}, &target.token)).await?.into_inner().job;
-        let j = j.context("no job")?;
-        if j.state == "completed" {
-            break j;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
-    let secs = match (finished.start_time, finished.finish_time) {
-        (Some(a), Some(b)) => (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9,
-        _ => 0.0,
-    };
-    let line = format!(
-        "rewrap: {} data keys to v{} in {:.1}s = {:.0}/s, while serving audited reads ({} read errors)",
-        finished.done, finished.target_version, secs, finished.rate, reads.errors
-    );
-    Ok((reads, line))
-}
-
 fn seconds(a: Option<pbjson_types::Timestamp>, b: Option<pbjson_types::Timestamp>) -> f64 {
     match (a, b) {
         (Some(a), Some(b)) => (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9,
@@ -399,71 +366,93 @@ fn seconds(a: Option<pbjson_types::Timestamp>, b: Option<pbjson_types::Timestamp
     }
 }
 
-/// Re-encrypts every patient (new data keys, every stored version re-sealed)
-/// while the `read` workload runs; returns the reads' outcome and a summary line.
-async fn reencrypt_under_reads(
+/// Starts a key job (unthrottled) and runs the `read` workload while it
+/// works; returns the reads' outcome and a summary line with the job's rate.
+/// `rewrap` rotates the master key and rewraps every data key; `reencrypt`
+/// gives every patient a new data key and re-seals every record version;
+/// `blind-index` rotates the blind-index key (after a master key rotation if needed).
+async fn job_under_reads(
     target: Arc<Target>,
     args: &BenchArgs,
     syncs: &AtomicU64,
+    job: &str,
 ) -> anyhow::Result<(Outcome, String)> {
     use carevault::proto::v1::key_service_client::KeyServiceClient;
     let mut k = KeyServiceClient::new(target.channels[0].clone());
-    let start = pb::StartReencryptRequest { patient_id: String::new(), max_per_second: 0 };
-    k.start_reencrypt(authed(start, &target.token)).await?;
-    let mut reads = run_workload(target.clone(), "read", args, syncs).await?;
-    reads.name = "read+reencrypt".into();
-    let finished = loop {
-        let j = k.get_reencrypt_job(authed(pb::GetReencryptJobRequest {}, &target.token)).await?.into_inner().job;
-        let j = j.context("no job")?;
-        if j.state == "completed" {
-            break j;
+    let t = &target.token;
+    match job {
+        "rewrap" => {
+            k.rotate_master_key(authed(pb::RotateMasterKeyRequest {}, t)).await?;
+            k.start_rewrap(authed(pb::StartRewrapRequest { dry_run: false, max_per_second: 0 }, t)).await?;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
-    let secs = seconds(finished.start_time, finished.finish_time);
-    let line = format!(
-        "reencrypt: {} patients ({} record versions re-sealed) in {:.1}s = {:.0} patients/s, reads ran for the first {:.0}s ({} read errors)",
-        finished.done, finished.record_versions, secs, finished.rate, reads.secs, reads.errors
-    );
-    Ok((reads, line))
-}
-
-/// Rotates the blind-index key (after a master key rotation if needed) while
-/// the `read` workload runs; returns the reads' outcome and a summary line.
-async fn blind_index_under_reads(
-    target: Arc<Target>,
-    args: &BenchArgs,
-    syncs: &AtomicU64,
-) -> anyhow::Result<(Outcome, String)> {
-    use carevault::proto::v1::key_service_client::KeyServiceClient;
-    let mut k = KeyServiceClient::new(target.channels[0].clone());
-    let st = k.get_key_status(authed(pb::GetKeyStatusRequest {}, &target.token)).await?.into_inner();
-    if st.primary_version == st.blind_index_version {
-        k.rotate_master_key(authed(pb::RotateMasterKeyRequest {}, &target.token)).await?;
+        "reencrypt" => {
+            let start = pb::StartReencryptRequest { patient_id: String::new(), max_per_second: 0 };
+            k.start_reencrypt(authed(start, t)).await?;
+        }
+        _ => {
+            let st = k.get_key_status(authed(pb::GetKeyStatusRequest {}, t)).await?.into_inner();
+            if st.primary_version == st.blind_index_version {
+                k.rotate_master_key(authed(pb::RotateMasterKeyRequest {}, t)).await?;
+            }
+            k.rotate_blind_index_key(authed(pb::RotateBlindIndexKeyRequest {}, t)).await?;
+        }
     }
-    k.rotate_blind_index_key(authed(pb::RotateBlindIndexKeyRequest {}, &target.token)).await?;
     let mut reads = run_workload(target.clone(), "read", args, syncs).await?;
-    reads.name = "read+blind-index".into();
-    let finished = loop {
-        let j = k.get_blind_index_job(authed(pb::GetBlindIndexJobRequest {}, &target.token)).await?.into_inner().job;
-        let j = j.context("no job")?;
-        if j.state == "completed" {
-            break j;
+    reads.name = format!("read+{job}");
+    loop {
+        let line = match job {
+            "rewrap" => {
+                let j = k.get_rewrap_job(authed(pb::GetRewrapJobRequest {}, t)).await?.into_inner().job;
+                let j = j.context("no job")?;
+                (j.state == "completed").then(|| {
+                    format!(
+                        "rewrap: {} data keys to v{} in {:.1}s = {:.0}/s, while serving audited reads ({} read errors)",
+                        j.done,
+                        j.target_version,
+                        seconds(j.start_time, j.finish_time),
+                        j.rate,
+                        reads.errors
+                    )
+                })
+            }
+            "reencrypt" => {
+                let j = k.get_reencrypt_job(authed(pb::GetReencryptJobRequest {}, t)).await?.into_inner().job;
+                let j = j.context("no job")?;
+                (j.state == "completed").then(|| {
+                    format!(
+                        "reencrypt: {} patients ({} record versions re-sealed) in {:.1}s = {:.0} patients/s, reads ran for the first {:.0}s ({} read errors)",
+                        j.done,
+                        j.record_versions,
+                        seconds(j.start_time, j.finish_time),
+                        j.rate,
+                        reads.secs,
+                        reads.errors
+                    )
+                })
+            }
+            _ => {
+                let j = k.get_blind_index_job(authed(pb::GetBlindIndexJobRequest {}, t)).await?.into_inner().job;
+                let j = j.context("no job")?;
+                (j.state == "completed").then(|| {
+                    let secs = seconds(j.start_time, j.finish_time);
+                    format!(
+                        "blind-index: {} records re-indexed to v{} and {} old entries dropped in {:.1}s = {:.0} records/s, reads ran for the first {:.0}s ({} read errors)",
+                        j.reindexed,
+                        j.to_version,
+                        j.dropped,
+                        secs,
+                        j.reindexed as f64 / secs.max(1e-9),
+                        reads.secs,
+                        reads.errors
+                    )
+                })
+            }
+        };
+        if let Some(line) = line {
+            return Ok((reads, line));
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
-    let secs = seconds(finished.start_time, finished.finish_time);
-    let line = format!(
-        "blind-index: {} records re-indexed to v{} and {} old entries dropped in {:.1}s = {:.0} records/s, reads ran for the first {:.0}s ({} read errors)",
-        finished.reindexed,
-        finished.to_version,
-        finished.dropped,
-        secs,
-        finished.reindexed as f64 / secs.max(1e-9),
-        reads.secs,
-        reads.errors
-    );
-    Ok((reads, line))
+    }
 }
 
 fn peak_rss_mib() -> f64 {
@@ -546,9 +535,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut job_lines = Vec::new();
     for name in &args.workloads {
         let job = match name.as_str() {
-            "rewrap" => Some(rewrap_under_reads(target.clone(), &args, &syncs).await?),
-            "reencrypt" => Some(reencrypt_under_reads(target.clone(), &args, &syncs).await?),
-            "blind-index" => Some(blind_index_under_reads(target.clone(), &args, &syncs).await?),
+            "rewrap" | "reencrypt" | "blind-index" => Some(job_under_reads(target.clone(), &args, &syncs, name).await?),
             _ => None,
         };
         match job {

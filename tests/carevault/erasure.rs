@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use carevault::crypto::{CryptoError, WrappedDataKey};
 use carevault::keystore::{self, KeyPaths, KeySource};
@@ -243,15 +242,11 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
     let start = pb::StartReencryptRequest { patient_id: String::new(), max_per_second: 0 };
     let job = keys(&s).start_reencrypt(req_for(start, &keyper, None)).await.unwrap().into_inner().job.unwrap();
     assert_eq!((job.state.as_str(), job.total), ("running", 120));
-    let mut done = None;
-    for _ in 0..600 {
-        let j = keys(&s).get_reencrypt_job(req_for(pb::GetReencryptJobRequest {}, &keyper, None)).await.unwrap();
-        if let Some(j) = j.into_inner().job.filter(|j| j.state == "completed") {
-            done = Some(j);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reencrypted = || {
+        let (mut k, r) = (keys(&s), req_for(pb::GetReencryptJobRequest {}, &keyper, None));
+        async move { k.get_reencrypt_job(r).await.unwrap().into_inner().job.filter(|j| j.state == "completed") }
+    };
+    let done = eventually(reencrypted).await;
     stop.store(true, Ordering::SeqCst);
     for l in load {
         l.await.unwrap();
@@ -268,13 +263,7 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
     // One patient again: generation 3 for it alone.
     let one = pb::StartReencryptRequest { patient_id: patients[5].id.clone(), max_per_second: 0 };
     keys(&s).start_reencrypt(req_for(one, &keyper, None)).await.unwrap();
-    for _ in 0..100 {
-        let j = keys(&s).get_reencrypt_job(req_for(pb::GetReencryptJobRequest {}, &keyper, None)).await.unwrap();
-        if j.into_inner().job.is_some_and(|j| j.state == "completed") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(reencrypted).await.expect("the one-patient re-encryption did not complete");
     for p in &patients {
         let got = s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await;
         assert_eq!(got.unwrap().into_inner().patient.unwrap().names, p.names);
@@ -312,15 +301,8 @@ async fn an_erasure_interrupted_before_the_old_bucket_generation_was_dropped_fin
     assert_eq!(generations_in_file(&data, bucket), 2);
 
     let s = TestServer::start_in(data.clone(), key_dir, Arc::new(carevault::clock::SystemClock)).await;
-    let mut finished = false;
-    for _ in 0..200 {
-        if generations_in_file(&data, bucket) == 1 {
-            finished = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(finished, "the interrupted erasure was not finished");
+    let finished = eventually(|| async { (generations_in_file(&data, bucket) == 1).then_some(()) }).await;
+    assert!(finished.is_some(), "the interrupted erasure was not finished");
     assert!(contains(&data, &old_key).is_empty());
     let got = s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await;
     assert_eq!(got.unwrap().into_inner().patient.unwrap().names, p.names);

@@ -157,6 +157,17 @@ pub async fn open_when_unlocked<T, E: std::fmt::Debug>(mut open: impl FnMut() ->
     panic!("the database stayed locked for 10 s")
 }
 
+/// Calls `check` every 50 ms until it yields a value, for at most 30 s.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(mut check: impl FnMut() -> F) -> Option<T> {
+    for _ in 0..600 {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}
+
 /// A test server configuration; writes [`TEST_POLICY`] beside the data directory.
 pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
     let parent = data_dir.parent().unwrap().to_path_buf();

@@ -371,15 +371,12 @@ async fn the_blind_index_key_rotates_online_while_searches_never_miss_and_then_t
     let job = k.rotate_blind_index_key(req_for(pb::RotateBlindIndexKeyRequest {}, &t, None)).await.unwrap();
     let job = job.into_inner().job.unwrap();
     assert_eq!((job.from_version, job.to_version, job.total), (1, 2, 600));
-    let mut done = None;
-    for _ in 0..600 {
-        let j = k.get_blind_index_job(req_for(pb::GetBlindIndexJobRequest {}, &t, None)).await.unwrap();
-        if let Some(j) = j.into_inner().job.filter(|j| j.state == "completed") {
-            done = Some(j);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = eventually(|| {
+        let mut k = k.clone();
+        let r = req_for(pb::GetBlindIndexJobRequest {}, &t, None);
+        async move { k.get_blind_index_job(r).await.unwrap().into_inner().job.filter(|j| j.state == "completed") }
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     for l in load {
         l.await.unwrap();
