@@ -2,9 +2,31 @@
 //!
 //! Storage holds only ciphertext, HMAC blind indexes, UUIDs, version numbers
 //! and audit entries (which hold identifiers, never PHI). Every write goes
-//! through the [`sequencer`], which commits the record change and its audit
-//! entry in one sled transaction and makes them durable with fdatasync before
-//! anyone is answered.
+//! through the [`sequencer`], which commits the record change with its audit
+//! entry (all or nothing, across a crash) and makes them durable with
+//! fdatasync before anyone is answered.
+//!
+//! # Crash atomicity without sled transactions
+//!
+//! sled recovers a prefix of its log: after a crash, if a write is recovered,
+//! so is every write made before it (recovery stops at the first torn or
+//! missing message). The sequencer writes each batch in this order:
+//!
+//! 1. if any commit of the batch changes data: the redo record (`pending` tree),
+//!    holding every data change of the batch with its commit's sequence;
+//! 2. for each commit in sequence order: its audit entry, its `audit_by_patient`
+//!    keys, then its data changes;
+//! 3. the removal of the redo record.
+//!
+//! [`Store::open`] then repairs whatever a crash cut short: the newest entry's
+//! index keys are written again, and if a redo record is present, the changes
+//! of each commit whose entry was recovered are applied again (exact values,
+//! so replaying is idempotent) and the others are dropped (their entries were
+//! not recovered, so neither was any change after them, and none of them was
+//! acknowledged). sled transactions would give the same atomicity, but the
+//! first transaction switches sled, for the whole process, to a global
+//! reader-writer lock that every read takes and each transaction holds
+//! exclusively, stalling reads on every worker while a batch is written.
 //!
 //! # Trees and key layouts (all integers big-endian)
 //!
@@ -24,6 +46,7 @@
 //! | `access`              | `H` · patient (16)                                       | legal hold placed at (i64 µs); absent: no hold |
 //! | `access`              | `E` · kind (1) · id (16)                                 | erasure tombstone (JSON, see `app::erasure`) |
 //! | `access`              | `Jrewrap`                                                | the rewrap job (JSON, see `app::rewrap`) |
+//! | `pending`             | `batch`                                                  | redo record of the batch being written (see `sequencer`), absent between batches |
 
 pub mod durability;
 pub mod sequencer;
@@ -32,7 +55,7 @@ use std::path::Path;
 
 use crate::crypto::RecordKind;
 
-pub use sequencer::{Commit, CommitOutcome, Committed, MetaTree, MetaWrite, RecordWrite, Sequencer};
+pub use sequencer::{Commit, CommitOutcome, Committed, MetaTree, MetaWrite, RecordWrite, Recovery, Sequencer};
 
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -89,6 +112,7 @@ pub struct Store {
     pub(crate) audit: sled::Tree,
     pub(crate) audit_by_patient: sled::Tree,
     pub(crate) access: sled::Tree,
+    pub(crate) pending: sled::Tree,
 }
 
 fn head_key(kind: RecordKind, id: &[u8; 16]) -> [u8; 17] {
@@ -163,10 +187,12 @@ fn decode_audit(k: &[u8], v: &[u8]) -> Result<StoredAuditEntry, StorageError> {
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir`. `cache_bytes` bounds sled's page cache.
+    /// Opens (or creates) the database under `dir`, finishing any batch of
+    /// commits a crash interrupted (see [`sequencer::recover`]). `cache_bytes`
+    /// bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StorageError> {
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open()?;
-        Ok(Store {
+        let store = Store {
             heads: db.open_tree("heads")?,
             records: db.open_tree("records")?,
             deks: db.open_tree("deks")?,
@@ -176,8 +202,18 @@ impl Store {
             audit: db.open_tree("audit")?,
             audit_by_patient: db.open_tree("audit_by_patient")?,
             access: db.open_tree("access")?,
+            pending: db.open_tree("pending")?,
             db,
-        })
+        };
+        let recovered = sequencer::recover(&store)?;
+        if recovered != Recovery::default() {
+            tracing::warn!(
+                replayed = recovered.replayed,
+                dropped = recovered.dropped,
+                "finished a batch of commits that a crash interrupted"
+            );
+        }
+        Ok(store)
     }
 
     /// Copies every tree into a new database at `dest` (which must not

@@ -1,18 +1,22 @@
 //! The audit sequencer: one thread that orders every audit append and every
-//! record write, and shares one disk sync among all requests waiting for it
-//! (group commit).
+//! record write, and a sync thread that shares one disk sync among all
+//! requests waiting for it (group commit).
 //!
 //! Each [`Commit`] carries an audit entry (without sequence, previous hash or
 //! time, which the sequencer assigns) and optionally a [`RecordWrite`]. The
-//! thread takes everything queued (up to [`MAX_BATCH`]), applies the whole
-//! batch in one sled transaction across all trees (so a record never exists
-//! without its audit entry, nor the reverse), then flushes and fdatasyncs
-//! ([`Durability`]), and only then answers each request. Because this thread
-//! is the only writer, the optimistic version check in a write is exact.
+//! sequencer takes everything queued (up to [`MAX_BATCH`]), decides every
+//! commit of the batch ([`plan`]: version, key-generation and precondition
+//! checks, the chained entries), and writes the batch to sled in a
+//! crash-recoverable order ([`commit_ops`], [`recover`]), so a record never
+//! exists without its audit entry, nor the reverse. It then hands the batch
+//! to the sync thread, which flushes and fdatasyncs ([`Durability`]) and only
+//! then answers each request. Because the sequencer is the only writer, the
+//! optimistic version check in a write is exact.
 //!
-//! Failure is closed: if the transaction fails, nothing of the batch is
-//! written and every request gets an error; if the sync fails, every request
-//! of the batch gets an error and no data is returned (the entries may still
+//! Failure is closed: if writing a batch fails, every request of it gets an
+//! error and the sequencer refuses every later commit until a restart (whose
+//! recovery finishes or drops the batch); if the sync fails, every request
+//! waiting on it gets an error and no data is returned (the entries may still
 //! reach disk with a later sync; their writes are then reported as failed
 //! although applied, the usual ambiguity of a failed commit).
 
@@ -20,8 +24,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tokio::sync::{mpsc, oneshot};
 
 use super::durability::Durability;
@@ -31,12 +33,8 @@ use crate::clock::Clock;
 use crate::crypto::{RecordKind, WrappedDataKey};
 use crate::domain::PatientId;
 
-/// Most commits applied in one transaction and one sync.
+/// Most commits the sequencer plans and writes as one batch.
 pub const MAX_BATCH: usize = 512;
-
-/// Longest the sequencer waits for more commits before syncing a batch that
-/// is much smaller than recent ones (see [`run`]).
-const MAX_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// A record change to commit together with its audit entry.
 pub struct RecordWrite {
@@ -61,7 +59,7 @@ pub struct RecordWrite {
 }
 
 /// Which tree a [`MetaWrite`] changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MetaTree {
     /// Restriction flags, legal holds, break-glass grants, erasure tombstones, job state.
     Access,
@@ -163,6 +161,8 @@ impl Sequencer {
         mut durability: Durability,
     ) -> Result<(Sequencer, std::thread::JoinHandle<()>), StorageError> {
         let syncs = durability.sync_counter();
+        // Make whatever `Store::open` recovered durable before anything new is appended.
+        durability.sync(&store.db)?;
         let head = match store.audit_head()? {
             Some(h) => h,
             None => {
@@ -208,74 +208,107 @@ impl Sequencer {
     }
 }
 
-/// The sequencer loop. Group commit: take everything queued; if that is much
-/// less than the recent average batch (requests answered together tend to
-/// come back together, a little spread out), wait up to [`MAX_LINGER`] for
-/// the rest so they share this sync instead of each paying for their own. A
-/// lone client (average batch near 1) never waits.
+/// A batch applied to sled and waiting for its sync: the replies to send
+/// once the sync succeeds.
+type Applied = Vec<(oneshot::Sender<Result<Committed, StorageError>>, Committed)>;
+
+/// The sequencer loop: take everything queued (up to [`MAX_BATCH`]), plan
+/// it, write it to sled, and hand the replies to the sync
+/// thread. Applying and syncing overlap: while one sync runs, the next
+/// batches are applied, and the sync thread then makes all of them durable
+/// with one more sync (group commit). Requests arriving together share a
+/// sync without anyone waiting on a timer.
 fn run(
     store: Store,
     clock: Arc<dyn Clock>,
-    mut durability: Durability,
+    durability: Durability,
     mut rx: mpsc::Receiver<Pending>,
     head: Arc<Mutex<(u64, [u8; 32])>>,
 ) {
+    let (to_sync, synced_rx) = std::sync::mpsc::channel::<Applied>();
+    let db = store.db.clone();
+    let syncer =
+        std::thread::Builder::new().name("carevault-sync".into()).spawn(move || sync_loop(db, durability, synced_rx));
+    let syncer = match syncer {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the sync thread; failing every commit closed");
+            while let Some(p) = rx.blocking_recv() {
+                let _ = p.reply.send(Err(StorageError::Io("sync thread unavailable".into())));
+            }
+            return;
+        }
+    };
     let mut current = *head.lock().unwrap_or_else(|p| p.into_inner());
-    let mut average_batch = 1.0f64;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         drain(&mut rx, &mut batch);
-        if average_batch >= 4.0 && (batch.len() as f64) < average_batch / 2.0 {
-            let deadline = std::time::Instant::now() + MAX_LINGER;
-            while std::time::Instant::now() < deadline
-                && (batch.len() as f64) < average_batch
-                && batch.len() < MAX_BATCH
-            {
-                std::thread::sleep(std::time::Duration::from_micros(25));
-                drain(&mut rx, &mut batch);
-            }
-        }
-        average_batch = 0.8 * average_batch + 0.2 * batch.len() as f64;
         let now = clock.now_micros();
         let started = std::time::Instant::now();
-        let applied = apply(&store, &batch, current, now);
-        let apply_us = started.elapsed().as_micros();
+        let mut plan_us = 0;
+        let applied = plan(&store, &batch, current, now).and_then(|planned| {
+            plan_us = started.elapsed().as_micros();
+            commit_ops(&store, &planned)?;
+            Ok(planned)
+        });
+        tracing::debug!(batch = batch.len(), plan_us, apply_us = started.elapsed().as_micros(), "batch applied");
         match applied {
-            Ok((results, new_head)) => {
+            Ok(planned) => {
                 // The batch is in sled (in memory) whatever the sync does next,
                 // so the chain continues from it.
-                current = new_head;
-                *head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
-                let synced = durability.sync(&store.db);
-                tracing::debug!(
-                    batch = batch.len(),
-                    apply_us,
-                    sync_us = started.elapsed().as_micros() - apply_us,
-                    "batch committed"
-                );
-                match synced {
-                    Ok(()) => {
-                        for (p, r) in batch.into_iter().zip(results) {
-                            let _ = p.reply.send(Ok(r));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "audit sync failed; failing the batch closed");
-                        for p in batch {
-                            let _ = p.reply.send(Err(StorageError::Io("sync failed".into())));
-                        }
+                current = planned.head;
+                *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
+                let replies = batch.into_iter().map(|p| p.reply).zip(planned.results).collect();
+                if let Err(std::sync::mpsc::SendError(replies)) = to_sync.send(replies) {
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(StorageError::Io("sync thread unavailable".into())));
                     }
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "audit transaction failed; nothing of the batch was written");
+                // Part of the batch may be in sled's memory. Nothing more may
+                // be appended after it: every later commit fails closed until
+                // a restart, whose recovery finishes or drops the batch.
+                tracing::error!(error = %e, "audit commit failed; refusing every commit until restart");
                 for p in batch {
                     let _ = p.reply.send(Err(StorageError::Io("commit failed".into())));
+                }
+                while let Some(p) = rx.blocking_recv() {
+                    let _ = p.reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
                 }
             }
         }
     }
-    if let Err(e) = durability.sync(&store.db) {
+    drop(to_sync);
+    let _ = syncer.join();
+}
+
+/// The sync thread: wait for an applied batch, take every other one applied
+/// meanwhile, make them all durable with one sync, then answer them.
+fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Receiver<Applied>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = first;
+        while let Ok(more) = rx.try_recv() {
+            waiting.extend(more);
+        }
+        let started = std::time::Instant::now();
+        let synced = durability.sync(&db);
+        tracing::debug!(commits = waiting.len(), sync_us = started.elapsed().as_micros(), "batch synced");
+        match synced {
+            Ok(()) => {
+                for (reply, committed) in waiting {
+                    let _ = reply.send(Ok(committed));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit sync failed; failing the batch closed");
+                for (reply, _) in waiting {
+                    let _ = reply.send(Err(StorageError::Io("sync failed".into())));
+                }
+            }
+        }
+    }
+    if let Err(e) = durability.sync(&db) {
         tracing::error!(error = %e, "final sync at shutdown failed");
     }
 }
@@ -289,144 +322,374 @@ fn drain(rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
     }
 }
 
-type Tx = ConflictableTransactionError<StorageError>;
-
 /// Sequence and hash of the newest entry.
 type ChainHead = (u64, [u8; 32]);
 
-fn apply(
-    store: &Store,
-    batch: &[Pending],
-    start: (u64, [u8; 32]),
-    now: i64,
-) -> Result<(Vec<Committed>, ChainHead), StorageError> {
-    let trees = (
-        &store.heads,
-        &store.records,
-        &store.deks,
-        &store.blind,
-        &store.blind_owner,
-        &store.coverage_by_patient,
-        &store.audit,
-        &store.audit_by_patient,
-        &store.access,
-    );
-    let result =
-        trees.transaction(|(heads, records, deks, blind, blind_owner, cov, audit, audit_by_patient, access)| {
-            let mut results = Vec::with_capacity(batch.len());
-            let (mut seq, mut prev) = start;
-            for p in batch {
-                let c = &p.commit;
-                let mut outcome = CommitOutcome::Written;
-                let tree_of = |t: MetaTree| match t {
-                    MetaTree::Access => access,
-                    MetaTree::Deks => deks,
-                    MetaTree::Heads => heads,
-                    MetaTree::Records => records,
-                    MetaTree::Blind => blind,
-                    MetaTree::BlindOwner => blind_owner,
-                    MetaTree::CoverageByPatient => cov,
-                };
-                for m in &c.meta {
-                    let tree = tree_of(m.tree);
-                    if let Some(expect) = &m.expect
-                        && tree.get(&m.key)?.map(|v| v.to_vec()) != *expect
-                    {
-                        outcome = CommitOutcome::Conflict { current: 0 };
-                    }
-                }
-                if let (Some(w), CommitOutcome::Written) = (&c.write, outcome) {
-                    let hk = head_key(w.kind, &w.id);
-                    let current = match heads.get(hk)? {
-                        Some(v) => decode_head(&v).map_err(ConflictableTransactionError::Abort)?.version,
-                        None => 0,
-                    };
-                    let key_current = w.new_dek.is_some() || {
-                        let stored = deks.get(w.patient_id)?;
-                        stored.and_then(|v| WrappedDataKey(v.to_vec()).generation().ok()) == Some(w.key_generation)
-                    };
-                    if current != w.expected_version {
-                        outcome = CommitOutcome::Conflict { current };
-                    } else if !key_current {
-                        outcome = CommitOutcome::KeyChanged;
-                    } else {
-                        write_record(w, heads, records, deks, blind, blind_owner, cov)?;
-                    }
-                }
-                if outcome == CommitOutcome::Written {
-                    for m in &c.meta {
-                        let tree = tree_of(m.tree);
-                        match &m.value {
-                            Some(v) => tree.insert(m.key.as_slice(), v.as_slice())?,
-                            None => tree.remove(m.key.as_slice())?,
-                        };
-                    }
-                }
-                seq += 1;
-                let mut entry = c.entry.clone();
-                entry.sequence = seq;
-                entry.previous_hash = prev;
-                entry.time_micros = now;
-                if outcome != CommitOutcome::Written {
-                    entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
-                }
-                let bytes = entry.encode();
-                let hash = crate::crypto::sha256(&bytes);
-                let mut value = bytes;
-                value.extend_from_slice(&hash);
-                audit.insert(&seq.to_be_bytes(), value)?;
-                for pid in std::iter::once(&entry.patient_id).chain(entry.returned_patient_ids.iter()) {
-                    if let Some(id) = PatientId::parse(pid) {
-                        let mut k = id.bytes().to_vec();
-                        k.extend_from_slice(&seq.to_be_bytes());
-                        audit_by_patient.insert(k, &[])?;
-                    }
-                }
-                prev = hash;
-                results.push(Committed { sequence: seq, hash, time_micros: now, outcome });
-            }
-            Ok((results, (seq, prev)))
-        });
-    match result {
-        Ok(r) => Ok(r),
-        Err(TransactionError::Abort(e)) => Err(e),
-        Err(TransactionError::Storage(e)) => Err(e.into()),
+/// Any tree the sequencer writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum TreeId {
+    Data(MetaTree),
+    Audit,
+    AuditByPatient,
+}
+
+/// One change to one tree; `None` removes the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Op {
+    tree: TreeId,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+}
+
+/// One commit as planned: its chained entry and the data changes it makes.
+struct PlannedCommit {
+    sequence: u64,
+    /// The `audit` value: canonical entry bytes followed by their SHA-256.
+    audit_value: Vec<u8>,
+    /// The entry's `audit_by_patient` keys.
+    index_keys: Vec<Vec<u8>>,
+    /// Changes to the data trees (none for an aborted commit or a read).
+    ops: Vec<Op>,
+}
+
+/// What a batch does: each commit's entry and changes, each commit's result, and the new chain head.
+struct Planned {
+    commits: Vec<PlannedCommit>,
+    results: Vec<Committed>,
+    head: ChainHead,
+}
+
+/// The store as the batch being planned sees it: the stored trees under the
+/// batch's own earlier changes.
+struct Overlay<'a> {
+    store: &'a Store,
+    changed: std::collections::HashMap<(TreeId, Vec<u8>), Option<Vec<u8>>>,
+    ops: Vec<Op>,
+}
+
+impl Overlay<'_> {
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(v) = self.changed.get(&(tree, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        Ok(tree_of(self.store, tree).get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn set(&mut self, tree: TreeId, key: &[u8], value: Option<Vec<u8>>) {
+        self.changed.insert((tree, key.to_vec()), value.clone());
+        self.ops.push(Op { tree, key: key.to_vec(), value });
     }
 }
 
-fn write_record(
-    w: &RecordWrite,
-    heads: &TransactionalTree,
-    records: &TransactionalTree,
-    deks: &TransactionalTree,
-    blind: &TransactionalTree,
-    blind_owner: &TransactionalTree,
-    cov: &TransactionalTree,
-) -> Result<(), Tx> {
-    let new_version = w.expected_version + 1;
-    heads.insert(&head_key(w.kind, &w.id), &encode_head(Head { version: new_version, patient_id: w.patient_id }))?;
-    records.insert(&record_key(w.kind, &w.id, new_version), w.sealed.as_slice())?;
-    if let Some(dek) = &w.new_dek {
-        deks.insert(&w.patient_id, dek.as_slice())?;
+fn tree_of(store: &Store, tree: TreeId) -> &sled::Tree {
+    match tree {
+        TreeId::Data(MetaTree::Access) => &store.access,
+        TreeId::Data(MetaTree::Deks) => &store.deks,
+        TreeId::Data(MetaTree::Heads) => &store.heads,
+        TreeId::Data(MetaTree::Records) => &store.records,
+        TreeId::Data(MetaTree::Blind) => &store.blind,
+        TreeId::Data(MetaTree::BlindOwner) => &store.blind_owner,
+        TreeId::Data(MetaTree::CoverageByPatient) => &store.coverage_by_patient,
+        TreeId::Audit => &store.audit,
+        TreeId::AuditByPatient => &store.audit_by_patient,
     }
+}
+
+/// Decides every commit of the batch (version and key-generation checks,
+/// preconditions), builds and chains its audit entry, and lists the changes.
+/// Runs outside any sled transaction: the sequencer is the only writer, so
+/// what it reads cannot change before [`commit_ops`] applies the plan.
+fn plan(store: &Store, batch: &[Pending], start: ChainHead, now: i64) -> Result<Planned, StorageError> {
+    let mut ov = Overlay { store, changed: std::collections::HashMap::new(), ops: Vec::new() };
+    let mut results = Vec::with_capacity(batch.len());
+    let (mut seq, mut prev) = start;
+    let mut commits = Vec::with_capacity(batch.len());
+    for p in batch {
+        let c = &p.commit;
+        let first_op = ov.ops.len();
+        let mut outcome = CommitOutcome::Written;
+        for m in &c.meta {
+            if let Some(expect) = &m.expect
+                && ov.get(TreeId::Data(m.tree), &m.key)? != *expect
+            {
+                outcome = CommitOutcome::Conflict { current: 0 };
+            }
+        }
+        if let (Some(w), CommitOutcome::Written) = (&c.write, outcome) {
+            let hk = head_key(w.kind, &w.id);
+            let current = match ov.get(TreeId::Data(MetaTree::Heads), &hk)? {
+                Some(v) => decode_head(&v)?.version,
+                None => 0,
+            };
+            let key_current = w.new_dek.is_some() || {
+                let stored = ov.get(TreeId::Data(MetaTree::Deks), &w.patient_id)?;
+                stored.and_then(|v| WrappedDataKey(v).generation().ok()) == Some(w.key_generation)
+            };
+            if current != w.expected_version {
+                outcome = CommitOutcome::Conflict { current };
+            } else if !key_current {
+                outcome = CommitOutcome::KeyChanged;
+            } else {
+                plan_record(w, &mut ov)?;
+            }
+        }
+        if outcome == CommitOutcome::Written {
+            for m in &c.meta {
+                ov.set(TreeId::Data(m.tree), &m.key, m.value.clone());
+            }
+        }
+        seq += 1;
+        let mut entry = c.entry.clone();
+        entry.sequence = seq;
+        entry.previous_hash = prev;
+        entry.time_micros = now;
+        if outcome != CommitOutcome::Written {
+            entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
+        }
+        let bytes = entry.encode();
+        let hash = crate::crypto::sha256(&bytes);
+        let mut audit_value = bytes;
+        audit_value.extend_from_slice(&hash);
+        let ops = ov.ops.split_off(first_op);
+        commits.push(PlannedCommit { sequence: seq, audit_value, index_keys: audit_index_keys(&entry, seq), ops });
+        prev = hash;
+        results.push(Committed { sequence: seq, hash, time_micros: now, outcome });
+    }
+    Ok(Planned { commits, results, head: (seq, prev) })
+}
+
+/// The `audit_by_patient` keys of an entry: patient (16) · sequence (u64), for
+/// the patient it names and every patient it returned.
+fn audit_index_keys(entry: &AuditEntry, seq: u64) -> Vec<Vec<u8>> {
+    std::iter::once(&entry.patient_id)
+        .chain(entry.returned_patient_ids.iter())
+        .filter_map(|pid| PatientId::parse(pid))
+        .map(|id| {
+            let mut k = id.bytes().to_vec();
+            k.extend_from_slice(&seq.to_be_bytes());
+            k
+        })
+        .collect()
+}
+
+/// The changes of one record write: sealed version, data key, head, coverage
+/// link, and the record's blind index keys (the old set replaced).
+///
+/// Readers do not wait for a batch, so the order is the order in which they
+/// may see the changes: the new version and the data key exist before the head
+/// names them, and the head before any index entry or link leads to it.
+fn plan_record(w: &RecordWrite, ov: &mut Overlay<'_>) -> Result<(), StorageError> {
+    let data = TreeId::Data;
+    let new_version = w.expected_version + 1;
+    let owner = head_key(w.kind, &w.id);
+    ov.set(data(MetaTree::Records), &record_key(w.kind, &w.id, new_version), Some(w.sealed.clone()));
+    if let Some(dek) = &w.new_dek {
+        ov.set(data(MetaTree::Deks), &w.patient_id, Some(dek.clone()));
+    }
+    ov.set(
+        data(MetaTree::Heads),
+        &owner,
+        Some(encode_head(Head { version: new_version, patient_id: w.patient_id }).to_vec()),
+    );
     if w.kind == RecordKind::Coverage && w.expected_version == 0 {
         let mut k = w.patient_id.to_vec();
         k.extend_from_slice(&w.id);
-        cov.insert(k, &[])?;
+        ov.set(data(MetaTree::CoverageByPatient), &k, Some(Vec::new()));
     }
-    let owner = head_key(w.kind, &w.id);
-    if let Some(old) = blind_owner.get(owner)? {
+    if let Some(old) = ov.get(data(MetaTree::BlindOwner), &owner)? {
         for k in old.chunks(BLIND_KEY_LEN) {
-            blind.remove(k)?;
+            ov.set(data(MetaTree::Blind), k, None);
         }
     }
     let mut all = Vec::with_capacity(w.index_keys.len() * BLIND_KEY_LEN);
     for k in &w.index_keys {
-        blind.insert(&k[..], &[])?;
+        ov.set(data(MetaTree::Blind), &k[..], Some(Vec::new()));
         all.extend_from_slice(k);
     }
-    blind_owner.insert(&owner, all)?;
+    ov.set(data(MetaTree::BlindOwner), &owner, Some(all));
     Ok(())
+}
+
+/// Key of the redo record in the `pending` tree.
+const PENDING_KEY: &[u8] = b"batch";
+
+/// Applies a planned batch with plain sled writes, in an order that a crash
+/// at any point leaves recoverable (see the module docs of `storage` for the
+/// argument): the redo record if the batch changes data, then per commit its
+/// audit entry, its `audit_by_patient` keys and its data changes, then the
+/// removal of the redo record.
+///
+/// sled transactions would make the batch atomic too, but the first one
+/// switches sled (process-wide) to a global reader-writer lock that every
+/// read then takes and every transaction holds exclusively: reads on all
+/// tokio workers stall while a batch commits. This order needs no lock.
+fn commit_ops(store: &Store, planned: &Planned) -> Result<(), StorageError> {
+    let changes_data = planned.commits.iter().any(|c| !c.ops.is_empty());
+    if changes_data {
+        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits))?;
+    }
+    for c in &planned.commits {
+        store.audit.insert(c.sequence.to_be_bytes(), c.audit_value.as_slice())?;
+        for k in &c.index_keys {
+            store.audit_by_patient.insert(k.as_slice(), &[])?;
+        }
+        apply_ops(store, &c.ops)?;
+    }
+    if changes_data {
+        store.pending.remove(PENDING_KEY)?;
+    }
+    Ok(())
+}
+
+fn apply_ops(store: &Store, ops: &[Op]) -> Result<(), StorageError> {
+    for op in ops {
+        let tree = tree_of(store, op.tree);
+        match &op.value {
+            Some(v) => tree.insert(op.key.as_slice(), v.as_slice())?,
+            None => tree.remove(op.key.as_slice())?,
+        };
+    }
+    Ok(())
+}
+
+fn tree_tag(tree: TreeId) -> u8 {
+    match tree {
+        TreeId::Data(MetaTree::Access) => 1,
+        TreeId::Data(MetaTree::Deks) => 2,
+        TreeId::Data(MetaTree::Heads) => 3,
+        TreeId::Data(MetaTree::Records) => 4,
+        TreeId::Data(MetaTree::Blind) => 5,
+        TreeId::Data(MetaTree::BlindOwner) => 6,
+        TreeId::Data(MetaTree::CoverageByPatient) => 7,
+        TreeId::Audit => 8,
+        TreeId::AuditByPatient => 9,
+    }
+}
+
+fn tree_from_tag(tag: u8) -> Option<TreeId> {
+    Some(match tag {
+        1 => TreeId::Data(MetaTree::Access),
+        2 => TreeId::Data(MetaTree::Deks),
+        3 => TreeId::Data(MetaTree::Heads),
+        4 => TreeId::Data(MetaTree::Records),
+        5 => TreeId::Data(MetaTree::Blind),
+        6 => TreeId::Data(MetaTree::BlindOwner),
+        7 => TreeId::Data(MetaTree::CoverageByPatient),
+        8 => TreeId::Audit,
+        9 => TreeId::AuditByPatient,
+        _ => return None,
+    })
+}
+
+/// The redo record: for each commit that changes data, sequence (u64) ·
+/// op count (u32) · ops, each op tree tag (u8) · key length (u32) · key ·
+/// present (u8: 1 put, 0 remove) · [value length (u32) · value]. Integers big-endian.
+fn encode_redo(commits: &[PlannedCommit]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in commits.iter().filter(|c| !c.ops.is_empty()) {
+        out.extend_from_slice(&c.sequence.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(c.ops.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for op in &c.ops {
+            out.push(tree_tag(op.tree));
+            out.extend_from_slice(&u32::try_from(op.key.len()).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(&op.key);
+            match &op.value {
+                Some(v) => {
+                    out.push(1);
+                    out.extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.push(0),
+            }
+        }
+    }
+    out
+}
+
+fn decode_redo(mut b: &[u8]) -> Result<Vec<(u64, Vec<Op>)>, StorageError> {
+    const BAD: StorageError = StorageError::Corrupt("bad redo record");
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], StorageError> {
+        if b.len() < n {
+            return Err(BAD);
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn u32_of(b: &mut &[u8]) -> Result<usize, StorageError> {
+        let s: [u8; 4] = take(b, 4)?.try_into().map_err(|_| BAD)?;
+        usize::try_from(u32::from_be_bytes(s)).map_err(|_| BAD)
+    }
+    let mut commits = Vec::new();
+    while !b.is_empty() {
+        let seq: [u8; 8] = take(&mut b, 8)?.try_into().map_err(|_| BAD)?;
+        let n = u32_of(&mut b)?;
+        let mut ops = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            let tree = tree_from_tag(take(&mut b, 1)?[0]).ok_or(BAD)?;
+            let klen = u32_of(&mut b)?;
+            let key = take(&mut b, klen)?.to_vec();
+            let value = match take(&mut b, 1)?[0] {
+                1 => {
+                    let vlen = u32_of(&mut b)?;
+                    Some(take(&mut b, vlen)?.to_vec())
+                }
+                0 => None,
+                _ => return Err(BAD),
+            };
+            ops.push(Op { tree, key, value });
+        }
+        commits.push((u64::from_be_bytes(seq), ops));
+    }
+    Ok(commits)
+}
+
+/// What start-up recovery did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Commits of an interrupted batch whose data changes were replayed.
+    pub replayed: usize,
+    /// Commits of an interrupted batch dropped because their audit entry never became durable.
+    pub dropped: usize,
+}
+
+/// Finishes a batch a crash interrupted ([`Store::open`] runs this).
+///
+/// sled recovers a prefix of its log, and [`commit_ops`] writes a commit's
+/// audit entry before its index keys and data. So after a crash: every
+/// durable entry but possibly the newest has its index keys; a redo record
+/// present means its batch may be partly applied; a commit in it whose entry
+/// is durable is replayed (its changes are exact values, so replaying is
+/// idempotent, and nothing later can have been applied over them, since the
+/// next batch starts only after the record's removal), and one whose entry
+/// is not durable is dropped: none of its changes can be durable either, and
+/// it was never acknowledged.
+pub fn recover(store: &Store) -> Result<Recovery, StorageError> {
+    let head = store.audit_head()?.map_or(0, |(seq, _)| seq);
+    let mut report = Recovery::default();
+    let mut reindex: Vec<u64> = vec![head];
+    if let Some(redo) = store.pending.get(PENDING_KEY)? {
+        for (seq, ops) in decode_redo(&redo)? {
+            if seq <= head {
+                apply_ops(store, &ops)?;
+                reindex.push(seq);
+                report.replayed += 1;
+            } else {
+                report.dropped += 1;
+            }
+        }
+    }
+    for seq in reindex {
+        if let Some(stored) = store.audit_entry(seq)? {
+            let entry =
+                AuditEntry::decode(&stored.bytes).map_err(|_| StorageError::Corrupt("undecodable audit entry"))?;
+            for k in audit_index_keys(&entry, seq) {
+                store.audit_by_patient.insert(k, &[])?;
+            }
+        }
+    }
+    store.pending.remove(PENDING_KEY)?;
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -539,6 +802,56 @@ mod tests {
         assert_eq!(store.record(RecordKind::Patient, &[1; 16], 2).unwrap(), Some(vec![1, 1]));
         drop(seq);
         handle.join().unwrap();
+    }
+
+    fn queued(commit: Commit) -> Pending {
+        let (reply, _) = oneshot::channel();
+        Pending { commit, reply }
+    }
+
+    #[test]
+    fn an_interrupted_batch_is_replayed_if_its_entry_is_durable_and_dropped_if_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let created = |id: u8| {
+            let mut e = entry("patient.create");
+            e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
+            queued(Commit { entry: e, write: Some(write(id, 0)), meta: vec![] })
+        };
+        let batch = vec![created(1), created(2)];
+        let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
+        // The crash came after the redo record and the first entry, before any index key or data.
+        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits)).unwrap();
+        store.audit.insert(1u64.to_be_bytes(), planned.commits[0].audit_value.as_slice()).unwrap();
+
+        assert_eq!(recover(&store).unwrap(), Recovery { replayed: 1, dropped: 1 });
+        assert_eq!(store.head(RecordKind::Patient, &[1; 16]).unwrap().unwrap().version, 1);
+        assert_eq!(store.record(RecordKind::Patient, &[1; 16], 1).unwrap(), Some(vec![1, 0]));
+        assert_eq!(store.blind.get([1u8; BLIND_KEY_LEN]).unwrap().map(|v| v.len()), Some(0));
+        assert_eq!(store.audit_seqs_for_patient(&[1; 16], 0).collect::<Result<Vec<_>, _>>().unwrap(), vec![1]);
+        assert_eq!(store.head(RecordKind::Patient, &[2; 16]).unwrap(), None, "its entry never became durable");
+        assert_eq!(store.wrapped_dek(&[2; 16]).unwrap(), None);
+        assert!(store.pending.is_empty());
+        assert_eq!(recover(&store).unwrap(), Recovery::default(), "recovery is done once");
+    }
+
+    #[test]
+    fn the_redo_record_round_trips_and_rejects_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let meta = MetaWrite { tree: MetaTree::Access, key: b"Gx".to_vec(), value: None, expect: None };
+        let batch = vec![
+            queued(Commit { entry: entry("patient.read"), write: None, meta: vec![] }),
+            queued(Commit { entry: entry("patient.create"), write: Some(write(3, 0)), meta: vec![meta] }),
+        ];
+        let planned = plan(&store, &batch, (7, [0; 32]), 5).unwrap();
+        let bytes = encode_redo(&planned.commits);
+        let decoded = decode_redo(&bytes).unwrap();
+        assert_eq!(decoded.len(), 1, "a commit without changes is not in the record");
+        assert_eq!(decoded[0].0, 9);
+        assert_eq!(decoded[0].1, planned.commits[1].ops);
+        assert!(decoded[0].1.iter().any(|op| op.tree == TreeId::Data(MetaTree::Access) && op.value.is_none()));
+        assert!(decode_redo(&bytes[..bytes.len() - 1]).is_err());
     }
 
     proptest::proptest! {
