@@ -98,6 +98,21 @@ pub struct BenchArgs {
     /// Also time `verify` over a synthetic chain of this many entries (0 = skip).
     #[arg(long, default_value_t = 0)]
     pub verify_entries: u64,
+    /// Serve the in-process server over mutual TLS (a development CA, server and client
+    /// certificates generated into the temporary directory), as a production deployment would.
+    #[arg(long, conflicts_with = "server")]
+    pub tls: bool,
+    /// Load an already running server instead of starting one (http:// or https://). It needs a
+    /// token (--token) whose roles allow the workloads: front_desk and compliance, plus key_admin
+    /// for the key jobs. Disk syncs are then not counted (the server's counter is not visible).
+    #[arg(long, conflicts_with = "data_dir")]
+    pub server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true, requires = "server")]
+    pub token: Option<String>,
+    /// TLS for --server.
+    #[command(flatten)]
+    pub client_tls: TlsClientArgs,
 }
 
 /// Where the data and keys are.

@@ -10,6 +10,12 @@ use tracing_subscriber::EnvFilter;
 
 use carevault::cli::{Cli, Command, LogFormat, TokenCommand};
 
+/// mimalloc instead of glibc malloc: the request path allocates many small,
+/// short-lived buffers across threads, where glibc's arena locking and
+/// consolidation showed up at about a tenth of CPU time (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("CAREVAULT_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,h2=warn,tower=warn"));

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use carevault::auth::limits::LimitSettings;
 use carevault::auth::token;
-use carevault::cli::BenchArgs;
+use carevault::cli::{BenchArgs, TlsClientArgs};
 use carevault::clock::SystemClock;
 use carevault::config::ServiceConfig;
 use carevault::keystore::{self, KeyPaths};
@@ -204,20 +204,25 @@ enum Op {
     Active,
 }
 
-async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> bool {
+/// One operation; the error is the failing call's status code.
+async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(), tonic::Code> {
     let t = &target.token;
     let pick = |rng: &mut Rng| &target.patients[rng.below(target.patients.len() as u64) as usize];
     match op {
         Op::Baseline => {
             let mut c = tonic_health::pb::health_client::HealthClient::new(ch.clone());
-            c.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok()
+            c.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await
+                .map(drop)
+                .map_err(|s| s.code())
         }
         Op::Read => {
             let id = pick(rng).0.clone();
             PatientServiceClient::new(ch.clone())
                 .get_patient(authed(pb::GetPatientRequest { patient_id: id }, t))
                 .await
-                .is_ok()
+                .map(drop)
+                .map_err(|s| s.code())
         }
         Op::Create => {
             let n = rng.next() as usize;
@@ -225,20 +230,20 @@ async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> bool {
             PatientServiceClient::new(ch.clone())
                 .create_patient(authed(pb::CreatePatientRequest { patient: Some(p) }, t))
                 .await
-                .is_ok()
+                .map(drop)
+                .map_err(|s| s.code())
         }
         Op::Update => {
             let id = pick(rng).0.clone();
             let mut c = PatientServiceClient::new(ch.clone());
-            let Ok(got) = c.get_patient(authed(pb::GetPatientRequest { patient_id: id }, t)).await else {
-                return false;
-            };
-            let Some(mut p) = got.into_inner().patient else { return false };
+            let got = c.get_patient(authed(pb::GetPatientRequest { patient_id: id }, t)).await.map_err(|s| s.code())?;
+            let Some(mut p) = got.into_inner().patient else { return Err(tonic::Code::Internal) };
             p.preferred_language = if p.preferred_language == "en" { "es".into() } else { "en".into() };
             match c.update_patient(authed(pb::UpdatePatientRequest { patient: Some(p) }, t)).await {
-                Ok(_) => true,
+                Ok(_) => Ok(()),
                 // A concurrent update of the same patient is an expected outcome, not an error.
-                Err(s) => s.code() == tonic::Code::Aborted,
+                Err(s) if s.code() == tonic::Code::Aborted => Ok(()),
+                Err(s) => Err(s.code()),
             }
         }
         Op::Search => {
@@ -250,12 +255,16 @@ async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> bool {
                 Criterion::NameBirthDate(pb::NameBirthDateQuery { family, birth_date: birth })
             };
             let req = pb::SearchPatientsRequest { criterion: Some(criterion), show_deleted: false, page_size: 10 };
-            PatientServiceClient::new(ch.clone()).search_patients(authed(req, t)).await.is_ok()
+            PatientServiceClient::new(ch.clone()).search_patients(authed(req, t)).await.map(drop).map_err(|s| s.code())
         }
         Op::Active => {
             let id = pick(rng).0.clone();
             let req = pb::GetActiveCoverageRequest { patient_id: id, date: "2026-06-01".into() };
-            CoverageServiceClient::new(ch.clone()).get_active_coverage(authed(req, t)).await.is_ok()
+            CoverageServiceClient::new(ch.clone())
+                .get_active_coverage(authed(req, t))
+                .await
+                .map(drop)
+                .map_err(|s| s.code())
         }
     }
 }
@@ -282,15 +291,21 @@ struct Outcome {
     name: String,
     ops: u64,
     errors: u64,
+    /// Errors by gRPC status code.
+    error_codes: std::collections::BTreeMap<String, u64>,
     secs: f64,
     latencies_us: Vec<u32>,
     audit_entries: u64,
-    syncs: u64,
+    /// Disk syncs during the run (unknown for a remote server).
+    syncs: Option<u64>,
 }
 
 impl Outcome {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.secs
+    }
+    fn syncs_per_op(&self) -> Option<f64> {
+        self.syncs.map(|n| if self.ops > 0 { n as f64 / self.ops as f64 } else { 0.0 })
     }
     fn pct(&self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
@@ -309,11 +324,16 @@ async fn head(target: &Target) -> u64 {
         .unwrap_or(0)
 }
 
-async fn run_workload(target: Arc<Target>, name: &str, args: &BenchArgs, syncs: &AtomicU64) -> anyhow::Result<Outcome> {
+async fn run_workload(
+    target: Arc<Target>,
+    name: &str,
+    args: &BenchArgs,
+    syncs: Option<&AtomicU64>,
+) -> anyhow::Result<Outcome> {
     let mut probe = Rng(1);
     choose(name, &mut probe).with_context(|| format!("unknown workload {name}"))?;
     let head_before = head(&target).await;
-    let syncs_before = syncs.load(Ordering::Relaxed);
+    let syncs_before = syncs.map(|s| s.load(Ordering::Relaxed));
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -324,26 +344,29 @@ async fn run_workload(target: Arc<Target>, name: &str, args: &BenchArgs, syncs: 
             let ch = target.channels[w % target.channels.len()].clone();
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
             let mut lat = Vec::new();
-            let mut errors = 0u64;
+            let mut errors = std::collections::BTreeMap::<String, u64>::new();
             while Instant::now() < deadline {
                 let Some(op) = choose(&name, &mut rng) else { break };
                 let t0 = Instant::now();
-                let ok = one(&target, &ch, op, &mut rng).await;
+                let result = one(&target, &ch, op, &mut rng).await;
                 lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-                if !ok {
-                    errors += 1;
+                if let Err(code) = result {
+                    *errors.entry(format!("{code:?}")).or_default() += 1;
                 }
             }
             (lat, errors)
         }));
     }
     let mut latencies_us = Vec::new();
-    let mut errors = 0;
+    let mut error_codes = std::collections::BTreeMap::<String, u64>::new();
     for t in tasks {
         let (l, e) = t.await?;
         latencies_us.extend(l);
-        errors += e;
+        for (code, n) in e {
+            *error_codes.entry(code).or_default() += n;
+        }
     }
+    let errors = error_codes.values().sum();
     let secs = started.elapsed().as_secs_f64();
     latencies_us.sort_unstable();
     let head_after = head(&target).await;
@@ -351,11 +374,12 @@ async fn run_workload(target: Arc<Target>, name: &str, args: &BenchArgs, syncs: 
         name: name.to_string(),
         ops: latencies_us.len() as u64,
         errors,
+        error_codes,
         secs,
         latencies_us,
         // minus the two GetAuditHead calls bracketing the run
         audit_entries: head_after.saturating_sub(head_before).saturating_sub(1),
-        syncs: syncs.load(Ordering::Relaxed) - syncs_before,
+        syncs: syncs.zip(syncs_before).map(|(s, before)| s.load(Ordering::Relaxed) - before),
     })
 }
 
@@ -374,7 +398,7 @@ fn seconds(a: Option<pbjson_types::Timestamp>, b: Option<pbjson_types::Timestamp
 async fn job_under_reads(
     target: Arc<Target>,
     args: &BenchArgs,
-    syncs: &AtomicU64,
+    syncs: Option<&AtomicU64>,
     job: &str,
 ) -> anyhow::Result<(Outcome, String)> {
     use carevault::proto::v1::key_service_client::KeyServiceClient;
@@ -464,9 +488,18 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs the benchmark and prints the report.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let tmp = tempfile_dir(&args)?;
+/// The in-process server a bench run started (absent with `--server`).
+struct Local {
+    tmp: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), carevault::server::ServerError>>,
+    syncs: Arc<AtomicU64>,
+}
+
+/// Starts the in-process server (plaintext on loopback, or mutual TLS with
+/// `--tls`); returns it with its URL, the client TLS settings and a token.
+async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClientArgs, String)> {
+    let tmp = tempfile_dir(args)?;
     let data_dir = tmp.join("data");
     let key_dir = tmp.join("keys");
     let key_paths = KeyPaths { dir: key_dir.clone() };
@@ -476,12 +509,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.cache_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     // One principal drives the whole load, so the per-principal rate limit is off.
     config.limits = LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 };
+    let mut client_tls = TlsClientArgs::default();
+    if args.tls {
+        use carevault::auth::tls::{ClientAuth, ServerTls, dev_files, write_dev_certs};
+        let dir = tmp.join("tls");
+        if !dir.join(dev_files::CA_CERT).exists() {
+            write_dev_certs(&dir)?;
+        }
+        config.tls = Some(ServerTls {
+            cert: dir.join(dev_files::SERVER_CERT),
+            key: dir.join(dev_files::SERVER_KEY),
+            client_ca: Some(dir.join(dev_files::CA_CERT)),
+            client_auth: ClientAuth::Required,
+        });
+        client_tls = TlsClientArgs {
+            tls_ca: Some(dir.join(dev_files::CA_CERT)),
+            tls_client_cert: Some(dir.join(dev_files::CLIENT_CERT)),
+            tls_client_key: Some(dir.join(dev_files::CLIENT_KEY)),
+            tls_domain: Some("localhost".into()),
+        };
+    }
     let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
     let syncs = service.sequencer.sync_counter();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_task = tokio::spawn(server::run(listener, service, async {
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(listener, service, async {
         let _ = stop_rx.await;
     }));
     let der = keystore::read_private(&key_paths.issuer_private())?;
@@ -491,9 +544,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ..token::TokenSpec::new("bench", &["front_desk", "compliance", "key_admin"])
     };
     let token = token::issue(&der, &spec, now)?;
+    let url = if args.tls { format!("https://localhost:{}", addr.port()) } else { format!("http://{addr}") };
+    Ok((Local { tmp, stop, task, syncs }, url, client_tls, token))
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (local, url, client_tls, token) = match &args.server {
+        Some(url) => {
+            let token = args.token.clone().context("--server needs --token (or CAREVAULT_TOKEN)")?;
+            (None, url.clone(), args.client_tls.clone(), token)
+        }
+        None => {
+            let (local, url, tls, token) = start_local(&args).await?;
+            (Some(local), url, tls, token)
+        }
+    };
+    // Without an in-process server the syncs are not visible; they are reported as unknown.
+    let syncs = local.as_ref().map(|l| l.syncs.clone());
     let mut channels = Vec::new();
     for _ in 0..args.channels.max(1) {
-        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+        channels.push(super::connect(&url, &client_tls).await?);
     }
 
     // Preload.
@@ -535,7 +606,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut job_lines = Vec::new();
     for name in &args.workloads {
         let job = match name.as_str() {
-            "rewrap" | "reencrypt" | "blind-index" => Some(job_under_reads(target.clone(), &args, &syncs, name).await?),
+            "rewrap" | "reencrypt" | "blind-index" => {
+                Some(job_under_reads(target.clone(), &args, syncs.as_deref(), name).await?)
+            }
             _ => None,
         };
         match job {
@@ -543,7 +616,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 results.push(reads);
                 job_lines.push(line);
             }
-            None => results.push(run_workload(target.clone(), name, &args, &syncs).await?),
+            None => results.push(run_workload(target.clone(), name, &args, syncs.as_deref()).await?),
         }
     }
     let verify = if args.verify_entries > 0 { Some(verify_bench(args.verify_entries)) } else { None };
@@ -551,12 +624,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for line in job_lines {
         println!("{line}");
     }
-    let _ = stop_tx.send(());
-    server_task.await??;
-    if args.data_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    if let Some(local) = local {
+        let _ = local.stop.send(());
+        local.task.await??;
+        if args.data_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&local.tmp);
+        }
     }
     Ok(())
+}
+
+fn local_server(args: &BenchArgs) -> bool {
+    args.server.is_none()
 }
 
 fn tempfile_dir(args: &BenchArgs) -> anyhow::Result<std::path::PathBuf> {
@@ -617,34 +696,52 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
                     "ops_per_sec": r.rate().round(),
                     "p50_ms": r.pct(0.50), "p95_ms": r.pct(0.95), "p99_ms": r.pct(0.99), "max_ms": r.pct(1.0),
                     "errors": r.errors,
+                    "error_codes": r.error_codes,
                     "ratio_to_baseline": base_rate.map(|b| r.rate() / b),
                     "p99_ratio_to_baseline": base_p99.map(|b| r.pct(0.99) / b),
                     "audit_entries": r.audit_entries,
                     "syncs": r.syncs,
-                    "syncs_per_op": if r.ops > 0 { r.syncs as f64 / r.ops as f64 } else { 0.0 },
+                    "syncs_per_op": r.syncs_per_op(),
                 })
             })
             .collect();
         let v = serde_json::json!({
             "patients": args.patients, "concurrency": args.concurrency, "channels": args.channels,
             "duration_secs": args.duration.as_secs_f64(), "preload_secs": preload_secs,
+            "server": args.server.as_deref().unwrap_or("in-process"), "tls": args.tls || args.server.as_deref().is_some_and(|u| u.starts_with("https://")),
             "peak_rss_mib": peak_rss_mib(), "workloads": rows,
             "verify": verify.map(|(n, s, _)| serde_json::json!({"entries": n, "secs": s, "entries_per_sec": (n as f64 / s).round()})),
         });
         println!("{v}");
         return;
     }
+    let transport = match (&args.server, args.tls) {
+        (Some(url), _) => format!("server {url}"),
+        (None, true) => "in-process server, mutual TLS".to_string(),
+        (None, false) => "in-process server, plaintext loopback".to_string(),
+    };
     println!(
-        "carevault bench: {} patients preloaded in {:.1}s, {} in flight over {} channels, {:?} per workload",
+        "carevault bench: {} patients preloaded in {:.1}s, {} in flight over {} channels, {:?} per workload, {transport}",
         args.patients, preload_secs, args.concurrency, args.channels, args.duration
     );
     println!(
-        "{:<16} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9}",
-        "workload", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "x base", "audit", "syncs", "sync/op"
+        "{:<16} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "workload",
+        "ops/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "x base",
+        "p99 x",
+        "audit",
+        "syncs",
+        "sync/op"
     );
     for r in results {
         println!(
-            "{:<16} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>7} {:>8} {:>9} {:>8} {:>9.4}",
+            "{:<16} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9}",
             r.name,
             r.rate(),
             r.pct(0.50),
@@ -653,12 +750,18 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
             r.pct(1.0),
             r.errors,
             base_rate.map(|b| format!("{:.2}", r.rate() / b)).unwrap_or_default(),
+            base_p99.map(|b| format!("{:.1}", r.pct(0.99) / b)).unwrap_or_default(),
             r.audit_entries,
-            r.syncs,
-            if r.ops > 0 { r.syncs as f64 / r.ops as f64 } else { 0.0 }
+            r.syncs.map_or("-".to_string(), |n| n.to_string()),
+            r.syncs_per_op().map_or("-".to_string(), |x| format!("{x:.4}")),
         );
     }
-    println!("peak RSS (server and client together): {:.0} MiB", peak_rss_mib());
+    for r in results.iter().filter(|r| r.errors > 0) {
+        let codes: Vec<String> = r.error_codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        println!("errors in {}: {}", r.name, codes.join(", "));
+    }
+    let whose = if local_server(args) { "server and client together" } else { "this client only" };
+    println!("peak RSS ({whose}): {:.0} MiB", peak_rss_mib());
     if let Some((n, secs, _)) = verify {
         println!("verify: {n} entries in {secs:.2}s = {:.0} entries/s (one core, pure verifier)", n as f64 / secs);
     }
