@@ -634,10 +634,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn local_server(args: &BenchArgs) -> bool {
-    args.server.is_none()
-}
-
 fn tempfile_dir(args: &BenchArgs) -> anyhow::Result<std::path::PathBuf> {
     let dir = match &args.data_dir {
         Some(d) => d.clone(),
@@ -760,7 +756,7 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
         let codes: Vec<String> = r.error_codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
         println!("errors in {}: {}", r.name, codes.join(", "));
     }
-    let whose = if local_server(args) { "server and client together" } else { "this client only" };
+    let whose = if args.server.is_none() { "server and client together" } else { "this client only" };
     println!("peak RSS ({whose}): {:.0} MiB", peak_rss_mib());
     if let Some((n, secs, _)) = verify {
         println!("verify: {n} entries in {secs:.2}s = {:.0} entries/s (one core, pure verifier)", n as f64 / secs);

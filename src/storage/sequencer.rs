@@ -252,37 +252,42 @@ fn run(
         drain(&mut rx, &mut batch);
         let now = clock.now_micros();
         let started = std::time::Instant::now();
-        let mut plan_us = 0;
-        let applied = plan(&store, &batch, current, now).and_then(|planned| {
-            plan_us = started.elapsed().as_micros();
-            commit_ops(&store, &planned)?;
-            Ok(planned)
-        });
-        tracing::debug!(batch = batch.len(), plan_us, apply_us = started.elapsed().as_micros(), "batch applied");
-        match applied {
-            Ok(planned) => {
-                // The batch is in sled (in memory) whatever the sync does next,
-                // so the chain continues from it.
-                current = planned.head;
-                *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
-                let replies = batch.into_iter().map(|p| p.reply).zip(planned.results).collect();
-                if let Err(std::sync::mpsc::SendError(replies)) = to_sync.send(replies) {
-                    for (reply, _) in replies {
-                        let _ = reply.send(Err(StorageError::Io("sync thread unavailable".into())));
-                    }
-                }
-            }
+        // Planning only reads: if it fails, nothing was written and the
+        // sequencer goes on with the next batch.
+        let planned = match plan(&store, &batch, current, now) {
+            Ok(planned) => planned,
             Err(e) => {
-                // Part of the batch may be in sled's memory. Nothing more may
-                // be appended after it: every later commit fails closed until
-                // a restart, whose recovery finishes or drops the batch.
-                tracing::error!(error = %e, "audit commit failed; refusing every commit until restart");
+                tracing::error!(error = %e, "audit batch could not be planned; nothing of it was written");
                 for p in batch {
                     let _ = p.reply.send(Err(StorageError::Io("commit failed".into())));
                 }
-                while let Some(p) = rx.blocking_recv() {
-                    let _ = p.reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
-                }
+                continue;
+            }
+        };
+        let plan_us = started.elapsed().as_micros();
+        let written = commit_ops(&store, &planned);
+        tracing::debug!(batch = batch.len(), plan_us, apply_us = started.elapsed().as_micros(), "batch applied");
+        if let Err(e) = written {
+            // Part of the batch may be in sled's memory. Nothing more may be
+            // appended after it: every later commit fails closed until a
+            // restart, whose recovery finishes or drops the batch.
+            tracing::error!(error = %e, "audit commit failed; refusing every commit until restart");
+            for p in batch {
+                let _ = p.reply.send(Err(StorageError::Io("commit failed".into())));
+            }
+            while let Some(p) = rx.blocking_recv() {
+                let _ = p.reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
+            }
+            break;
+        }
+        // The batch is in sled (in memory) whatever the sync does next, so the
+        // chain continues from it.
+        current = planned.head;
+        *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
+        let replies = batch.into_iter().map(|p| p.reply).zip(planned.results).collect();
+        if let Err(std::sync::mpsc::SendError(replies)) = to_sync.send(replies) {
+            for (reply, _) in replies {
+                let _ = reply.send(Err(StorageError::Io("sync thread unavailable".into())));
             }
         }
     }
@@ -576,33 +581,26 @@ fn apply_ops(store: &Store, ops: &[Op]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Every tree the sequencer writes; a tree's redo-record tag is its position plus one.
+const TREE_TAGS: [TreeId; 9] = [
+    TreeId::Data(MetaTree::Access),
+    TreeId::Data(MetaTree::Deks),
+    TreeId::Data(MetaTree::Heads),
+    TreeId::Data(MetaTree::Records),
+    TreeId::Data(MetaTree::Blind),
+    TreeId::Data(MetaTree::BlindOwner),
+    TreeId::Data(MetaTree::CoverageByPatient),
+    TreeId::Audit,
+    TreeId::AuditByPatient,
+];
+
 fn tree_tag(tree: TreeId) -> u8 {
-    match tree {
-        TreeId::Data(MetaTree::Access) => 1,
-        TreeId::Data(MetaTree::Deks) => 2,
-        TreeId::Data(MetaTree::Heads) => 3,
-        TreeId::Data(MetaTree::Records) => 4,
-        TreeId::Data(MetaTree::Blind) => 5,
-        TreeId::Data(MetaTree::BlindOwner) => 6,
-        TreeId::Data(MetaTree::CoverageByPatient) => 7,
-        TreeId::Audit => 8,
-        TreeId::AuditByPatient => 9,
-    }
+    let at = TREE_TAGS.iter().position(|t| *t == tree).unwrap_or(0);
+    u8::try_from(at + 1).unwrap_or(0)
 }
 
 fn tree_from_tag(tag: u8) -> Option<TreeId> {
-    Some(match tag {
-        1 => TreeId::Data(MetaTree::Access),
-        2 => TreeId::Data(MetaTree::Deks),
-        3 => TreeId::Data(MetaTree::Heads),
-        4 => TreeId::Data(MetaTree::Records),
-        5 => TreeId::Data(MetaTree::Blind),
-        6 => TreeId::Data(MetaTree::BlindOwner),
-        7 => TreeId::Data(MetaTree::CoverageByPatient),
-        8 => TreeId::Audit,
-        9 => TreeId::AuditByPatient,
-        _ => return None,
-    })
+    TREE_TAGS.get(usize::from(tag).checked_sub(1)?).copied()
 }
 
 /// The redo record: for each commit that changes data, sequence (u64) ·
@@ -692,8 +690,9 @@ pub fn recover(store: &Store) -> Result<Recovery, StorageError> {
     let head = store.audit_head()?.map_or(0, |(seq, _)| seq);
     let mut report = Recovery::default();
     let mut reindex: Vec<u64> = vec![head];
-    if let Some(redo) = store.pending.get(PENDING_KEY)? {
-        for (seq, ops) in decode_redo(&redo)? {
+    let redo = store.pending.get(PENDING_KEY)?;
+    if let Some(redo) = &redo {
+        for (seq, ops) in decode_redo(redo)? {
             if seq <= head {
                 apply_ops(store, &ops)?;
                 reindex.push(seq);
@@ -703,16 +702,22 @@ pub fn recover(store: &Store) -> Result<Recovery, StorageError> {
             }
         }
     }
+    // Only what is missing is written: opening an intact store (offline
+    // `verify`, `backup`) changes nothing.
     for seq in reindex {
         if let Some(stored) = store.audit_entry(seq)? {
             let entry =
                 AuditEntry::decode(&stored.bytes).map_err(|_| StorageError::Corrupt("undecodable audit entry"))?;
             for k in audit_index_keys(&entry, seq) {
-                store.audit_by_patient.insert(k, &[])?;
+                if !store.audit_by_patient.contains_key(&k)? {
+                    store.audit_by_patient.insert(k, &[])?;
+                }
             }
         }
     }
-    store.pending.remove(PENDING_KEY)?;
+    if redo.is_some() {
+        store.pending.remove(PENDING_KEY)?;
+    }
     Ok(report)
 }
 
