@@ -16,28 +16,39 @@ use carevault::cli::{Cli, Command, LogFormat, TokenCommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr through a writer thread that batches lines into few
+/// `write` calls: a request logs one line, and writing it on the request
+/// path cost about a tenth of read throughput (BENCHMARKS.md). The channel
+/// is not lossy: when it is full, callers wait rather than drop lines. The
+/// returned guard flushes what is queued when dropped.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_env("CAREVAULT_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("carevault-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let log_guard = init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
+            drop(log_guard);
             eprintln!("error: cannot start runtime: {e}");
             std::process::exit(2);
         }
     };
-    let code = runtime.block_on(async move {
-        let result = match cli.command {
+    let result = runtime.block_on(async move {
+        match cli.command {
             Command::Serve(args) => commands::serve::serve(args).await.map(|()| 0),
             Command::Init(args) => commands::serve::init(args).map(|()| 0),
             Command::Verify(args) => commands::verify::verify(args).await,
@@ -47,14 +58,17 @@ fn main() {
             Command::Client(args) => commands::client::run(args).await.map(|()| 0),
             Command::Backup(args) => commands::backup::run(args).map(|()| 0),
             Command::Bench(args) => commands::bench::run(args).await.map(|()| 0),
-        };
-        match result {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                2
-            }
         }
     });
+    // Queued log lines go out before the error line and before exit (which
+    // runs no destructors).
+    drop(log_guard);
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    };
     std::process::exit(code);
 }
