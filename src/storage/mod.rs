@@ -14,12 +14,13 @@
 //!
 //! 1. if any commit of the batch changes data: the redo record (`pending` tree),
 //!    holding every data change of the batch with its commit's sequence;
-//! 2. for each commit in sequence order: its audit entry, its `audit_by_patient`
-//!    keys, then its data changes;
+//! 2. for each block of entries (consecutive commits, see `audit_blocks`): the
+//!    block, then for each of its commits in sequence order its
+//!    `audit_by_patient` keys, then its data changes;
 //! 3. the removal of the redo record.
 //!
-//! [`Store::open`] then repairs whatever a crash cut short: the newest entry's
-//! index keys are written again, and if a redo record is present, the changes
+//! [`Store::open`] then repairs whatever a crash cut short: the index keys of
+//! the newest block's entries are written again, and if a redo record is present, the changes
 //! of each commit whose entry was recovered are applied again (exact values,
 //! so replaying is idempotent) and the others are dropped (their entries were
 //! not recovered, so neither was any change after them, and none of them was
@@ -38,7 +39,7 @@
 //! | `blind`               | index kind (1) · HMAC (16) · patient (16) · kind (1) · record id (16) | empty |
 //! | `blind_owner`         | kind · record id (16)                                    | the record's `blind` keys, concatenated (50 bytes each) |
 //! | `coverage_by_patient` | patient (16) · coverage id (16)                          | empty |
-//! | `audit`               | sequence (u64)                                           | canonical entry bytes · SHA-256 of them (32) |
+//! | `audit`               | sequence of the block's first entry (u64)                | a block of entries, each canonical bytes · SHA-256 of them (see `audit_blocks`) |
 //! | `audit_by_patient`    | patient (16) · sequence (u64)                            | empty |
 //! | `access`              | `R` · patient (16)                                       | restricted since (i64 µs); absent: not restricted |
 //! | `access`              | `G` · grant id (16)                                      | break-glass grant (JSON, see `app::access`) |
@@ -48,6 +49,7 @@
 //! | `access`              | `Jrewrap`                                                | the rewrap job (JSON, see `app::rewrap`) |
 //! | `pending`             | `batch`                                                  | redo record of the batch being written (see `sequencer`), absent between batches |
 
+mod audit_blocks;
 pub mod durability;
 pub mod sequencer;
 
@@ -55,6 +57,7 @@ use std::path::Path;
 
 use crate::crypto::RecordKind;
 
+pub use audit_blocks::AuditIter;
 pub use sequencer::{Commit, CommitOutcome, Committed, MetaTree, MetaWrite, RecordWrite, Recovery, Sequencer};
 
 /// A key and its value.
@@ -174,16 +177,6 @@ pub struct StoredAuditEntry {
     pub bytes: Vec<u8>,
     /// Stored SHA-256 of `bytes`.
     pub hash: [u8; 32],
-}
-
-fn decode_audit(k: &[u8], v: &[u8]) -> Result<StoredAuditEntry, StorageError> {
-    if v.len() < 32 {
-        return Err(StorageError::Corrupt("short audit value"));
-    }
-    let (bytes, hash) = v.split_at(v.len() - 32);
-    let mut h = [0u8; 32];
-    h.copy_from_slice(hash);
-    Ok(StoredAuditEntry { sequence: u64_at(k, 0)?, bytes: bytes.to_vec(), hash: h })
 }
 
 impl Store {
@@ -362,33 +355,6 @@ impl Store {
             .collect()
     }
 
-    /// The newest audit entry's sequence and stored hash.
-    pub fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StorageError> {
-        match self.audit.last()? {
-            Some((k, v)) => {
-                let e = decode_audit(&k, &v)?;
-                Ok(Some((e.sequence, e.hash)))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// Audit entries from `from` through `to` inclusive, in sequence order.
-    pub fn audit_range(&self, from: u64, to: u64) -> impl Iterator<Item = Result<StoredAuditEntry, StorageError>> + '_ {
-        self.audit.range(from.to_be_bytes()..=to.to_be_bytes()).map(|kv| {
-            let (k, v) = kv?;
-            decode_audit(&k, &v)
-        })
-    }
-
-    /// Every audit entry in key order (used by offline verify).
-    pub fn audit_all(&self) -> impl Iterator<Item = Result<StoredAuditEntry, StorageError>> + '_ {
-        self.audit.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode_audit(&k, &v)
-        })
-    }
-
     /// Sequences of entries that name `patient`, from `from` onwards, in order.
     pub fn audit_seqs_for_patient(
         &self,
@@ -403,28 +369,6 @@ impl Store {
             let (k, _) = kv?;
             u64_at(&k, 16)
         })
-    }
-
-    /// One audit entry.
-    pub fn audit_entry(&self, seq: u64) -> Result<Option<StoredAuditEntry>, StorageError> {
-        let key = seq.to_be_bytes();
-        self.audit.get(key)?.map(|v| decode_audit(&key, &v)).transpose()
-    }
-
-    /// Raw access for tamper tests and offline tools: overwrite or remove an audit value.
-    /// Named `danger_` because it bypasses the sequencer and breaks the chain on purpose.
-    pub fn danger_put_audit_raw(&self, seq: u64, value: Option<Vec<u8>>) -> Result<(), StorageError> {
-        match value {
-            Some(v) => self.audit.insert(seq.to_be_bytes(), v)?,
-            None => self.audit.remove(seq.to_be_bytes())?,
-        };
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Raw value of an audit entry (bytes followed by the stored hash).
-    pub fn audit_raw(&self, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.audit.get(seq.to_be_bytes())?.map(|v| v.to_vec()))
     }
 
     /// Raw access for tamper tests: overwrite a record's sealed bytes.

@@ -26,6 +26,7 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::audit_blocks::{block_len, encode_block};
 use super::durability::Durability;
 use super::{BLIND_KEY_LEN, Head, StorageError, Store, decode_head, encode_head, head_key, record_key};
 use crate::audit::AuditEntry;
@@ -178,7 +179,7 @@ impl Sequencer {
                 let hash = crate::crypto::sha256(&bytes);
                 let mut value = bytes;
                 value.extend_from_slice(&hash);
-                store.audit.insert(0u64.to_be_bytes(), value)?;
+                store.audit.insert(0u64.to_be_bytes(), encode_block([(0, value.as_slice())]))?;
                 durability.sync(&store.db)?;
                 (0, hash)
             }
@@ -544,9 +545,9 @@ const PENDING_KEY: &[u8] = b"batch";
 
 /// Applies a planned batch with plain sled writes, in an order that a crash
 /// at any point leaves recoverable (see the module docs of `storage` for the
-/// argument): the redo record if the batch changes data, then per commit its
-/// audit entry, its `audit_by_patient` keys and its data changes, then the
-/// removal of the redo record.
+/// argument): the redo record if the batch changes data, then per block of
+/// entries the block, and per commit of the block its `audit_by_patient`
+/// keys and its data changes, then the removal of the redo record.
 ///
 /// sled transactions would make the batch atomic too, but the first one
 /// switches sled (process-wide) to a global reader-writer lock that every
@@ -557,12 +558,18 @@ fn commit_ops(store: &Store, planned: &Planned) -> Result<(), StorageError> {
     if changes_data {
         store.pending.insert(PENDING_KEY, encode_redo(&planned.commits))?;
     }
-    for c in &planned.commits {
-        store.audit.insert(c.sequence.to_be_bytes(), c.audit_value.as_slice())?;
-        for k in &c.index_keys {
-            store.audit_by_patient.insert(k.as_slice(), &[])?;
+    let mut rest = planned.commits.as_slice();
+    while let Some(first) = rest.first() {
+        let (block, after) = rest.split_at(block_len(rest.iter().map(|c| c.audit_value.len())));
+        let entries = block.iter().map(|c| (c.sequence, c.audit_value.as_slice()));
+        store.audit.insert(first.sequence.to_be_bytes(), encode_block(entries))?;
+        for c in block {
+            for k in &c.index_keys {
+                store.audit_by_patient.insert(k.as_slice(), &[])?;
+            }
+            apply_ops(store, &c.ops)?;
         }
-        apply_ops(store, &c.ops)?;
+        rest = after;
     }
     if changes_data {
         store.pending.remove(PENDING_KEY)?;
@@ -677,9 +684,9 @@ pub struct Recovery {
 
 /// Finishes a batch a crash interrupted ([`Store::open`] runs this).
 ///
-/// sled recovers a prefix of its log, and [`commit_ops`] writes a commit's
-/// audit entry before its index keys and data. So after a crash: every
-/// durable entry but possibly the newest has its index keys; a redo record
+/// sled recovers a prefix of its log, and [`commit_ops`] writes a block of
+/// entries before their index keys and data. So after a crash: every
+/// durable entry but possibly those of the newest block has its index keys; a redo record
 /// present means its batch may be partly applied; a commit in it whose entry
 /// is durable is replayed (its changes are exact values, so replaying is
 /// idempotent, and nothing later can have been applied over them, since the
@@ -689,7 +696,7 @@ pub struct Recovery {
 pub fn recover(store: &Store) -> Result<Recovery, StorageError> {
     let head = store.audit_head()?.map_or(0, |(seq, _)| seq);
     let mut report = Recovery::default();
-    let mut reindex: Vec<u64> = vec![head];
+    let mut reindex: Vec<u64> = store.audit_newest_block()?;
     let redo = store.pending.get(PENDING_KEY)?;
     if let Some(redo) = &redo {
         for (seq, ops) in decode_redo(redo)? {
@@ -755,7 +762,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_commits_share_one_sync_per_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, seq, handle, syncs) = start(dir.path());
+        let (store, seq, handle, syncs) = start(dir.path());
         let before = syncs.load(std::sync::atomic::Ordering::SeqCst);
         let tasks: Vec<_> = (0..400)
             .map(|_| {
@@ -773,6 +780,13 @@ mod tests {
         assert!(used <= 40, "{used} syncs for 400 commits: group commit is not batching");
         drop(seq);
         handle.join().unwrap();
+        let stored: Vec<u64> = store.audit_all().map(|e| e.unwrap().sequence).collect();
+        assert_eq!(stored, (0..=400).collect::<Vec<_>>(), "every entry reads back in order");
+        assert!(store.audit.len() < 200, "{} audit values for 401 entries: entries are not blocked", store.audit.len());
+        for seq in [0, 1, 199, 400] {
+            assert_eq!(store.audit_entry(seq).unwrap().unwrap().sequence, seq);
+        }
+        assert!(store.audit_entry(401).unwrap().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -849,9 +863,11 @@ mod tests {
         };
         let batch = vec![created(1), created(2)];
         let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
-        // The crash came after the redo record and the first entry, before any index key or data.
+        // The entries went into two blocks (as larger entries would), and the
+        // crash came after the redo record and the first block, before any
+        // index key or data.
         store.pending.insert(PENDING_KEY, encode_redo(&planned.commits)).unwrap();
-        store.audit.insert(1u64.to_be_bytes(), planned.commits[0].audit_value.as_slice()).unwrap();
+        store.audit.insert(1u64.to_be_bytes(), encode_block([(1, planned.commits[0].audit_value.as_slice())])).unwrap();
 
         assert_eq!(recover(&store).unwrap(), Recovery { replayed: 1, dropped: 1 });
         assert_eq!(store.head(RecordKind::Patient, &[1; 16]).unwrap().unwrap().version, 1);
@@ -862,6 +878,32 @@ mod tests {
         assert_eq!(store.wrapped_dek(&[2; 16]).unwrap(), None);
         assert!(store.pending.is_empty());
         assert_eq!(recover(&store).unwrap(), Recovery::default(), "recovery is done once");
+    }
+
+    #[test]
+    fn every_entry_of_a_durable_block_is_replayed_and_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let created = |id: u8| {
+            let mut e = entry("patient.create");
+            e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
+            queued(Commit { entry: e, write: Some(write(id, 0)), meta: vec![] })
+        };
+        let batch = vec![created(1), created(2), created(3)];
+        let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
+        // The crash came after the block, before any index key or data.
+        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits)).unwrap();
+        let entries = planned.commits.iter().map(|c| (c.sequence, c.audit_value.as_slice()));
+        store.audit.insert(1u64.to_be_bytes(), encode_block(entries)).unwrap();
+
+        assert_eq!(recover(&store).unwrap(), Recovery { replayed: 3, dropped: 0 });
+        for id in 1..=3u8 {
+            assert_eq!(store.head(RecordKind::Patient, &[id; 16]).unwrap().unwrap().version, 1);
+            let seqs = store.audit_seqs_for_patient(&[id; 16], 0).collect::<Result<Vec<_>, _>>().unwrap();
+            assert_eq!(seqs, vec![u64::from(id)]);
+        }
+        assert_eq!(store.audit_entry(2).unwrap().unwrap().hash, planned.results[1].hash);
+        assert_eq!(store.audit_head().unwrap(), Some((3, planned.head.1)));
     }
 
     #[test]
