@@ -614,7 +614,13 @@ fn tree_from_tag(tag: u8) -> Option<TreeId> {
 /// op count (u32) · ops, each op tree tag (u8) · key length (u32) · key ·
 /// present (u8: 1 put, 0 remove) · [value length (u32) · value]. Integers big-endian.
 fn encode_redo(commits: &[PlannedCommit]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let size: usize = commits
+        .iter()
+        .flat_map(|c| c.ops.iter())
+        .map(|op| 10 + op.key.len() + op.value.as_ref().map_or(0, Vec::len))
+        .sum::<usize>()
+        + 12 * commits.len();
+    let mut out = Vec::with_capacity(size);
     for c in commits.iter().filter(|c| !c.ops.is_empty()) {
         out.extend_from_slice(&c.sequence.to_be_bytes());
         out.extend_from_slice(&u32::try_from(c.ops.len()).unwrap_or(u32::MAX).to_be_bytes());
