@@ -9,8 +9,9 @@
 //! 3. `app/*.rs`    start an audit entry, authorize (limits, token, policy and purpose), reach the
 //!    patient (restricted, break-glass), check the input, open or seal records with [`crypto`]
 //!    under the patient's data key, and disclose only the field groups the roles allow.
-//! 4. `storage/sequencer.rs` commits the record change and its audit entry in one sled
-//!    transaction, batches concurrent commits, fdatasyncs, and only then answers.
+//! 4. `storage/sequencer.rs` writes the record change and its audit entry in a crash-recoverable
+//!    order (a redo record, then the block of entries, then the data), batches concurrent
+//!    commits, fdatasyncs on a sync thread, and only then answers.
 //! 5. back in `api`, the domain result becomes a proto response; errors become a `Status` only in
 //!    [`error::to_status`].
 //!

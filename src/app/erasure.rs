@@ -7,9 +7,9 @@
 //!    `patients.legal_hold`).
 //! 2. With every record write paused (the key manager's wrap gate, held
 //!    exclusively for a few milliseconds), gives the patient's erasure bucket
-//!    a new key generation (`erasure-keys` rewritten durably), then commits in
-//!    one sequencer transaction, with the `patient.erase` audit entry: the
-//!    removal of the patient's wrapped data key, of every stored version of
+//!    a new key generation (`erasure-keys` rewritten durably), then makes one
+//!    sequencer commit (all or nothing across a crash) with the
+//!    `patient.erase` audit entry: the removal of the patient's wrapped data key, of every stored version of
 //!    the patient and its coverages, of their index entries, and tombstones
 //!    (`E` · kind · id) that make later reads answer "erased".
 //! 3. Rewraps the bucket's other data keys to the new generation (batches,

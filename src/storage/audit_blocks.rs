@@ -163,6 +163,8 @@ impl Store {
 
     /// Audit entries from `from` through `to` inclusive, in stored order.
     pub fn audit_range(&self, from: u64, to: u64) -> AuditIter {
+        // A failed lookup here fails again, and is reported, when the
+        // iterator reads the same blocks.
         let start = match self.audit_block_of(from) {
             Ok(Some((k, _))) => u64_at(&k, 0).unwrap_or(from),
             _ => from,

@@ -858,15 +858,17 @@ mod tests {
         Pending { commit, reply }
     }
 
+    /// A queued create of patient `[id; 16]`, audited under that patient.
+    fn created(id: u8) -> Pending {
+        let mut e = entry("patient.create");
+        e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
+        queued(Commit { entry: e, write: Some(write(id, 0)), meta: vec![] })
+    }
+
     #[test]
     fn an_interrupted_batch_is_replayed_if_its_entry_is_durable_and_dropped_if_not() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
-        let created = |id: u8| {
-            let mut e = entry("patient.create");
-            e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
-            queued(Commit { entry: e, write: Some(write(id, 0)), meta: vec![] })
-        };
         let batch = vec![created(1), created(2)];
         let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
         // The entries went into two blocks (as larger entries would), and the
@@ -890,11 +892,6 @@ mod tests {
     fn every_entry_of_a_durable_block_is_replayed_and_indexed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
-        let created = |id: u8| {
-            let mut e = entry("patient.create");
-            e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
-            queued(Commit { entry: e, write: Some(write(id, 0)), meta: vec![] })
-        };
         let batch = vec![created(1), created(2), created(3)];
         let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
         // The crash came after the block, before any index key or data.
