@@ -256,6 +256,38 @@ mod tests {
     }
 
     #[test]
+    fn single_entry_values_and_blocks_read_as_one_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        // An older store's single-entry values for 0 and 1, then blocks 2..=4 and 5.
+        for seq in 0..2u8 {
+            store.audit.insert(u64::from(seq).to_be_bytes(), value(seq, 20)).unwrap();
+        }
+        let (v2, v3, v4, v5) = (value(2, 5), value(3, 6), value(4, 7), value(5, 8));
+        let block = encode_block([(2, v2.as_slice()), (3, v3.as_slice()), (4, v4.as_slice())]);
+        store.audit.insert(2u64.to_be_bytes(), block).unwrap();
+        store.audit.insert(5u64.to_be_bytes(), encode_block([(5, v5.as_slice())])).unwrap();
+
+        let all: Vec<u64> = store.audit_all().map(|e| e.unwrap().sequence).collect();
+        assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
+        let some: Vec<u64> = store.audit_range(1, 3).map(|e| e.unwrap().sequence).collect();
+        assert_eq!(some, vec![1, 2, 3]);
+        let inner: Vec<u64> = store.audit_range(3, 3).map(|e| e.unwrap().sequence).collect();
+        assert_eq!(inner, vec![3]);
+        let e3 = store.audit_entry(3).unwrap().unwrap();
+        assert_eq!((e3.bytes.as_slice(), e3.hash), (&v3[..6], [3u8; 32]));
+        assert_eq!(store.audit_head().unwrap(), Some((5, [5u8; 32])));
+        assert_eq!(store.audit_newest_block().unwrap(), vec![5]);
+
+        store.danger_put_audit_raw(3, None).unwrap();
+        store.danger_put_audit_raw(1, Some(value(9, 1))).unwrap();
+        let all: Vec<u64> = store.audit_all().map(|e| e.unwrap().sequence).collect();
+        assert_eq!(all, vec![0, 1, 2, 4, 5], "removed in place, replaced in place");
+        assert_eq!(store.audit_raw(1).unwrap(), Some(value(9, 1)));
+        assert_eq!(store.audit_raw(3).unwrap(), None);
+    }
+
+    #[test]
     fn truncated_or_overlong_blocks_are_corrupt() {
         let a = value(1, 10);
         let block = encode_block([(1, a.as_slice())]);
