@@ -200,7 +200,7 @@ impl App {
                 primary: state.primary,
                 blind_index_version: state.blind_index_version,
                 source: app.keys.source.describe(),
-                job: app.rewrap_job()?,
+                job: app.rewrap_progress()?,
                 reencrypt_job: app.reencrypt_progress()?,
                 blind_index_job: app.blind_index_progress()?,
             })

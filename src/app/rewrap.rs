@@ -74,11 +74,6 @@ pub struct RewrapRequest {
 }
 
 impl App {
-    /// The job state, if a job ever ran.
-    pub(super) fn rewrap_job(&self) -> Result<Option<RewrapJob>, AppError> {
-        self.job_state(JOB_KEY)
-    }
-
     /// Data keys and notes not on `target`, plus format-1 data keys on it
     /// (written before erasure buckets; the job rewrites them as format 2).
     fn rewrap_backlog(&self, target: u32) -> Result<u64, AppError> {
@@ -103,7 +98,7 @@ impl App {
         let subject = ctx.subject().unwrap_or_default().to_string();
         let now = self.now();
         let prepared = blocking(move || {
-            if let Some(job) = app.rewrap_job()?
+            if let Some(job) = app.rewrap_progress()?
                 && job.state == "running"
             {
                 return Ok((job, false));
@@ -146,9 +141,10 @@ impl App {
         Ok(job)
     }
 
-    /// The job's state without an audit entry (for the offline CLI's progress bar).
+    /// The job's state, if a job ever ran, without an audit entry (status
+    /// reports, the offline CLI's progress bar).
     pub fn rewrap_progress(&self) -> Result<Option<RewrapJob>, AppError> {
-        self.rewrap_job()
+        self.job_state(JOB_KEY)
     }
 
     /// The job's progress (audited like every call).
@@ -165,9 +161,14 @@ impl App {
                 tracing::error!(error = %e, "finishing an interrupted erasure failed; it is retried at the next start");
             }
         });
+        self.resume_rewrap();
         self.resume_reencrypt();
         self.resume_blind_index();
-        if let Ok(Some(job)) = self.rewrap_job()
+    }
+
+    /// Continues an interrupted rewrap job.
+    fn resume_rewrap(&self) {
+        if let Ok(Some(job)) = self.rewrap_progress()
             && job.state == "running"
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming rewrap job");
@@ -183,7 +184,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.rewrap_job()? else { return Ok(()) };
+            let Some(job) = self.rewrap_progress()? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());
             }

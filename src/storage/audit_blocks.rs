@@ -183,15 +183,24 @@ impl Store {
         AuditIter { blocks: self.audit.iter(), buffered: VecDeque::new(), from: 0, to: u64::MAX, failed: false }
     }
 
+    /// `read` applied to the stored `E ‖ SHA-256(E)` of entry `seq`, if present.
+    fn audit_slot<T>(
+        &self,
+        seq: u64,
+        read: impl FnOnce(&[u8]) -> Result<T, StorageError>,
+    ) -> Result<Option<T>, StorageError> {
+        let Some((k, v)) = self.audit_block_of(seq)? else { return Ok(None) };
+        slots(&k, &v)?.into_iter().find(|(s, _)| *s == seq).map(|(_, raw)| read(raw)).transpose()
+    }
+
     /// Raw value of an audit entry: `E ‖ SHA-256(E)`.
     pub fn audit_raw(&self, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
-        let Some((k, v)) = self.audit_block_of(seq)? else { return Ok(None) };
-        Ok(slots(&k, &v)?.into_iter().find(|(s, _)| *s == seq).map(|(_, raw)| raw.to_vec()))
+        self.audit_slot(seq, |raw| Ok(raw.to_vec()))
     }
 
     /// One audit entry.
     pub fn audit_entry(&self, seq: u64) -> Result<Option<StoredAuditEntry>, StorageError> {
-        self.audit_raw(seq)?.map(|raw| stored(seq, &raw)).transpose()
+        self.audit_slot(seq, |raw| stored(seq, raw))
     }
 
     /// Raw access for tamper tests and offline tools: overwrite (`E ‖ hash`)
