@@ -4,9 +4,11 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-bin="${1:-$root/target/debug/carevault}"
+bin="${1:-${CARGO_TARGET_DIR:-$root/target}/debug/carevault}"
+[ -x "$bin" ] || { echo "no carevault binary at $bin (build it first, or pass its path)"; exit 1; }
 work="$(mktemp -d)"
-trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-status
