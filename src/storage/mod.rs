@@ -16,7 +16,7 @@
 //!    holding every data change of the batch with its commit's sequence;
 //! 2. for each block of entries (consecutive commits, see `audit_blocks`): the
 //!    block, then for each of its commits in sequence order its
-//!    `audit_by_patient` keys, then its data changes;
+//!    `audit_by_patient_epoch` keys, then its data changes;
 //! 3. the removal of the redo record.
 //!
 //! [`Store::open`] then repairs whatever a crash cut short: the index keys of
@@ -40,7 +40,7 @@
 //! | `blind_owner`         | kind · record id (16)                                    | the record's `blind` keys, concatenated (50 bytes each) |
 //! | `coverage_by_patient` | patient (16) · coverage id (16)                          | empty |
 //! | `audit`               | sequence of the block's first entry (u64)                | a block of entries, each canonical bytes · SHA-256 of them (see `audit_blocks`) |
-//! | `audit_by_patient`    | patient (16) · sequence (u64)                            | empty |
+//! | `audit_by_patient_epoch` | epoch = sequence >> 16 (u32) · patient (16) · sequence (u64) | empty |
 //! | `access`              | `R` · patient (16)                                       | restricted since (i64 µs); absent: not restricted |
 //! | `access`              | `G` · grant id (16)                                      | break-glass grant (JSON, see `app::access`) |
 //! | `access`              | `A` · SHA-256(subject) (32) · patient (16)               | grant id (16) · expires (i64 µs): the subject's latest grant |
@@ -132,6 +132,35 @@ pub(crate) fn record_key(kind: RecordKind, id: &[u8; 16], version: u64) -> [u8; 
     k
 }
 
+/// `audit_by_patient` keys are grouped in epochs of 2^16 consecutive entries, so
+/// that the index keys being written are those of the newest epoch: a small,
+/// hot part of the tree, however many patients and entries the store holds.
+pub(crate) const AUDIT_EPOCH_BITS: u32 = 16;
+
+/// The tree of `audit_by_patient` keys.
+const AUDIT_INDEX_TREE: &str = "audit_by_patient_epoch";
+
+/// Where stores written before epochs kept the index (see [`Store::migrate_audit_index`]).
+const LEGACY_AUDIT_INDEX_TREE: &[u8] = b"audit_by_patient";
+
+/// The epoch of an entry: its sequence shifted right by [`AUDIT_EPOCH_BITS`].
+fn audit_epoch(seq: u64) -> u32 {
+    u32::try_from(seq >> AUDIT_EPOCH_BITS).unwrap_or(u32::MAX)
+}
+
+fn key_epoch(k: &[u8]) -> u32 {
+    k.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_be_bytes)
+}
+
+/// An `audit_by_patient` key: epoch (u32) · patient (16) · sequence (u64).
+pub(crate) fn audit_index_key(patient: &[u8; 16], seq: u64) -> [u8; 28] {
+    let mut k = [0u8; 28];
+    k[..4].copy_from_slice(&audit_epoch(seq).to_be_bytes());
+    k[4..20].copy_from_slice(patient);
+    k[20..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
 fn arr16(b: &[u8]) -> Result<[u8; 16], StorageError> {
     b.try_into().map_err(|_| StorageError::Corrupt("bad id length"))
 }
@@ -193,11 +222,12 @@ impl Store {
             blind_owner: db.open_tree("blind_owner")?,
             coverage_by_patient: db.open_tree("coverage_by_patient")?,
             audit: db.open_tree("audit")?,
-            audit_by_patient: db.open_tree("audit_by_patient")?,
+            audit_by_patient: db.open_tree(AUDIT_INDEX_TREE)?,
             access: db.open_tree("access")?,
             pending: db.open_tree("pending")?,
             db,
         };
+        store.migrate_audit_index()?;
         let recovered = sequencer::recover(&store)?;
         if recovered != Recovery::default() {
             tracing::warn!(
@@ -207,6 +237,28 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// Moves the index of a store written before epochs (tree `audit_by_patient`,
+    /// keys patient (16) · sequence (u64)) into the epoch-keyed tree, then drops
+    /// the old tree. Rerun in full if a crash interrupts it: sled recovers a
+    /// prefix of its log, so once the drop is durable every insert before it is.
+    fn migrate_audit_index(&self) -> Result<(), StorageError> {
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == LEGACY_AUDIT_INDEX_TREE) {
+            return Ok(());
+        }
+        let old = self.db.open_tree(LEGACY_AUDIT_INDEX_TREE)?;
+        let mut moved = 0u64;
+        for kv in old.iter() {
+            let (k, _) = kv?;
+            let patient = arr16(k.get(..16).ok_or(StorageError::Corrupt("short audit index key"))?)?;
+            self.audit_by_patient.insert(audit_index_key(&patient, u64_at(&k, 16)?), &[])?;
+            moved += 1;
+        }
+        self.db.drop_tree(LEGACY_AUDIT_INDEX_TREE)?;
+        self.db.flush()?;
+        tracing::info!(keys = moved, "moved the audit index to epoch-grouped keys");
+        Ok(())
     }
 
     /// Copies every tree into a new database at `dest` (which must not
@@ -355,20 +407,28 @@ impl Store {
             .collect()
     }
 
-    /// Sequences of entries that name `patient`, from `from` onwards, in order.
+    /// Sequences of entries that name `patient`, from `from` onwards, in order:
+    /// one range per epoch, from `from`'s epoch to the newest one indexed.
     pub fn audit_seqs_for_patient(
         &self,
         patient: &[u8; 16],
         from: u64,
     ) -> impl Iterator<Item = Result<u64, StorageError>> + '_ {
-        let mut start = patient.to_vec();
-        start.extend_from_slice(&from.to_be_bytes());
-        let mut end = patient.to_vec();
-        end.extend_from_slice(&u64::MAX.to_be_bytes());
-        self.audit_by_patient.range(start..=end).map(|kv| {
-            let (k, _) = kv?;
-            u64_at(&k, 16)
-        })
+        let (epochs, failed) = match self.audit_by_patient.last() {
+            Ok(Some((k, _))) => (Some(audit_epoch(from)..=key_epoch(&k)), None),
+            Ok(None) => (None, None),
+            Err(e) => (None, Some(Err(StorageError::from(e)))),
+        };
+        let patient = *patient;
+        failed.into_iter().chain(epochs.into_iter().flatten().flat_map(move |e| {
+            let start = audit_index_key(&patient, from.max(u64::from(e) << AUDIT_EPOCH_BITS));
+            let mut end = start;
+            end[4 + 16..].copy_from_slice(&u64::MAX.to_be_bytes());
+            self.audit_by_patient.range(start..=end).map(|kv| {
+                let (k, _) = kv?;
+                u64_at(&k, 4 + 16)
+            })
+        }))
     }
 
     /// Raw access for tamper tests: overwrite a record's sealed bytes.

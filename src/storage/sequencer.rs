@@ -488,17 +488,13 @@ fn plan(store: &Store, batch: &[Pending], start: ChainHead, now: i64) -> Result<
     Ok(Planned { commits, results, head: (seq, prev) })
 }
 
-/// The `audit_by_patient` keys of an entry: patient (16) · sequence (u64), for
+/// The index keys of an entry ([`super::audit_index_key`]: epoch · patient · sequence), for
 /// the patient it names and every patient it returned.
 fn audit_index_keys(entry: &AuditEntry, seq: u64) -> Vec<Vec<u8>> {
     std::iter::once(&entry.patient_id)
         .chain(entry.returned_patient_ids.iter())
         .filter_map(|pid| PatientId::parse(pid))
-        .map(|id| {
-            let mut k = id.bytes().to_vec();
-            k.extend_from_slice(&seq.to_be_bytes());
-            k
-        })
+        .map(|id| super::audit_index_key(&id.bytes(), seq).to_vec())
         .collect()
 }
 
@@ -907,6 +903,56 @@ mod tests {
         }
         assert_eq!(store.audit_entry(2).unwrap().unwrap().hash, planned.results[1].hash);
         assert_eq!(store.audit_head().unwrap(), Some((3, planned.head.1)));
+    }
+
+    fn seqs_of(store: &Store, patient: u8, from: u64) -> Vec<u64> {
+        store.audit_seqs_for_patient(&[patient; 16], from).collect::<Result<Vec<_>, _>>().unwrap()
+    }
+
+    #[test]
+    fn a_patients_entries_are_found_across_epochs_in_order_and_from_any_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        assert_eq!(seqs_of(&store, 1, 0), Vec::<u64>::new(), "an empty index");
+        let epoch = 1u64 << super::super::AUDIT_EPOCH_BITS;
+        let mine = [1, 2, epoch - 1, epoch, 3 * epoch + 5, 7 * epoch];
+        for seq in mine {
+            store.audit_by_patient.insert(super::super::audit_index_key(&[1; 16], seq), &[]).unwrap();
+        }
+        for seq in [3, epoch + 1, 9 * epoch] {
+            store.audit_by_patient.insert(super::super::audit_index_key(&[2; 16], seq), &[]).unwrap();
+        }
+        assert_eq!(seqs_of(&store, 1, 0), mine);
+        assert_eq!(seqs_of(&store, 1, 3), &mine[2..]);
+        assert_eq!(seqs_of(&store, 1, epoch), &mine[3..]);
+        assert_eq!(seqs_of(&store, 1, 3 * epoch + 6), &mine[5..]);
+        assert_eq!(seqs_of(&store, 1, 9 * epoch), Vec::<u64>::new());
+        assert_eq!(seqs_of(&store, 2, 0), vec![3, epoch + 1, 9 * epoch]);
+        assert_eq!(seqs_of(&store, 3, 0), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn an_index_written_before_epochs_is_moved_once_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let epoch = 1u64 << super::super::AUDIT_EPOCH_BITS;
+        {
+            let db = sled::open(&path).unwrap();
+            let old = db.open_tree("audit_by_patient").unwrap();
+            for (patient, seq) in [(1u8, 1u64), (2, 2), (1, epoch + 3)] {
+                let mut k = [patient; 16].to_vec();
+                k.extend_from_slice(&seq.to_be_bytes());
+                old.insert(k, &[]).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(&path, 8 << 20).unwrap();
+        assert_eq!(seqs_of(&store, 1, 0), vec![1, epoch + 3]);
+        assert_eq!(seqs_of(&store, 2, 0), vec![2]);
+        assert!(!store.db.tree_names().iter().any(|n| n.as_ref() == b"audit_by_patient"), "the old tree is dropped");
+        drop(store);
+        let store = Store::open(&path, 8 << 20).unwrap();
+        assert_eq!(seqs_of(&store, 1, 0), vec![1, epoch + 3], "opening again changes nothing");
     }
 
     #[test]
