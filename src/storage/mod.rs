@@ -132,12 +132,12 @@ pub(crate) fn record_key(kind: RecordKind, id: &[u8; 16], version: u64) -> [u8; 
     k
 }
 
-/// `audit_by_patient` keys are grouped in epochs of 2^16 consecutive entries, so
+/// `audit_by_patient_epoch` keys are grouped in epochs of 2^16 consecutive entries, so
 /// that the index keys being written are those of the newest epoch: a small,
 /// hot part of the tree, however many patients and entries the store holds.
 pub(crate) const AUDIT_EPOCH_BITS: u32 = 16;
 
-/// The tree of `audit_by_patient` keys.
+/// The tree of audit index keys.
 const AUDIT_INDEX_TREE: &str = "audit_by_patient_epoch";
 
 /// Where stores written before epochs kept the index (see [`Store::migrate_audit_index`]).
@@ -152,12 +152,18 @@ fn key_epoch(k: &[u8]) -> u32 {
     k.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_be_bytes)
 }
 
-/// An `audit_by_patient` key: epoch (u32) · patient (16) · sequence (u64).
-pub(crate) fn audit_index_key(patient: &[u8; 16], seq: u64) -> [u8; 28] {
+/// An `audit_by_patient_epoch` key: epoch (u32) · patient (16) · sequence (u64).
+pub(crate) type AuditIndexKey = [u8; 28];
+
+/// Where the patient and the sequence start in an [`AuditIndexKey`].
+const INDEX_PATIENT_AT: usize = 4;
+const INDEX_SEQ_AT: usize = 20;
+
+pub(crate) fn audit_index_key(patient: &[u8; 16], seq: u64) -> AuditIndexKey {
     let mut k = [0u8; 28];
-    k[..4].copy_from_slice(&audit_epoch(seq).to_be_bytes());
-    k[4..20].copy_from_slice(patient);
-    k[20..].copy_from_slice(&seq.to_be_bytes());
+    k[..INDEX_PATIENT_AT].copy_from_slice(&audit_epoch(seq).to_be_bytes());
+    k[INDEX_PATIENT_AT..INDEX_SEQ_AT].copy_from_slice(patient);
+    k[INDEX_SEQ_AT..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
@@ -423,10 +429,10 @@ impl Store {
         failed.into_iter().chain(epochs.into_iter().flatten().flat_map(move |e| {
             let start = audit_index_key(&patient, from.max(u64::from(e) << AUDIT_EPOCH_BITS));
             let mut end = start;
-            end[4 + 16..].copy_from_slice(&u64::MAX.to_be_bytes());
+            end[INDEX_SEQ_AT..].copy_from_slice(&u64::MAX.to_be_bytes());
             self.audit_by_patient.range(start..=end).map(|kv| {
                 let (k, _) = kv?;
-                u64_at(&k, 4 + 16)
+                u64_at(&k, INDEX_SEQ_AT)
             })
         }))
     }

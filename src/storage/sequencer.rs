@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::audit_blocks::{block_len, encode_block};
 use super::durability::Durability;
-use super::{BLIND_KEY_LEN, Head, StorageError, Store, decode_head, encode_head, head_key, record_key};
+use super::{AuditIndexKey, BLIND_KEY_LEN, Head, StorageError, Store, decode_head, encode_head, head_key, record_key};
 use crate::audit::AuditEntry;
 use crate::clock::Clock;
 use crate::crypto::{RecordKind, WrappedDataKey};
@@ -376,8 +376,8 @@ struct PlannedCommit {
     sequence: u64,
     /// The `audit` value: canonical entry bytes followed by their SHA-256.
     audit_value: Vec<u8>,
-    /// The entry's `audit_by_patient` keys.
-    index_keys: Vec<Vec<u8>>,
+    /// The entry's `audit_by_patient_epoch` keys.
+    index_keys: Vec<AuditIndexKey>,
     /// Changes to the data trees (none for an aborted commit or a read).
     ops: Vec<Op>,
 }
@@ -490,11 +490,11 @@ fn plan(store: &Store, batch: &[Pending], start: ChainHead, now: i64) -> Result<
 
 /// The index keys of an entry ([`super::audit_index_key`]: epoch · patient · sequence), for
 /// the patient it names and every patient it returned.
-fn audit_index_keys(entry: &AuditEntry, seq: u64) -> Vec<Vec<u8>> {
+fn audit_index_keys(entry: &AuditEntry, seq: u64) -> Vec<AuditIndexKey> {
     std::iter::once(&entry.patient_id)
         .chain(entry.returned_patient_ids.iter())
         .filter_map(|pid| PatientId::parse(pid))
-        .map(|id| super::audit_index_key(&id.bytes(), seq).to_vec())
+        .map(|id| super::audit_index_key(&id.bytes(), seq))
         .collect()
 }
 
@@ -561,7 +561,7 @@ fn commit_ops(store: &Store, planned: &Planned) -> Result<(), StorageError> {
         store.audit.insert(first.sequence.to_be_bytes(), encode_block(entries))?;
         for c in block {
             for k in &c.index_keys {
-                store.audit_by_patient.insert(k.as_slice(), &[])?;
+                store.audit_by_patient.insert(k, &[])?;
             }
             apply_ops(store, &c.ops)?;
         }
@@ -718,7 +718,7 @@ pub fn recover(store: &Store) -> Result<Recovery, StorageError> {
             let entry =
                 AuditEntry::decode(&stored.bytes).map_err(|_| StorageError::Corrupt("undecodable audit entry"))?;
             for k in audit_index_keys(&entry, seq) {
-                if !store.audit_by_patient.contains_key(&k)? {
+                if !store.audit_by_patient.contains_key(k)? {
                     store.audit_by_patient.insert(k, &[])?;
                 }
             }
