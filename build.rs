@@ -22,7 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_bytes = fds.encode_to_vec();
     std::fs::write(out.join("carevault_descriptor.bin"), &descriptor_bytes)?;
 
+    // Servers are not generated: carevault serves its methods through its
+    // own pass-through codec (src/api/grpc.rs), which authenticates before
+    // decoding. Clients are generated for tests, the CLI and the bench.
     tonic_prost_build::configure()
+        .build_server(false)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;

@@ -13,14 +13,58 @@ use crate::auth::limits::Limited;
 use crate::auth::policy::Denial;
 use crate::domain::Outcome;
 
-/// One bad field: a path like `patient.names[0].family` and a fixed description
+/// One bad field: a path like `patient.names[0].family` and a description
 /// that never echoes the submitted value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
     /// Field path in the request.
     pub field: String,
     /// What is wrong with it.
-    pub description: &'static str,
+    pub description: Description,
+}
+
+/// What is wrong with a field. It can be built only from fixed text and
+/// numbers (the limit that was exceeded), so a description can never carry
+/// what the client sent, which may be PHI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Description {
+    /// Fixed text, e.g. "is required".
+    Fixed(&'static str),
+    /// Longer than this many characters.
+    TooLong(usize),
+    /// More than this many entries.
+    TooMany(usize),
+    /// Larger than this many bytes.
+    TooLarge(usize),
+    /// Not an HL7 PurposeOfUse code carevault knows: the message lists them.
+    UnknownPurpose,
+}
+
+impl Description {
+    /// `x-purpose-of-use` that is not a known code.
+    pub const PURPOSE: Description = Description::UnknownPurpose;
+    /// `x-break-glass-reason` that is not 1-1000 printable ASCII characters.
+    pub const BREAK_GLASS_REASON: Description = Description::Fixed("must be 1 to 1000 printable ASCII characters");
+}
+
+impl From<&'static str> for Description {
+    fn from(s: &'static str) -> Self {
+        Description::Fixed(s)
+    }
+}
+
+impl std::fmt::Display for Description {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Description::Fixed(s) => f.write_str(s),
+            Description::TooLong(max) => write!(f, "is too long (at most {max} characters)"),
+            Description::TooMany(max) => write!(f, "too many entries (at most {max})"),
+            Description::TooLarge(max) => write!(f, "is larger than {max} bytes"),
+            Description::UnknownPurpose => {
+                write!(f, "must be an HL7 PurposeOfUse code, one of: {}", crate::auth::policy::PURPOSE_CODES.join(", "))
+            }
+        }
+    }
 }
 
 /// Every way a call can fail.
@@ -71,6 +115,9 @@ pub enum AppError {
     /// A stored ciphertext failed to open: tampering, corruption or a wrong key.
     #[error("stored record failed to authenticate")]
     DataLoss,
+    /// The request is larger than the transport reads at all.
+    #[error("request over the transport limit")]
+    TooLarge,
     /// The audit entry could not be made durable, so the call did not happen.
     #[error("audit trail unavailable")]
     AuditUnavailable,
@@ -85,7 +132,7 @@ impl AppError {
         match self {
             AppError::Unauthenticated(_) => Outcome::Unauthenticated,
             AppError::PermissionDenied(_) | AppError::Forbidden(_) | AppError::Hidden(_) => Outcome::PermissionDenied,
-            AppError::Limited(_) => Outcome::ResourceExhausted,
+            AppError::Limited(_) | AppError::TooLarge => Outcome::ResourceExhausted,
             AppError::InvalidArgument(_) => Outcome::InvalidArgument,
             AppError::NotFound(_) | AppError::Erased(_) => Outcome::NotFound,
             AppError::Conflict { .. } | AppError::KeyChanged => Outcome::Aborted,
@@ -96,8 +143,8 @@ impl AppError {
     }
 
     /// Shorthand for a single invalid field.
-    pub fn invalid(field: impl Into<String>, description: &'static str) -> AppError {
-        AppError::InvalidArgument(vec![FieldViolation { field: field.into(), description }])
+    pub fn invalid(field: impl Into<String>, description: impl Into<Description>) -> AppError {
+        AppError::InvalidArgument(vec![FieldViolation { field: field.into(), description: description.into() }])
     }
 }
 
@@ -123,10 +170,15 @@ pub fn to_status(err: &AppError, request_id: &str) -> Status {
         AppError::Limited(Limited::Concurrency) => {
             Status::resource_exhausted("server is at its concurrent request limit; retry shortly")
         }
+        AppError::TooLarge => Status::resource_exhausted(format!(
+            "request is larger than the {} byte transport limit (requests are limited to {} bytes)",
+            crate::api::grpc::MAX_TRANSPORT_BYTES,
+            crate::api::grpc::MAX_REQUEST_BYTES
+        )),
         AppError::InvalidArgument(violations) => {
             let mut details = ErrorDetails::new();
             for v in violations {
-                details.add_bad_request_violation(v.field.clone(), v.description);
+                details.add_bad_request_violation(v.field.clone(), v.description.to_string());
             }
             let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
             Status::with_error_details(

@@ -7,7 +7,13 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::net::TcpListener;
 
-use crate::api::Edge;
+use crate::api::access::AccessService;
+use crate::api::audit::AuditService;
+use crate::api::coverage::CoverageService;
+use crate::api::grpc::{MAX_HEADER_LIST_BYTES, Methods};
+use crate::api::keys::KeyService;
+use crate::api::patient::PatientService;
+use crate::api::{Edge, GrpcService};
 use crate::app::{AccessControl, App, KeyManager};
 use crate::auth::Authenticator;
 use crate::auth::limits::Limits;
@@ -16,20 +22,15 @@ use crate::auth::tls::TlsError;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServiceConfig};
 use crate::keystore::{self, KeyError, KeyPaths, KeySource};
-use crate::proto::v1::access_service_server::AccessServiceServer;
-use crate::proto::v1::audit_service_server::AuditServiceServer;
-use crate::proto::v1::coverage_service_server::CoverageServiceServer;
-use crate::proto::v1::key_service_server::KeyServiceServer;
-use crate::proto::v1::patient_service_server::PatientServiceServer;
 use crate::storage::durability::Durability;
 use crate::storage::{Sequencer, StorageError, Store};
 
 /// The encoded FileDescriptorSet of proto/, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/carevault_descriptor.bin"));
 
-/// Largest message tonic will decode at all (requests are further limited
-/// to 64 KiB, with an audited INVALID_ARGUMENT, by the handlers).
-pub const MAX_DECODING_BYTES: usize = 1024 * 1024;
+/// The names of carevault's own services, as health checking reports them.
+pub const SERVICE_NAMES: [&str; 5] =
+    [PatientService::NAME, CoverageService::NAME, AuditService::NAME, AccessService::NAME, KeyService::NAME];
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -143,11 +144,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<PatientServiceServer<Edge>>().await;
-    health_reporter.set_serving::<CoverageServiceServer<Edge>>().await;
-    health_reporter.set_serving::<AuditServiceServer<Edge>>().await;
-    health_reporter.set_serving::<AccessServiceServer<Edge>>().await;
-    health_reporter.set_serving::<KeyServiceServer<Edge>>().await;
+    for name in SERVICE_NAMES {
+        health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -161,7 +160,9 @@ pub async fn run(
     let Service { edge, sequencer, tls, thread } = service;
     // A rewrap job interrupted by a stop or a crash continues now.
     edge.app().resume_jobs();
-    let mut builder = tonic::transport::Server::builder();
+    // Every request's metadata up to this size reaches carevault, so an
+    // over-long token is refused (and audited) by carevault, not by HTTP/2.
+    let mut builder = tonic::transport::Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -169,11 +170,11 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(PatientServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
-        .add_service(CoverageServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
-        .add_service(AuditServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
-        .add_service(AccessServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
-        .add_service(KeyServiceServer::new(edge.clone()).max_decoding_message_size(MAX_DECODING_BYTES))
+        .add_service(GrpcService::<PatientService>::new(edge.clone()))
+        .add_service(GrpcService::<CoverageService>::new(edge.clone()))
+        .add_service(GrpcService::<AuditService>::new(edge.clone()))
+        .add_service(GrpcService::<AccessService>::new(edge.clone()))
+        .add_service(GrpcService::<KeyService>::new(edge.clone()))
         // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies
         // written in more than one segment.
         .serve_with_incoming_shutdown(

@@ -1,13 +1,15 @@
 //! AccessService: the restricted flag, legal holds and the break-glass review queue.
 
-use tonic::{Request, Response, Status};
+use bytes::Bytes;
 
 use super::convert::{patient_id, timestamp};
+use super::grpc::{Method, Methods, unary};
 use super::validate::Checker;
-use super::{Edge, page_size, reply};
-use crate::app::{BreakGlassGrant, GrantsRequest, ReviewFilter};
+use super::{Edge, page_size};
+use crate::app::{BreakGlassGrant, CallContext, GrantsRequest, Named, ReviewFilter};
+use crate::domain::Action;
+use crate::error::AppError;
 use crate::proto::v1 as pb;
-use crate::proto::v1::access_service_server::AccessService;
 
 const PAGE_TOKEN_PREFIX: &str = "g1:";
 
@@ -42,43 +44,53 @@ fn grant_pb(g: &BreakGlassGrant) -> pb::BreakGlassGrant {
     }
 }
 
-#[tonic::async_trait]
-impl AccessService for Edge {
-    async fn set_patient_restriction(
-        &self,
-        req: Request<pb::SetPatientRestrictionRequest>,
-    ) -> Result<Response<pb::SetPatientRestrictionResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let id = patient_id(&mut c, "patient_id", &r.patient_id);
-        let input = c.into_result(id.map(|id| (id, r.restricted)));
-        let result = self.app.set_restriction(&ctx, input).await;
-        let patient_id = r.patient_id.clone();
-        reply(&ctx, result.map(|restricted| pb::SetPatientRestrictionResponse { patient_id, restricted }))
-    }
+/// The methods of `carevault.v1.AccessService`.
+pub struct AccessService;
 
-    async fn set_legal_hold(
-        &self,
-        req: Request<pb::SetLegalHoldRequest>,
-    ) -> Result<Response<pb::SetLegalHoldResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let id = patient_id(&mut c, "patient_id", &r.patient_id);
-        let input = c.into_result(id.map(|id| (id, r.legal_hold)));
-        let result = self.app.set_legal_hold(&ctx, input).await;
-        let patient_id = r.patient_id.clone();
-        reply(&ctx, result.map(|legal_hold| pb::SetLegalHoldResponse { patient_id, legal_hold }))
-    }
+impl Methods for AccessService {
+    const NAME: &'static str = "carevault.v1.AccessService";
 
-    async fn list_break_glass_grants(
-        &self,
-        req: Request<pb::ListBreakGlassGrantsRequest>,
-    ) -> Result<Response<pb::ListBreakGlassGrantsResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
+    fn find(name: &str) -> Option<Method> {
+        Some(match name {
+            "SetPatientRestriction" => unary!(Action::AccessRestrict, set_patient_restriction),
+            "SetLegalHold" => unary!(Action::AccessLegalHold, set_legal_hold),
+            "ListBreakGlassGrants" => unary!(Action::BreakGlassList, list_break_glass_grants),
+            "ReviewBreakGlassGrant" => unary!(Action::BreakGlassReview, review_break_glass_grant),
+            _ => return None,
+        })
+    }
+}
+
+async fn set_patient_restriction(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::SetPatientRestrictionResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::SetPatientRestrictionRequest| {
+        let id = patient_id(c, "patient_id", &r.patient_id);
+        (Named::patient(id), id.map(|id| (id, r.restricted)))
+    });
+    let patient = input.named.patient;
+    let restricted = edge.app.set_restriction(ctx, input).await?;
+    Ok(pb::SetPatientRestrictionResponse { patient_id: patient.map(|p| p.to_string()).unwrap_or_default(), restricted })
+}
+
+async fn set_legal_hold(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::SetLegalHoldResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::SetLegalHoldRequest| {
+        let id = patient_id(c, "patient_id", &r.patient_id);
+        (Named::patient(id), id.map(|id| (id, r.legal_hold)))
+    });
+    let patient = input.named.patient;
+    let legal_hold = edge.app.set_legal_hold(ctx, input).await?;
+    Ok(pb::SetLegalHoldResponse { patient_id: patient.map(|p| p.to_string()).unwrap_or_default(), legal_hold })
+}
+
+async fn list_break_glass_grants(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::ListBreakGlassGrantsResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::ListBreakGlassGrantsRequest| {
         let filter = match pb::ReviewState::try_from(r.state) {
             Ok(pb::ReviewState::Unspecified | pb::ReviewState::Pending) => ReviewFilter::Pending,
             Ok(pb::ReviewState::Reviewed) => ReviewFilter::Reviewed,
@@ -88,31 +100,27 @@ impl AccessService for Edge {
                 ReviewFilter::Pending
             }
         };
-        let page_size = page_size(&mut c, "page_size", r.page_size, 50, 500);
-        let after = decode_page_token(&mut c, &r.page_token);
-        let result = self.app.list_grants(&ctx, c.into_result(Some(GrantsRequest { filter, page_size, after }))).await;
-        reply(
-            &ctx,
-            result.map(|page| pb::ListBreakGlassGrantsResponse {
-                grants: page.grants.iter().map(grant_pb).collect(),
-                next_page_token: page
-                    .next_after
-                    .map(|a| super::encode_page_token(PAGE_TOKEN_PREFIX, a))
-                    .unwrap_or_default(),
-            }),
-        )
-    }
+        let page_size = page_size(c, "page_size", r.page_size, 50, 500);
+        let after = decode_page_token(c, &r.page_token);
+        (Named::default(), Some(GrantsRequest { filter, page_size, after }))
+    });
+    let page = edge.app.list_grants(ctx, input).await?;
+    Ok(pb::ListBreakGlassGrantsResponse {
+        grants: page.grants.iter().map(grant_pb).collect(),
+        next_page_token: page.next_after.map(|a| super::encode_page_token(PAGE_TOKEN_PREFIX, a)).unwrap_or_default(),
+    })
+}
 
-    async fn review_break_glass_grant(
-        &self,
-        req: Request<pb::ReviewBreakGlassGrantRequest>,
-    ) -> Result<Response<pb::ReviewBreakGlassGrantResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let id = grant_id(&mut c, "grant_id", &r.grant_id);
+async fn review_break_glass_grant(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::ReviewBreakGlassGrantResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::ReviewBreakGlassGrantRequest| {
+        let id = grant_id(c, "grant_id", &r.grant_id);
         let note = c.text("note", &r.note, 2000, true);
-        let result = self.app.review_grant(&ctx, c.into_result(id.map(|id| (id, note)))).await;
-        reply(&ctx, result.map(|g| pb::ReviewBreakGlassGrantResponse { grant: Some(grant_pb(&g)) }))
-    }
+        (Named::default(), id.map(|id| (id, note)))
+    });
+    let g = edge.app.review_grant(ctx, input).await?;
+    Ok(pb::ReviewBreakGlassGrantResponse { grant: Some(grant_pb(&g)) })
 }

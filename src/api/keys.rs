@@ -1,16 +1,19 @@
 //! KeyService: master key status, rotation, rewrap, retirement, destruction,
 //! re-encryption and erasure.
 
-use tonic::{Request, Response, Status};
+use bytes::Bytes;
 
+use super::Edge;
 use super::convert::{patient_id, timestamp};
+use super::grpc::{Method, Methods, unary};
 use super::validate::Checker;
-use super::{Edge, reply};
 use crate::app::{
-    BlindIndexJob, EraseRequest, Erasure, KeyStatus, ReencryptJob, ReencryptRequest, RewrapJob, RewrapRequest,
+    BlindIndexJob, CallContext, EraseRequest, Erasure, Input, KeyStatus, Named, ReencryptJob, ReencryptRequest,
+    RewrapJob, RewrapRequest,
 };
+use crate::domain::Action;
+use crate::error::AppError;
 use crate::proto::v1 as pb;
-use crate::proto::v1::key_service_server::KeyService;
 
 /// A job as its proto message, with its rate at `now` (µs).
 pub fn job_pb(j: &RewrapJob, now: i64) -> pb::RewrapJob {
@@ -104,130 +107,137 @@ fn version(c: &mut Checker, v: u32) -> Option<u32> {
     Some(v)
 }
 
-#[tonic::async_trait]
-impl KeyService for Edge {
-    async fn get_key_status(
-        &self,
-        req: Request<pb::GetKeyStatusRequest>,
-    ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
-        let ctx = self.context(&req);
-        let now = self.clock.now_micros();
-        let result = self.app.key_status(&ctx).await;
-        reply(&ctx, result.map(|s| status_pb(&s, now)))
-    }
+/// The methods of `carevault.v1.KeyService`.
+pub struct KeyService;
 
-    async fn rotate_master_key(
-        &self,
-        req: Request<pb::RotateMasterKeyRequest>,
-    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
-        let ctx = self.context(&req);
-        let result = self.app.rotate_master_key(&ctx).await;
-        reply(
-            &ctx,
-            result.map(|(new_version, previous_primary)| pb::RotateMasterKeyResponse { new_version, previous_primary }),
-        )
-    }
+impl Methods for KeyService {
+    const NAME: &'static str = "carevault.v1.KeyService";
 
-    async fn start_rewrap(
-        &self,
-        req: Request<pb::StartRewrapRequest>,
-    ) -> Result<Response<pb::StartRewrapResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let input = Checker::default()
-            .into_result(Some(RewrapRequest { dry_run: r.dry_run, max_per_second: r.max_per_second }));
-        let now = self.clock.now_micros();
-        let result = self.app.start_rewrap(&ctx, input).await;
-        reply(&ctx, result.map(|j| pb::StartRewrapResponse { job: Some(job_pb(&j, now)) }))
+    fn find(name: &str) -> Option<Method> {
+        Some(match name {
+            "GetKeyStatus" => unary!(Action::KeysStatus, get_key_status),
+            "RotateMasterKey" => unary!(Action::KeysRotate, rotate_master_key),
+            "StartRewrap" => unary!(Action::KeysRewrap, start_rewrap),
+            "GetRewrapJob" => unary!(Action::KeysStatus, get_rewrap_job),
+            "RetireMasterKey" => unary!(Action::KeysRetire, retire_master_key),
+            "DestroyMasterKey" => unary!(Action::KeysDestroy, destroy_master_key),
+            "ErasePatient" => unary!(Action::PatientErase, erase_patient),
+            "StartReencrypt" => unary!(Action::KeysReencrypt, start_reencrypt),
+            "GetReencryptJob" => unary!(Action::KeysStatus, get_reencrypt_job),
+            "RotateBlindIndexKey" => unary!(Action::KeysBlindIndexRotate, rotate_blind_index_key),
+            "GetBlindIndexJob" => unary!(Action::KeysStatus, get_blind_index_job),
+            _ => return None,
+        })
     }
+}
 
-    async fn get_rewrap_job(
-        &self,
-        req: Request<pb::GetRewrapJobRequest>,
-    ) -> Result<Response<pb::GetRewrapJobResponse>, Status> {
-        let ctx = self.context(&req);
-        let now = self.clock.now_micros();
-        let result = self.app.get_rewrap_job(&ctx).await;
-        reply(&ctx, result.map(|j| pb::GetRewrapJobResponse { job: j.as_ref().map(|j| job_pb(j, now)) }))
-    }
+/// A request without fields (it must still decode).
+fn empty<M: prost::Message + Default>(edge: &Edge, ctx: &CallContext, body: &Bytes) -> Input<()> {
+    edge.read(ctx, body, |_, _: &M| (Named::default(), Some(())))
+}
 
-    async fn retire_master_key(
-        &self,
-        req: Request<pb::RetireMasterKeyRequest>,
-    ) -> Result<Response<pb::RetireMasterKeyResponse>, Status> {
-        let ctx = self.context(&req);
-        let mut c = Checker::default();
-        let v = version(&mut c, req.get_ref().version);
-        let result = self.app.retire_master_key(&ctx, c.into_result(v)).await;
-        reply(&ctx, result.map(|version| pb::RetireMasterKeyResponse { version }))
-    }
+async fn get_key_status(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::GetKeyStatusResponse, AppError> {
+    let input = empty::<pb::GetKeyStatusRequest>(edge, ctx, &body);
+    let now = edge.clock.now_micros();
+    let s = edge.app.key_status(ctx, input).await?;
+    Ok(status_pb(&s, now))
+}
 
-    async fn destroy_master_key(
-        &self,
-        req: Request<pb::DestroyMasterKeyRequest>,
-    ) -> Result<Response<pb::DestroyMasterKeyResponse>, Status> {
-        let ctx = self.context(&req);
-        let mut c = Checker::default();
-        let v = version(&mut c, req.get_ref().version);
-        let result = self.app.destroy_master_key(&ctx, c.into_result(v)).await;
-        let version = req.get_ref().version;
-        reply(&ctx, result.map(|material_removed| pb::DestroyMasterKeyResponse { version, material_removed }))
-    }
+async fn rotate_master_key(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::RotateMasterKeyResponse, AppError> {
+    let input = empty::<pb::RotateMasterKeyRequest>(edge, ctx, &body);
+    let (new_version, previous_primary) = edge.app.rotate_master_key(ctx, input).await?;
+    Ok(pb::RotateMasterKeyResponse { new_version, previous_primary })
+}
 
-    async fn erase_patient(
-        &self,
-        req: Request<pb::ErasePatientRequest>,
-    ) -> Result<Response<pb::ErasePatientResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let patient = patient_id(&mut c, "patient_id", &r.patient_id);
+async fn start_rewrap(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::StartRewrapResponse, AppError> {
+    let input = edge.read(ctx, &body, |_, r: &pb::StartRewrapRequest| {
+        (Named::default(), Some(RewrapRequest { dry_run: r.dry_run, max_per_second: r.max_per_second }))
+    });
+    let now = edge.clock.now_micros();
+    let j = edge.app.start_rewrap(ctx, input).await?;
+    Ok(pb::StartRewrapResponse { job: Some(job_pb(&j, now)) })
+}
+
+async fn get_rewrap_job(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::GetRewrapJobResponse, AppError> {
+    let input = empty::<pb::GetRewrapJobRequest>(edge, ctx, &body);
+    let now = edge.clock.now_micros();
+    let j = edge.app.get_rewrap_job(ctx, input).await?;
+    Ok(pb::GetRewrapJobResponse { job: j.as_ref().map(|j| job_pb(j, now)) })
+}
+
+async fn retire_master_key(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::RetireMasterKeyResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::RetireMasterKeyRequest| (Named::default(), version(c, r.version)));
+    let version = edge.app.retire_master_key(ctx, input).await?;
+    Ok(pb::RetireMasterKeyResponse { version })
+}
+
+async fn destroy_master_key(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::DestroyMasterKeyResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::DestroyMasterKeyRequest| (Named::default(), version(c, r.version)));
+    let v = input.parsed.as_ref().ok().copied().unwrap_or_default();
+    let material_removed = edge.app.destroy_master_key(ctx, input).await?;
+    Ok(pb::DestroyMasterKeyResponse { version: v, material_removed })
+}
+
+async fn erase_patient(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::ErasePatientResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::ErasePatientRequest| {
+        let patient = patient_id(c, "patient_id", &r.patient_id);
         let reason = c.text("reason", &r.reason, 1000, true);
-        let input = c.into_result(patient.map(|patient| EraseRequest { patient, reason }));
-        let result = self.app.erase_patient(&ctx, input).await;
-        reply(&ctx, result.map(|e| erasure_pb(&e)))
-    }
+        (Named::patient(patient), patient.map(|patient| EraseRequest { patient, reason }))
+    });
+    let e = edge.app.erase_patient(ctx, input).await?;
+    Ok(erasure_pb(&e))
+}
 
-    async fn start_reencrypt(
-        &self,
-        req: Request<pb::StartReencryptRequest>,
-    ) -> Result<Response<pb::StartReencryptResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let patient = if r.patient_id.is_empty() { None } else { patient_id(&mut c, "patient_id", &r.patient_id) };
+async fn start_reencrypt(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::StartReencryptResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::StartReencryptRequest| {
+        let patient = if r.patient_id.is_empty() { None } else { patient_id(c, "patient_id", &r.patient_id) };
         let valid = r.patient_id.is_empty() || patient.is_some();
-        let input = c.into_result(valid.then_some(ReencryptRequest { patient, max_per_second: r.max_per_second }));
-        let now = self.clock.now_micros();
-        let result = self.app.start_reencrypt(&ctx, input).await;
-        reply(&ctx, result.map(|j| pb::StartReencryptResponse { job: Some(reencrypt_pb(&j, now)) }))
-    }
+        (Named::patient(patient), valid.then_some(ReencryptRequest { patient, max_per_second: r.max_per_second }))
+    });
+    let now = edge.clock.now_micros();
+    let j = edge.app.start_reencrypt(ctx, input).await?;
+    Ok(pb::StartReencryptResponse { job: Some(reencrypt_pb(&j, now)) })
+}
 
-    async fn rotate_blind_index_key(
-        &self,
-        req: Request<pb::RotateBlindIndexKeyRequest>,
-    ) -> Result<Response<pb::RotateBlindIndexKeyResponse>, Status> {
-        let ctx = self.context(&req);
-        let result = self.app.rotate_blind_index(&ctx).await;
-        reply(&ctx, result.map(|j| pb::RotateBlindIndexKeyResponse { job: Some(blind_pb(&j)) }))
-    }
+async fn rotate_blind_index_key(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::RotateBlindIndexKeyResponse, AppError> {
+    let input = empty::<pb::RotateBlindIndexKeyRequest>(edge, ctx, &body);
+    let j = edge.app.rotate_blind_index(ctx, input).await?;
+    Ok(pb::RotateBlindIndexKeyResponse { job: Some(blind_pb(&j)) })
+}
 
-    async fn get_blind_index_job(
-        &self,
-        req: Request<pb::GetBlindIndexJobRequest>,
-    ) -> Result<Response<pb::GetBlindIndexJobResponse>, Status> {
-        let ctx = self.context(&req);
-        let result = self.app.get_blind_index_job(&ctx).await;
-        reply(&ctx, result.map(|j| pb::GetBlindIndexJobResponse { job: j.as_ref().map(blind_pb) }))
-    }
+async fn get_blind_index_job(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::GetBlindIndexJobResponse, AppError> {
+    let input = empty::<pb::GetBlindIndexJobRequest>(edge, ctx, &body);
+    let j = edge.app.get_blind_index_job(ctx, input).await?;
+    Ok(pb::GetBlindIndexJobResponse { job: j.as_ref().map(blind_pb) })
+}
 
-    async fn get_reencrypt_job(
-        &self,
-        req: Request<pb::GetReencryptJobRequest>,
-    ) -> Result<Response<pb::GetReencryptJobResponse>, Status> {
-        let ctx = self.context(&req);
-        let now = self.clock.now_micros();
-        let result = self.app.get_reencrypt_job(&ctx).await;
-        reply(&ctx, result.map(|j| pb::GetReencryptJobResponse { job: j.as_ref().map(|j| reencrypt_pb(j, now)) }))
-    }
+async fn get_reencrypt_job(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::GetReencryptJobResponse, AppError> {
+    let input = empty::<pb::GetReencryptJobRequest>(edge, ctx, &body);
+    let now = edge.clock.now_micros();
+    let j = edge.app.get_reencrypt_job(ctx, input).await?;
+    Ok(pb::GetReencryptJobResponse { job: j.as_ref().map(|j| reencrypt_pb(j, now)) })
 }

@@ -1,12 +1,15 @@
-//! The gRPC edge: one file per service. Each handler builds a
-//! [`CallContext`] (request id, peer, token check), parses the request into
-//! domain input (`convert`), calls the app, and converts the result back.
-//! Errors become a `Status` only through [`crate::error::to_status`].
+//! The gRPC edge: one file per service. [`grpc`] admits and authenticates
+//! each call from its headers (the [`CallContext`]: request id, peer, token,
+//! client certificate identity, purpose); each handler then reads the body
+//! ([`Edge::read`]: size, protobuf decoding, `convert` into domain input),
+//! calls the app, and converts the result back. Errors become a `Status`
+//! only through [`crate::error::to_status`].
 
 pub mod access;
 pub mod audit;
 pub mod convert;
 pub mod coverage;
+pub mod grpc;
 pub mod keys;
 pub mod patient;
 pub mod validate;
@@ -14,15 +17,21 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use bytes::Bytes;
+use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::app::{App, CallContext};
+use crate::app::{App, CallContext, Input, Named};
 use crate::auth::Authenticator;
+use crate::auth::limits::Limited;
 use crate::auth::policy::Purpose;
 use crate::auth::tls::service_identity;
 use crate::clock::Clock;
 use crate::domain::CalendarDate;
-use crate::error::{AppError, to_status};
+use crate::error::Description;
+use validate::Checker;
+
+pub use grpc::GrpcService;
 
 /// State shared by the service implementations.
 #[derive(Clone)]
@@ -38,28 +47,45 @@ impl Edge {
         Edge { app, auth, clock }
     }
 
-    fn context<T>(&self, req: &Request<T>) -> CallContext {
+    /// Who is calling and how, from the request's headers and connection
+    /// alone: nothing of its body has been read.
+    fn context(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> CallContext {
         let started = Instant::now();
-        let md = req.metadata();
-        let request_id = md
+        let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|s| is_request_id(s))
             .map(str::to_string)
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let client_address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        let remote = extensions
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| tls.and_then(|t| t.get_ref().remote_addr()));
+        let client_address = remote.map(|a| a.to_string()).unwrap_or_default();
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+        let auth = self.auth.authenticate(authorization, self.clock.now_micros().div_euclid(1_000_000));
         // Taken first, so a call that is turned away holds no slot.
         let permit = self.app.limits().enter();
-        let authorization = md.get("authorization").and_then(|v| v.to_str().ok());
-        let auth = self.auth.authenticate(authorization, self.clock.now_micros().div_euclid(1_000_000));
+        let admission = match &permit {
+            Err(l) => Err(*l),
+            Ok(_) => {
+                let rate_key = match &auth {
+                    Ok(p) => format!("sub:{}", p.subject),
+                    Err(_) => format!("addr:{}", remote.map(|a| a.ip().to_string()).unwrap_or_default()),
+                };
+                self.app.limits().check_rate(&rate_key)
+            }
+        };
         // rustls verified the chain against the client CA before this call existed;
         // only the leaf's identity is read here.
-        let service = req.peer_certs().and_then(|certs| certs.first().and_then(|c| service_identity(c.as_ref())));
-        let purpose = match md.get("x-purpose-of-use") {
+        let service =
+            tls.and_then(|t| t.peer_certs()).and_then(|certs| certs.first().and_then(|c| service_identity(c.as_ref())));
+        let purpose = match headers.get("x-purpose-of-use") {
             None => Ok(None),
             Some(v) => v.to_str().ok().and_then(|s| Purpose::parse(s.trim())).map(Some).ok_or(()),
         };
-        let break_glass_reason = match md.get("x-break-glass-reason") {
+        let break_glass_reason = match headers.get("x-break-glass-reason") {
             None => Ok(None),
             Some(v) => v
                 .to_str()
@@ -76,10 +102,42 @@ impl Edge {
             service,
             purpose,
             break_glass_reason,
-            permit,
+            permit: permit.ok(),
+            admission: admission.map_err(|l: Limited| l),
             started,
             local_operator: false,
         }
+    }
+
+    /// Reads a request body, but only for a caller that was admitted and
+    /// authenticated (anyone else is refused without carevault decoding a
+    /// byte): at most [`grpc::MAX_REQUEST_BYTES`] as received, then a
+    /// protobuf `M`, then `parse` into domain input. Unknown fields are
+    /// ignored: they count toward the size limit, and are neither stored nor
+    /// echoed.
+    fn read<M, T>(
+        &self,
+        ctx: &CallContext,
+        body: &Bytes,
+        parse: impl FnOnce(&mut Checker, &M) -> (Named, Option<T>),
+    ) -> Input<T>
+    where
+        M: prost::Message + Default,
+    {
+        if !ctx.admitted() {
+            return Input::unread();
+        }
+        let mut c = Checker::default();
+        if body.len() > grpc::MAX_REQUEST_BYTES {
+            c.bad("request", Description::TooLarge(grpc::MAX_REQUEST_BYTES));
+            return Input::new(Named::default(), c.into_result(None));
+        }
+        let Ok(message) = M::decode(body.as_ref()) else {
+            c.bad("request", "is not a valid protobuf encoding of the request message");
+            return Input::new(Named::default(), c.into_result(None));
+        };
+        let (named, value) = parse(&mut c, &message);
+        Input::new(named, c.into_result(value))
     }
 
     /// The application behind the edge (offline key commands and job resumption).
@@ -97,20 +155,6 @@ impl Edge {
 fn is_request_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-}
-
-/// Builds the response (or status), both carrying x-request-id.
-fn reply<T>(ctx: &CallContext, result: Result<T, AppError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(v) => {
-            let mut resp = Response::new(v);
-            if let Ok(val) = ctx.request_id.parse() {
-                resp.metadata_mut().insert("x-request-id", val);
-            }
-            Ok(resp)
-        }
-        Err(e) => Err(to_status(&e, &ctx.request_id)),
-    }
 }
 
 /// An opaque page token: URL-safe base64 of `prefix` followed by `position`.

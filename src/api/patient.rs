@@ -1,15 +1,15 @@
 //! PatientService.
 
-use prost::Message;
-use tonic::{Request, Response, Status};
+use bytes::Bytes;
 
 use super::convert::{patient_data, patient_id, patient_pb, version};
+use super::grpc::{Method, Methods, unary};
 use super::validate::Checker;
-use super::{Edge, page_size, reply};
-use crate::app::{PageRequest, PatientUpdate, SearchCriterion, SearchRequest};
-use crate::domain::PatientId;
+use super::{Edge, page_size};
+use crate::app::{CallContext, Named, PageRequest, PatientUpdate, SearchCriterion, SearchRequest};
+use crate::domain::{Action, PatientId};
+use crate::error::AppError;
 use crate::proto::v1 as pb;
-use crate::proto::v1::patient_service_server::PatientService;
 
 const PAGE_TOKEN_PREFIX: &str = "p1:";
 
@@ -21,102 +21,92 @@ fn decode_page_token(c: &mut Checker, token: &str) -> Option<PatientId> {
     super::decode_page_token(c, token, PAGE_TOKEN_PREFIX, PatientId::parse, "is not a token returned by ListPatients")
 }
 
-#[tonic::async_trait]
-impl PatientService for Edge {
-    async fn create_patient(
-        &self,
-        req: Request<pb::CreatePatientRequest>,
-    ) -> Result<Response<pb::CreatePatientResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        c.size(r.encoded_len());
+/// The methods of `carevault.v1.PatientService`.
+pub struct PatientService;
+
+impl Methods for PatientService {
+    const NAME: &'static str = "carevault.v1.PatientService";
+
+    fn find(name: &str) -> Option<Method> {
+        Some(match name {
+            "CreatePatient" => unary!(Action::PatientCreate, create_patient),
+            "GetPatient" => unary!(Action::PatientRead, get_patient),
+            "UpdatePatient" => unary!(Action::PatientUpdate, update_patient),
+            "DeletePatient" => unary!(Action::PatientDelete, delete_patient),
+            "ListPatients" => unary!(Action::PatientList, list_patients),
+            "SearchPatients" => unary!(Action::PatientSearch, search_patients),
+            "GetPatientHistory" => unary!(Action::PatientHistory, get_patient_history),
+            _ => return None,
+        })
+    }
+}
+
+async fn create_patient(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::CreatePatientResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::CreatePatientRequest| {
         let data = match &r.patient {
-            Some(p) => patient_data(&mut c, "patient", p, self.today()),
+            Some(p) => patient_data(c, "patient", p, edge.today()),
             None => {
                 c.bad("patient", "is required");
                 None
             }
         };
-        let result = self.app.create_patient(&ctx, c.into_result(data)).await;
-        reply(&ctx, result.map(|p| pb::CreatePatientResponse { patient: Some(patient_pb(&p)) }))
-    }
+        (Named::default(), data)
+    });
+    let p = edge.app.create_patient(ctx, input).await?;
+    Ok(pb::CreatePatientResponse { patient: Some(patient_pb(&p)) })
+}
 
-    async fn get_patient(
-        &self,
-        req: Request<pb::GetPatientRequest>,
-    ) -> Result<Response<pb::GetPatientResponse>, Status> {
-        let ctx = self.context(&req);
-        let mut c = Checker::default();
-        let id = patient_id(&mut c, "patient_id", &req.get_ref().patient_id);
-        let result = self.app.get_patient(&ctx, c.into_result(id)).await;
-        reply(&ctx, result.map(|p| pb::GetPatientResponse { patient: Some(patient_pb(&p)) }))
-    }
+async fn get_patient(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::GetPatientResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::GetPatientRequest| {
+        let id = patient_id(c, "patient_id", &r.patient_id);
+        (Named::patient(id), id)
+    });
+    let p = edge.app.get_patient(ctx, input).await?;
+    Ok(pb::GetPatientResponse { patient: Some(patient_pb(&p)) })
+}
 
-    async fn update_patient(
-        &self,
-        req: Request<pb::UpdatePatientRequest>,
-    ) -> Result<Response<pb::UpdatePatientResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        c.size(r.encoded_len());
-        let parsed = match &r.patient {
-            Some(p) => {
-                let id = patient_id(&mut c, "patient.id", &p.id);
-                let expected_version = version(&mut c, "patient.version", p.version);
-                let data = patient_data(&mut c, "patient", p, self.today());
-                id.zip(data).map(|(id, data)| PatientUpdate { id, expected_version, data })
-            }
-            None => {
-                c.bad("patient", "is required");
-                None
-            }
-        };
-        let result = self.app.update_patient(&ctx, c.into_result(parsed)).await;
-        reply(&ctx, result.map(|p| pb::UpdatePatientResponse { patient: Some(patient_pb(&p)) }))
-    }
+async fn update_patient(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::UpdatePatientResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::UpdatePatientRequest| match &r.patient {
+        Some(p) => {
+            let id = patient_id(c, "patient.id", &p.id);
+            let expected_version = version(c, "patient.version", p.version);
+            let data = patient_data(c, "patient", p, edge.today());
+            (Named::patient(id), id.zip(data).map(|(id, data)| PatientUpdate { id, expected_version, data }))
+        }
+        None => {
+            c.bad("patient", "is required");
+            (Named::default(), None)
+        }
+    });
+    let p = edge.app.update_patient(ctx, input).await?;
+    Ok(pb::UpdatePatientResponse { patient: Some(patient_pb(&p)) })
+}
 
-    async fn delete_patient(
-        &self,
-        req: Request<pb::DeletePatientRequest>,
-    ) -> Result<Response<pb::DeletePatientResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let id = patient_id(&mut c, "patient_id", &r.patient_id);
-        let v = version(&mut c, "version", r.version);
-        let result = self.app.delete_patient(&ctx, c.into_result(id.map(|id| (id, v)))).await;
-        reply(&ctx, result.map(|p| pb::DeletePatientResponse { patient: Some(patient_pb(&p)) }))
-    }
+async fn delete_patient(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::DeletePatientResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::DeletePatientRequest| {
+        let id = patient_id(c, "patient_id", &r.patient_id);
+        let v = version(c, "version", r.version);
+        (Named::patient(id), id.map(|id| (id, v)))
+    });
+    let p = edge.app.delete_patient(ctx, input).await?;
+    Ok(pb::DeletePatientResponse { patient: Some(patient_pb(&p)) })
+}
 
-    async fn list_patients(
-        &self,
-        req: Request<pb::ListPatientsRequest>,
-    ) -> Result<Response<pb::ListPatientsResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
-        let size = page_size(&mut c, "page_size", r.page_size, 50, 200);
-        let after = decode_page_token(&mut c, &r.page_token);
-        let parsed = c.into_result(Some(PageRequest { page_size: size, after, show_deleted: r.show_deleted }));
-        let result = self.app.list_patients(&ctx, parsed).await;
-        reply(
-            &ctx,
-            result.map(|page| pb::ListPatientsResponse {
-                patients: page.patients.iter().map(patient_pb).collect(),
-                next_page_token: page.next_after.map(encode_page_token).unwrap_or_default(),
-            }),
-        )
-    }
+async fn list_patients(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::ListPatientsResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::ListPatientsRequest| {
+        let size = page_size(c, "page_size", r.page_size, 50, 200);
+        let after = decode_page_token(c, &r.page_token);
+        (Named::default(), Some(PageRequest { page_size: size, after, show_deleted: r.show_deleted }))
+    });
+    let page = edge.app.list_patients(ctx, input).await?;
+    Ok(pb::ListPatientsResponse {
+        patients: page.patients.iter().map(patient_pb).collect(),
+        next_page_token: page.next_after.map(encode_page_token).unwrap_or_default(),
+    })
+}
 
-    async fn search_patients(
-        &self,
-        req: Request<pb::SearchPatientsRequest>,
-    ) -> Result<Response<pb::SearchPatientsResponse>, Status> {
-        let ctx = self.context(&req);
-        let r = req.get_ref();
-        let mut c = Checker::default();
+async fn search_patients(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::SearchPatientsResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::SearchPatientsRequest| {
         use pb::search_patients_request::Criterion;
         let criterion = match &r.criterion {
             Some(Criterion::Identifier(q)) => {
@@ -129,8 +119,7 @@ impl PatientService for Edge {
                 if q.birth_date.is_empty() {
                     c.bad("name_birth_date.birth_date", "is required");
                 }
-                let birth =
-                    super::convert::fhir_date(&mut c, "name_birth_date.birth_date", &q.birth_date, self.today());
+                let birth = super::convert::fhir_date(c, "name_birth_date.birth_date", &q.birth_date, edge.today());
                 if !family.is_empty() && crate::domain::normalize::family_name(&family).is_empty() {
                     c.bad("name_birth_date.family", "must contain a letter or digit");
                 }
@@ -145,27 +134,22 @@ impl PatientService for Edge {
                 None
             }
         };
-        let limit = page_size(&mut c, "page_size", r.page_size, 50, 200);
-        let parsed =
-            c.into_result(criterion.map(|criterion| SearchRequest { criterion, show_deleted: r.show_deleted, limit }));
-        let result = self.app.search_patients(&ctx, parsed).await;
-        reply(
-            &ctx,
-            result.map(|s| pb::SearchPatientsResponse {
-                patients: s.patients.iter().map(patient_pb).collect(),
-                truncated: s.truncated,
-            }),
-        )
-    }
+        let limit = page_size(c, "page_size", r.page_size, 50, 200);
+        (Named::default(), criterion.map(|criterion| SearchRequest { criterion, show_deleted: r.show_deleted, limit }))
+    });
+    let s = edge.app.search_patients(ctx, input).await?;
+    Ok(pb::SearchPatientsResponse { patients: s.patients.iter().map(patient_pb).collect(), truncated: s.truncated })
+}
 
-    async fn get_patient_history(
-        &self,
-        req: Request<pb::GetPatientHistoryRequest>,
-    ) -> Result<Response<pb::GetPatientHistoryResponse>, Status> {
-        let ctx = self.context(&req);
-        let mut c = Checker::default();
-        let id = patient_id(&mut c, "patient_id", &req.get_ref().patient_id);
-        let result = self.app.patient_history(&ctx, c.into_result(id)).await;
-        reply(&ctx, result.map(|v| pb::GetPatientHistoryResponse { versions: v.iter().map(patient_pb).collect() }))
-    }
+async fn get_patient_history(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::GetPatientHistoryResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::GetPatientHistoryRequest| {
+        let id = patient_id(c, "patient_id", &r.patient_id);
+        (Named::patient(id), id)
+    });
+    let versions = edge.app.patient_history(ctx, input).await?;
+    Ok(pb::GetPatientHistoryResponse { versions: versions.iter().map(patient_pb).collect() })
 }

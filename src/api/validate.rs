@@ -4,7 +4,7 @@
 //! because what the client sent may be PHI.
 
 use crate::app::Parsed;
-use crate::error::FieldViolation;
+use crate::error::{Description, FieldViolation};
 
 /// Largest request accepted for processing (bytes of the encoded message).
 /// Larger ones are rejected as INVALID_ARGUMENT (and audited); tonic's own
@@ -19,15 +19,8 @@ pub struct Checker {
 
 impl Checker {
     /// Records a violation.
-    pub fn bad(&mut self, field: impl Into<String>, description: &'static str) {
-        self.violations.push(FieldViolation { field: field.into(), description });
-    }
-
-    /// Checks the encoded request size.
-    pub fn size(&mut self, encoded_len: usize) {
-        if encoded_len > MAX_REQUEST_BYTES {
-            self.bad("request", "request is larger than 65536 bytes");
-        }
+    pub fn bad(&mut self, field: impl Into<String>, description: impl Into<Description>) {
+        self.violations.push(FieldViolation { field: field.into(), description: description.into() });
     }
 
     /// A free-text string: trimmed, at most `max` characters, no control characters.
@@ -36,7 +29,7 @@ impl Checker {
         if required && t.is_empty() {
             self.bad(field, "is required");
         } else if t.chars().count() > max {
-            self.bad(field, too_long(max));
+            self.bad(field, Description::TooLong(max));
         } else if t.chars().any(char::is_control) {
             self.bad(field, "must not contain control characters");
         }
@@ -49,7 +42,7 @@ impl Checker {
             self.bad(field, if min == 1 { "at least one is required" } else { "too few entries" });
             false
         } else if len > max {
-            self.bad(field, too_many(max));
+            self.bad(field, Description::TooMany(max));
             false
         } else {
             true
@@ -85,26 +78,6 @@ impl Checker {
     /// True when no violation has been recorded.
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
-    }
-}
-
-fn too_long(max: usize) -> &'static str {
-    match max {
-        0..=40 => "is too long (at most 40 characters)",
-        41..=64 => "is too long (at most 64 characters)",
-        65..=100 => "is too long (at most 100 characters)",
-        101..=128 => "is too long (at most 128 characters)",
-        129..=200 => "is too long (at most 200 characters)",
-        _ => "is too long (at most 256 characters)",
-    }
-}
-
-fn too_many(max: usize) -> &'static str {
-    match max {
-        0..=4 => "too many entries (at most 4)",
-        5 => "too many entries (at most 5)",
-        6..=10 => "too many entries (at most 10)",
-        _ => "too many entries (at most 20)",
     }
 }
 
@@ -208,5 +181,23 @@ mod tests {
         let v = c.finish(|| ()).unwrap_err();
         let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn length_and_count_descriptions_state_the_real_limit() {
+        let mut c = Checker::default();
+        c.text("note", &"x".repeat(1001), 1000, true);
+        c.text("family", &"x".repeat(101), 100, true);
+        c.count("names", 11, 0, 10);
+        let v = c.finish(|| ()).unwrap_err();
+        let said: Vec<String> = v.iter().map(|v| v.description.to_string()).collect();
+        assert_eq!(
+            said,
+            [
+                "is too long (at most 1000 characters)",
+                "is too long (at most 100 characters)",
+                "too many entries (at most 10)"
+            ]
+        );
     }
 }

@@ -16,9 +16,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{App, Attempt, CallContext, Parsed, internal};
+use super::call::{Call, Input};
+use super::{App, CallContext, internal};
 use crate::auth::policy::{Grant, Permission, Purpose};
-use crate::crypto;
+use crate::crypto::{self, RecordKind};
 use crate::domain::{Action, IdentifierType, Patient, PatientData, PatientId};
 use crate::error::AppError;
 use crate::storage::{MetaTree, MetaWrite};
@@ -133,11 +134,11 @@ pub(super) enum Visibility {
 }
 
 /// Records on the entry the break-glass grants a listing relied on.
-pub(super) fn note_grants(attempt: &mut Attempt, grants: &[uuid::Uuid]) {
+pub(super) fn note_grants(call: &mut Call<'_>, grants: &[uuid::Uuid]) {
     if let Some(first) = grants.first() {
-        attempt.entry.break_glass = first.to_string();
-        attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
-        attempt.entry.details.extend(grants.iter().map(|g| format!("break_glass_grant={g}")));
+        call.entry.break_glass = first.to_string();
+        call.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
+        call.entry.details.extend(grants.iter().map(|g| format!("break_glass_grant={g}")));
     }
 }
 
@@ -284,96 +285,6 @@ impl App {
         }
     }
 
-    /// Checks that the caller may reach `patient` (see module docs); a refusal
-    /// is audited. A new break-glass grant is staged on the attempt and
-    /// commits with its entry.
-    pub(super) async fn reach(
-        &self,
-        ctx: &CallContext,
-        attempt: &mut Attempt,
-        patient: PatientId,
-        how: Reach,
-    ) -> Result<(), AppError> {
-        match self.check_reach(ctx, attempt, patient, how) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.fail(ctx, attempt, e).await),
-        }
-    }
-
-    fn check_reach(
-        &self,
-        ctx: &CallContext,
-        attempt: &mut Attempt,
-        patient: PatientId,
-        how: Reach,
-    ) -> Result<(), AppError> {
-        if !self.is_restricted(patient)? {
-            return Ok(());
-        }
-        if attempt.grant.has(Permission::RestrictedAccess) {
-            attempt.entry.scopes.push(Permission::RestrictedAccess.as_str().to_string());
-            return Ok(());
-        }
-        let subject = ctx.subject().ok_or(AppError::Internal)?;
-        let breaking = attempt.grant.has(Permission::BreakGlass) && ctx.purpose() == Some(Purpose::ETREAT);
-        if how == Reach::Write || !breaking {
-            return Err(AppError::Hidden(attempt.action.resource_type_name()));
-        }
-        if let Some(id) = self.active_grant(subject, patient)? {
-            attempt.entry.break_glass = id.to_string();
-            attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
-            return Ok(());
-        }
-        let reason = match &ctx.break_glass_reason {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return Err(AppError::Forbidden(
-                    "break-glass access needs a reason: send x-break-glass-reason with purpose ETREAT",
-                ));
-            }
-            Err(()) => {
-                return Err(AppError::invalid("x-break-glass-reason", "must be 1 to 1000 printable ASCII characters"));
-            }
-        };
-        let id = uuid::Uuid::now_v7();
-        let now = self.now();
-        let sealed = self
-            .keys
-            .ring()
-            .seal_note(format!("{id}/reason").as_bytes(), reason.as_bytes())
-            .map_err(super::crypto_failure)?;
-        let record = GrantRecord {
-            id: id.to_string(),
-            subject: subject.to_string(),
-            service: ctx.service.clone().unwrap_or_default(),
-            patient_id: patient.to_string(),
-            granted_at: now,
-            expires_at: now.saturating_add(self.access.break_glass_micros),
-            reason: b64(&sealed),
-            review: None,
-        };
-        let json = serde_json::to_vec(&record).map_err(|_| AppError::Internal)?;
-        let mut active = id.as_bytes().to_vec();
-        active.extend_from_slice(&record.expires_at.to_be_bytes());
-        attempt.meta.push(MetaWrite {
-            tree: MetaTree::Access,
-            key: grant_key(&id),
-            value: Some(json),
-            expect: Some(None),
-        });
-        attempt.meta.push(MetaWrite {
-            tree: MetaTree::Access,
-            key: active_key(subject, patient),
-            value: Some(active),
-            expect: None,
-        });
-        attempt.entry.break_glass = id.to_string();
-        attempt.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
-        attempt.entry.details.push("break_glass=granted".into());
-        attempt.entry.details.push(format!("break_glass_expires={}", record.expires_at));
-        Ok(())
-    }
-
     /// The master version of every sealed note (break-glass reasons, review
     /// notes, erasure reasons).
     pub(super) fn note_versions(&self) -> Result<Vec<u32>, AppError> {
@@ -441,25 +352,19 @@ impl App {
     }
 
     /// Flags a patient restricted, or clears the flag.
-    pub async fn set_restriction(&self, ctx: &CallContext, input: Parsed<(PatientId, bool)>) -> Result<bool, AppError> {
-        let mut attempt = self.begin(ctx, Action::AccessRestrict);
-        self.authorize(ctx, &mut attempt).await?;
-        let (id, restricted) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.patient_id = id.to_string();
-        attempt.entry.resource_id = id.to_string();
-        attempt.entry.details.push(format!("restricted={restricted}"));
-        match self.head(crate::crypto::RecordKind::Patient, &id.bytes()) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let e = self.missing(crate::crypto::RecordKind::Patient, &id.bytes());
-                return Err(self.fail(ctx, &mut attempt, e).await);
-            }
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+    pub async fn set_restriction(&self, ctx: &CallContext, input: Input<(PatientId, bool)>) -> Result<bool, AppError> {
+        let mut call = self.call(ctx, Action::AccessRestrict, input.named);
+        let result = async {
+            let (id, restricted) = call.accept(input.parsed)?;
+            call.entry.details.push(format!("restricted={restricted}"));
+            self.head(RecordKind::Patient, &id.bytes())?
+                .ok_or_else(|| self.missing(RecordKind::Patient, &id.bytes()))?;
+            let value = restricted.then(|| self.now().to_be_bytes().to_vec());
+            call.stage(MetaWrite { tree: MetaTree::Access, key: restricted_key(id), value, expect: None });
+            Ok(restricted)
         }
-        let value = restricted.then(|| self.now().to_be_bytes().to_vec());
-        attempt.meta.push(MetaWrite { tree: MetaTree::Access, key: restricted_key(id), value, expect: None });
-        self.commit_ok(ctx, attempt).await?;
-        Ok(restricted)
+        .await;
+        call.finish(result).await
     }
 
     fn load_grant(&self, id: &uuid::Uuid) -> Result<Option<(Vec<u8>, GrantRecord)>, AppError> {
@@ -495,16 +400,17 @@ impl App {
     }
 
     /// Lists break-glass grants, oldest first (the review queue).
-    pub async fn list_grants(&self, ctx: &CallContext, input: Parsed<GrantsRequest>) -> Result<GrantPage, AppError> {
-        let mut attempt = self.begin(ctx, Action::BreakGlassList);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        let result = self.grant_page(&req);
-        if let Ok(page) = &result {
-            attempt.entry.result_count = Some(super::count(page.grants.len()));
-            attempt.entry.details = page.grants.iter().map(|g| format!("grant={}", g.id)).collect();
+    pub async fn list_grants(&self, ctx: &CallContext, input: Input<GrantsRequest>) -> Result<GrantPage, AppError> {
+        let mut call = self.call(ctx, Action::BreakGlassList, input.named);
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let page = self.grant_page(&req)?;
+            call.entry.result_count = Some(super::count(page.grants.len()));
+            call.entry.details = page.grants.iter().map(|g| format!("grant={}", g.id)).collect();
+            Ok(page)
         }
-        self.finish(ctx, attempt, result).await
+        .await;
+        call.finish(result).await
     }
 
     fn grant_page(&self, req: &GrantsRequest) -> Result<GrantPage, AppError> {
@@ -538,14 +444,14 @@ impl App {
     pub async fn review_grant(
         &self,
         ctx: &CallContext,
-        input: Parsed<(uuid::Uuid, String)>,
+        input: Input<(uuid::Uuid, String)>,
     ) -> Result<BreakGlassGrant, AppError> {
-        let mut attempt = self.begin(ctx, Action::BreakGlassReview);
-        self.authorize(ctx, &mut attempt).await?;
-        let (id, note) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.resource_id = id.to_string();
-        let prepared = (|| {
+        let mut call = self.call(ctx, Action::BreakGlassReview, input.named);
+        let result = async {
+            let (id, note) = call.accept(input.parsed)?;
+            call.entry.resource_id = id.to_string();
             let (raw, mut rec) = self.load_grant(&id)?.ok_or(AppError::NotFound("break-glass grant"))?;
+            call.entry.patient_id = rec.patient_id.clone();
             if rec.review.is_some() {
                 return Err(AppError::FailedPrecondition("break-glass grant is already reviewed"));
             }
@@ -566,21 +472,120 @@ impl App {
             });
             let json = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
             // Opened before the commit: an "ok" review entry means the reviewer got the grant back.
-            Ok((raw, self.reveal(rec)?, json))
-        })();
-        let (raw, revealed, json) = match prepared {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+            let revealed = self.reveal(rec)?;
+            call.stage(MetaWrite {
+                tree: MetaTree::Access,
+                key: grant_key(&id),
+                value: Some(json),
+                expect: Some(Some(raw)),
+            });
+            Ok(revealed)
+        }
+        .await;
+        call.finish(result).await
+    }
+}
+
+impl Call<'_> {
+    /// Checks that the caller may reach `patient` (see the module docs).
+    /// `named` is what the request named (the patient, or one of its
+    /// coverages): a refusal looks exactly like that record missing. A new
+    /// break-glass grant is staged and commits with the entry.
+    pub(super) fn reach(&mut self, patient: PatientId, how: Reach, named: RecordKind) -> Result<(), AppError> {
+        let app = self.app;
+        if !app.is_restricted(patient)? {
+            // A break-glass read without a reason is refused for a missing
+            // patient exactly as for a restricted one, so the answer never
+            // tells which of the two an id is.
+            if self.breaking_without_reason(how) && app.head(RecordKind::Patient, &patient.bytes())?.is_none() {
+                return Err(needs_reason());
+            }
+            return Ok(());
+        }
+        if self.grant.has(Permission::RestrictedAccess) {
+            self.entry.scopes.push(Permission::RestrictedAccess.as_str().to_string());
+            return Ok(());
+        }
+        let breaking = self.breaking(how);
+        let subject = self.ctx.subject().ok_or(AppError::Internal)?;
+        if !breaking {
+            return Err(AppError::Hidden(kind_name(named)));
+        }
+        if let Some(id) = app.active_grant(subject, patient)? {
+            self.entry.break_glass = id.to_string();
+            self.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
+            return Ok(());
+        }
+        let Ok(Some(reason)) = &self.ctx.break_glass_reason else { return Err(needs_reason()) };
+        let id = uuid::Uuid::now_v7();
+        let now = app.now();
+        let sealed = app
+            .keys
+            .ring()
+            .seal_note(format!("{id}/reason").as_bytes(), reason.as_bytes())
+            .map_err(super::crypto_failure)?;
+        let record = GrantRecord {
+            id: id.to_string(),
+            subject: subject.to_string(),
+            service: self.ctx.service.clone().unwrap_or_default(),
+            patient_id: patient.to_string(),
+            granted_at: now,
+            expires_at: now.saturating_add(app.access.break_glass_micros),
+            reason: b64(&sealed),
+            review: None,
         };
-        attempt.entry.patient_id = revealed.patient_id.clone();
-        attempt.meta.push(MetaWrite {
+        let json = serde_json::to_vec(&record).map_err(|_| AppError::Internal)?;
+        let mut active = id.as_bytes().to_vec();
+        active.extend_from_slice(&record.expires_at.to_be_bytes());
+        self.stage(MetaWrite { tree: MetaTree::Access, key: grant_key(&id), value: Some(json), expect: Some(None) });
+        self.stage(MetaWrite {
             tree: MetaTree::Access,
-            key: grant_key(&id),
-            value: Some(json),
-            expect: Some(Some(raw)),
+            key: active_key(subject, patient),
+            value: Some(active),
+            expect: None,
         });
-        self.commit_ok(ctx, attempt).await?;
-        Ok(revealed)
+        self.entry.break_glass = id.to_string();
+        self.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
+        self.entry.details.push("break_glass=granted".into());
+        self.entry.details.push(format!("break_glass_expires={}", record.expires_at));
+        Ok(())
+    }
+
+    /// Checks that the caller may reach the patient a coverage belongs to;
+    /// a missing coverage is NOT_FOUND (or, for a break-glass read without a
+    /// reason, the same refusal a restricted patient's coverage gets).
+    pub(super) fn reach_coverage(&mut self, id: crate::domain::CoverageId, how: Reach) -> Result<PatientId, AppError> {
+        let patient = match self.coverage_patient {
+            Some(p) => p,
+            None => match self.app.head(RecordKind::Coverage, &id.bytes())? {
+                Some(h) => PatientId::from_bytes(h.patient_id),
+                None if self.breaking_without_reason(how) => return Err(needs_reason()),
+                None => return Err(self.app.missing(RecordKind::Coverage, &id.bytes())),
+            },
+        };
+        self.entry.patient_id = patient.to_string();
+        self.reach(patient, how, RecordKind::Coverage)?;
+        Ok(patient)
+    }
+
+    /// A read by a break-glass holder under purpose ETREAT.
+    fn breaking(&self, how: Reach) -> bool {
+        how == Reach::Read && self.grant.has(Permission::BreakGlass) && self.ctx.purpose() == Some(Purpose::ETREAT)
+    }
+
+    fn breaking_without_reason(&self, how: Reach) -> bool {
+        self.breaking(how) && matches!(self.ctx.break_glass_reason, Ok(None))
+    }
+}
+
+fn needs_reason() -> AppError {
+    AppError::Forbidden("break-glass access needs a reason: send x-break-glass-reason with purpose ETREAT")
+}
+
+fn kind_name(kind: RecordKind) -> &'static str {
+    match kind {
+        RecordKind::Patient => "patient",
+        RecordKind::Coverage => "coverage",
     }
 }
 

@@ -1,6 +1,7 @@
 //! Audit trail queries: filtered listing, export and head. Each is itself audited.
 
-use super::{App, CallContext, Parsed, blocking, internal};
+use super::call::Input;
+use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::AppError;
@@ -56,24 +57,18 @@ pub struct ExportStart {
 
 impl App {
     /// Lists audit events matching a filter.
-    pub async fn list_audit_events(
-        &self,
-        ctx: &CallContext,
-        input: Parsed<AuditFilter>,
-    ) -> Result<AuditPage, AppError> {
-        let mut attempt = self.begin(ctx, Action::AuditList);
-        self.authorize(ctx, &mut attempt).await?;
-        let filter = self.valid(ctx, &mut attempt, input).await?;
-        if let Some(p) = filter.patient {
-            attempt.entry.patient_id = p.to_string();
+    pub async fn list_audit_events(&self, ctx: &CallContext, input: Input<AuditFilter>) -> Result<AuditPage, AppError> {
+        let mut call = self.call(ctx, Action::AuditList, input.named);
+        let result = async {
+            let filter = call.accept(input.parsed)?;
+            let app = self.clone();
+            let head = self.sequencer.head().0;
+            let page = blocking(move || app.scan_audit(&filter, head)).await?;
+            call.entry.result_count = Some(super::count(page.events.len()));
+            Ok(page)
         }
-        let app = self.clone();
-        let head = self.sequencer.head().0;
-        let result = blocking(move || app.scan_audit(&filter, head)).await;
-        if let Ok(page) = &result {
-            attempt.entry.result_count = Some(super::count(page.events.len()));
-        }
-        self.finish(ctx, attempt, result).await
+        .await;
+        call.finish(result).await
     }
 
     fn scan_audit(&self, f: &AuditFilter, head: u64) -> Result<AuditPage, AppError> {
@@ -102,19 +97,20 @@ impl App {
     }
 
     /// Authorizes and audits an export; the caller then streams `from..=to`.
-    pub async fn start_export(&self, ctx: &CallContext, input: Parsed<u64>) -> Result<ExportStart, AppError> {
-        let mut attempt = self.begin(ctx, Action::AuditExport);
-        self.authorize(ctx, &mut attempt).await?;
-        let from = self.valid(ctx, &mut attempt, input).await?;
-        let committed = self.commit_ok(ctx, attempt).await?;
-        Ok(ExportStart { from, to: committed.sequence })
+    pub async fn start_export(&self, ctx: &CallContext, input: Input<u64>) -> Result<ExportStart, AppError> {
+        let mut call = self.call(ctx, Action::AuditExport, input.named);
+        match call.accept(input.parsed) {
+            Ok(from) => call.commit(None).await.map(|c| ExportStart { from, to: c.sequence }),
+            Err(e) => Err(call.refuse(e).await),
+        }
     }
 
     /// The head of the chain, which is this call's own audit entry.
-    pub async fn audit_head(&self, ctx: &CallContext) -> Result<(u64, [u8; 32]), AppError> {
-        let mut attempt = self.begin(ctx, Action::AuditHead);
-        self.authorize(ctx, &mut attempt).await?;
-        let committed = self.commit_ok(ctx, attempt).await?;
-        Ok((committed.sequence, committed.hash))
+    pub async fn audit_head(&self, ctx: &CallContext, input: Input<()>) -> Result<(u64, [u8; 32]), AppError> {
+        let mut call = self.call(ctx, Action::AuditHead, input.named);
+        match call.accept(input.parsed) {
+            Ok(()) => call.commit(None).await.map(|c| (c.sequence, c.hash)),
+            Err(e) => Err(call.refuse(e).await),
+        }
     }
 }

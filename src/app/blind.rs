@@ -20,6 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::call::Input;
 use super::jobs::job_write;
 use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
@@ -87,70 +88,71 @@ impl App {
     }
 
     /// The job's progress (audited).
-    pub async fn get_blind_index_job(&self, ctx: &CallContext) -> Result<Option<BlindIndexJob>, AppError> {
-        self.audited_job_state(ctx, JOB_KEY).await
+    pub async fn get_blind_index_job(
+        &self,
+        ctx: &CallContext,
+        input: Input<()>,
+    ) -> Result<Option<BlindIndexJob>, AppError> {
+        self.audited_job_state(ctx, input, JOB_KEY).await
     }
 
     /// Starts rotating the blind-index key to the primary version. A running job is returned as is.
-    pub async fn rotate_blind_index(&self, ctx: &CallContext) -> Result<BlindIndexJob, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysBlindIndexRotate);
-        self.authorize(ctx, &mut attempt).await?;
+    pub async fn rotate_blind_index(&self, ctx: &CallContext, input: Input<()>) -> Result<BlindIndexJob, AppError> {
+        let mut call = self.call(ctx, Action::KeysBlindIndexRotate, input.named);
         let gate = self.keys.wrap_gate.write().await;
-        let app = self.clone();
-        let subject = ctx.subject().unwrap_or_default().to_string();
-        let now = self.now();
-        let prepared = blocking(move || {
-            if let Some(job) = app.blind_index_progress()?
-                && job.state != "completed"
-            {
-                return Ok((job, false));
+        let result = async {
+            call.accept(input.parsed)?;
+            let app = self.clone();
+            let subject = ctx.subject().unwrap_or_default().to_string();
+            let now = self.now();
+            let (job, start) = blocking(move || {
+                if let Some(job) = app.blind_index_progress()?
+                    && job.state != "completed"
+                {
+                    return Ok((job, false));
+                }
+                let mut state = app.keys.state();
+                let to = state.primary;
+                if to == state.blind_index_version {
+                    return Err(AppError::FailedPrecondition(
+                        "the blind index is already keyed by the primary version; rotate the master key first",
+                    ));
+                }
+                let from = state.blind_index_version;
+                state.blind_index_next = Some(to);
+                app.keys.apply(state).map_err(super::keys::key_error)?;
+                let job = BlindIndexJob {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    state: "building".into(),
+                    from,
+                    to,
+                    cursor: None,
+                    reindexed: 0,
+                    total: super::count(app.store.heads.len()),
+                    dropped: 0,
+                    started_at: now,
+                    finished_at: None,
+                    started_by: subject,
+                };
+                Ok((job, true))
+            })
+            .await?;
+            call.entry.key_version = job.to;
+            call.entry.details = vec![
+                format!("job={}", job.id),
+                format!("from_version={}", job.from),
+                format!("to_version={}", job.to),
+                format!("total={}", job.total),
+            ];
+            if start {
+                call.stage(job_write(JOB_KEY, &job)?);
             }
-            let mut state = app.keys.state();
-            let to = state.primary;
-            if to == state.blind_index_version {
-                return Err(AppError::FailedPrecondition(
-                    "the blind index is already keyed by the primary version; rotate the master key first",
-                ));
-            }
-            let from = state.blind_index_version;
-            state.blind_index_next = Some(to);
-            app.keys.apply(state).map_err(super::keys::key_error)?;
-            let job = BlindIndexJob {
-                id: uuid::Uuid::now_v7().to_string(),
-                state: "building".into(),
-                from,
-                to,
-                cursor: None,
-                reindexed: 0,
-                total: super::count(app.store.heads.len()),
-                dropped: 0,
-                started_at: now,
-                finished_at: None,
-                started_by: subject,
-            };
-            Ok((job, true))
-        })
-        .await;
-        let (job, start) = match prepared {
-            Ok(v) => v,
-            Err(e) => {
-                drop(gate);
-                return Err(self.fail(ctx, &mut attempt, e).await);
-            }
-        };
-        attempt.entry.key_version = job.to;
-        attempt.entry.details = vec![
-            format!("job={}", job.id),
-            format!("from_version={}", job.from),
-            format!("to_version={}", job.to),
-            format!("total={}", job.total),
-        ];
-        if start {
-            attempt.meta.push(job_write(JOB_KEY, &job)?);
+            Ok((job, start))
         }
-        let committed = self.commit_ok(ctx, attempt).await;
+        .await;
+        let committed = call.finish(result).await;
         drop(gate);
-        committed?;
+        let (job, start) = committed?;
         if start {
             self.spawn_job("blind-index", |app| async move { app.run_blind_index().await });
         }

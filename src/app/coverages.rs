@@ -2,8 +2,9 @@
 //! that patient's data key.
 
 use super::access::{Reach, groups};
+use super::call::{Call, Input};
 use super::patients::blind_key;
-use super::{App, Attempt, CallContext, Opened, Parsed, blocking, internal};
+use super::{App, CallContext, Opened, blocking, internal};
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::patient::PatientIdText;
 use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
@@ -87,23 +88,17 @@ impl App {
     }
 
     /// Adds a coverage to an active patient.
-    pub async fn create_coverage(
-        &self,
-        ctx: &CallContext,
-        input: Parsed<CoverageCreate>,
-    ) -> Result<Coverage, AppError> {
-        let mut attempt = self.begin(ctx, Action::CoverageCreate);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        let id = CoverageId::new_v7();
-        attempt.entry.patient_id = req.patient_id.to_string();
-        attempt.entry.resource_id = id.to_string();
-        self.reach(ctx, &mut attempt, req.patient_id, Reach::Write).await?;
-        attempt.entry.disclosed = vec![groups::INSURANCE.into()];
+    pub async fn create_coverage(&self, ctx: &CallContext, input: Input<CoverageCreate>) -> Result<Coverage, AppError> {
+        let mut call = self.call(ctx, Action::CoverageCreate, input.named);
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
-        let prepared = (|| {
-            let Opened { record: patient, dek, key_version: kv, .. } = self.load_patient(req.patient_id)?;
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let id = CoverageId::new_v7();
+            call.entry.resource_id = id.to_string();
+            call.reach(req.patient_id, Reach::Write, RecordKind::Patient)?;
+            call.entry.disclosed = vec![groups::INSURANCE.into()];
+            let Opened { record: patient, dek, key_version, .. } = self.load_patient(req.patient_id)?;
             if !patient.active() {
                 return Err(AppError::FailedPrecondition("patient is deleted"));
             }
@@ -118,120 +113,108 @@ impl App {
                 data: req.data,
             };
             let sealed = self.seal(&dek, &coverage_aad(id, req.patient_id, 1), &coverage)?;
-            Ok((coverage, sealed, kv, dek.generation()))
-        })();
-        let (coverage, sealed, kv, key_generation) = match prepared {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
-        attempt.entry.record_version = 1;
-        attempt.entry.key_version = kv;
-        let write = RecordWrite {
-            kind: RecordKind::Coverage,
-            id: id.bytes(),
-            patient_id: req.patient_id.bytes(),
-            expected_version: 0,
-            sealed,
-            new_dek: None,
-            key_generation,
-            index_keys: self.coverage_index_keys(id, req.patient_id, &coverage),
-        };
-        self.commit_write(ctx, attempt, write).await?;
-        Ok(coverage)
+            call.entry.record_version = 1;
+            call.entry.key_version = key_version;
+            let write = RecordWrite {
+                kind: RecordKind::Coverage,
+                id: id.bytes(),
+                patient_id: req.patient_id.bytes(),
+                expected_version: 0,
+                sealed,
+                new_dek: None,
+                key_generation: dek.generation(),
+                index_keys: self.coverage_index_keys(id, req.patient_id, &coverage),
+            };
+            Ok((coverage, write))
+        }
+        .await;
+        call.finish_write(result).await
     }
 
     /// Reads a coverage.
-    pub async fn get_coverage(&self, ctx: &CallContext, input: Parsed<CoverageId>) -> Result<Coverage, AppError> {
-        let mut attempt = self.begin(ctx, Action::CoverageRead);
-        self.authorize(ctx, &mut attempt).await?;
-        let id = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.resource_id = id.to_string();
-        self.reach_coverage(ctx, &mut attempt, id, Reach::Read).await?;
-        attempt.entry.disclosed = vec![groups::INSURANCE.into()];
-        let result = self.load_coverage(id).map(|opened| {
-            attempt.entry.patient_id = opened.patient.to_string();
-            attempt.entry.record_version = opened.record.version;
-            attempt.entry.key_version = opened.key_version;
-            opened.record
-        });
-        self.finish(ctx, attempt, result).await
+    pub async fn get_coverage(&self, ctx: &CallContext, input: Input<CoverageId>) -> Result<Coverage, AppError> {
+        let mut call = self.call(ctx, Action::CoverageRead, input.named);
+        let result = async {
+            let id = call.accept(input.parsed)?;
+            call.reach_coverage(id, Reach::Read)?;
+            call.entry.disclosed = vec![groups::INSURANCE.into()];
+            let opened = self.load_coverage(id)?;
+            call.entry.patient_id = opened.patient.to_string();
+            call.entry.record_version = opened.record.version;
+            call.entry.key_version = opened.key_version;
+            Ok(opened.record)
+        }
+        .await;
+        call.finish(result).await
     }
 
     /// Replaces a coverage at a known version.
-    pub async fn update_coverage(
-        &self,
-        ctx: &CallContext,
-        input: Parsed<CoverageUpdate>,
-    ) -> Result<Coverage, AppError> {
-        let mut attempt = self.begin(ctx, Action::CoverageUpdate);
-        self.authorize(ctx, &mut attempt).await?;
-        let upd = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.resource_id = upd.id.to_string();
-        attempt.entry.record_version = upd.expected_version;
-        self.reach_coverage(ctx, &mut attempt, upd.id, Reach::Write).await?;
-        let moved = upd.patient_id;
-        self.write_coverage_version(ctx, attempt, upd.id, upd.expected_version, moved, |current, now| Coverage {
-            update_time: now,
-            data: upd.data,
-            ..current
-        })
-        .await
+    pub async fn update_coverage(&self, ctx: &CallContext, input: Input<CoverageUpdate>) -> Result<Coverage, AppError> {
+        let mut call = self.call(ctx, Action::CoverageUpdate, input.named);
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
+        let result = async {
+            let upd = call.accept(input.parsed)?;
+            call.entry.record_version = upd.expected_version;
+            call.reach_coverage(upd.id, Reach::Write)?;
+            let moved = upd.patient_id;
+            self.write_coverage_version(&mut call, upd.id, upd.expected_version, moved, |current, now| Coverage {
+                update_time: now,
+                data: upd.data,
+                ..current
+            })
+        }
+        .await;
+        call.finish_write(result).await
     }
 
     /// Soft-deletes a coverage at a known version.
     pub async fn delete_coverage(
         &self,
         ctx: &CallContext,
-        input: Parsed<(CoverageId, u64)>,
+        input: Input<(CoverageId, u64)>,
     ) -> Result<Coverage, AppError> {
-        let mut attempt = self.begin(ctx, Action::CoverageDelete);
-        self.authorize(ctx, &mut attempt).await?;
-        let (id, expected) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.resource_id = id.to_string();
-        attempt.entry.record_version = expected;
-        self.reach_coverage(ctx, &mut attempt, id, Reach::Write).await?;
-        self.write_coverage_version(ctx, attempt, id, expected, None, |current, now| Coverage {
-            update_time: now,
-            delete_time: Some(now),
-            ..current
-        })
-        .await
+        let mut call = self.call(ctx, Action::CoverageDelete, input.named);
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
+        let result = async {
+            let (id, expected) = call.accept(input.parsed)?;
+            call.entry.record_version = expected;
+            call.reach_coverage(id, Reach::Write)?;
+            self.write_coverage_version(&mut call, id, expected, None, |current, now| Coverage {
+                update_time: now,
+                delete_time: Some(now),
+                ..current
+            })
+        }
+        .await;
+        call.finish_write(result).await
     }
 
-    async fn write_coverage_version(
+    /// The next version of a coverage, sealed with the key that opened the current one.
+    fn write_coverage_version(
         &self,
-        ctx: &CallContext,
-        mut attempt: Attempt,
+        call: &mut Call<'_>,
         id: CoverageId,
         expected: u64,
         claimed_patient: Option<PatientId>,
         change: impl FnOnce(Coverage, i64) -> Coverage,
-    ) -> Result<Coverage, AppError> {
-        // Shared with every write; an erasure takes it exclusively (see `erasure`).
-        let _gate = self.keys.wrap_gate.read().await;
-        let prepared = (|| {
-            let Opened { record: current, patient, dek, key_version: kv } = self.load_coverage(id)?;
-            if claimed_patient.is_some_and(|p| p != patient) {
-                return Err(AppError::invalid("coverage.patient_id", "a coverage cannot move to another patient"));
-            }
-            if current.delete_time.is_some() {
-                return Err(AppError::FailedPrecondition("coverage is deleted"));
-            }
-            if current.version != expected {
-                return Err(AppError::Conflict { current: current.version });
-            }
-            let mut next = change(current, self.now());
-            next.version = expected + 1;
-            let sealed = self.seal(&dek, &coverage_aad(id, patient, next.version), &next)?;
-            Ok((next, patient, sealed, kv, dek.generation()))
-        })();
-        let (next, patient, sealed, kv, key_generation) = match prepared {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
-        attempt.entry.patient_id = patient.to_string();
-        attempt.entry.record_version = next.version;
-        attempt.entry.key_version = kv;
+    ) -> Result<(Coverage, RecordWrite), AppError> {
+        let Opened { record: current, patient, dek, key_version } = self.load_coverage(id)?;
+        if claimed_patient.is_some_and(|p| p != patient) {
+            return Err(AppError::invalid("coverage.patient_id", "a coverage cannot move to another patient"));
+        }
+        if current.delete_time.is_some() {
+            return Err(AppError::FailedPrecondition("coverage is deleted"));
+        }
+        if current.version != expected {
+            return Err(AppError::Conflict { current: current.version });
+        }
+        let mut next = change(current, self.now());
+        next.version = expected + 1;
+        let sealed = self.seal(&dek, &coverage_aad(id, patient, next.version), &next)?;
+        call.entry.record_version = next.version;
+        call.entry.key_version = key_version;
         let write = RecordWrite {
             kind: RecordKind::Coverage,
             id: id.bytes(),
@@ -239,80 +222,60 @@ impl App {
             expected_version: expected,
             sealed,
             new_dek: None,
-            key_generation,
+            key_generation: dek.generation(),
             index_keys: self.coverage_index_keys(id, patient, &next),
         };
-        self.commit_write(ctx, attempt, write).await?;
-        Ok(next)
-    }
-
-    /// Checks the caller may reach the patient a coverage belongs to (a
-    /// missing coverage is audited as NOT_FOUND here).
-    async fn reach_coverage(
-        &self,
-        ctx: &CallContext,
-        attempt: &mut Attempt,
-        id: CoverageId,
-        how: Reach,
-    ) -> Result<(), AppError> {
-        let patient = match self.head(RecordKind::Coverage, &id.bytes()) {
-            Ok(Some(h)) => PatientId::from_bytes(h.patient_id),
-            Ok(None) => {
-                let e = self.missing(RecordKind::Coverage, &id.bytes());
-                return Err(self.fail(ctx, attempt, e).await);
-            }
-            Err(e) => return Err(self.fail(ctx, attempt, e).await),
-        };
-        self.reach(ctx, attempt, patient, how).await
+        Ok((next, write))
     }
 
     /// A patient's coverages, ordered primary first.
     pub async fn list_coverages(
         &self,
         ctx: &CallContext,
-        input: Parsed<(PatientId, bool)>,
+        input: Input<(PatientId, bool)>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let input = input.map(|(patient, show_deleted)| {
+        let parsed = input.parsed.map(|(patient, show_deleted)| {
             (patient, Box::new(move |c: &Coverage| show_deleted || c.delete_time.is_none()) as CoverageFilter)
         });
-        self.filtered_coverages(ctx, Action::CoverageList, input).await
+        self.filtered_coverages(ctx, Action::CoverageList, Input::new(input.named, parsed)).await
     }
 
     /// The coverages in force on a date of service, primary first.
     pub async fn active_coverage(
         &self,
         ctx: &CallContext,
-        input: Parsed<(PatientId, CalendarDate)>,
+        input: Input<(PatientId, CalendarDate)>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let input =
-            input.map(|(patient, date)| (patient, Box::new(move |c: &Coverage| c.in_force_on(date)) as CoverageFilter));
-        self.filtered_coverages(ctx, Action::CoverageActive, input).await
+        let parsed = input
+            .parsed
+            .map(|(patient, date)| (patient, Box::new(move |c: &Coverage| c.in_force_on(date)) as CoverageFilter));
+        self.filtered_coverages(ctx, Action::CoverageActive, Input::new(input.named, parsed)).await
     }
 
     async fn filtered_coverages(
         &self,
         ctx: &CallContext,
         action: Action,
-        input: Parsed<(PatientId, CoverageFilter)>,
+        input: Input<(PatientId, CoverageFilter)>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let mut attempt = self.begin(ctx, action);
-        self.authorize(ctx, &mut attempt).await?;
-        let (patient, keep) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.patient_id = patient.to_string();
-        self.reach(ctx, &mut attempt, patient, Reach::Read).await?;
-        attempt.entry.disclosed = vec![groups::INSURANCE.into()];
-        let app = self.clone();
-        let result = blocking(move || {
-            app.head(RecordKind::Patient, &patient.bytes())?
-                .ok_or_else(|| app.missing(RecordKind::Patient, &patient.bytes()))?;
-            let all = app.load_coverages_of(patient)?;
-            Ok(all.into_iter().filter(|c| keep(c)).collect::<Vec<_>>())
-        })
-        .await;
-        if let Ok(list) = &result {
-            attempt.entry.result_count = Some(super::count(list.len()));
+        let mut call = self.call(ctx, action, input.named);
+        let result = async {
+            let (patient, keep) = call.accept(input.parsed)?;
+            call.reach(patient, Reach::Read, RecordKind::Patient)?;
+            call.entry.disclosed = vec![groups::INSURANCE.into()];
+            let app = self.clone();
+            let list = blocking(move || {
+                app.head(RecordKind::Patient, &patient.bytes())?
+                    .ok_or_else(|| app.missing(RecordKind::Patient, &patient.bytes()))?;
+                let all = app.load_coverages_of(patient)?;
+                Ok(all.into_iter().filter(|c| keep(c)).collect::<Vec<_>>())
+            })
+            .await?;
+            call.entry.result_count = Some(super::count(list.len()));
+            Ok(list)
         }
-        self.finish(ctx, attempt, result).await
+        .await;
+        call.finish(result).await
     }
 }
 

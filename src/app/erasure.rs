@@ -29,7 +29,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::access::b64;
-use super::{App, CallContext, Parsed, blocking, internal};
+use super::call::Input;
+use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::{self, RecordKind, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
@@ -91,25 +92,19 @@ pub struct EraseRequest {
 
 impl App {
     /// Places or lifts a legal hold.
-    pub async fn set_legal_hold(&self, ctx: &CallContext, input: Parsed<(PatientId, bool)>) -> Result<bool, AppError> {
-        let mut attempt = self.begin(ctx, Action::AccessLegalHold);
-        self.authorize(ctx, &mut attempt).await?;
-        let (id, hold) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.entry.patient_id = id.to_string();
-        attempt.entry.resource_id = id.to_string();
-        attempt.entry.details.push(format!("legal_hold={hold}"));
-        match self.head(RecordKind::Patient, &id.bytes()) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let e = self.missing(RecordKind::Patient, &id.bytes());
-                return Err(self.fail(ctx, &mut attempt, e).await);
-            }
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
+    pub async fn set_legal_hold(&self, ctx: &CallContext, input: Input<(PatientId, bool)>) -> Result<bool, AppError> {
+        let mut call = self.call(ctx, Action::AccessLegalHold, input.named);
+        let result = async {
+            let (id, hold) = call.accept(input.parsed)?;
+            call.entry.details.push(format!("legal_hold={hold}"));
+            self.head(RecordKind::Patient, &id.bytes())?
+                .ok_or_else(|| self.missing(RecordKind::Patient, &id.bytes()))?;
+            let value = hold.then(|| self.now().to_be_bytes().to_vec());
+            call.stage(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value, expect: None });
+            Ok(hold)
         }
-        let value = hold.then(|| self.now().to_be_bytes().to_vec());
-        attempt.meta.push(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value, expect: None });
-        self.commit_ok(ctx, attempt).await?;
-        Ok(hold)
+        .await;
+        call.finish(result).await
     }
 
     /// Whether a patient is under a legal hold.
@@ -118,14 +113,14 @@ impl App {
     }
 
     /// Erases a patient by destroying its data key (see the module docs).
-    pub async fn erase_patient(&self, ctx: &CallContext, input: Parsed<EraseRequest>) -> Result<Erasure, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientErase);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        let id = req.patient;
-        attempt.patient(id);
+    pub async fn erase_patient(&self, ctx: &CallContext, input: Input<EraseRequest>) -> Result<Erasure, AppError> {
+        let mut call = self.call(ctx, Action::PatientErase, input.named);
         let _one_at_a_time = self.erase_lock.lock().await;
-        let checked = (|| {
+        let mut gate = None;
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let id = req.patient;
+            call.name_patient(id);
             if self.head(RecordKind::Patient, &id.bytes())?.is_none() {
                 return Err(self.missing(RecordKind::Patient, &id.bytes()));
             }
@@ -134,80 +129,33 @@ impl App {
                     "the patient is under a legal hold; compliance must lift it before the patient can be erased",
                 ));
             }
-            Ok(())
-        })();
-        if let Err(e) = checked {
-            return Err(self.fail(ctx, &mut attempt, e).await);
-        }
-        // A bucket left with two generations by a crash is finished first.
-        let bucket = self.keys.shreds().bucket_of(&id.bytes());
-        if let Err(e) = self.finish_bucket(bucket).await {
-            return Err(self.fail(ctx, &mut attempt, e).await);
-        }
-        let gate = self.keys.wrap_gate.write().await;
-        let app = self.clone();
-        let subject = ctx.subject().unwrap_or_default().to_string();
-        let now = self.now();
-        let prepared = blocking(move || {
-            let next = app.keys.shreds().with_next_generation(bucket).map_err(super::crypto_failure)?;
-            let generation = next.current(bucket).map_err(super::crypto_failure)?.generation();
-            app.keys.apply_shreds(next).map_err(|e| {
-                tracing::error!(error = %e, "writing erasure-keys failed");
-                AppError::Internal
-            })?;
-            let footprint = app.store.footprint(&id.bytes()).map_err(internal)?;
-            let wrapped = app.store.wrapped_dek(&id.bytes()).map_err(internal)?;
-            let key_version = match &wrapped {
-                Some(w) => WrappedDataKey(w.clone()).master_version().map_err(|_| AppError::DataLoss)?,
-                None => 0,
-            };
-            let reason = app
-                .keys
-                .ring()
-                .seal_note(format!("{id}/erasure").as_bytes(), req.reason.as_bytes())
-                .map_err(super::crypto_failure)?;
-            let mut meta: Vec<MetaWrite> = footprint
-                .keys
-                .iter()
-                .map(|(tree, key)| MetaWrite { tree: *tree, key: key.clone(), value: None, expect: None })
-                .collect();
-            meta.push(MetaWrite { tree: MetaTree::Deks, key: id.bytes().to_vec(), value: None, expect: Some(wrapped) });
-            // Refused if a hold was placed since the check above.
-            meta.push(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value: None, expect: Some(None) });
-            let mut tomb =
-                Tombstone { patient: id.to_string(), erased_at: now, erased_by: subject, reason: Some(b64(&reason)) };
-            let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
-            meta.push(MetaWrite {
-                tree: MetaTree::Access,
-                key: erased_key(RecordKind::Patient, &id.bytes()),
-                value: Some(json),
-                expect: None,
-            });
-            tomb.reason = None;
-            let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
-            for c in &footprint.coverages {
-                let key = erased_key(RecordKind::Coverage, c);
-                meta.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json.clone()), expect: None });
+            // A bucket left with two generations by a crash is finished first.
+            let bucket = self.keys.shreds().bucket_of(&id.bytes());
+            self.finish_bucket(bucket).await?;
+            gate = Some(self.keys.wrap_gate.write().await);
+            let app = self.clone();
+            let subject = ctx.subject().unwrap_or_default().to_string();
+            let now = self.now();
+            let (meta, coverages, record_versions, generation, key_version) =
+                blocking(move || app.erasure_writes(id, bucket, &req.reason, subject, now)).await?;
+            call.entry.key_version = key_version;
+            call.entry.details = vec![
+                format!("coverages={coverages}"),
+                format!("record_versions={record_versions}"),
+                format!("erasure_bucket={bucket}"),
+                format!("bucket_generation={generation}"),
+            ];
+            for m in meta {
+                call.stage(m);
             }
-            Ok((meta, footprint.coverages.len(), footprint.record_versions, generation, key_version))
-        })
+            Ok((id, bucket, coverages, record_versions))
+        }
         .await;
-        let (meta, coverages, record_versions, generation, key_version) = match prepared {
+        let (id, bucket, coverages, record_versions) = match result {
             Ok(v) => v,
-            Err(e) => {
-                drop(gate);
-                return Err(self.fail(ctx, &mut attempt, e).await);
-            }
+            Err(e) => return Err(call.refuse(e).await),
         };
-        attempt.entry.key_version = key_version;
-        attempt.entry.details = vec![
-            format!("coverages={coverages}"),
-            format!("record_versions={record_versions}"),
-            format!("erasure_bucket={bucket}"),
-            format!("bucket_generation={generation}"),
-        ];
-        attempt.meta = meta;
-        let committed = self.commit_ok(ctx, attempt).await;
+        let committed = call.commit(None).await;
         drop(gate);
         let committed = match committed {
             Ok(c) => c,
@@ -229,6 +177,60 @@ impl App {
             rekeyed,
             caveats: self.erasure_caveats(committed.time_micros),
         })
+    }
+
+    /// Moves the patient's bucket to a new generation, then lists what the
+    /// erasure commits: every stored key of the patient removed, its data key
+    /// removed (if unchanged), no hold placed since the check, tombstones.
+    fn erasure_writes(
+        &self,
+        id: PatientId,
+        bucket: u16,
+        reason: &str,
+        subject: String,
+        now: i64,
+    ) -> Result<(Vec<MetaWrite>, usize, u64, u32, u32), AppError> {
+        let next = self.keys.shreds().with_next_generation(bucket).map_err(super::crypto_failure)?;
+        let generation = next.current(bucket).map_err(super::crypto_failure)?.generation();
+        self.keys.apply_shreds(next).map_err(|e| {
+            tracing::error!(error = %e, "writing erasure-keys failed");
+            AppError::Internal
+        })?;
+        let footprint = self.store.footprint(&id.bytes()).map_err(internal)?;
+        let wrapped = self.store.wrapped_dek(&id.bytes()).map_err(internal)?;
+        let key_version = match &wrapped {
+            Some(w) => WrappedDataKey(w.clone()).master_version().map_err(|_| AppError::DataLoss)?,
+            None => 0,
+        };
+        let reason = self
+            .keys
+            .ring()
+            .seal_note(format!("{id}/erasure").as_bytes(), reason.as_bytes())
+            .map_err(super::crypto_failure)?;
+        let mut meta: Vec<MetaWrite> = footprint
+            .keys
+            .iter()
+            .map(|(tree, key)| MetaWrite { tree: *tree, key: key.clone(), value: None, expect: None })
+            .collect();
+        meta.push(MetaWrite { tree: MetaTree::Deks, key: id.bytes().to_vec(), value: None, expect: Some(wrapped) });
+        // Refused if a hold was placed since the check.
+        meta.push(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value: None, expect: Some(None) });
+        let mut tomb =
+            Tombstone { patient: id.to_string(), erased_at: now, erased_by: subject, reason: Some(b64(&reason)) };
+        let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+        meta.push(MetaWrite {
+            tree: MetaTree::Access,
+            key: erased_key(RecordKind::Patient, &id.bytes()),
+            value: Some(json),
+            expect: None,
+        });
+        tomb.reason = None;
+        let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+        for c in &footprint.coverages {
+            let key = erased_key(RecordKind::Coverage, c);
+            meta.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json.clone()), expect: None });
+        }
+        Ok((meta, footprint.coverages.len(), footprint.record_versions, generation, key_version))
     }
 
     fn erasure_caveats(&self, at: i64) -> Vec<String> {
@@ -280,7 +282,7 @@ impl App {
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: Action::ErasureRekey.as_str().into(),
-                resource_type: Action::ErasureRekey.resource_type().into(),
+                resource_type: Action::ErasureRekey.resource_type().as_str().into(),
                 outcome: Outcome::Ok.as_str().into(),
                 details: vec![
                     format!("erasure_bucket={bucket}"),
@@ -294,7 +296,7 @@ impl App {
                 Ok(c) if c.outcome == CommitOutcome::Written => moved += n,
                 // A key changed under the batch (a rewrap or a write); read again.
                 Ok(_) => {}
-                Err(e) => return Err(super::audit_unavailable(e)),
+                Err(e) => return Err(super::call::audit_unavailable(e)),
             }
         }
         let keys = self.keys.clone();

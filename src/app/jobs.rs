@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::call::Input;
 use super::{App, CallContext, internal};
 use crate::domain::Action;
 use crate::error::AppError;
@@ -27,12 +28,12 @@ impl App {
     pub(super) async fn audited_job_state<T: DeserializeOwned>(
         &self,
         ctx: &CallContext,
+        input: Input<()>,
         key: &[u8],
     ) -> Result<Option<T>, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysStatus);
-        self.authorize(ctx, &mut attempt).await?;
-        let result = self.job_state(key);
-        self.finish(ctx, attempt, result).await
+        let mut call = self.call(ctx, Action::KeysStatus, input.named);
+        let result = call.accept(input.parsed).and_then(|()| self.job_state(key));
+        call.finish(result).await
     }
 
     /// Runs a job in the background; an error is logged and the job resumes at the next start.

@@ -1,7 +1,8 @@
 //! Patient use cases: create, read, update, soft delete, list, search, history.
 
 use super::access::{Reach, Visibility, disclose, keep_undisclosed, note_grants};
-use super::{App, Attempt, CallContext, Opened, Parsed, blocking, internal};
+use super::call::{Call, Input};
+use super::{App, CallContext, Opened, blocking, internal};
 use crate::auth::policy::Grant;
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::{Action, FhirDate, Patient, PatientData, PatientId, normalize};
@@ -149,127 +150,112 @@ impl App {
     }
 
     /// Registers a new patient.
-    pub async fn create_patient(&self, ctx: &CallContext, input: Parsed<PatientData>) -> Result<Patient, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientCreate);
-        self.authorize(ctx, &mut attempt).await?;
-        let data = self.valid(ctx, &mut attempt, input).await?;
-        let id = PatientId::new_v7();
-        attempt.patient(id);
-        let now = self.now();
-        let patient =
-            Patient { id: id.into(), version: 1, create_time: now, update_time: now, delete_time: None, data };
+    pub async fn create_patient(&self, ctx: &CallContext, input: Input<PatientData>) -> Result<Patient, AppError> {
+        let mut call = self.call(ctx, Action::PatientCreate, input.named);
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
-        let prepared = (|| {
+        let result = async {
+            let data = call.accept(input.parsed)?;
+            let id = PatientId::new_v7();
+            call.name_patient(id);
+            let now = self.now();
+            let patient =
+                Patient { id: id.into(), version: 1, create_time: now, update_time: now, delete_time: None, data };
             let shreds = self.keys.shreds();
             let (dek, wrapped) = self.keys.ring().new_data_key(&id.bytes(), &shreds).map_err(super::crypto_failure)?;
             let sealed = self.seal(&dek, &patient_aad(id, 1), &patient)?;
-            Ok::<_, AppError>((sealed, wrapped))
-        })();
-        let (sealed, wrapped) = match prepared {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
-        attempt.entry.record_version = 1;
-        attempt.entry.key_version = self.keys.ring().primary_version();
-        let write = RecordWrite {
-            kind: RecordKind::Patient,
-            id: id.bytes(),
-            patient_id: id.bytes(),
-            expected_version: 0,
-            sealed,
-            new_dek: Some(wrapped.0),
-            key_generation: 1,
-            index_keys: self.patient_index_keys(id, &patient.data),
-        };
-        let shown = show(&mut attempt, patient);
-        self.commit_write(ctx, attempt, write).await?;
-        Ok(shown)
+            call.entry.record_version = 1;
+            call.entry.key_version = self.keys.ring().primary_version();
+            let write = RecordWrite {
+                kind: RecordKind::Patient,
+                id: id.bytes(),
+                patient_id: id.bytes(),
+                expected_version: 0,
+                sealed,
+                new_dek: Some(wrapped.0),
+                key_generation: 1,
+                index_keys: self.patient_index_keys(id, &patient.data),
+            };
+            Ok((show(&mut call, patient), write))
+        }
+        .await;
+        call.finish_write(result).await
     }
 
     /// Reads a patient's current version.
-    pub async fn get_patient(&self, ctx: &CallContext, input: Parsed<PatientId>) -> Result<Patient, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientRead);
-        self.authorize(ctx, &mut attempt).await?;
-        let id = self.valid(ctx, &mut attempt, input).await?;
-        attempt.patient(id);
-        self.reach(ctx, &mut attempt, id, Reach::Read).await?;
-        let result = self.load_patient(id).map(|opened| {
-            attempt.entry.record_version = opened.record.version;
-            attempt.entry.key_version = opened.key_version;
-            show(&mut attempt, opened.record)
-        });
-        self.finish(ctx, attempt, result).await
+    pub async fn get_patient(&self, ctx: &CallContext, input: Input<PatientId>) -> Result<Patient, AppError> {
+        let mut call = self.call(ctx, Action::PatientRead, input.named);
+        let result = async {
+            let id = call.accept(input.parsed)?;
+            call.reach(id, Reach::Read, RecordKind::Patient)?;
+            let opened = self.load_patient(id)?;
+            call.entry.record_version = opened.record.version;
+            call.entry.key_version = opened.key_version;
+            Ok(show(&mut call, opened.record))
+        }
+        .await;
+        call.finish(result).await
     }
 
     /// Replaces a patient's data if the caller's version is current.
-    pub async fn update_patient(&self, ctx: &CallContext, input: Parsed<PatientUpdate>) -> Result<Patient, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientUpdate);
-        self.authorize(ctx, &mut attempt).await?;
-        let upd = self.valid(ctx, &mut attempt, input).await?;
-        attempt.patient(upd.id);
-        attempt.entry.record_version = upd.expected_version;
-        self.reach(ctx, &mut attempt, upd.id, Reach::Write).await?;
-        let grant = attempt.grant.clone();
-        self.write_patient_version(ctx, attempt, upd.id, upd.expected_version, move |current, now| Patient {
-            update_time: now,
-            data: keep_undisclosed(&grant, &current.data, upd.data),
-            ..current
-        })
-        .await
+    pub async fn update_patient(&self, ctx: &CallContext, input: Input<PatientUpdate>) -> Result<Patient, AppError> {
+        let mut call = self.call(ctx, Action::PatientUpdate, input.named);
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
+        let result = async {
+            let upd = call.accept(input.parsed)?;
+            call.entry.record_version = upd.expected_version;
+            call.reach(upd.id, Reach::Write, RecordKind::Patient)?;
+            let grant = call.grant.clone();
+            self.write_patient_version(&mut call, upd.id, upd.expected_version, move |current, now| Patient {
+                update_time: now,
+                data: keep_undisclosed(&grant, &current.data, upd.data),
+                ..current
+            })
+        }
+        .await;
+        call.finish_write(result).await
     }
 
     /// Soft-deletes a patient at a known version.
-    pub async fn delete_patient(
-        &self,
-        ctx: &CallContext,
-        input: Parsed<(PatientId, u64)>,
-    ) -> Result<Patient, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientDelete);
-        self.authorize(ctx, &mut attempt).await?;
-        let (id, expected) = self.valid(ctx, &mut attempt, input).await?;
-        attempt.patient(id);
-        attempt.entry.record_version = expected;
-        self.reach(ctx, &mut attempt, id, Reach::Write).await?;
-        self.write_patient_version(ctx, attempt, id, expected, |current, now| Patient {
-            update_time: now,
-            delete_time: Some(now),
-            ..current
-        })
-        .await
+    pub async fn delete_patient(&self, ctx: &CallContext, input: Input<(PatientId, u64)>) -> Result<Patient, AppError> {
+        let mut call = self.call(ctx, Action::PatientDelete, input.named);
+        // Shared with every write; an erasure takes it exclusively (see `erasure`).
+        let _gate = self.keys.wrap_gate.read().await;
+        let result = async {
+            let (id, expected) = call.accept(input.parsed)?;
+            call.entry.record_version = expected;
+            call.reach(id, Reach::Write, RecordKind::Patient)?;
+            self.write_patient_version(&mut call, id, expected, |current, now| Patient {
+                update_time: now,
+                delete_time: Some(now),
+                ..current
+            })
+        }
+        .await;
+        call.finish_write(result).await
     }
 
-    async fn write_patient_version(
+    /// The next version of a patient, sealed with the key that opened the current one.
+    fn write_patient_version(
         &self,
-        ctx: &CallContext,
-        mut attempt: Attempt,
+        call: &mut Call<'_>,
         id: PatientId,
         expected: u64,
         change: impl FnOnce(Patient, i64) -> Patient,
-    ) -> Result<Patient, AppError> {
-        // Shared with every write; an erasure takes it exclusively (see `erasure`).
-        let _gate = self.keys.wrap_gate.read().await;
-        let loaded = self.load_patient(id);
-        let Opened { record: current, dek, key_version, .. } = match loaded {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
+    ) -> Result<(Patient, RecordWrite), AppError> {
+        let Opened { record: current, dek, key_version, .. } = self.load_patient(id)?;
         if current.delete_time.is_some() {
-            let e = AppError::FailedPrecondition("patient is deleted");
-            return Err(self.fail(ctx, &mut attempt, e).await);
+            return Err(AppError::FailedPrecondition("patient is deleted"));
         }
         if current.version != expected {
-            let e = AppError::Conflict { current: current.version };
-            return Err(self.fail(ctx, &mut attempt, e).await);
+            return Err(AppError::Conflict { current: current.version });
         }
         let mut next = change(current, self.now());
         next.version = expected + 1;
-        let sealed = match self.seal(&dek, &patient_aad(id, next.version), &next) {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
-        attempt.entry.record_version = next.version;
-        attempt.entry.key_version = key_version;
+        let sealed = self.seal(&dek, &patient_aad(id, next.version), &next)?;
+        call.entry.record_version = next.version;
+        call.entry.key_version = key_version;
         let write = RecordWrite {
             kind: RecordKind::Patient,
             id: id.bytes(),
@@ -280,27 +266,25 @@ impl App {
             key_generation: dek.generation(),
             index_keys: self.patient_index_keys(id, &next.data),
         };
-        let shown = show(&mut attempt, next);
-        self.commit_write(ctx, attempt, write).await?;
-        Ok(shown)
+        Ok((show(call, next), write))
     }
 
     /// Lists patients in id order.
-    pub async fn list_patients(&self, ctx: &CallContext, input: Parsed<PageRequest>) -> Result<PatientPage, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientList);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        let app = self.clone();
-        let (subject, grant) = (ctx.subject().map(str::to_string), attempt.grant.clone());
-        let result = blocking(move || app.list_page(&req, subject.as_deref(), &grant)).await;
-        let result = result.map(|mut page| {
-            attempt.entry.result_count = Some(super::count(page.patients.len()));
-            attempt.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
-            note_grants(&mut attempt, &page.via_grants);
-            page.patients = show_all(&mut attempt, page.patients);
-            page
-        });
-        self.finish(ctx, attempt, result).await
+    pub async fn list_patients(&self, ctx: &CallContext, input: Input<PageRequest>) -> Result<PatientPage, AppError> {
+        let mut call = self.call(ctx, Action::PatientList, input.named);
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let app = self.clone();
+            let (subject, grant) = (ctx.subject().map(str::to_string), call.grant.clone());
+            let mut page = blocking(move || app.list_page(&req, subject.as_deref(), &grant)).await?;
+            call.entry.result_count = Some(super::count(page.patients.len()));
+            call.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
+            note_grants(&mut call, &page.via_grants);
+            page.patients = show_all(&mut call, page.patients);
+            Ok(page)
+        }
+        .await;
+        call.finish(result).await
     }
 
     fn list_page(&self, req: &PageRequest, subject: Option<&str>, grant: &Grant) -> Result<PatientPage, AppError> {
@@ -350,22 +334,22 @@ impl App {
     pub async fn search_patients(
         &self,
         ctx: &CallContext,
-        input: Parsed<SearchRequest>,
+        input: Input<SearchRequest>,
     ) -> Result<SearchResult, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientSearch);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        let app = self.clone();
-        let (subject, grant) = (ctx.subject().map(str::to_string), attempt.grant.clone());
-        let result = blocking(move || app.search(&req, subject.as_deref(), &grant)).await;
-        let result = result.map(|mut r| {
-            attempt.entry.result_count = Some(super::count(r.patients.len()));
-            attempt.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
-            note_grants(&mut attempt, &r.via_grants);
-            r.patients = show_all(&mut attempt, r.patients);
-            r
-        });
-        self.finish(ctx, attempt, result).await
+        let mut call = self.call(ctx, Action::PatientSearch, input.named);
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let app = self.clone();
+            let (subject, grant) = (ctx.subject().map(str::to_string), call.grant.clone());
+            let mut r = blocking(move || app.search(&req, subject.as_deref(), &grant)).await?;
+            call.entry.result_count = Some(super::count(r.patients.len()));
+            call.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
+            note_grants(&mut call, &r.via_grants);
+            r.patients = show_all(&mut call, r.patients);
+            Ok(r)
+        }
+        .await;
+        call.finish(result).await
     }
 
     fn search(&self, req: &SearchRequest, subject: Option<&str>, grant: &Grant) -> Result<SearchResult, AppError> {
@@ -411,50 +395,49 @@ impl App {
     }
 
     /// Every version of a patient, oldest first.
-    pub async fn patient_history(&self, ctx: &CallContext, input: Parsed<PatientId>) -> Result<Vec<Patient>, AppError> {
-        let mut attempt = self.begin(ctx, Action::PatientHistory);
-        self.authorize(ctx, &mut attempt).await?;
-        let id = self.valid(ctx, &mut attempt, input).await?;
-        attempt.patient(id);
-        self.reach(ctx, &mut attempt, id, Reach::Read).await?;
-        let app = self.clone();
-        let result = blocking(move || {
-            let head = app
-                .head(RecordKind::Patient, &id.bytes())?
-                .ok_or_else(|| app.missing(RecordKind::Patient, &id.bytes()))?;
-            let (dek, kv) = app.data_key(id)?;
-            let versions = app.store.versions(RecordKind::Patient, &id.bytes()).map_err(internal)?;
-            if super::count(versions.len()) != head.version {
-                return Err(AppError::DataLoss);
-            }
-            let patients = versions
-                .iter()
-                .map(|(v, sealed)| app.open::<Patient>(&dek, &patient_aad(id, *v), sealed))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((patients, kv, head.version))
-        })
+    pub async fn patient_history(&self, ctx: &CallContext, input: Input<PatientId>) -> Result<Vec<Patient>, AppError> {
+        let mut call = self.call(ctx, Action::PatientHistory, input.named);
+        let result = async {
+            let id = call.accept(input.parsed)?;
+            call.reach(id, Reach::Read, RecordKind::Patient)?;
+            let app = self.clone();
+            let (patients, kv, version) = blocking(move || {
+                let head = app
+                    .head(RecordKind::Patient, &id.bytes())?
+                    .ok_or_else(|| app.missing(RecordKind::Patient, &id.bytes()))?;
+                let (dek, kv) = app.data_key(id)?;
+                let versions = app.store.versions(RecordKind::Patient, &id.bytes()).map_err(internal)?;
+                if super::count(versions.len()) != head.version {
+                    return Err(AppError::DataLoss);
+                }
+                let patients = versions
+                    .iter()
+                    .map(|(v, sealed)| app.open::<Patient>(&dek, &patient_aad(id, *v), sealed))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((patients, kv, head.version))
+            })
+            .await?;
+            call.entry.key_version = kv;
+            call.entry.record_version = version;
+            call.entry.result_count = Some(super::count(patients.len()));
+            Ok(show_all(&mut call, patients))
+        }
         .await;
-        let result = result.map(|(patients, kv, version)| {
-            attempt.entry.key_version = kv;
-            attempt.entry.record_version = version;
-            attempt.entry.result_count = Some(super::count(patients.len()));
-            show_all(&mut attempt, patients)
-        });
-        self.finish(ctx, attempt, result).await
+        call.finish(result).await
     }
 }
 
-/// What the attempt's grant discloses of a patient; records the groups.
-fn show(attempt: &mut Attempt, p: Patient) -> Patient {
-    let (p, groups) = disclose(&attempt.grant, p);
+/// What the call's grant discloses of a patient; records the groups.
+fn show(call: &mut Call<'_>, p: Patient) -> Patient {
+    let (p, groups) = disclose(&call.grant, p);
     for g in groups {
-        if !attempt.entry.disclosed.iter().any(|d| d == g) {
-            attempt.entry.disclosed.push(g.to_string());
+        if !call.entry.disclosed.iter().any(|d| d == g) {
+            call.entry.disclosed.push(g.to_string());
         }
     }
     p
 }
 
-fn show_all(attempt: &mut Attempt, patients: Vec<Patient>) -> Vec<Patient> {
-    patients.into_iter().map(|p| show(attempt, p)).collect()
+fn show_all(call: &mut Call<'_>, patients: Vec<Patient>) -> Vec<Patient> {
+    patients.into_iter().map(|p| show(call, p)).collect()
 }

@@ -19,8 +19,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::call::Input;
 use super::jobs::{job_write, throttle};
-use super::{App, CallContext, Parsed, blocking, internal};
+use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::{self, RecordAad, RecordKind, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
@@ -90,62 +91,58 @@ impl App {
     pub async fn start_reencrypt(
         &self,
         ctx: &CallContext,
-        input: Parsed<ReencryptRequest>,
+        input: Input<ReencryptRequest>,
     ) -> Result<ReencryptJob, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysReencrypt);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        if let Some(p) = req.patient {
-            attempt.entry.patient_id = p.to_string();
-        }
-        let app = self.clone();
-        let subject = ctx.subject().unwrap_or_default().to_string();
-        let now = self.now();
-        let prepared = blocking(move || {
-            if let Some(job) = app.reencrypt_progress()?
-                && job.state == "running"
-            {
-                return Ok((job, false));
-            }
-            let total = match req.patient {
-                Some(p) => {
-                    if app.store.wrapped_dek(&p.bytes()).map_err(internal)?.is_none() {
-                        return Err(app.missing(RecordKind::Patient, &p.bytes()));
-                    }
-                    1
+        let mut call = self.call(ctx, Action::KeysReencrypt, input.named);
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let app = self.clone();
+            let subject = ctx.subject().unwrap_or_default().to_string();
+            let now = self.now();
+            let (job, start) = blocking(move || {
+                if let Some(job) = app.reencrypt_progress()?
+                    && job.state == "running"
+                {
+                    return Ok((job, false));
                 }
-                None => super::count(app.store.deks.len()),
-            };
-            let job = ReencryptJob {
-                id: uuid::Uuid::now_v7().to_string(),
-                state: "running".into(),
-                patient: req.patient.map(|p| p.to_string()),
-                cursor: None,
-                done: 0,
-                total,
-                record_versions: 0,
-                max_per_second: req.max_per_second,
-                started_at: now,
-                finished_at: None,
-                started_by: subject,
-            };
-            Ok((job, true))
-        })
-        .await;
-        let (job, start) = match prepared {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
-        attempt.entry.details = vec![
-            format!("job={}", job.id),
-            format!("state={}", job.state),
-            format!("total={}", job.total),
-            format!("max_per_second={}", job.max_per_second),
-        ];
-        if start {
-            attempt.meta.push(job_write(JOB_KEY, &job)?);
+                let total = match req.patient {
+                    Some(p) => {
+                        if app.store.wrapped_dek(&p.bytes()).map_err(internal)?.is_none() {
+                            return Err(app.missing(RecordKind::Patient, &p.bytes()));
+                        }
+                        1
+                    }
+                    None => super::count(app.store.deks.len()),
+                };
+                let job = ReencryptJob {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    state: "running".into(),
+                    patient: req.patient.map(|p| p.to_string()),
+                    cursor: None,
+                    done: 0,
+                    total,
+                    record_versions: 0,
+                    max_per_second: req.max_per_second,
+                    started_at: now,
+                    finished_at: None,
+                    started_by: subject,
+                };
+                Ok((job, true))
+            })
+            .await?;
+            call.entry.details = vec![
+                format!("job={}", job.id),
+                format!("state={}", job.state),
+                format!("total={}", job.total),
+                format!("max_per_second={}", job.max_per_second),
+            ];
+            if start {
+                call.stage(job_write(JOB_KEY, &job)?);
+            }
+            Ok((job, start))
         }
-        self.commit_ok(ctx, attempt).await?;
+        .await;
+        let (job, start) = call.finish(result).await?;
         if start {
             self.spawn_job("reencrypt", |app| async move { app.run_reencrypt().await });
         }
@@ -158,8 +155,12 @@ impl App {
     }
 
     /// The job's progress (audited like every call).
-    pub async fn get_reencrypt_job(&self, ctx: &CallContext) -> Result<Option<ReencryptJob>, AppError> {
-        self.audited_job_state(ctx, JOB_KEY).await
+    pub async fn get_reencrypt_job(
+        &self,
+        ctx: &CallContext,
+        input: Input<()>,
+    ) -> Result<Option<ReencryptJob>, AppError> {
+        self.audited_job_state(ctx, input, JOB_KEY).await
     }
 
     /// Continues an interrupted job (called from `resume_jobs`).

@@ -15,8 +15,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::call::Input;
 use super::jobs::{job_write, throttle};
-use super::{App, CallContext, Parsed, blocking, internal};
+use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::WrappedDataKey;
 use crate::domain::{Action, Outcome};
@@ -90,51 +91,50 @@ impl App {
     }
 
     /// Starts the job (or counts, for a dry run). A running job is returned as is.
-    pub async fn start_rewrap(&self, ctx: &CallContext, input: Parsed<RewrapRequest>) -> Result<RewrapJob, AppError> {
-        let mut attempt = self.begin(ctx, Action::KeysRewrap);
-        self.authorize(ctx, &mut attempt).await?;
-        let req = self.valid(ctx, &mut attempt, input).await?;
-        let app = self.clone();
-        let subject = ctx.subject().unwrap_or_default().to_string();
-        let now = self.now();
-        let prepared = blocking(move || {
-            if let Some(job) = app.rewrap_progress()?
-                && job.state == "running"
-            {
-                return Ok((job, false));
+    pub async fn start_rewrap(&self, ctx: &CallContext, input: Input<RewrapRequest>) -> Result<RewrapJob, AppError> {
+        let mut call = self.call(ctx, Action::KeysRewrap, input.named);
+        let result = async {
+            let req = call.accept(input.parsed)?;
+            let app = self.clone();
+            let subject = ctx.subject().unwrap_or_default().to_string();
+            let now = self.now();
+            let (job, start) = blocking(move || {
+                if let Some(job) = app.rewrap_progress()?
+                    && job.state == "running"
+                {
+                    return Ok((job, false));
+                }
+                let target = app.keys.ring().primary_version();
+                let job = RewrapJob {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    state: if req.dry_run { "dry_run".into() } else { "running".into() },
+                    target,
+                    cursor: None,
+                    notes_phase: false,
+                    done: 0,
+                    total: app.rewrap_backlog(target)?,
+                    max_per_second: req.max_per_second,
+                    started_at: now,
+                    finished_at: req.dry_run.then_some(now),
+                    started_by: subject,
+                };
+                Ok((job, !req.dry_run))
+            })
+            .await?;
+            call.entry.key_version = job.target;
+            call.entry.details = vec![
+                format!("job={}", job.id),
+                format!("state={}", job.state),
+                format!("total={}", job.total),
+                format!("max_per_second={}", job.max_per_second),
+            ];
+            if start {
+                call.stage(job_write(JOB_KEY, &job)?);
             }
-            let target = app.keys.ring().primary_version();
-            let job = RewrapJob {
-                id: uuid::Uuid::now_v7().to_string(),
-                state: if req.dry_run { "dry_run".into() } else { "running".into() },
-                target,
-                cursor: None,
-                notes_phase: false,
-                done: 0,
-                total: app.rewrap_backlog(target)?,
-                max_per_second: req.max_per_second,
-                started_at: now,
-                finished_at: req.dry_run.then_some(now),
-                started_by: subject,
-            };
-            Ok((job, !req.dry_run))
-        })
-        .await;
-        let (job, start) = match prepared {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail(ctx, &mut attempt, e).await),
-        };
-        attempt.entry.key_version = job.target;
-        attempt.entry.details = vec![
-            format!("job={}", job.id),
-            format!("state={}", job.state),
-            format!("total={}", job.total),
-            format!("max_per_second={}", job.max_per_second),
-        ];
-        if start {
-            attempt.meta.push(job_write(JOB_KEY, &job)?);
+            Ok((job, start))
         }
-        self.commit_ok(ctx, attempt).await?;
+        .await;
+        let (job, start) = call.finish(result).await?;
         if start {
             self.spawn_job("rewrap", |app| async move { app.run_rewrap().await });
         }
@@ -148,15 +148,19 @@ impl App {
     }
 
     /// The job's progress (audited like every call).
-    pub async fn get_rewrap_job(&self, ctx: &CallContext) -> Result<Option<RewrapJob>, AppError> {
-        self.audited_job_state(ctx, JOB_KEY).await
+    pub async fn get_rewrap_job(&self, ctx: &CallContext, input: Input<()>) -> Result<Option<RewrapJob>, AppError> {
+        self.audited_job_state(ctx, input, JOB_KEY).await
     }
 
-    /// Continues a job interrupted by a stop or crash, and finishes any
-    /// erasure a crash interrupted. Called once the server runs.
+    /// Continues a job interrupted by a stop or crash, settles a key
+    /// operation and finishes any erasure a crash interrupted. Called once
+    /// the server runs.
     pub fn resume_jobs(&self) {
         let app = self.clone();
         tokio::spawn(async move {
+            if let Err(e) = app.settle_key_operation().await {
+                tracing::error!(error = %e, "settling an interrupted key operation failed; it is retried at the next start");
+            }
             if let Err(e) = app.finish_erasures().await {
                 tracing::error!(error = %e, "finishing an interrupted erasure failed; it is retried at the next start");
             }

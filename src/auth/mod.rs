@@ -35,6 +35,9 @@ pub enum AuthFailure {
     /// Not `Bearer <JWT>`, or the JWT or its claims are malformed.
     #[error("malformed token")]
     Malformed,
+    /// Longer than [`MAX_TOKEN_LEN`] bytes.
+    #[error("token too long")]
+    TooLong,
     /// Signature does not verify under the issuer key, or wrong algorithm.
     #[error("bad signature")]
     BadSignature,
@@ -61,6 +64,7 @@ impl AuthFailure {
         match self {
             AuthFailure::Missing => "missing authorization: Bearer <token>",
             AuthFailure::Malformed => "malformed bearer token",
+            AuthFailure::TooLong => "bearer token is longer than 8192 bytes",
             AuthFailure::BadSignature => "token signature is not valid for this server's issuer",
             AuthFailure::Expired => "token expired",
             AuthFailure::NotYetValid => "token not yet valid",
@@ -121,6 +125,9 @@ struct Verified {
     nbf: Option<i64>,
 }
 
+/// Longest accepted token (bytes after `Bearer `).
+pub const MAX_TOKEN_LEN: usize = 8192;
+
 /// Longest accepted `sub`.
 pub const MAX_SUBJECT_LEN: usize = 256;
 
@@ -153,8 +160,11 @@ impl Authenticator {
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or(AuthFailure::Malformed)?
             .trim();
-        if token.is_empty() || token.len() > 8192 {
+        if token.is_empty() {
             return Err(AuthFailure::Malformed);
+        }
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(AuthFailure::TooLong);
         }
         let digest = crate::crypto::sha256(token.as_bytes());
         let cached = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();

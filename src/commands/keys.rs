@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use carevault::api::keys::{blind_pb, erasure_pb, job_pb, reencrypt_pb, status_pb};
-use carevault::app::{App, CallContext, EraseRequest, ReencryptRequest, RewrapRequest};
+use carevault::app::{App, CallContext, EraseRequest, Input, Named, ReencryptRequest, RewrapRequest};
 use carevault::cli::{KeysArgs, KeysCommand};
 use carevault::clock::{Clock, SystemClock};
 use carevault::config::ServiceConfig;
@@ -250,33 +250,34 @@ async fn offline(args: &KeysArgs) -> anyhow::Result<()> {
 }
 
 async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Result<()> {
-    let ctx = CallContext::offline(app, user);
+    let ctx = CallContext::offline(user);
     let now = SystemClock.now_micros();
     match &args.command {
         KeysCommand::Status => {
-            let s = status_pb(&app.key_status(&ctx).await.map_err(app_error)?, now);
+            let s = status_pb(&app.key_status(&ctx, Input::ok(())).await.map_err(app_error)?, now);
             print(args.json, &s, || human_status(&s))
         }
         KeysCommand::Rotate => {
-            let (new_version, previous_primary) = app.rotate_master_key(&ctx).await.map_err(app_error)?;
+            let (new_version, previous_primary) =
+                app.rotate_master_key(&ctx, Input::ok(())).await.map_err(app_error)?;
             let r = pb::RotateMasterKeyResponse { new_version, previous_primary };
             print(args.json, &r, || {
                 format!("v{new_version} is primary (was v{previous_primary}); run `keys rewrap` next")
             })
         }
         KeysCommand::Retire { key_version: version } => {
-            app.retire_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
+            app.retire_master_key(&ctx, Input::ok(*version)).await.map_err(app_error)?;
             print(args.json, &pb::RetireMasterKeyResponse { version: *version }, || {
                 format!("v{version} retired: it can no longer decrypt")
             })
         }
         KeysCommand::Destroy { key_version: version } => {
-            let removed = app.destroy_master_key(&ctx, Ok(*version)).await.map_err(app_error)?;
+            let removed = app.destroy_master_key(&ctx, Input::ok(*version)).await.map_err(app_error)?;
             let r = pb::DestroyMasterKeyResponse { version: *version, material_removed: removed };
             print(args.json, &r, || destroyed_message(*version, removed))
         }
         KeysCommand::RotateBlindIndex { .. } => {
-            let job = app.rotate_blind_index(&ctx).await.map_err(app_error)?;
+            let job = app.rotate_blind_index(&ctx, Input::ok(())).await.map_err(app_error)?;
             let pb = bar_of(job.total, "records re-indexed");
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -294,13 +295,18 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             if req.reason.is_empty() {
                 anyhow::bail!("--reason is required");
             }
-            let r = erasure_pb(&app.erase_patient(&ctx, Ok(req)).await.map_err(app_error)?);
+            let r = erasure_pb(
+                &app.erase_patient(&ctx, Input::new(Named::patient(Some(req.patient)), Ok(req)))
+                    .await
+                    .map_err(app_error)?,
+            );
             print(args.json, &r, || human_erasure(&r))
         }
         KeysCommand::Reencrypt { patient, max_per_second, .. } => {
             let patient = patient.as_deref().map(patient_arg).transpose()?;
             let req = ReencryptRequest { patient, max_per_second: *max_per_second };
-            let job = app.start_reencrypt(&ctx, Ok(req)).await.map_err(app_error)?;
+            let job =
+                app.start_reencrypt(&ctx, Input::new(Named::patient(req.patient), Ok(req))).await.map_err(app_error)?;
             let pb = bar_of(job.total, "patients re-encrypted");
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -315,7 +321,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
         }
         KeysCommand::Rewrap { dry_run, max_per_second, .. } => {
             let req = RewrapRequest { dry_run: *dry_run, max_per_second: *max_per_second };
-            let job = app.start_rewrap(&ctx, Ok(req)).await.map_err(app_error)?;
+            let job = app.start_rewrap(&ctx, Input::ok(req)).await.map_err(app_error)?;
             if job.state != "running" {
                 let j = job_pb(&job, now);
                 return print(args.json, &j, || {

@@ -127,6 +127,44 @@ pub enum Action {
     KeysBlindIndexSwitch,
     KeysBlindIndexComplete,
     AccessLegalHold,
+    AccessRefused,
+    KeysRotateComplete,
+    KeysRetireComplete,
+    KeysDestroyComplete,
+}
+
+/// What kind of thing an audited action is about (`resource_type` in the entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceType {
+    /// A patient record.
+    Patient,
+    /// A coverage record.
+    Coverage,
+    /// The audit trail itself.
+    Audit,
+    /// A patient's access settings (restriction, legal hold).
+    Access,
+    /// A break-glass grant.
+    Grant,
+    /// Master keys, blind-index keys, erasure keys and their jobs.
+    Key,
+    /// Nothing in particular (refusals counted by `access.refused`, genesis).
+    None,
+}
+
+impl ResourceType {
+    /// The string recorded in audit entries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceType::Patient => "patient",
+            ResourceType::Coverage => "coverage",
+            ResourceType::Audit => "audit",
+            ResourceType::Access => "access",
+            ResourceType::Grant => "grant",
+            ResourceType::Key => "key",
+            ResourceType::None => "",
+        }
+    }
 }
 
 impl Action {
@@ -169,6 +207,10 @@ impl Action {
             Action::KeysBlindIndexSwitch => "keys.blind_index_switch",
             Action::KeysBlindIndexComplete => "keys.blind_index_complete",
             Action::AccessLegalHold => "access.legal_hold",
+            Action::AccessRefused => "access.refused",
+            Action::KeysRotateComplete => "keys.rotate_complete",
+            Action::KeysRetireComplete => "keys.retire_complete",
+            Action::KeysDestroyComplete => "keys.destroy_complete",
         }
     }
 
@@ -186,11 +228,14 @@ impl Action {
             Action::BreakGlassList | Action::BreakGlassReview => Permission::AuditReview,
             Action::KeysStatus
             | Action::KeysRotate
+            | Action::KeysRotateComplete
             | Action::KeysRewrap
             | Action::KeysRewrapBatch
             | Action::KeysRewrapComplete
             | Action::KeysRetire
+            | Action::KeysRetireComplete
             | Action::KeysDestroy
+            | Action::KeysDestroyComplete
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
             | Action::KeysReencryptComplete
@@ -200,25 +245,19 @@ impl Action {
             | Action::KeysBlindIndexComplete => Permission::KeysAdmin,
             Action::PatientErase | Action::ErasureRekey => Permission::PatientsErase,
             Action::AccessLegalHold => Permission::PatientsLegalHold,
-        }
-    }
-
-    /// What a "not found" for this action calls the resource.
-    pub fn resource_type_name(self) -> &'static str {
-        match self.resource_type() {
-            "coverage" => "coverage",
-            _ => "patient",
+            // Recorded by carevault itself for calls refused before any permission was checked.
+            Action::AccessRefused => Permission::AuditRead,
         }
     }
 
     /// True when the action reads or writes PHI (and so needs a purpose of use).
     pub fn is_phi(self) -> bool {
         // An erasure names a patient but discloses nothing.
-        matches!(self.resource_type(), "patient" | "coverage") && self != Action::PatientErase
+        matches!(self.resource_type(), ResourceType::Patient | ResourceType::Coverage) && self != Action::PatientErase
     }
 
     /// The resource type recorded with this action.
-    pub fn resource_type(self) -> &'static str {
+    pub fn resource_type(self) -> ResourceType {
         match self {
             Action::PatientCreate
             | Action::PatientRead
@@ -227,23 +266,27 @@ impl Action {
             | Action::PatientList
             | Action::PatientSearch
             | Action::PatientHistory
-            | Action::PatientErase => "patient",
+            | Action::PatientErase => ResourceType::Patient,
             Action::CoverageCreate
             | Action::CoverageRead
             | Action::CoverageUpdate
             | Action::CoverageDelete
             | Action::CoverageList
-            | Action::CoverageActive => "coverage",
-            Action::AuditList | Action::AuditExport | Action::AuditHead => "audit",
-            Action::AccessRestrict | Action::AccessLegalHold => "access",
-            Action::BreakGlassList | Action::BreakGlassReview => "grant",
+            | Action::CoverageActive => ResourceType::Coverage,
+            Action::AuditList | Action::AuditExport | Action::AuditHead => ResourceType::Audit,
+            Action::AccessRestrict | Action::AccessLegalHold => ResourceType::Access,
+            Action::AccessRefused => ResourceType::None,
+            Action::BreakGlassList | Action::BreakGlassReview => ResourceType::Grant,
             Action::KeysStatus
             | Action::KeysRotate
+            | Action::KeysRotateComplete
             | Action::KeysRewrap
             | Action::KeysRewrapBatch
             | Action::KeysRewrapComplete
             | Action::KeysRetire
+            | Action::KeysRetireComplete
             | Action::KeysDestroy
+            | Action::KeysDestroyComplete
             | Action::ErasureRekey
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
@@ -251,7 +294,7 @@ impl Action {
             | Action::KeysBlindIndexRotate
             | Action::KeysBlindIndexBatch
             | Action::KeysBlindIndexSwitch
-            | Action::KeysBlindIndexComplete => "key",
+            | Action::KeysBlindIndexComplete => ResourceType::Key,
         }
     }
 }

@@ -38,11 +38,9 @@ async fn calls_without_a_valid_token_are_unauthenticated_and_audited() {
         assert!(!err.message().contains("eyJ"), "token must not be echoed");
     }
     let events = s.all_events().await;
-    let unauth: Vec<_> = events
-        .iter()
-        .filter(|e| e.outcome == pb::AuditOutcome::Unauthenticated as i32 && e.action == "patient.read")
-        .collect();
-    assert_eq!(unauth.len(), cases.len());
+    let n = u64::try_from(cases.len()).unwrap();
+    assert_eq!(accounted(&events, pb::AuditOutcome::Unauthenticated, "patient.read"), n);
+    let unauth: Vec<_> = events.iter().filter(|e| e.outcome == pb::AuditOutcome::Unauthenticated as i32).collect();
     assert!(unauth.iter().all(|e| e.actor.is_empty() && e.scopes.is_empty() && !e.client_address.is_empty()));
 }
 
@@ -77,4 +75,42 @@ async fn authentication_is_checked_before_input_so_bad_input_without_a_token_is_
     let s = TestServer::start().await;
     let err = s.patients().get_patient(tonic::Request::new(get("not-a-uuid"))).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_flood_of_unauthenticated_calls_is_counted_exactly_in_a_few_entries() {
+    let s = TestServer::start().await;
+    let before = s.all_events().await.len();
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..300)
+        .map(|i| {
+            let mut c = s.patients();
+            tokio::spawn(async move {
+                let mut r = tonic::Request::new(get("not-a-uuid"));
+                if i % 2 == 0 {
+                    r.metadata_mut().insert("authorization", "Bearer abc.def.ghi".parse().unwrap());
+                }
+                c.get_patient(r).await.unwrap_err().code()
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), Code::Unauthenticated);
+    }
+    let secs = started.elapsed().as_secs();
+    let events = s.all_events().await;
+    // After the earlier listing's own entry.
+    let new = &events[before + 1..];
+    assert_eq!(accounted(new, pb::AuditOutcome::Unauthenticated, "patient.read"), 300, "every refusal is counted");
+    let bound = 2 * (usize::try_from(secs).unwrap() + 1);
+    assert!(new.len() <= bound, "{} entries for 300 refusals in {secs} s (at most {bound})", new.len());
+    let grouped = new.iter().find(|e| e.action == "access.refused").expect("an entry counting refusals together");
+    assert_eq!(grouped.resource_type, "");
+    assert!(grouped.patient_id.is_empty() && grouped.actor.is_empty());
+    assert_eq!(grouped.client_address, "127.0.0.1", "grouped by address without port");
+    assert!(grouped.details.iter().any(|d| d.starts_with("window_start=")));
+    assert_eq!(
+        grouped.result_count,
+        grouped.details.iter().find_map(|d| d.strip_prefix("patient.read=")?.parse().ok())
+    );
 }

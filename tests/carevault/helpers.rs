@@ -468,13 +468,24 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
 /// Starts the `carevault serve` binary on 127.0.0.1:0 over the given
 /// directories; returns the child and the address it printed.
 pub fn spawn_binary_server(data: &std::path::Path, keys: &std::path::Path) -> (std::process::Child, String) {
+    let (child, addr, _) = spawn_binary_server_logging(data, keys, "warn,carevault::commands=info");
+    (child, addr)
+}
+
+/// Like [`spawn_binary_server`] with the log filter `filter`; every JSON log
+/// line the server writes is collected.
+pub fn spawn_binary_server_logging(
+    data: &std::path::Path,
+    keys: &std::path::Path,
+    filter: &str,
+) -> (std::process::Child, String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_carevault"))
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
         .env("CAREVAULT_DATA_DIR", data)
         .env("CAREVAULT_KEY_DIR", keys)
-        .env("CAREVAULT_LOG", "warn,carevault::commands=info")
+        .env("CAREVAULT_LOG", filter)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -488,8 +499,16 @@ pub fn spawn_binary_server(data: &std::path::Path, keys: &std::path::Path) -> (s
             break v["fields"]["addr"].as_str().unwrap().to_string();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logged.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    (child, addr, logged)
 }
 
 /// Runs one search with the admin token.
@@ -505,4 +524,87 @@ pub fn raw_chain(store: &carevault::storage::Store) -> Vec<carevault::audit::Raw
         .map(|e| e.map(|e| carevault::audit::RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
         .collect::<Result<_, _>>()
         .unwrap()
+}
+
+/// How many calls of `action` with `outcome` the trail accounts for: one per
+/// entry of the call itself, plus, for refusals counted together, the count
+/// each `access.refused` entry gives for that action.
+pub fn accounted(events: &[pb::AuditEvent], outcome: pb::AuditOutcome, action: &str) -> u64 {
+    let prefix = format!("{action}=");
+    events
+        .iter()
+        .filter(|e| e.outcome == outcome as i32)
+        .map(|e| {
+            if e.action == action {
+                1
+            } else if e.action == "access.refused" {
+                e.details.iter().find_map(|d| d.strip_prefix(&prefix)).map_or(0, |n| n.parse::<u64>().unwrap())
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// A codec that sends the given bytes as the request message and returns the reply's bytes.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// Calls `path` (e.g. "/carevault.v1.PatientService/GetPatient") with `body`
+/// as the encoded request, a bearer token (if any) and purpose TREAT.
+pub async fn raw_call(
+    channel: &Channel,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone()).max_encoding_message_size(16 << 20);
+    grpc.ready().await.unwrap();
+    let mut r = tonic::Request::new(body);
+    if let Some(t) = token {
+        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r.metadata_mut().insert("x-purpose-of-use", "TREAT".parse().unwrap());
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path).unwrap();
+    grpc.unary(r, path, RawCodec).await.map(tonic::Response::into_inner)
+}
+
+/// The description of each field violation in a status's BadRequest details.
+pub fn violations(status: &tonic::Status) -> Vec<(String, String)> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| (v.field, v.description)).collect())
+        .unwrap_or_default()
 }

@@ -197,7 +197,7 @@ async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_
     let refused =
         events.iter().filter(|e| e.action == "keys.retire" && e.outcome == pb::AuditOutcome::FailedPrecondition as i32);
     assert_eq!(refused.count(), 3);
-    assert!(events.iter().any(|e| e.action == "keys.destroy" && e.details == vec!["material_removed=true"]));
+    assert!(events.iter().any(|e| e.action == "keys.destroy_complete" && e.details == vec!["material_removed=true"]));
     drop(guard);
 }
 

@@ -30,8 +30,7 @@ async fn a_principal_over_its_rate_is_resource_exhausted_and_audited_while_other
         .unwrap()
         .into_inner()
         .events;
-    let limited = events.iter().filter(|e| e.outcome == pb::AuditOutcome::ResourceExhausted as i32).count();
-    assert_eq!(limited, 2);
+    assert_eq!(accounted(&events, pb::AuditOutcome::ResourceExhausted, "audit.head"), 2);
 }
 
 #[tokio::test]
@@ -47,7 +46,7 @@ async fn requests_beyond_the_global_concurrency_cap_are_turned_away_and_audited(
         })
         .collect();
     let mut ok = 0;
-    let mut exhausted = 0;
+    let mut exhausted = 0u64;
     for c in calls {
         match c.await.unwrap() {
             Ok(()) => ok += 1,
@@ -56,8 +55,7 @@ async fn requests_beyond_the_global_concurrency_cap_are_turned_away_and_audited(
         }
     }
     assert!(ok > 0 && exhausted > 0, "ok {ok}, exhausted {exhausted}");
-    let events = s.all_events().await;
-    let audited =
-        events.iter().filter(|e| e.actor == "crowd" && e.outcome == pb::AuditOutcome::ResourceExhausted as i32).count();
+    let events: Vec<_> = s.all_events().await.into_iter().filter(|e| e.actor == "crowd").collect();
+    let audited = accounted(&events, pb::AuditOutcome::ResourceExhausted, "audit.head");
     assert_eq!(audited, exhausted);
 }

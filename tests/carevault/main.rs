@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod coverage;
 mod crash;
+mod edge;
 mod encryption;
 mod erasure;
 mod keys;
