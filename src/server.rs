@@ -158,6 +158,20 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
     let Service { edge, sequencer, tls, thread } = service;
+    // A failed write or sync stops every commit until a restart: say so.
+    let mut failed = sequencer.failed();
+    let reporter = health_reporter.clone();
+    tokio::spawn(async move {
+        while failed.changed().await.is_ok() {
+            if *failed.borrow() {
+                for name in SERVICE_NAMES.into_iter().chain([""]) {
+                    reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+                }
+                tracing::error!("the store failed: every call is refused until the server is restarted");
+                return;
+            }
+        }
+    });
     // A rewrap job interrupted by a stop or a crash continues now.
     edge.app().resume_jobs();
     // Every request's metadata up to this size reaches carevault, so an

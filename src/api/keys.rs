@@ -96,6 +96,13 @@ pub fn status_pb(s: &KeyStatus, now: i64) -> pb::GetKeyStatusResponse {
         job: s.job.as_ref().map(|j| job_pb(j, now)),
         reencrypt_job: s.reencrypt_job.as_ref().map(|j| reencrypt_pb(j, now)),
         blind_index_job: s.blind_index_job.as_ref().map(blind_pb),
+        pending_operation: s.pending.as_ref().map(|p| pb::PendingKeyOperation {
+            operation: p.operation.as_str().into(),
+            version: p.version,
+            request_id: p.request_id.clone(),
+            started_by: p.started_by.clone(),
+            start_time: Some(timestamp(p.started_at)),
+        }),
     }
 }
 

@@ -27,7 +27,7 @@ pub use blind::BlindIndexJob;
 pub use call::{Input, Named, Parsed};
 pub use coverages::{CoverageCreate, CoverageUpdate};
 pub use erasure::{EraseRequest, Erasure};
-pub use keys::{KeyManager, KeyStatus, VersionStatus, VersionUse};
+pub use keys::{KeyManager, KeyOperation, KeyStatus, PendingKeyOperation, VersionStatus, VersionUse};
 pub use patients::{PageRequest, PatientPage, PatientUpdate, SearchCriterion, SearchRequest, SearchResult};
 pub use reencrypt::{ReencryptJob, ReencryptRequest};
 pub use rewrap::{RewrapJob, RewrapRequest};

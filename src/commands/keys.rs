@@ -62,6 +62,12 @@ fn human_status(s: &pb::GetKeyStatusResponse) -> String {
     if let Some(j) = &s.blind_index_job {
         out += &(human_blind(j) + "\n");
     }
+    if let Some(p) = &s.pending_operation {
+        out += &format!(
+            "UNSETTLED: {} of v{} (request {}, by {}) has an intent entry but no completion entry; the server settles it at its next start\n",
+            p.operation, p.version, p.request_id, p.started_by
+        );
+    }
     out.trim_end().to_string()
 }
 

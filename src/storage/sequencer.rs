@@ -13,12 +13,15 @@
 //! then answers each request. Because the sequencer is the only writer, the
 //! optimistic version check in a write is exact.
 //!
-//! Failure is closed: if writing a batch fails, every request of it gets an
-//! error and the sequencer refuses every later commit until a restart (whose
-//! recovery finishes or drops the batch); if the sync fails, every request
-//! waiting on it gets an error and no data is returned (the entries may still
-//! reach disk with a later sync; their writes are then reported as failed
-//! although applied, the usual ambiguity of a failed commit).
+//! Failure is closed: if writing a batch or syncing fails, every request
+//! waiting on it gets an error, no data is returned, and the sequencer
+//! refuses every later commit until a restart has recovered (a failed
+//! fdatasync may have dropped dirty pages, so nothing may be chained after
+//! what might not be on disk; PostgreSQL made the same choice in 2018). The
+//! store then reports itself failed ([`Sequencer::failed`]), which health
+//! checking turns into NOT_SERVING. The entries of a failed batch may still
+//! be on disk after the restart; their writes were reported as failed
+//! although applied, the usual ambiguity of a failed commit.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -158,6 +161,22 @@ pub struct Sequencer {
     tx: mpsc::Sender<Pending>,
     head: Arc<Mutex<(u64, [u8; 32])>>,
     syncs: Arc<AtomicU64>,
+    /// Becomes true, for good, when a write or a sync failed.
+    failed: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Where the sequencer and sync threads record that the store failed.
+#[derive(Clone)]
+struct Failed(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Failed {
+    fn set(&self) {
+        self.0.send_replace(true);
+    }
+
+    fn get(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 impl Sequencer {
@@ -186,16 +205,18 @@ impl Sequencer {
         };
         let head = Arc::new(Mutex::new(head));
         let (tx, rx) = mpsc::channel::<Pending>(4 * MAX_BATCH);
+        let (failed_tx, failed) = tokio::sync::watch::channel(false);
+        let thread_failed = Failed(Arc::new(failed_tx));
         let thread_head = head.clone();
         let span = tracing::info_span!("audit_sequencer");
         let handle = std::thread::Builder::new()
             .name("carevault-sequencer".into())
             .spawn(move || {
                 let _enter = span.enter();
-                run(store, clock, durability, rx, thread_head)
+                run(store, clock, durability, rx, thread_head, thread_failed)
             })
             .map_err(StorageError::from)?;
-        Ok((Sequencer { tx, head, syncs }, handle))
+        Ok((Sequencer { tx, head, syncs, failed }, handle))
     }
 
     /// Commits an entry (and write) durably. Returns only after fdatasync.
@@ -213,6 +234,12 @@ impl Sequencer {
     /// The shared counter of disk syncs (outlives the sequencer).
     pub fn sync_counter(&self) -> Arc<AtomicU64> {
         self.syncs.clone()
+    }
+
+    /// Whether the store has failed (a write or a sync): from then on every
+    /// commit is refused until a restart. Changes at most once, to true.
+    pub fn failed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.failed.clone()
     }
 }
 
@@ -232,11 +259,14 @@ fn run(
     durability: Durability,
     mut rx: mpsc::Receiver<Pending>,
     head: Arc<Mutex<(u64, [u8; 32])>>,
+    failed: Failed,
 ) {
     let (to_sync, synced_rx) = std::sync::mpsc::channel::<Applied>();
     let db = store.db.clone();
-    let syncer =
-        std::thread::Builder::new().name("carevault-sync".into()).spawn(move || sync_loop(db, durability, synced_rx));
+    let sync_failed = failed.clone();
+    let syncer = std::thread::Builder::new()
+        .name("carevault-sync".into())
+        .spawn(move || sync_loop(db, durability, synced_rx, sync_failed));
     let syncer = match syncer {
         Ok(h) => h,
         Err(e) => {
@@ -251,6 +281,10 @@ fn run(
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         drain(&mut rx, &mut batch);
+        if failed.get() {
+            refuse_all(batch, rx);
+            break;
+        }
         let now = clock.now_micros();
         let started = std::time::Instant::now();
         // Planning only reads: if it fails, nothing was written and the
@@ -273,12 +307,8 @@ fn run(
             // appended after it: every later commit fails closed until a
             // restart, whose recovery finishes or drops the batch.
             tracing::error!(error = %e, "audit commit failed; refusing every commit until restart");
-            for p in batch {
-                let _ = p.reply.send(Err(StorageError::Io("commit failed".into())));
-            }
-            while let Some(p) = rx.blocking_recv() {
-                let _ = p.reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
-            }
+            failed.set();
+            refuse_all(batch, rx);
             break;
         }
         // The batch is in sled (in memory) whatever the sync does next, so the
@@ -303,12 +333,19 @@ fn run(
 /// answered together tend to come back together, a little spread out), it
 /// waits up to [`MAX_LINGER`] for the rest, so they share this sync instead of
 /// each group paying for its own. A lone client (recent groups near 1) never waits.
-fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Receiver<Applied>) {
+fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Receiver<Applied>, failed: Failed) {
     let mut average = 1.0f64;
     while let Ok(first) = rx.recv() {
         let mut waiting = first;
         while let Ok(more) = rx.try_recv() {
             waiting.extend(more);
+        }
+        if failed.get() {
+            // Applied after a failed write or sync: never made durable here.
+            for (reply, _) in waiting {
+                let _ = reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
+            }
+            continue;
         }
         if average >= 4.0 && (waiting.len() as f64) < average / 2.0 {
             let deadline = std::time::Instant::now() + MAX_LINGER;
@@ -331,15 +368,30 @@ fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Rece
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "audit sync failed; failing the batch closed");
+                // After a failed fdatasync the kernel may have dropped the
+                // dirty pages: nothing may be chained to this batch.
+                tracing::error!(error = %e, "audit sync failed; refusing every commit until restart");
+                failed.set();
                 for (reply, _) in waiting {
                     let _ = reply.send(Err(StorageError::Io("sync failed".into())));
                 }
             }
         }
     }
-    if let Err(e) = durability.sync(&db) {
+    if !failed.get()
+        && let Err(e) = durability.sync(&db)
+    {
         tracing::error!(error = %e, "final sync at shutdown failed");
+    }
+}
+
+/// Fails `batch` and every commit after it (the store failed).
+fn refuse_all(batch: Vec<Pending>, mut rx: mpsc::Receiver<Pending>) {
+    for p in batch {
+        let _ = p.reply.send(Err(StorageError::Io("commit failed".into())));
+    }
+    while let Some(p) = rx.blocking_recv() {
+        let _ = p.reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
     }
 }
 

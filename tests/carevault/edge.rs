@@ -146,7 +146,7 @@ async fn an_over_long_token_is_unauthenticated_by_carevault_and_audited() {
 async fn refused_and_unreadable_calls_each_get_a_request_log_line() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, keys) = (tmp.path().join("data"), tmp.path().join("keys"));
-    let (mut child, addr, logged) = spawn_binary_server_logging(&data, &keys, "warn,carevault=info");
+    let (mut child, addr, logged) = spawn_binary_server_logging(&data, &keys, "warn,carevault=info", &[]);
     let issuer = std::fs::read(carevault::keystore::KeyPaths { dir: keys.clone() }.issuer_private()).unwrap();
     let token = mint(&issuer, "desk-1", "front_desk");
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();

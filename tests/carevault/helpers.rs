@@ -468,7 +468,7 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
 /// Starts the `carevault serve` binary on 127.0.0.1:0 over the given
 /// directories; returns the child and the address it printed.
 pub fn spawn_binary_server(data: &std::path::Path, keys: &std::path::Path) -> (std::process::Child, String) {
-    let (child, addr, _) = spawn_binary_server_logging(data, keys, "warn,carevault::commands=info");
+    let (child, addr, _) = spawn_binary_server_logging(data, keys, "warn,carevault::commands=info", &[]);
     (child, addr)
 }
 
@@ -478,11 +478,13 @@ pub fn spawn_binary_server_logging(
     data: &std::path::Path,
     keys: &std::path::Path,
     filter: &str,
+    extra: &[&str],
 ) -> (std::process::Child, String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_carevault"))
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
+        .args(extra)
         .env("CAREVAULT_DATA_DIR", data)
         .env("CAREVAULT_KEY_DIR", keys)
         .env("CAREVAULT_LOG", filter)

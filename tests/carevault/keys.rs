@@ -408,3 +408,121 @@ async fn the_blind_index_key_rotates_online_while_searches_never_miss_and_then_t
         assert!(events.iter().any(|e| e.action == action), "{action}");
     }
 }
+
+#[tokio::test]
+async fn a_rotation_records_its_intent_before_changing_keys_and_its_completion_after() {
+    let s = TestServer::start().await;
+    let t = s.token("keyper", "key_admin");
+    let mut k = keys(&s);
+    let mut r = req_for(pb::RotateMasterKeyRequest {}, &t, None);
+    r.metadata_mut().insert("x-request-id", "rotate-1".parse().unwrap());
+    k.rotate_master_key(r).await.unwrap();
+    let mut r = req_for(pb::RetireMasterKeyRequest { version: 1 }, &t, None);
+    r.metadata_mut().insert("x-request-id", "retire-1".parse().unwrap());
+    assert_eq!(k.retire_master_key(r).await.unwrap_err().code(), Code::FailedPrecondition);
+    let events = s.all_events().await;
+    let of = |rid: &str| {
+        events
+            .iter()
+            .filter(|e| e.request_id == rid)
+            .map(|e| (e.action.clone(), e.outcome, e.details.clone()))
+            .collect::<Vec<_>>()
+    };
+    let ok = pb::AuditOutcome::Ok as i32;
+    assert_eq!(
+        of("rotate-1"),
+        [
+            (
+                "keys.rotate".into(),
+                ok,
+                vec!["phase=intent".into(), "new_version=2".into(), "previous_primary=1".into()]
+            ),
+            ("keys.rotate_complete".into(), ok, vec!["new_version=2".into(), "previous_primary=1".into()]),
+        ]
+    );
+    // A refused operation never gets as far as an intent.
+    let retire = of("retire-1");
+    assert_eq!(retire.len(), 1);
+    assert_eq!((retire[0].0.as_str(), retire[0].1), ("keys.retire", pb::AuditOutcome::FailedPrecondition as i32));
+    assert!(status(&s).await.pending_operation.is_none());
+}
+
+#[tokio::test]
+async fn a_key_operation_killed_between_its_intent_and_completion_is_reported_and_settled_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, key_dir) = (tmp.path().join("data"), tmp.path().join("keys"));
+    let s = TestServer::start_in(data.clone(), key_dir.clone(), Arc::new(carevault::clock::SystemClock)).await;
+    drop(s.stop_keep().await);
+    // Version 2 comes from a key source that takes its time to answer.
+    let v2 = "cd".repeat(32);
+    let cmd = format!(
+        "case $CAREVAULT_KEY_VERSION in 1) cat {}/master-1.key;; *) sleep 60; echo {v2};; esac",
+        key_dir.display()
+    );
+    let start = |cmd: &str| {
+        spawn_binary_server_logging(&data, &key_dir, "warn,carevault::commands=info", &["--master-key-command", cmd])
+    };
+    let (mut child, addr, _) = start(&cmd);
+    let issuer = std::fs::read(carevault::keystore::KeyPaths { dir: key_dir.clone() }.issuer_private()).unwrap();
+    let (t, officer) = (mint(&issuer, "keyper", "key_admin"), mint(&issuer, "officer", "compliance"));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut k = KeyServiceClient::new(channel.clone());
+    let rotating = {
+        let (mut k, t) = (k.clone(), t.clone());
+        tokio::spawn(async move {
+            let mut r = req_for(pb::RotateMasterKeyRequest {}, &t, None);
+            r.metadata_mut().insert("x-request-id", "slow-rotate".parse().unwrap());
+            k.rotate_master_key(r).await
+        })
+    };
+    let pending = eventually(|| {
+        let (mut k, t) = (k.clone(), t.clone());
+        async move {
+            let st = k.get_key_status(req_for(pb::GetKeyStatusRequest {}, &t, None)).await.ok()?.into_inner();
+            st.pending_operation
+        }
+    })
+    .await
+    .expect("the intent is reported while the operation runs");
+    assert_eq!(
+        (pending.operation.as_str(), pending.version, pending.request_id.as_str()),
+        ("rotate", 2, "slow-rotate")
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(rotating.await.unwrap().is_err(), "the caller never learned of a completion");
+
+    let (mut child, addr, _) = start(&cmd);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    k = KeyServiceClient::new(channel.clone());
+    let mut audit = pb::audit_service_client::AuditServiceClient::new(channel);
+    let settled = eventually(|| {
+        let (mut audit, officer) = (audit.clone(), officer.clone());
+        async move {
+            let r = pb::ListAuditEventsRequest { action: "keys.rotate_complete".into(), ..Default::default() };
+            let events = audit.list_audit_events(req_for(r, &officer, None)).await.ok()?.into_inner().events;
+            events.into_iter().next()
+        }
+    })
+    .await
+    .expect("the interrupted rotation is settled at start");
+    assert_eq!(settled.request_id, "slow-rotate");
+    assert_eq!(settled.details, ["settled_at_start=true", "version=2", "applied=false"]);
+    let st = k.get_key_status(req_for(pb::GetKeyStatusRequest {}, &t, None)).await.unwrap().into_inner();
+    assert!(st.pending_operation.is_none());
+    assert_eq!(st.primary_version, 1, "the rotation never took effect");
+    let intent = audit
+        .list_audit_events(req_for(
+            pb::ListAuditEventsRequest { action: "keys.rotate".into(), ..Default::default() },
+            &officer,
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(intent.len(), 1);
+    assert!(intent[0].sequence < settled.sequence);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -13,6 +13,7 @@ mod encryption;
 mod erasure;
 mod keys;
 mod limits;
+mod named;
 mod patients;
 mod restricted;
 mod roles;
