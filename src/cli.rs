@@ -119,10 +119,10 @@ pub struct BenchArgs {
 #[derive(Debug, Args, Clone)]
 pub struct DirArgs {
     /// Data directory (database and key-check file).
-    #[arg(long, env = "CAREVAULT_DATA_DIR")]
+    #[arg(long, env = "CAREVAULT_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Key directory (master keys, dev token issuer key); keep it outside the data directory.
-    #[arg(long, env = "CAREVAULT_KEY_DIR")]
+    #[arg(long, env = "CAREVAULT_KEY_DIR", global = true)]
     pub key_dir: Option<PathBuf>,
 }
 
@@ -131,13 +131,13 @@ pub struct DirArgs {
 pub struct KeyCustodyArgs {
     /// Command whose standard output is master key version $CAREVAULT_KEY_VERSION (64 hex digits),
     /// run with `sh -c`: how a KMS, an HSM or a password manager plugs in.
-    #[arg(long, env = "CAREVAULT_MASTER_KEY_COMMAND", conflicts_with_all = ["master_key_credentials", "insecure_dev_env_keys"])]
+    #[arg(long, env = "CAREVAULT_MASTER_KEY_COMMAND", global = true, conflicts_with_all = ["master_key_credentials", "insecure_dev_env_keys"])]
     pub master_key_command: Option<String>,
     /// Read master keys from systemd credentials: $CREDENTIALS_DIRECTORY/carevault-master-<N>.
-    #[arg(long, conflicts_with = "insecure_dev_env_keys")]
+    #[arg(long, global = true, conflicts_with = "insecure_dev_env_keys")]
     pub master_key_credentials: bool,
     /// Development only: read master keys from CAREVAULT_MASTER_KEY_<N> environment variables.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub insecure_dev_env_keys: bool,
 }
 

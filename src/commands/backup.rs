@@ -1,4 +1,6 @@
 //! `carevault backup`: a consistent, compacted copy of a stopped data directory.
+//! It reads a private copy of the directory (see `storage::snapshot`), so the
+//! directory itself is left exactly as it was.
 //!
 //! The copy holds the database (every tree's live values, written into a new
 //! sled database and fsynced), `keycheck.json` and `erasure-keys`. Master keys
@@ -14,7 +16,7 @@ use anyhow::Context;
 use carevault::cli::BackupArgs;
 use carevault::config::default_data_dir;
 use carevault::keystore::ERASURE_KEYS_FILE;
-use carevault::storage::Store;
+use carevault::storage::{Store, snapshot};
 
 fn copy_durably(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     let bytes = fs::read(from).with_context(|| format!("reading {}", from.display()))?;
@@ -38,13 +40,17 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     if args.out.exists() {
         anyhow::bail!("{} already exists; choose a new directory", args.out.display());
     }
-    let store = Store::open(&data_dir.join("db"), 64 << 20)
-        .context("cannot open the database (is a server running on it? stop it first)")?;
+    // sled writes on every open: back up from a private copy, so the data
+    // directory itself is left exactly as it was.
+    let started = std::time::Instant::now();
+    let copy = snapshot::copy_data_dir(&data_dir, None).map_err(super::verify::open_error)?;
+    let store = Store::open(&copy.path().join("db"), 64 << 20).map_err(super::verify::open_error)?;
+    super::verify::note_copy(&copy, started.elapsed(), store.recovery());
     fs::create_dir_all(&args.out)?;
     fs::set_permissions(&args.out, fs::Permissions::from_mode(0o700))?;
     let copied = store.backup_to(&args.out.join("db")).context("copying the database")?;
-    copy_durably(&data_dir.join("keycheck.json"), &args.out.join("keycheck.json"), 0o644)?;
-    let erasure = data_dir.join(ERASURE_KEYS_FILE);
+    copy_durably(&copy.path().join("keycheck.json"), &args.out.join("keycheck.json"), 0o644)?;
+    let erasure = copy.path().join(ERASURE_KEYS_FILE);
     if erasure.exists() {
         copy_durably(&erasure, &args.out.join(ERASURE_KEYS_FILE), 0o600)?;
     }

@@ -17,9 +17,15 @@ fn prepare(
     custody: &KeyCustodyArgs,
 ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, KeySource)> {
     let (data_dir, key_dir) = super::dirs(dirs);
-    let fresh_data = !data_dir.join("keycheck.json").exists() && !data_dir.join("db").exists();
-    let key_paths = KeyPaths { dir: key_dir.clone() };
     let source = super::key_source(custody, &key_dir)?;
+    provision(&data_dir, &key_dir, &source)?;
+    Ok((data_dir, key_dir, source))
+}
+
+/// Creates the key and data directories and the first keys when they do not exist yet.
+fn provision(data_dir: &std::path::Path, key_dir: &std::path::Path, source: &KeySource) -> anyhow::Result<()> {
+    let fresh_data = !data_dir.join("keycheck.json").exists() && !data_dir.join("db").exists();
+    let key_paths = KeyPaths { dir: key_dir.to_path_buf() };
     let files = matches!(source, KeySource::Files(_));
     if fresh_data && files {
         if keystore::ensure_keys(&key_paths)? {
@@ -28,11 +34,11 @@ fn prepare(
     } else {
         keystore::ensure_issuer(&key_paths)?;
         if files && keystore::master_versions(&key_paths)?.is_empty() {
-            anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir));
+            anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir.to_path_buf()));
         }
     }
-    keystore::open_for_data_dir(&source, &data_dir)?;
-    Ok((data_dir, key_dir, source))
+    keystore::open_for_data_dir(source, data_dir)?;
+    Ok(())
 }
 
 fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
@@ -51,13 +57,15 @@ pub fn init(dirs: DirArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the service until SIGINT or SIGTERM.
+/// Runs the service until SIGINT or SIGTERM. Nothing is created on disk
+/// before the port is bound.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (data_dir, key_dir, source) = prepare(&args.dirs, &args.custody)?;
+    let (data_dir, key_dir) = super::dirs(&args.dirs);
+    let source = super::key_source(&args.custody, &key_dir)?;
     let config = ServiceConfig {
         data_dir: data_dir.clone(),
         key_dir: key_dir.clone(),
-        key_source: Some(source),
+        key_source: Some(source.clone()),
         listen: args.listen,
         issuer_public_key: args.issuer_public_key,
         tokens: TokenRules {
@@ -82,10 +90,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         break_glass_secs: args.break_glass_ttl.as_secs(),
     };
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+        format!("cannot listen on {} (is another server using it? choose another with --listen)", config.listen)
+    })?;
+    provision(&data_dir, &key_dir, &source)?;
     let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     print_welcome(&data_dir, &key_dir);
     tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "carevault listening");
     server::run(listener, service, shutdown_signal()).await?;

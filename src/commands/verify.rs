@@ -10,7 +10,34 @@ use carevault::audit::{RawEntry, Report, verify_chain};
 use carevault::cli::VerifyArgs;
 use carevault::proto::v1::ExportAuditEventsRequest;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
-use carevault::storage::Store;
+use carevault::storage::{Recovery, StorageError, Store, snapshot};
+
+/// A failure to open a stopped data directory, said so a person can act on it.
+pub fn open_error(e: StorageError) -> anyhow::Error {
+    match e {
+        StorageError::Locked => anyhow::anyhow!(
+            "the data directory is in use by a running carevault server: stop it first, or verify the live server with --server URL --token T"
+        ),
+        other => anyhow::anyhow!("cannot open the database: {other}"),
+    }
+}
+
+/// Says on stderr what inspecting a copy cost, and whether the store needed
+/// the repair a restart would make (the copy was repaired, never the original).
+pub fn note_copy(copy: &snapshot::Copy, took: std::time::Duration, recovery: Recovery) {
+    eprintln!(
+        "read a private copy of the database ({} files, {:.1} MiB, copied in {:.2} s); the data directory is unchanged",
+        copy.files,
+        copy.bytes as f64 / (1024.0 * 1024.0),
+        took.as_secs_f64()
+    );
+    if recovery != Recovery::default() {
+        eprintln!(
+            "note: the store was not shut down cleanly: a batch of commits was interrupted ({} replayed, {} dropped, none acknowledged); the next server start repairs it the same way. Verified as it is on disk.",
+            recovery.replayed, recovery.dropped
+        );
+    }
+}
 
 /// Returns the exit code: 0 verified, 1 failed verification.
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
@@ -18,12 +45,14 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     let read_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let report = match (&args.data_dir, &args.server) {
         (Some(dir), None) => {
-            let db = dir.join("db");
-            if !db.exists() {
+            if !dir.join("db").exists() {
                 bail!("{}: no carevault database here", dir.display());
             }
-            let store = Store::open(&db, 64 * 1024 * 1024)
-                .context("cannot open the database (is the server still running? stop it first)")?;
+            // sled writes on every open: verify a copy, so the directory is left exactly as it was.
+            let copy = snapshot::copy_data_dir(dir, Some("db")).map_err(open_error)?;
+            let copied = started.elapsed();
+            let store = Store::open(&copy.path().join("db"), 64 * 1024 * 1024).map_err(open_error)?;
+            note_copy(&copy, copied, store.recovery());
             let expect = args.expect_head;
             let errors = read_error.clone();
             tokio::task::spawn_blocking(move || {
@@ -34,7 +63,9 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
                         None
                     }
                 });
-                verify_chain(entries, expect)
+                let report = verify_chain(entries, expect);
+                drop(copy);
+                report
             })
             .await?
         }

@@ -52,6 +52,7 @@
 mod audit_blocks;
 pub mod durability;
 pub mod sequencer;
+pub mod snapshot;
 
 use std::path::Path;
 
@@ -79,11 +80,17 @@ pub enum StorageError {
     /// The sequencer has stopped (shutting down).
     #[error("audit sequencer unavailable")]
     SequencerGone,
+    /// Another process (a running server) has the database open.
+    #[error("the database is in use by another process (is a carevault server running on this data directory?)")]
+    Locked,
 }
 
 impl From<sled::Error> for StorageError {
     fn from(e: sled::Error) -> Self {
-        StorageError::Io(e.to_string())
+        let text = e.to_string();
+        // sled reports its lock only as text; a second process racing past
+        // the check in `Store::open` gets here.
+        if text.contains("could not acquire lock") { StorageError::Locked } else { StorageError::Io(text) }
     }
 }
 
@@ -116,6 +123,8 @@ pub struct Store {
     pub(crate) audit_by_patient: sled::Tree,
     pub(crate) access: sled::Tree,
     pub(crate) pending: sled::Tree,
+    /// What opening the store had to repair.
+    recovered: Recovery,
 }
 
 fn head_key(kind: RecordKind, id: &[u8; 16]) -> [u8; 17] {
@@ -219,8 +228,9 @@ impl Store {
     /// commits a crash interrupted (see [`sequencer::recover`]). `cache_bytes`
     /// bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StorageError> {
+        drop(snapshot::lock_shared(dir)?);
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open()?;
-        let store = Store {
+        let mut store = Store {
             heads: db.open_tree("heads")?,
             records: db.open_tree("records")?,
             deks: db.open_tree("deks")?,
@@ -231,6 +241,7 @@ impl Store {
             audit_by_patient: db.open_tree(AUDIT_INDEX_TREE)?,
             access: db.open_tree("access")?,
             pending: db.open_tree("pending")?,
+            recovered: Recovery::default(),
             db,
         };
         store.migrate_audit_index()?;
@@ -242,7 +253,14 @@ impl Store {
                 "finished a batch of commits that a crash interrupted"
             );
         }
+        store.recovered = recovered;
         Ok(store)
+    }
+
+    /// What opening the store repaired: the commits of a batch a crash
+    /// interrupted that were replayed or dropped (none for a clean store).
+    pub fn recovery(&self) -> Recovery {
+        self.recovered
     }
 
     /// Moves the index of a store written before epochs (tree `audit_by_patient`,

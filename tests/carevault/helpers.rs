@@ -148,7 +148,7 @@ pub async fn open_when_unlocked<T, E: std::fmt::Debug>(mut open: impl FnMut() ->
     for _ in 0..100 {
         match open() {
             Ok(v) => return v,
-            Err(e) if format!("{e:?}").contains("could not acquire lock") => {
+            Err(e) if format!("{e:?}").contains("Locked") || format!("{e:?}").contains("could not acquire lock") => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             Err(e) => panic!("open failed: {e:?}"),
