@@ -32,7 +32,10 @@
 //! details             list  ("key=value" strings for operations that need more, e.g. "reviewed_grant=<id>")
 //! ```
 //!
-//! Nothing may follow the last field. The entry hash is `SHA-256(encoding)`;
+//! Nothing may follow the last field. An encoding is at most
+//! [`MAX_ENTRY_BYTES`] long: carevault refuses to write a longer entry (the
+//! call fails before anything is written) rather than truncate a field or
+//! saturate a length. The entry hash is `SHA-256(encoding)`;
 //! the tag at the front separates it from every other hash carevault makes
 //! and says which layout follows. A chain may hold version-1 entries (written
 //! before version 2 existed) followed by version-2 entries; each entry is
@@ -49,6 +52,16 @@ pub const TAG_V2: &[u8; 18] = b"carevault.audit.v2";
 pub const CURRENT_FORMAT: u8 = 2;
 /// The previous hash recorded in the genesis entry.
 pub const GENESIS_PREVIOUS_HASH: [u8; 32] = [0u8; 32];
+/// The longest encoding carevault writes (1 MiB).
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// Why an entry cannot be encoded: it would not fit the format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A field (or the whole entry) is longer than [`MAX_ENTRY_BYTES`].
+    #[error("audit entry field {0} is too long to encode")]
+    TooLong(&'static str),
+}
 
 /// One decoded audit entry. Holds identifiers only, never PHI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,23 +160,24 @@ pub enum DecodeError {
 
 impl AuditEntry {
     /// The canonical encoding in the entry's format version (see module docs).
-    /// A version-1 entry encodes without the version-2 fields.
-    pub fn encode(&self) -> Vec<u8> {
+    /// A version-1 entry encodes without the version-2 fields. Fails, never
+    /// truncating, if the entry would be longer than [`MAX_ENTRY_BYTES`].
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::with_capacity(320 + 40 * self.returned_patient_ids.len());
         out.extend_from_slice(if self.format == 1 { TAG_V1 } else { TAG_V2 });
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.previous_hash);
         out.extend_from_slice(&self.time_micros.to_be_bytes());
-        put_str(&mut out, &self.actor);
-        put_list(&mut out, &self.scopes);
-        put_str(&mut out, &self.client_address);
-        put_str(&mut out, &self.request_id);
-        put_str(&mut out, &self.action);
-        put_str(&mut out, &self.resource_type);
-        put_str(&mut out, &self.resource_id);
-        put_str(&mut out, &self.patient_id);
+        put_str(&mut out, "actor", &self.actor)?;
+        put_list(&mut out, "scopes", &self.scopes)?;
+        put_str(&mut out, "client_address", &self.client_address)?;
+        put_str(&mut out, "request_id", &self.request_id)?;
+        put_str(&mut out, "action", &self.action)?;
+        put_str(&mut out, "resource_type", &self.resource_type)?;
+        put_str(&mut out, "resource_id", &self.resource_id)?;
+        put_str(&mut out, "patient_id", &self.patient_id)?;
         out.extend_from_slice(&self.record_version.to_be_bytes());
-        put_str(&mut out, &self.outcome);
+        put_str(&mut out, "outcome", &self.outcome)?;
         out.extend_from_slice(&self.key_version.to_be_bytes());
         match self.result_count {
             Some(n) => {
@@ -172,21 +186,24 @@ impl AuditEntry {
             }
             None => out.push(0),
         }
-        put_list(&mut out, &self.returned_patient_ids);
+        put_list(&mut out, "returned_patient_ids", &self.returned_patient_ids)?;
         if self.format != 1 {
-            put_str(&mut out, &self.service);
-            put_list(&mut out, &self.roles);
-            put_str(&mut out, &self.purpose);
-            put_list(&mut out, &self.disclosed);
-            put_str(&mut out, &self.break_glass);
-            put_list(&mut out, &self.details);
+            put_str(&mut out, "service", &self.service)?;
+            put_list(&mut out, "roles", &self.roles)?;
+            put_str(&mut out, "purpose", &self.purpose)?;
+            put_list(&mut out, "disclosed", &self.disclosed)?;
+            put_str(&mut out, "break_glass", &self.break_glass)?;
+            put_list(&mut out, "details", &self.details)?;
         }
-        out
+        if out.len() > MAX_ENTRY_BYTES {
+            return Err(EncodeError::TooLong("entry"));
+        }
+        Ok(out)
     }
 
     /// SHA-256 of the canonical encoding.
-    pub fn hash(&self) -> [u8; 32] {
-        sha256(&self.encode())
+    pub fn hash(&self) -> Result<[u8; 32], EncodeError> {
+        Ok(sha256(&self.encode()?))
     }
 
     /// Parses a canonical encoding; rejects anything that does not re-encode identically.
@@ -266,20 +283,25 @@ impl AuditEntry {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Invariant: every string the service writes is bounded far below 4 GiB
-    // (request limits), so the length always fits in a u32.
-    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&s.as_bytes()[..usize::try_from(len).unwrap_or(s.len()).min(s.len())]);
+/// A length as its u32 prefix, if the entry can still hold `n` more bytes.
+fn length_prefix(out: &[u8], field: &'static str, n: usize) -> Result<[u8; 4], EncodeError> {
+    if n > MAX_ENTRY_BYTES || out.len().saturating_add(n) > MAX_ENTRY_BYTES {
+        return Err(EncodeError::TooLong(field));
+    }
+    u32::try_from(n).map(u32::to_be_bytes).map_err(|_| EncodeError::TooLong(field))
 }
 
-fn put_list(out: &mut Vec<u8>, items: &[String]) {
-    let count = u32::try_from(items.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&count.to_be_bytes());
-    for s in items.iter().take(usize::try_from(count).unwrap_or(items.len())) {
-        put_str(out, s);
-    }
+fn put_str(out: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), EncodeError> {
+    let len = length_prefix(out, field, s.len())?;
+    out.extend_from_slice(&len);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_list(out: &mut Vec<u8>, field: &'static str, items: &[String]) -> Result<(), EncodeError> {
+    let count = length_prefix(out, field, items.len())?;
+    out.extend_from_slice(&count);
+    items.iter().try_for_each(|s| put_str(out, field, s))
 }
 
 struct Reader<'a> {
@@ -366,7 +388,7 @@ mod tests {
     #[test]
     fn a_version_1_genesis_entry_encodes_to_known_bytes_and_hash() {
         let g = AuditEntry { format: 1, ..AuditEntry::genesis(0) };
-        let bytes = g.encode();
+        let bytes = g.encode().unwrap();
         let mut expected = Vec::new();
         expected.extend_from_slice(b"carevault.audit.v1");
         expected.extend_from_slice(&0u64.to_be_bytes());
@@ -389,40 +411,40 @@ mod tests {
         assert_eq!(bytes, expected);
         assert_eq!(bytes.len(), 143);
         // Known answer computed independently (Python hashlib over the layout above).
-        assert_eq!(hex::encode(g.hash()), hex::encode(crate::crypto::sha256(&expected)));
-        assert_eq!(hex::encode(g.hash()), "fff7d5dc47f757691a4f2deb3c8af113495cdf107ea5ccc940621e4019c14315");
+        assert_eq!(hex::encode(g.hash().unwrap()), hex::encode(crate::crypto::sha256(&expected)));
+        assert_eq!(hex::encode(g.hash().unwrap()), "fff7d5dc47f757691a4f2deb3c8af113495cdf107ea5ccc940621e4019c14315");
     }
 
     #[test]
     fn a_version_2_genesis_entry_appends_the_v2_fields_to_the_v1_layout() {
         let g = AuditEntry::genesis(0);
         assert_eq!(g.format, 2);
-        let v1 = AuditEntry { format: 1, ..g.clone() }.encode();
+        let v1 = AuditEntry { format: 1, ..g.clone() }.encode().unwrap();
         let mut expected = b"carevault.audit.v2".to_vec();
         expected.extend_from_slice(&v1[18..]);
         // service, roles, purpose, disclosed, break_glass, details: all empty.
         expected.extend_from_slice(&[0u8; 24]);
-        assert_eq!(g.encode(), expected);
-        assert_eq!(g.encode().len(), 167);
+        assert_eq!(g.encode().unwrap(), expected);
+        assert_eq!(g.encode().unwrap().len(), 167);
         // Known answer computed independently (Python hashlib over the layout above).
-        assert_eq!(hex::encode(g.hash()), "8b9fad5ad7e274c47ebf553572b04bccff34b9b938340a140f6d4a7c99f2ba65");
+        assert_eq!(hex::encode(g.hash().unwrap()), "8b9fad5ad7e274c47ebf553572b04bccff34b9b938340a140f6d4a7c99f2ba65");
     }
 
     #[test]
     fn entries_round_trip_through_the_encoding() {
         let v2 = sample_v2();
-        assert_eq!(AuditEntry::decode(&v2.encode()).unwrap(), v2);
+        assert_eq!(AuditEntry::decode(&v2.encode().unwrap()).unwrap(), v2);
         let mut e = sample();
         e.result_count = Some(3);
         e.returned_patient_ids = vec!["a".into(), "b".into()];
-        assert_eq!(AuditEntry::decode(&e.encode()).unwrap(), e);
+        assert_eq!(AuditEntry::decode(&e.encode().unwrap()).unwrap(), e);
         let plain = sample();
-        assert_eq!(AuditEntry::decode(&plain.encode()).unwrap(), plain);
+        assert_eq!(AuditEntry::decode(&plain.encode().unwrap()).unwrap(), plain);
     }
 
     #[test]
     fn decoding_rejects_unknown_tags_truncation_and_trailing_bytes() {
-        let bytes = sample().encode();
+        let bytes = sample().encode().unwrap();
         let mut wrong_tag = bytes.clone();
         wrong_tag[17] = b'3';
         assert_eq!(AuditEntry::decode(&wrong_tag), Err(DecodeError::UnknownFormat));
@@ -430,11 +452,25 @@ mod tests {
         let mut relabelled = bytes.clone();
         relabelled[17] = b'2';
         assert_eq!(AuditEntry::decode(&relabelled), Err(DecodeError::Truncated));
-        let v2 = sample_v2().encode();
+        let v2 = sample_v2().encode().unwrap();
         assert_eq!(AuditEntry::decode(&v2[..v2.len() - 1]), Err(DecodeError::Truncated));
         assert_eq!(AuditEntry::decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Truncated));
         let mut trailing = bytes.clone();
         trailing.push(0);
         assert_eq!(AuditEntry::decode(&trailing), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn an_over_long_field_is_an_error_never_a_truncated_or_saturated_length() {
+        let long = AuditEntry { details: vec!["x".repeat(MAX_ENTRY_BYTES)], ..sample_v2() };
+        assert_eq!(long.encode(), Err(EncodeError::TooLong("details")));
+        let many = AuditEntry { returned_patient_ids: vec!["p".into(); MAX_ENTRY_BYTES / 5], ..sample_v2() };
+        assert_eq!(many.encode(), Err(EncodeError::TooLong("returned_patient_ids")));
+        assert_eq!(
+            length_prefix(&[], "actor", usize::try_from(u64::from(u32::MAX) + 1).unwrap()),
+            Err(EncodeError::TooLong("actor"))
+        );
+        let just_fits = AuditEntry { actor: "a".repeat(MAX_ENTRY_BYTES - 400), ..sample_v2() };
+        assert!(just_fits.encode().unwrap().len() <= MAX_ENTRY_BYTES);
     }
 }

@@ -8,5 +8,5 @@
 pub mod entry;
 pub mod verify;
 
-pub use entry::{AuditEntry, DecodeError, GENESIS_PREVIOUS_HASH};
+pub use entry::{AuditEntry, DecodeError, EncodeError, GENESIS_PREVIOUS_HASH, MAX_ENTRY_BYTES};
 pub use verify::{ExpectedHead, Failure, FailureClass, RawEntry, Report, verify_chain};

@@ -234,7 +234,7 @@ mod tests {
             e.previous_hash = prev;
             e.time_micros = i64::try_from(seq).unwrap() * 10;
             e.action = "patient.read".into();
-            let bytes = e.encode();
+            let bytes = e.encode().unwrap();
             prev = sha256(&bytes);
             out.push(RawEntry { bytes, stored_hash: Some(prev) });
         }
@@ -267,7 +267,7 @@ mod tests {
         let mut c = chain(10);
         let mut e = AuditEntry::decode(&c[5].bytes).unwrap();
         e.actor = "mallory".into();
-        c[5].bytes = e.encode();
+        c[5].bytes = e.encode().unwrap();
         c[5].stored_hash = Some(sha256(&c[5].bytes));
         assert_eq!(class(&verify_chain(c, None)), Some((6, FailureClass::LinkBroken)));
     }
@@ -319,7 +319,7 @@ mod tests {
             let mut e = AuditEntry::decode(&raw.bytes).unwrap();
             e.previous_hash = prev;
             e.time_micros = 1;
-            raw.bytes = e.encode();
+            raw.bytes = e.encode().unwrap();
             prev = sha256(&raw.bytes);
             raw.stored_hash = Some(prev);
         }

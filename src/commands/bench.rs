@@ -619,7 +619,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             None => results.push(run_workload(target.clone(), name, &args, syncs.as_deref()).await?),
         }
     }
-    let verify = if args.verify_entries > 0 { Some(verify_bench(args.verify_entries)) } else { None };
+    let verify = if args.verify_entries > 0 { Some(verify_bench(args.verify_entries)?) } else { None };
     report(&args, &results, preload_secs, verify);
     for line in job_lines {
         println!("{line}");
@@ -644,7 +644,7 @@ fn tempfile_dir(args: &BenchArgs) -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Builds a valid chain of `n` entries in memory and times the pure verifier over it.
-fn verify_bench(n: u64) -> (u64, f64, f64) {
+fn verify_bench(n: u64) -> anyhow::Result<(u64, f64, f64)> {
     use carevault::audit::{AuditEntry, RawEntry, verify_chain};
     let t0 = Instant::now();
     let mut entries = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
@@ -667,7 +667,7 @@ fn verify_bench(n: u64) -> (u64, f64, f64) {
         e.sequence = seq;
         e.previous_hash = prev;
         e.time_micros = i64::try_from(seq).unwrap_or(0);
-        let bytes = e.encode();
+        let bytes = e.encode()?;
         prev = carevault::crypto::sha256(&bytes);
         entries.push(RawEntry { bytes, stored_hash: Some(prev) });
     }
@@ -675,7 +675,7 @@ fn verify_bench(n: u64) -> (u64, f64, f64) {
     let t1 = Instant::now();
     let report = verify_chain(entries, None);
     let secs = t1.elapsed().as_secs_f64();
-    (report.entries_checked, secs, build)
+    Ok((report.entries_checked, secs, build))
 }
 
 fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Option<(u64, f64, f64)>) {

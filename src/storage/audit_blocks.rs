@@ -36,19 +36,21 @@ const SLOT_OVERHEAD: usize = 12;
 const BLOCK_HEADER: usize = 8;
 
 /// Encodes entries, each `(sequence, E ‖ SHA-256(E))`, as one block value.
-pub(crate) fn encode_block<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
+/// A length or count that does not fit its u32 is an error, never saturated.
+pub(crate) fn encode_block<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Result<Vec<u8>, StorageError> {
+    let too_long = || StorageError::Unencodable("audit block length".into());
     let mut out = BLOCK_MAGIC.to_vec();
     out.extend_from_slice(&[0; 4]);
     let mut count = 0u32;
     for (seq, value) in entries {
-        let e_len = value.len().saturating_sub(32);
+        let e_len = value.len().checked_sub(32).ok_or(StorageError::Corrupt("audit value without its hash"))?;
         out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(&u32::try_from(e_len).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(&u32::try_from(e_len).map_err(|_| too_long())?.to_be_bytes());
         out.extend_from_slice(value);
-        count += 1;
+        count = count.checked_add(1).ok_or_else(too_long)?;
     }
     out[4..8].copy_from_slice(&count.to_be_bytes());
-    out
+    Ok(out)
 }
 
 /// How many of `sizes` (lengths of `E ‖ SHA-256(E)`, in order) go into the
@@ -226,7 +228,7 @@ impl Store {
                 if kept.is_empty() {
                     self.audit.remove(k)?;
                 } else {
-                    self.audit.insert(k, encode_block(kept))?;
+                    self.audit.insert(k, encode_block(kept)?)?;
                 }
             }
             None => {
@@ -252,7 +254,7 @@ mod tests {
     fn a_block_round_trips_its_entries() {
         let a = value(1, 100);
         let b = value(2, 0);
-        let block = encode_block([(7, a.as_slice()), (8, b.as_slice())]);
+        let block = encode_block([(7, a.as_slice()), (8, b.as_slice())]).unwrap();
         assert_eq!(&block[..8], b"CVAB\0\0\0\x02");
         assert_eq!(&block[8..20], &[0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 100]);
         assert_eq!(slots(&7u64.to_be_bytes(), &block).unwrap(), vec![(7, a.as_slice()), (8, b.as_slice())]);
@@ -273,9 +275,9 @@ mod tests {
             store.audit.insert(u64::from(seq).to_be_bytes(), value(seq, 20)).unwrap();
         }
         let (v2, v3, v4, v5) = (value(2, 5), value(3, 6), value(4, 7), value(5, 8));
-        let block = encode_block([(2, v2.as_slice()), (3, v3.as_slice()), (4, v4.as_slice())]);
+        let block = encode_block([(2, v2.as_slice()), (3, v3.as_slice()), (4, v4.as_slice())]).unwrap();
         store.audit.insert(2u64.to_be_bytes(), block).unwrap();
-        store.audit.insert(5u64.to_be_bytes(), encode_block([(5, v5.as_slice())])).unwrap();
+        store.audit.insert(5u64.to_be_bytes(), encode_block([(5, v5.as_slice())]).unwrap()).unwrap();
 
         let all: Vec<u64> = store.audit_all().map(|e| e.unwrap().sequence).collect();
         assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
@@ -299,7 +301,7 @@ mod tests {
     #[test]
     fn truncated_or_overlong_blocks_are_corrupt() {
         let a = value(1, 10);
-        let block = encode_block([(1, a.as_slice())]);
+        let block = encode_block([(1, a.as_slice())]).unwrap();
         for cut in [5, 9, 20, block.len() - 1] {
             assert!(slots(&1u64.to_be_bytes(), &block[..cut]).is_err(), "cut at {cut}");
         }

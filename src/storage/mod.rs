@@ -80,6 +80,10 @@ pub enum StorageError {
     /// The sequencer has stopped (shutting down).
     #[error("audit sequencer unavailable")]
     SequencerGone,
+    /// Something to be written does not fit its format (an over-long audit
+    /// entry field, a length beyond u32); nothing of it was written.
+    #[error("cannot encode for storage: {0}")]
+    Unencodable(String),
     /// Another process (a running server) has the database open.
     #[error("the database is in use by another process (is a carevault server running on this data directory?)")]
     Locked,

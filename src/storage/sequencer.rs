@@ -194,11 +194,11 @@ impl Sequencer {
             Some(h) => h,
             None => {
                 let genesis = AuditEntry::genesis(clock.now_micros());
-                let bytes = genesis.encode();
+                let bytes = genesis.encode().map_err(|e| StorageError::Unencodable(e.to_string()))?;
                 let hash = crate::crypto::sha256(&bytes);
                 let mut value = bytes;
                 value.extend_from_slice(&hash);
-                store.audit.insert(0u64.to_be_bytes(), encode_block([(0, value.as_slice())]))?;
+                store.audit.insert(0u64.to_be_bytes(), encode_block([(0, value.as_slice())])?)?;
                 durability.sync(&store.db)?;
                 (0, hash)
             }
@@ -315,7 +315,16 @@ fn run(
         // chain continues from it.
         current = planned.head;
         *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
-        let replies = batch.into_iter().map(|p| p.reply).zip(planned.results).collect();
+        let mut replies = Vec::with_capacity(batch.len());
+        for (p, result) in batch.into_iter().zip(planned.results) {
+            match result {
+                Ok(committed) => replies.push((p.reply, committed)),
+                Err(e) => {
+                    tracing::error!(error = %e, "an audit entry could not be encoded; its call failed, nothing of it was written");
+                    let _ = p.reply.send(Err(e));
+                }
+            }
+        }
         if let Err(std::sync::mpsc::SendError(replies)) = to_sync.send(replies) {
             for (reply, _) in replies {
                 let _ = reply.send(Err(StorageError::Io("sync thread unavailable".into())));
@@ -434,11 +443,24 @@ struct PlannedCommit {
     ops: Vec<Op>,
 }
 
-/// What a batch does: each commit's entry and changes, each commit's result, and the new chain head.
+/// What a batch does: each commit's entry and changes, each commit's result
+/// (in batch order; a commit whose entry cannot be encoded fails alone), the
+/// new chain head, and everything encoded that applying writes.
 struct Planned {
+    /// The commits that go ahead, in sequence order.
     commits: Vec<PlannedCommit>,
-    results: Vec<Committed>,
+    results: Vec<Result<Committed, StorageError>>,
     head: ChainHead,
+    /// The redo record, if any commit changes data.
+    redo: Option<Vec<u8>>,
+    blocks: Vec<Block>,
+}
+
+/// One `audit` value: its key, its bytes, and which planned commits it holds.
+struct Block {
+    key: [u8; 8],
+    value: Vec<u8>,
+    commits: std::ops::Range<usize>,
 }
 
 /// The store as the batch being planned sees it: the stored trees under the
@@ -511,33 +533,57 @@ fn plan(store: &Store, batch: &[Pending], start: ChainHead, now: i64) -> Result<
                 outcome = CommitOutcome::Conflict { current };
             } else if !key_current {
                 outcome = CommitOutcome::KeyChanged;
-            } else {
-                plan_record(w, &mut ov)?;
             }
         }
-        if outcome == CommitOutcome::Written {
-            for m in &c.meta {
-                ov.set(TreeId::Data(m.tree), &m.key, m.value.clone());
-            }
-        }
-        seq += 1;
         let mut entry = c.entry.clone();
-        entry.sequence = seq;
+        entry.sequence = seq + 1;
         entry.previous_hash = prev;
         entry.time_micros = now;
         if outcome != CommitOutcome::Written {
             entry.outcome = crate::domain::Outcome::Aborted.as_str().to_string();
         }
-        let bytes = entry.encode();
+        // An entry that does not fit the format fails its commit alone,
+        // before anything of it is planned, let alone written.
+        let bytes = match entry.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                results.push(Err(StorageError::Unencodable(e.to_string())));
+                continue;
+            }
+        };
+        if outcome == CommitOutcome::Written {
+            if let Some(w) = &c.write {
+                plan_record(w, &mut ov)?;
+            }
+            for m in &c.meta {
+                ov.set(TreeId::Data(m.tree), &m.key, m.value.clone());
+            }
+        }
+        seq += 1;
         let hash = crate::crypto::sha256(&bytes);
         let mut audit_value = bytes;
         audit_value.extend_from_slice(&hash);
         let ops = ov.ops.split_off(first_op);
         commits.push(PlannedCommit { sequence: seq, audit_value, index_keys: audit_index_keys(&entry, seq), ops });
         prev = hash;
-        results.push(Committed { sequence: seq, hash, time_micros: now, outcome });
+        results.push(Ok(Committed { sequence: seq, hash, time_micros: now, outcome }));
     }
-    Ok(Planned { commits, results, head: (seq, prev) })
+    let redo = if commits.iter().any(|c| !c.ops.is_empty()) { Some(encode_redo(&commits)?) } else { None };
+    let blocks = plan_blocks(&commits)?;
+    Ok(Planned { commits, results, head: (seq, prev), redo, blocks })
+}
+
+/// The batch's entries as blocks of consecutive entries (see `audit_blocks`).
+fn plan_blocks(commits: &[PlannedCommit]) -> Result<Vec<Block>, StorageError> {
+    let mut blocks = Vec::new();
+    let mut at = 0;
+    while let Some(first) = commits.get(at) {
+        let n = block_len(commits[at..].iter().map(|c| c.audit_value.len()));
+        let entries = commits[at..at + n].iter().map(|c| (c.sequence, c.audit_value.as_slice()));
+        blocks.push(Block { key: first.sequence.to_be_bytes(), value: encode_block(entries)?, commits: at..at + n });
+        at += n;
+    }
+    Ok(blocks)
 }
 
 /// The index keys of an entry ([`super::audit_index_key`]: epoch · patient · sequence), for
@@ -602,24 +648,19 @@ const PENDING_KEY: &[u8] = b"batch";
 /// read then takes and every transaction holds exclusively: reads on all
 /// tokio workers stall while a batch commits. This order needs no lock.
 fn commit_ops(store: &Store, planned: &Planned) -> Result<(), StorageError> {
-    let changes_data = planned.commits.iter().any(|c| !c.ops.is_empty());
-    if changes_data {
-        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits))?;
+    if let Some(redo) = &planned.redo {
+        store.pending.insert(PENDING_KEY, redo.as_slice())?;
     }
-    let mut rest = planned.commits.as_slice();
-    while let Some(first) = rest.first() {
-        let (block, after) = rest.split_at(block_len(rest.iter().map(|c| c.audit_value.len())));
-        let entries = block.iter().map(|c| (c.sequence, c.audit_value.as_slice()));
-        store.audit.insert(first.sequence.to_be_bytes(), encode_block(entries))?;
-        for c in block {
+    for block in &planned.blocks {
+        store.audit.insert(block.key, block.value.as_slice())?;
+        for c in &planned.commits[block.commits.clone()] {
             for k in &c.index_keys {
                 store.audit_by_patient.insert(k, &[])?;
             }
             apply_ops(store, &c.ops)?;
         }
-        rest = after;
     }
-    if changes_data {
+    if planned.redo.is_some() {
         store.pending.remove(PENDING_KEY)?;
     }
     Ok(())
@@ -661,7 +702,7 @@ fn tree_from_tag(tag: u8) -> Option<TreeId> {
 /// The redo record: for each commit that changes data, sequence (u64) ·
 /// op count (u32) · ops, each op tree tag (u8) · key length (u32) · key ·
 /// present (u8: 1 put, 0 remove) · [value length (u32) · value]. Integers big-endian.
-fn encode_redo(commits: &[PlannedCommit]) -> Vec<u8> {
+fn encode_redo(commits: &[PlannedCommit]) -> Result<Vec<u8>, StorageError> {
     let size: usize = commits
         .iter()
         .flat_map(|c| c.ops.iter())
@@ -671,22 +712,28 @@ fn encode_redo(commits: &[PlannedCommit]) -> Vec<u8> {
     let mut out = Vec::with_capacity(size);
     for c in commits.iter().filter(|c| !c.ops.is_empty()) {
         out.extend_from_slice(&c.sequence.to_be_bytes());
-        out.extend_from_slice(&u32::try_from(c.ops.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(&length_u32(c.ops.len())?);
         for op in &c.ops {
             out.push(tree_tag(op.tree));
-            out.extend_from_slice(&u32::try_from(op.key.len()).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(&length_u32(op.key.len())?);
             out.extend_from_slice(&op.key);
             match &op.value {
                 Some(v) => {
                     out.push(1);
-                    out.extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_be_bytes());
+                    out.extend_from_slice(&length_u32(v.len())?);
                     out.extend_from_slice(v);
                 }
                 None => out.push(0),
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// A length or count as the u32 the redo record stores; longer is an error
+/// (the batch is not written), never a saturated length.
+fn length_u32(n: usize) -> Result<[u8; 4], StorageError> {
+    u32::try_from(n).map(u32::to_be_bytes).map_err(|_| StorageError::Unencodable("redo record length".into()))
 }
 
 fn decode_redo(mut b: &[u8]) -> Result<Vec<(u64, Vec<Op>)>, StorageError> {
@@ -922,8 +969,11 @@ mod tests {
         // The entries went into two blocks (as larger entries would), and the
         // crash came after the redo record and the first block, before any
         // index key or data.
-        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits)).unwrap();
-        store.audit.insert(1u64.to_be_bytes(), encode_block([(1, planned.commits[0].audit_value.as_slice())])).unwrap();
+        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits).unwrap()).unwrap();
+        store
+            .audit
+            .insert(1u64.to_be_bytes(), encode_block([(1, planned.commits[0].audit_value.as_slice())]).unwrap())
+            .unwrap();
 
         assert_eq!(recover(&store).unwrap(), Recovery { replayed: 1, dropped: 1 });
         assert_eq!(store.head(RecordKind::Patient, &[1; 16]).unwrap().unwrap().version, 1);
@@ -943,9 +993,9 @@ mod tests {
         let batch = vec![created(1), created(2), created(3)];
         let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
         // The crash came after the block, before any index key or data.
-        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits)).unwrap();
+        store.pending.insert(PENDING_KEY, encode_redo(&planned.commits).unwrap()).unwrap();
         let entries = planned.commits.iter().map(|c| (c.sequence, c.audit_value.as_slice()));
-        store.audit.insert(1u64.to_be_bytes(), encode_block(entries)).unwrap();
+        store.audit.insert(1u64.to_be_bytes(), encode_block(entries).unwrap()).unwrap();
 
         assert_eq!(recover(&store).unwrap(), Recovery { replayed: 3, dropped: 0 });
         for id in 1..=3u8 {
@@ -953,7 +1003,7 @@ mod tests {
             let seqs = store.audit_seqs_for_patient(&[id; 16], 0).collect::<Result<Vec<_>, _>>().unwrap();
             assert_eq!(seqs, vec![u64::from(id)]);
         }
-        assert_eq!(store.audit_entry(2).unwrap().unwrap().hash, planned.results[1].hash);
+        assert_eq!(store.audit_entry(2).unwrap().unwrap().hash, planned.results[1].as_ref().unwrap().hash);
         assert_eq!(store.audit_head().unwrap(), Some((3, planned.head.1)));
     }
 
@@ -1007,6 +1057,40 @@ mod tests {
         assert_eq!(seqs_of(&store, 1, 0), vec![1, epoch + 3], "opening again changes nothing");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_too_long_to_encode_fails_its_commit_alone_and_writes_nothing_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, seq, handle, _) = start(dir.path());
+        let mut huge = entry("patient.create");
+        huge.details = vec!["x".repeat(crate::audit::MAX_ENTRY_BYTES)];
+        let (a, b, c) = tokio::join!(
+            seq.commit(Commit { entry: entry("patient.create"), write: Some(write(1, 0)), meta: vec![] }),
+            seq.commit(Commit { entry: huge, write: Some(write(2, 0)), meta: vec![] }),
+            seq.commit(Commit { entry: entry("patient.create"), write: Some(write(3, 0)), meta: vec![] }),
+        );
+        assert!(matches!(b, Err(StorageError::Unencodable(_))), "{b:?}");
+        let mut written = [a.unwrap().sequence, c.unwrap().sequence];
+        written.sort_unstable();
+        assert_eq!(written, [1, 2], "the chain has no gap where the failed commit was");
+        assert_eq!(store.head(RecordKind::Patient, &[2; 16]).unwrap(), None, "nothing of it was written");
+        assert!(store.head(RecordKind::Patient, &[1; 16]).unwrap().is_some());
+        drop(seq);
+        handle.join().unwrap();
+        let raw: Vec<_> = store
+            .audit_all()
+            .map(|e| e.map(|e| crate::audit::RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(crate::audit::verify_chain(raw, None).is_ok());
+    }
+
+    #[test]
+    fn lengths_that_do_not_fit_a_u32_are_errors_not_saturated() {
+        let too_long = usize::try_from(u64::from(u32::MAX) + 1).unwrap();
+        assert!(matches!(length_u32(too_long), Err(StorageError::Unencodable(_))));
+        assert_eq!(length_u32(7).unwrap(), [0, 0, 0, 7]);
+    }
+
     #[test]
     fn the_redo_record_round_trips_and_rejects_truncation() {
         let dir = tempfile::tempdir().unwrap();
@@ -1017,7 +1101,7 @@ mod tests {
             queued(Commit { entry: entry("patient.create"), write: Some(write(3, 0)), meta: vec![meta] }),
         ];
         let planned = plan(&store, &batch, (7, [0; 32]), 5).unwrap();
-        let bytes = encode_redo(&planned.commits);
+        let bytes = encode_redo(&planned.commits).unwrap();
         let decoded = decode_redo(&bytes).unwrap();
         assert_eq!(decoded.len(), 1, "a commit without changes is not in the record");
         assert_eq!(decoded[0].0, 9);
