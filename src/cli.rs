@@ -337,6 +337,10 @@ pub struct VerifyArgs {
     /// A head recorded earlier (SEQ:HASH) that must still be on the chain.
     #[arg(long)]
     pub expect_head: Option<ExpectedHead>,
+    /// Verify only what came after a head verified earlier (SEQ:HASH): the
+    /// entry after SEQ must link to HASH. Without it, verification starts at genesis.
+    #[arg(long, value_name = "SEQ:HASH")]
+    pub from: Option<ExpectedHead>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,

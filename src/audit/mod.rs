@@ -9,4 +9,4 @@ pub mod entry;
 pub mod verify;
 
 pub use entry::{AuditEntry, DecodeError, EncodeError, GENESIS_PREVIOUS_HASH, MAX_ENTRY_BYTES};
-pub use verify::{ExpectedHead, Failure, FailureClass, RawEntry, Report, verify_chain};
+pub use verify::{ExpectedHead, Failure, FailureClass, RawEntry, Report, verify_chain, verify_from};

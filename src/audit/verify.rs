@@ -1,34 +1,57 @@
 //! Pure verification of an audit chain.
 //!
-//! [`verify_chain`] takes entries in storage (or export) order as raw bytes
-//! and recomputes every hash itself. A hash that came with an entry (the one
-//! the server stored) is used only to classify a failure as "content altered";
-//! it is never trusted as proof of anything.
+//! [`verify_chain`] (from genesis) and [`verify_from`] (from an anchor: a
+//! sequence and hash recorded earlier) take entries in storage or export
+//! order as raw bytes and recompute every hash themselves. What came stored
+//! beside an entry (its hash, its sequence in the export wrapper or storage
+//! block) is compared with what the entry's own bytes say, and never trusted
+//! as proof of anything.
 //!
-//! Checks, in order, for each entry:
-//! 1. it decodes as a known format version            -> `UnknownFormat` / `ContentAltered`
-//! 2. SHA-256 of its bytes equals the hash stored with it -> `ContentAltered`
-//! 3. its sequence number is the expected next one     -> `Gap` (ahead) / `OutOfOrder` (behind, or
-//!    ahead and followed by the missing one, as when two entries are swapped)
-//! 4. its previous hash equals the recomputed hash of the entry before it -> `LinkBroken`
-//! 5. its time is not before the previous entry's time -> a warning only
+//! Checks, in order, for the entry at each position; the first failure ends
+//! verification, and every failure is reported at the sequence the chain
+//! expected at that position (the first sequence not verified):
+//! 1. it decodes: an unknown tag, or a version-1 tag after a version-2 entry
+//!    -> `UnknownFormat`; any other decoding failure (truncation, trailing
+//!    bytes, invalid UTF-8, a presence byte other than 0 or 1) -> `ContentAltered`
+//! 2. SHA-256 of its bytes equals the hash stored with it, and the sequence
+//!    stored with it equals its own field 2 -> `ContentAltered`
+//! 3. its sequence (field 2) is the expected one: lower -> `OutOfOrder`;
+//!    higher -> `Gap`, unless the entry after it decodes and has a sequence
+//!    lower than this one's (two entries swapped) -> `OutOfOrder`
+//! 4. at sequence 0, it is the genesis entry (action `audit.genesis`) -> `NoGenesis`
+//! 5. its previous hash equals the recomputed hash of the entry before it (32
+//!    zero bytes before genesis, the anchor's hash before the first entry
+//!    after an anchor) -> `LinkBroken`
+//! 6. its time is not before the previous entry's time -> a warning only
 //!
-//! After the last entry, an [`ExpectedHead`] (a sequence and hash recorded
-//! earlier) must be on the chain: missing -> `HeadMissing` (truncation),
-//! different -> `HeadDifferent` (rewriting).
+//! With nothing to verify from genesis (no entries) the result is
+//! `NoGenesis` at 0. After the last entry, an [`ExpectedHead`] must be on
+//! what was verified (or be the anchor itself): missing -> `HeadMissing`
+//! (truncation), different -> `HeadDifferent` (rewriting).
 
 use std::iter::Peekable;
 
 use super::entry::{AuditEntry, DecodeError, GENESIS_PREVIOUS_HASH};
 use crate::crypto::sha256;
 
-/// One entry as stored or exported: its canonical bytes and, if known, the hash stored beside them.
+/// One entry as stored or exported: its canonical bytes and, if known, the
+/// hash and sequence stored beside them.
 #[derive(Debug, Clone)]
 pub struct RawEntry {
     /// The canonical encoding.
     pub bytes: Vec<u8>,
     /// The hash the store recorded for these bytes, if any.
     pub stored_hash: Option<[u8; 32]>,
+    /// The sequence the store or export recorded beside these bytes
+    /// (`ExportedAuditEntry.sequence`, or the storage block's), if any.
+    pub stored_sequence: Option<u64>,
+}
+
+impl RawEntry {
+    /// An entry with the hash and sequence stored beside it.
+    pub fn stored(bytes: Vec<u8>, hash: [u8; 32], sequence: u64) -> RawEntry {
+        RawEntry { bytes, stored_hash: Some(hash), stored_sequence: Some(sequence) }
+    }
 }
 
 /// A head recorded earlier: `SEQ:HEXHASH`.
@@ -54,7 +77,7 @@ impl std::str::FromStr for ExpectedHead {
 /// Class of the first problem found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
-    /// An entry's bytes do not match its stored hash, or do not decode.
+    /// An entry's bytes do not match what was stored with them, or do not decode.
     ContentAltered,
     /// An entry's previous hash is not the hash of the entry before it.
     LinkBroken,
@@ -62,7 +85,7 @@ pub enum FailureClass {
     Gap,
     /// Entries appear out of sequence order (swapped, duplicated or moved).
     OutOfOrder,
-    /// An entry has a format version this verifier does not know.
+    /// An entry has a format version this verifier does not know, or one not allowed where it is.
     UnknownFormat,
     /// The recorded head is beyond the end of the chain (truncation).
     HeadMissing,
@@ -105,7 +128,8 @@ impl FailureClass {
 /// The first problem found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    /// Sequence number where the problem was found (the expected one for gaps).
+    /// The sequence expected where the problem was found (for a recorded
+    /// head, the head's sequence).
     pub sequence: u64,
     /// What kind of problem.
     pub class: FailureClass,
@@ -116,7 +140,8 @@ pub struct Failure {
 pub struct Report {
     /// Entries whose hash and link were checked.
     pub entries_checked: u64,
-    /// The last good entry's sequence and recomputed hash.
+    /// The last good entry's sequence and recomputed hash (the anchor, if
+    /// nothing after it was checked).
     pub head: Option<(u64, [u8; 32])>,
     /// Sequences whose time is earlier than the entry before (warnings only).
     pub time_warnings: Vec<u64>,
@@ -136,6 +161,17 @@ pub fn verify_chain<I>(entries: I, expect_head: Option<ExpectedHead>) -> Report
 where
     I: IntoIterator<Item = RawEntry>,
 {
+    verify_from(entries, None, expect_head)
+}
+
+/// Verifies the entries after `anchor` (a sequence and hash recorded
+/// earlier, e.g. the head at the last verification): the first entry must be
+/// `anchor.sequence + 1` and link to `anchor.hash`. Without an anchor this is
+/// [`verify_chain`]. Pure: reads only its inputs.
+pub fn verify_from<I>(entries: I, anchor: Option<ExpectedHead>, expect_head: Option<ExpectedHead>) -> Report
+where
+    I: IntoIterator<Item = RawEntry>,
+{
     let mut it = entries
         .into_iter()
         .map(|raw| {
@@ -144,9 +180,21 @@ where
             (raw, hash, decoded)
         })
         .peekable();
-    let mut report = Report { entries_checked: 0, head: None, time_warnings: Vec::new(), failure: None };
-    let mut hashes_seen: Vec<(u64, [u8; 32])> = Vec::new();
-    if let Some(failure) = walk(&mut it, &mut report, expect_head.map(|h| h.sequence), &mut hashes_seen) {
+    let start = match anchor {
+        Some(a) => Position { expected: a.sequence.saturating_add(1), previous: a.hash },
+        None => Position { expected: 0, previous: GENESIS_PREVIOUS_HASH },
+    };
+    let mut report = Report {
+        entries_checked: 0,
+        head: anchor.map(|a| (a.sequence, a.hash)),
+        time_warnings: Vec::new(),
+        failure: None,
+    };
+    let mut head_hash: Option<[u8; 32]> = match (anchor, expect_head) {
+        (Some(a), Some(h)) if a.sequence == h.sequence => Some(a.hash),
+        _ => None,
+    };
+    if let Some(failure) = walk(&mut it, &mut report, start, expect_head.map(|h| h.sequence), &mut head_hash) {
         report.failure = Some(failure);
         return report;
     }
@@ -155,9 +203,9 @@ where
         return report;
     }
     if let Some(expected) = expect_head {
-        match hashes_seen.iter().find(|(s, _)| *s == expected.sequence) {
+        match head_hash {
             None => report.failure = Some(Failure { sequence: expected.sequence, class: FailureClass::HeadMissing }),
-            Some((_, h)) if *h != expected.hash => {
+            Some(h) if h != expected.hash => {
                 report.failure = Some(Failure { sequence: expected.sequence, class: FailureClass::HeadDifferent })
             }
             Some(_) => {}
@@ -168,41 +216,54 @@ where
 
 type Item = (RawEntry, [u8; 32], Result<AuditEntry, DecodeError>);
 
+/// Where the walk is: the sequence it expects next and the hash that entry must link to.
+#[derive(Clone, Copy)]
+struct Position {
+    expected: u64,
+    previous: [u8; 32],
+}
+
 fn walk<I: Iterator<Item = Item>>(
     it: &mut Peekable<I>,
     report: &mut Report,
+    start: Position,
     remember: Option<u64>,
-    hashes_seen: &mut Vec<(u64, [u8; 32])>,
+    head_hash: &mut Option<[u8; 32]>,
 ) -> Option<Failure> {
-    let mut expected_seq: u64 = 0;
-    let mut prev_hash = GENESIS_PREVIOUS_HASH;
+    let Position { expected: mut expected_seq, previous: mut prev_hash } = start;
     let mut prev_time: Option<i64> = None;
+    let mut seen_v2 = false;
     while let Some((raw, hash, decoded)) = it.next() {
+        let fail = |class| Some(Failure { sequence: expected_seq, class });
         let entry = match decoded {
             Ok(e) => e,
-            Err(DecodeError::UnknownFormat) => {
-                return Some(Failure { sequence: expected_seq, class: FailureClass::UnknownFormat });
-            }
-            Err(_) => return Some(Failure { sequence: expected_seq, class: FailureClass::ContentAltered }),
+            Err(DecodeError::UnknownFormat) => return fail(FailureClass::UnknownFormat),
+            Err(_) => return fail(FailureClass::ContentAltered),
         };
-        if let Some(stored) = raw.stored_hash
-            && stored != hash
+        if entry.format == 1 && seen_v2 {
+            return fail(FailureClass::UnknownFormat);
+        }
+        seen_v2 |= entry.format >= 2;
+        if raw.stored_hash.is_some_and(|stored| stored != hash)
+            || raw.stored_sequence.is_some_and(|stored| stored != entry.sequence)
         {
-            return Some(Failure { sequence: expected_seq, class: FailureClass::ContentAltered });
+            return fail(FailureClass::ContentAltered);
         }
         if entry.sequence < expected_seq {
-            return Some(Failure { sequence: expected_seq.saturating_sub(1), class: FailureClass::OutOfOrder });
+            return fail(FailureClass::OutOfOrder);
         }
         if entry.sequence > expected_seq {
-            // Ahead of where we are: a gap, unless the missing entry comes
-            // next (two entries swapped), which is an ordering problem.
+            // Ahead of where we are: a gap, unless the entry after it is
+            // behind it (two entries swapped), which is an ordering problem.
             let next_is_behind =
                 it.peek().and_then(|(_, _, d)| d.as_ref().ok()).is_some_and(|n| n.sequence < entry.sequence);
-            let class = if next_is_behind { FailureClass::OutOfOrder } else { FailureClass::Gap };
-            return Some(Failure { sequence: expected_seq, class });
+            return fail(if next_is_behind { FailureClass::OutOfOrder } else { FailureClass::Gap });
+        }
+        if entry.sequence == 0 && entry.action != "audit.genesis" {
+            return fail(FailureClass::NoGenesis);
         }
         if entry.previous_hash != prev_hash {
-            return Some(Failure { sequence: entry.sequence, class: FailureClass::LinkBroken });
+            return fail(FailureClass::LinkBroken);
         }
         if let Some(t) = prev_time
             && entry.time_micros < t
@@ -214,7 +275,7 @@ fn walk<I: Iterator<Item = Item>>(
         report.entries_checked += 1;
         report.head = Some((entry.sequence, hash));
         if remember == Some(entry.sequence) {
-            hashes_seen.push((entry.sequence, hash));
+            *head_hash = Some(hash);
         }
         expected_seq = entry.sequence + 1;
     }
@@ -229,14 +290,17 @@ mod tests {
         let mut out = Vec::new();
         let mut prev = GENESIS_PREVIOUS_HASH;
         for seq in 0..n {
-            let mut e = if seq == 0 { AuditEntry::genesis(0) } else { AuditEntry::default() };
+            let mut e = if seq == 0 {
+                AuditEntry::genesis(0)
+            } else {
+                AuditEntry { action: "patient.read".into(), ..AuditEntry::default() }
+            };
             e.sequence = seq;
             e.previous_hash = prev;
             e.time_micros = i64::try_from(seq).unwrap() * 10;
-            e.action = "patient.read".into();
             let bytes = e.encode().unwrap();
             prev = sha256(&bytes);
-            out.push(RawEntry { bytes, stored_hash: Some(prev) });
+            out.push(RawEntry { bytes, stored_hash: Some(prev), stored_sequence: Some(seq) });
         }
         out
     }
@@ -326,6 +390,105 @@ mod tests {
         let r = verify_chain(c, None);
         assert!(r.is_ok());
         assert_eq!(r.time_warnings, vec![2]);
+    }
+
+    /// `c` re-linked from `from` on: each entry's previous hash and stored hash recomputed.
+    fn relink(c: &mut [RawEntry], from: usize) {
+        for i in from..c.len() {
+            let mut e = AuditEntry::decode(&c[i].bytes).unwrap();
+            if i > 0 {
+                e.previous_hash = c[i - 1].stored_hash.unwrap();
+            }
+            c[i].bytes = e.encode().unwrap();
+            c[i].stored_hash = Some(sha256(&c[i].bytes));
+        }
+    }
+
+    #[test]
+    fn a_stored_sequence_that_differs_from_the_entrys_own_is_content_altered() {
+        let mut c = chain(5);
+        c[3].stored_sequence = Some(4);
+        assert_eq!(class(&verify_chain(c, None)), Some((3, FailureClass::ContentAltered)));
+    }
+
+    #[test]
+    fn gap_or_out_of_order_depends_on_whether_the_next_entrys_sequence_is_lower_than_this_ones() {
+        let c = chain(6);
+        let pick = |order: &[usize]| order.iter().map(|&i| c[i].clone()).collect::<Vec<_>>();
+        assert_eq!(class(&verify_chain(pick(&[0, 1, 3, 4, 5]), None)), Some((2, FailureClass::Gap)));
+        assert_eq!(class(&verify_chain(pick(&[0, 1, 3, 2, 4]), None)), Some((2, FailureClass::OutOfOrder)));
+        // The next entry is higher than the expected one but lower than this one: still out of order.
+        assert_eq!(class(&verify_chain(pick(&[0, 1, 4, 3, 5]), None)), Some((2, FailureClass::OutOfOrder)));
+        let mut undecodable = pick(&[0, 1, 3]);
+        undecodable.push(RawEntry { bytes: b"junk".to_vec(), stored_hash: None, stored_sequence: None });
+        assert_eq!(class(&verify_chain(undecodable, None)), Some((2, FailureClass::Gap)));
+        // A repeated entry is behind the expected sequence.
+        assert_eq!(class(&verify_chain(pick(&[0, 1, 2, 1, 3]), None)), Some((3, FailureClass::OutOfOrder)));
+    }
+
+    #[test]
+    fn a_chain_must_start_with_the_genesis_entry() {
+        let mut c = chain(4);
+        let mut e = AuditEntry::decode(&c[0].bytes).unwrap();
+        e.action = "patient.read".into();
+        c[0].bytes = e.encode().unwrap();
+        relink(&mut c, 0);
+        assert_eq!(class(&verify_chain(c, None)), Some((0, FailureClass::NoGenesis)));
+        assert_eq!(class(&verify_chain(Vec::new(), None)), Some((0, FailureClass::NoGenesis)));
+        // A chain that starts later than 0 is missing its first entries: a gap at 0.
+        assert_eq!(class(&verify_chain(chain(4).split_off(1), None)), Some((0, FailureClass::Gap)));
+    }
+
+    #[test]
+    fn invalid_utf8_and_presence_bytes_other_than_0_or_1_are_content_altered() {
+        let mut c = chain(4);
+        let e = AuditEntry { actor: "ab".into(), ..AuditEntry::decode(&c[2].bytes).unwrap() };
+        let mut bytes = e.encode().unwrap();
+        let at = bytes.windows(2).position(|w| w == b"ab").unwrap();
+        bytes[at] = 0xff;
+        c[2] = RawEntry { stored_hash: Some(sha256(&bytes)), bytes, stored_sequence: Some(2) };
+        assert_eq!(class(&verify_chain(c, None)), Some((2, FailureClass::ContentAltered)));
+        let mut c = chain(4);
+        let e = AuditEntry::decode(&c[2].bytes).unwrap();
+        let mut bytes = e.encode().unwrap();
+        // The result_count presence byte follows key_version: 4 + 4 bytes after the outcome string.
+        let outcome_end = bytes.len() - 4 - 1 - 4 - 6 * 4;
+        bytes[outcome_end + 4] = 2;
+        c[2] = RawEntry { stored_hash: Some(sha256(&bytes)), bytes, stored_sequence: Some(2) };
+        assert_eq!(class(&verify_chain(c, None)), Some((2, FailureClass::ContentAltered)));
+    }
+
+    #[test]
+    fn a_version_1_entry_may_precede_version_2_ones_but_never_follow_them() {
+        let mut c = chain(5);
+        for raw in c.iter_mut().take(3) {
+            let e = AuditEntry::decode(&raw.bytes).unwrap();
+            raw.bytes = AuditEntry { format: 1, ..e }.encode().unwrap();
+        }
+        relink(&mut c, 0);
+        assert!(verify_chain(c.clone(), None).is_ok());
+        let e = AuditEntry::decode(&c[4].bytes).unwrap();
+        c[4].bytes = AuditEntry { format: 1, ..e }.encode().unwrap();
+        relink(&mut c, 4);
+        assert_eq!(class(&verify_chain(c, None)), Some((4, FailureClass::UnknownFormat)));
+    }
+
+    #[test]
+    fn verifying_from_an_anchor_links_the_first_entry_to_the_anchors_hash() {
+        let c = chain(10);
+        let anchor = ExpectedHead { sequence: 5, hash: c[5].stored_hash.unwrap() };
+        let tail: Vec<_> = c[6..].to_vec();
+        let r = verify_from(tail.clone(), Some(anchor), None);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((r.entries_checked, r.head), (4, Some((9, c[9].stored_hash.unwrap()))));
+        let wrong = ExpectedHead { hash: [7; 32], ..anchor };
+        assert_eq!(class(&verify_from(tail.clone(), Some(wrong), None)), Some((6, FailureClass::LinkBroken)));
+        assert_eq!(class(&verify_from(c[7..].to_vec(), Some(anchor), None)), Some((6, FailureClass::Gap)));
+        // Nothing new since the anchor: verified, the head is the anchor, and it may be the expected head.
+        let r = verify_from(Vec::new(), Some(anchor), Some(anchor));
+        assert!(r.is_ok() && r.head == Some((5, anchor.hash)), "{r:?}");
+        let before = ExpectedHead { sequence: 3, hash: c[3].stored_hash.unwrap() };
+        assert_eq!(class(&verify_from(tail, Some(anchor), Some(before))), Some((3, FailureClass::HeadMissing)));
     }
 
     #[test]

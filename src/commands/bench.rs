@@ -669,7 +669,7 @@ fn verify_bench(n: u64) -> anyhow::Result<(u64, f64, f64)> {
         e.time_micros = i64::try_from(seq).unwrap_or(0);
         let bytes = e.encode()?;
         prev = carevault::crypto::sha256(&bytes);
-        entries.push(RawEntry { bytes, stored_hash: Some(prev) });
+        entries.push(RawEntry::stored(bytes, prev, seq));
     }
     let build = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use carevault::audit::{RawEntry, Report, verify_chain};
+use carevault::audit::{RawEntry, Report, verify_from};
 use carevault::cli::VerifyArgs;
 use carevault::proto::v1::ExportAuditEventsRequest;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
@@ -53,17 +53,18 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let copied = started.elapsed();
             let store = Store::open(&copy.path().join("db"), 64 * 1024 * 1024).map_err(open_error)?;
             note_copy(&copy, copied, store.recovery());
-            let expect = args.expect_head;
+            let (expect, from) = (args.expect_head, args.from);
             let errors = read_error.clone();
             tokio::task::spawn_blocking(move || {
-                let entries = store.audit_all().map_while(|r| match r {
-                    Ok(e) => Some(RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }),
+                let first = from.map_or(0, |a| a.sequence.saturating_add(1));
+                let entries = store.audit_range(first, u64::MAX).map_while(|r| match r {
+                    Ok(e) => Some(e.raw()),
                     Err(err) => {
                         *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
                         None
                     }
                 });
-                let report = verify_chain(entries, expect);
+                let report = verify_from(entries, from, expect);
                 drop(copy);
                 report
             })
@@ -73,18 +74,20 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let token = args.token.clone().context("--server needs --token (or CAREVAULT_TOKEN) with audit.read")?;
             let channel = super::connect(url, &args.tls).await?;
             let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-            let mut req = tonic::Request::new(ExportAuditEventsRequest { start_sequence: 0 });
+            let start_sequence = args.from.map_or(0, |a| a.sequence.saturating_add(1));
+            let mut req = tonic::Request::new(ExportAuditEventsRequest { start_sequence });
             req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
             let mut stream = client.export_audit_events(req).await.context("export refused")?.into_inner();
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
-            let expect = args.expect_head;
-            let verifier = tokio::task::spawn_blocking(move || verify_chain(rx, expect));
+            let (expect, from) = (args.expect_head, args.from);
+            let verifier = tokio::task::spawn_blocking(move || verify_from(rx, from, expect));
             loop {
                 match stream.message().await {
                     Ok(Some(msg)) => {
                         for e in msg.entries {
-                            let stored_hash = <[u8; 32]>::try_from(e.hash.as_slice()).ok();
-                            if tx.send(RawEntry { bytes: e.entry, stored_hash }).is_err() {
+                            // A hash of the wrong length cannot match: it is compared as all zeros.
+                            let stored_hash = <[u8; 32]>::try_from(e.hash.as_slice()).unwrap_or([0; 32]);
+                            if tx.send(RawEntry::stored(e.entry, stored_hash, e.sequence)).is_err() {
                                 break;
                             }
                         }

@@ -240,6 +240,34 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+
+    /// Raw access for tamper tests: swaps two stored entries, each moving
+    /// with the sequence stored beside it (as an attacker reordering the
+    /// trail would), so the trail reads them in the other order. Both must
+    /// be stored in blocks. Named `danger_` because it breaks the chain on purpose.
+    pub fn danger_swap_audit_entries(&self, a: u64, b: u64) -> Result<(), StorageError> {
+        const MISSING: StorageError = StorageError::Corrupt("no such audit entry in a block");
+        let (ka, va) = self.audit_block_of(a)?.ok_or(MISSING)?;
+        let (kb, vb) = self.audit_block_of(b)?.ok_or(MISSING)?;
+        let (sa, sb) = (slots(&ka, &va)?, slots(&kb, &vb)?);
+        let entry_a = sa.iter().find(|(s, _)| *s == a).map(|(_, r)| r.to_vec()).ok_or(MISSING)?;
+        let entry_b = sb.iter().find(|(s, _)| *s == b).map(|(_, r)| r.to_vec()).ok_or(MISSING)?;
+        let swap = |(s, raw): (u64, &[u8])| -> (u64, Vec<u8>) {
+            match s {
+                s if s == a => (b, entry_b.clone()),
+                s if s == b => (a, entry_a.clone()),
+                _ => (s, raw.to_vec()),
+            }
+        };
+        let new_a: Vec<(u64, Vec<u8>)> = sa.into_iter().map(swap).collect();
+        self.audit.insert(&ka, encode_block(new_a.iter().map(|(s, r)| (*s, r.as_slice())))?)?;
+        if kb != ka {
+            let new_b: Vec<(u64, Vec<u8>)> = sb.into_iter().map(swap).collect();
+            self.audit.insert(&kb, encode_block(new_b.iter().map(|(s, r)| (*s, r.as_slice())))?)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -219,12 +219,19 @@ pub struct Footprint {
 /// A stored audit entry: its canonical bytes and the hash stored beside them.
 #[derive(Debug, Clone)]
 pub struct StoredAuditEntry {
-    /// Sequence (the tree key).
+    /// The sequence stored beside the entry (its block slot, or its key).
     pub sequence: u64,
     /// Canonical encoding.
     pub bytes: Vec<u8>,
     /// Stored SHA-256 of `bytes`.
     pub hash: [u8; 32],
+}
+
+impl StoredAuditEntry {
+    /// The entry as the verifier takes it: bytes, and the hash and sequence stored beside them.
+    pub fn raw(self) -> crate::audit::RawEntry {
+        crate::audit::RawEntry::stored(self.bytes, self.hash, self.sequence)
+    }
 }
 
 impl Store {

@@ -1076,11 +1076,8 @@ mod tests {
         assert!(store.head(RecordKind::Patient, &[1; 16]).unwrap().is_some());
         drop(seq);
         handle.join().unwrap();
-        let raw: Vec<_> = store
-            .audit_all()
-            .map(|e| e.map(|e| crate::audit::RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let raw: Vec<_> =
+            store.audit_all().map(|e| e.map(crate::storage::StoredAuditEntry::raw)).collect::<Result<_, _>>().unwrap();
         assert!(crate::audit::verify_chain(raw, None).is_ok());
     }
 
@@ -1145,7 +1142,7 @@ mod tests {
             }
             let raw: Vec<_> = store
                 .audit_all()
-                .map(|e| e.map(|e| crate::audit::RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
+                .map(|e| e.map(crate::storage::StoredAuditEntry::raw))
                 .collect::<Result<_, _>>()
                 .unwrap();
             proptest::prop_assert_eq!(raw.len(), ops.len() + 1);

@@ -125,8 +125,11 @@ async fn export_streams_the_exact_hashed_bytes_and_they_verify_to_the_head() {
     assert_eq!(entries.last().map(|e| AuditEntry::decode(&e.entry).unwrap().action), Some("audit.export".to_string()));
     let head_entry = &entries[usize::try_from(head_before.sequence).unwrap()];
     assert_eq!(carevault::crypto::sha256(&head_entry.entry).to_vec(), head_before.hash);
-    let raw =
-        entries.iter().map(|e| RawEntry { bytes: e.entry.clone(), stored_hash: e.hash.as_slice().try_into().ok() });
+    let raw = entries.iter().map(|e| RawEntry {
+        bytes: e.entry.clone(),
+        stored_hash: e.hash.as_slice().try_into().ok(),
+        stored_sequence: Some(e.sequence),
+    });
     let expect = carevault::audit::ExpectedHead {
         sequence: head_before.sequence,
         hash: head_before.hash.clone().try_into().unwrap(),

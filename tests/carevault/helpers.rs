@@ -521,11 +521,7 @@ pub async fn search(s: &TestServer, criterion: pb::search_patients_request::Crit
 
 /// Every stored audit entry of a store, as the verifier takes them.
 pub fn raw_chain(store: &carevault::storage::Store) -> Vec<carevault::audit::RawEntry> {
-    store
-        .audit_all()
-        .map(|e| e.map(|e| carevault::audit::RawEntry { bytes: e.bytes, stored_hash: Some(e.hash) }))
-        .collect::<Result<_, _>>()
-        .unwrap()
+    store.audit_all().map(|e| e.map(carevault::storage::StoredAuditEntry::raw)).collect::<Result<_, _>>().unwrap()
 }
 
 /// How many calls of `action` with `outcome` the trail accounts for: one per

@@ -78,6 +78,15 @@ async fn a_deleted_entry_is_reported_as_a_gap() {
 #[tokio::test]
 async fn swapped_entries_are_reported_out_of_order() {
     let (dir, _g, _) = chain_of(5).await;
+    with_store(&dir, |s| s.danger_swap_audit_entries(2, 3).unwrap());
+    let (code, v) = verify(&dir, None);
+    assert_eq!(code, 1);
+    assert_eq!(failure(&v), (2, "out_of_order".into()));
+}
+
+#[tokio::test]
+async fn an_entry_moved_under_another_stored_sequence_is_content_altered() {
+    let (dir, _g, _) = chain_of(5).await;
     with_store(&dir, |s| {
         let a = s.audit_raw(2).unwrap().unwrap();
         let b = s.audit_raw(3).unwrap().unwrap();
@@ -86,7 +95,7 @@ async fn swapped_entries_are_reported_out_of_order() {
     });
     let (code, v) = verify(&dir, None);
     assert_eq!(code, 1);
-    assert_eq!(failure(&v), (2, "out_of_order".into()));
+    assert_eq!(failure(&v), (2, "content_altered".into()));
 }
 
 #[tokio::test]
@@ -112,4 +121,46 @@ async fn a_rewritten_chain_tail_is_caught_by_the_recorded_head() {
     let (code, v) = verify(&dir, Some(&wrong));
     assert_eq!(code, 1);
     assert_eq!(failure(&v), (seq, "recorded_head_different".into()));
+}
+
+#[tokio::test]
+async fn verify_from_a_recorded_head_checks_only_what_came_after_it() {
+    let (dir, _g, head) = chain_of(3).await;
+    let s = TestServer::start_in(
+        dir.clone(),
+        dir.parent().unwrap().join("keys"),
+        std::sync::Arc::new(carevault::clock::SystemClock),
+    )
+    .await;
+    for i in 0..4 {
+        create(&s, patient("Later", &format!("L{i}"), "1980", &format!("LA-{i}"))).await;
+    }
+    // Online: the export starts after the anchor.
+    let url = format!("http://{}", s.addr);
+    let token = s.token("officer", "audit.read");
+    let (h, u, t) = (head.clone(), url.clone(), token.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_carevault"))
+            .args(["verify", "--server", &u, "--token", &t, "--from", &h, "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["entries_checked"], 5, "four creates and the export itself");
+    drop(s.stop_keep().await);
+    // Offline, the same; and an anchor that is not on the chain breaks the first link.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
+    let out = cmd.arg("verify").arg("--data-dir").arg(&dir).args(["--json", "--from", &head]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((out.status.code(), v["entries_checked"].as_u64()), (Some(0), Some(5)));
+    let seq: u64 = head.split(':').next().unwrap().parse().unwrap();
+    let forged = format!("{seq}:{}", "11".repeat(32));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
+    let out = cmd.arg("verify").arg("--data-dir").arg(&dir).args(["--json", "--from", &forged]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(failure(&v), (seq + 1, "link_broken".into()));
 }

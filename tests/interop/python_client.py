@@ -43,10 +43,10 @@ def decode_entry(e: bytes) -> dict:
     def strs():
         return [s() for _ in range(u32())]
 
-    tag = take(18)
+    tag = take(18) if len(e) >= 18 else b""
     if tag not in (b"carevault.audit.v1", b"carevault.audit.v2"):
         raise ValueError("unknown format")
-    d = {"sequence": u64(), "previous_hash": take(32), "time": struct.unpack(">q", take(8))[0]}
+    d = {"format": int(tag[-1:]), "sequence": u64(), "previous_hash": take(32), "time": struct.unpack(">q", take(8))[0]}
     d["actor"] = s()
     d["scopes"] = strs()
     for k in ("client_address", "request_id", "action", "resource_type", "resource_id", "patient_id"):
@@ -69,6 +69,52 @@ def decode_entry(e: bytes) -> dict:
     if pos != len(e):
         raise ValueError("trailing bytes")
     return d
+
+
+class Failed(Exception):
+    """The first failure, as README.md classifies it."""
+
+    def __init__(self, sequence, cls):
+        super().__init__(f"{cls} at {sequence}")
+        self.sequence, self.cls = sequence, cls
+
+
+def verify(items, anchor=None):
+    """README.md's checks, in order, over ExportedAuditEntry messages.
+    anchor: (sequence, hash) recorded earlier, or None to verify from genesis.
+    Returns (entries checked, (head sequence, head hash)); raises Failed."""
+    expected, prev = (anchor[0] + 1, anchor[1]) if anchor else (0, b"\0" * 32)
+    head, checked, seen_v2 = anchor, 0, False
+    decoded = []
+    for item in items:
+        try:
+            decoded.append(decode_entry(item.entry))
+        except ValueError as err:
+            decoded.append(err)
+    for i, item in enumerate(items):
+        d = decoded[i]
+        if isinstance(d, ValueError):
+            raise Failed(expected, "unknown_format" if str(d) == "unknown format" else "content_altered")
+        if d["format"] == 1 and seen_v2:
+            raise Failed(expected, "unknown_format")
+        seen_v2 = seen_v2 or d["format"] == 2
+        h = hashlib.sha256(item.entry).digest()
+        if h != item.hash or item.sequence != d["sequence"]:
+            raise Failed(expected, "content_altered")
+        if d["sequence"] < expected:
+            raise Failed(expected, "out_of_order")
+        if d["sequence"] > expected:
+            nxt = decoded[i + 1] if i + 1 < len(items) else None
+            behind = isinstance(nxt, dict) and nxt["sequence"] < d["sequence"]
+            raise Failed(expected, "out_of_order" if behind else "gap")
+        if d["sequence"] == 0 and d["action"] != "audit.genesis":
+            raise Failed(expected, "no_genesis")
+        if d["previous_hash"] != prev:
+            raise Failed(expected, "link_broken")
+        prev, expected, checked, head = h, expected + 1, checked + 1, (d["sequence"], h)
+    if head is None:
+        raise Failed(0, "no_genesis")
+    return checked, head
 
 
 def main() -> int:
@@ -131,25 +177,37 @@ def main() -> int:
                 fields += [v.field for v in br.field_violations]
         assert fields == ["patient.names", "patient.birth_date"], fields
 
-    # Verify the exported chain independently.
+    # Verify the exported chain independently, from genesis.
     head = audit.GetAuditHead(audit_pb2.GetAuditHeadRequest(), metadata=md)
-    prev, expected, count, head_seen, services = b"\0" * 32, 0, 0, False, set()
-    for msg in audit.ExportAuditEvents(audit_pb2.ExportAuditEventsRequest(start_sequence=0), metadata=md):
-        for item in msg.entries:
-            d = decode_entry(item.entry)
-            h = hashlib.sha256(item.entry).digest()
-            assert h == item.hash, f"content altered at {d['sequence']}"
-            assert d["sequence"] == expected, f"gap or reorder at {expected}"
-            assert d["previous_hash"] == prev, f"link broken at {expected}"
-            if d["sequence"] == head.sequence:
-                assert h == head.hash, "recorded head differs"
-                head_seen = True
-            prev, expected, count = h, expected + 1, count + 1
-            if d.get("action") == "patient.create":
-                services.add(d["service"])
-                assert d["purpose"] == "TREAT" and "front_desk" in d["roles"], d
-    assert head_seen, "recorded head missing"
+    items = [i for msg in audit.ExportAuditEvents(audit_pb2.ExportAuditEventsRequest(start_sequence=0), metadata=md)
+             for i in msg.entries]
+    count, last = verify(items)
+    recorded = [i for i in items if i.sequence == head.sequence]
+    assert recorded and hashlib.sha256(recorded[0].entry).digest() == head.hash, "recorded head missing or different"
+    services = {d["service"] for d in map(lambda i: decode_entry(i.entry), items) if d["action"] == "patient.create"}
+    for d in map(lambda i: decode_entry(i.entry), items):
+        if d["action"] == "patient.create":
+            assert d["purpose"] == "TREAT" and "front_desk" in d["roles"], d
     assert services == {"spiffe://carevault.dev/client"}, services
+
+    # Then only what came after that head, anchored at it.
+    patients.GetPatient(patient_pb2.GetPatientRequest(patient_id=created.id), metadata=md)
+    later = [i for msg in audit.ExportAuditEvents(audit_pb2.ExportAuditEventsRequest(start_sequence=last[0] + 1),
+                                                  metadata=md) for i in msg.entries]
+    more, _ = verify(later, anchor=last)
+    assert more == 2, more  # the read and the export itself
+    # And the rules catch what they should.
+    for mutate, cls in [(lambda l: l[1:], "gap"), (lambda l: [l[1], l[0]] + l[2:], "out_of_order")]:
+        try:
+            verify(mutate(list(items)))
+            raise AssertionError(f"{cls} not caught")
+        except Failed as f:
+            assert f.cls == cls, (f.cls, cls)
+    try:
+        verify(later, anchor=(last[0], b"\x11" * 32))
+        raise AssertionError("a wrong anchor was accepted")
+    except Failed as f:
+        assert (f.cls, f.sequence) == ("link_broken", last[0] + 1), f
     print(f"python interop: ok ({count} entries verified from the README's encoding)")
     return 0
 
