@@ -31,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
 
-    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".carevault"])?;
+    // Every field in JSON output, defaults included, so that an empty result
+    // reads as an empty list rather than a missing one.
+    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.emit_fields().build(&[".carevault"])?;
     Ok(())
 }

@@ -412,6 +412,24 @@ pub enum ClientCommand {
         /// Patient id.
         id: String,
     },
+    /// Replace a patient from a JSON Patient carrying its id and the version last read (file or -).
+    UpdatePatient {
+        /// JSON file or -.
+        json: PathBuf,
+    },
+    /// Soft-delete a patient at the version last read.
+    DeletePatient {
+        /// Patient id.
+        id: String,
+        /// The version last read (the delete fails with ABORTED if it is stale).
+        #[arg(long)]
+        expected_version: i64,
+    },
+    /// Every version of a patient, oldest first.
+    PatientHistory {
+        /// Patient id.
+        id: String,
+    },
     /// Search patients.
     Search {
         /// Identifier as SYSTEM=VALUE.
@@ -437,6 +455,24 @@ pub enum ClientCommand {
     AddCoverage {
         /// JSON file or -.
         json: PathBuf,
+    },
+    /// Get a coverage.
+    GetCoverage {
+        /// Coverage id.
+        id: String,
+    },
+    /// Replace a coverage from a JSON Coverage carrying its id and the version last read (file or -).
+    UpdateCoverage {
+        /// JSON file or -.
+        json: PathBuf,
+    },
+    /// Soft-delete a coverage at the version last read.
+    DeleteCoverage {
+        /// Coverage id.
+        id: String,
+        /// The version last read (the delete fails with ABORTED if it is stale).
+        #[arg(long)]
+        expected_version: i64,
     },
     /// List a patient's coverages.
     ListCoverages {

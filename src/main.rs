@@ -22,8 +22,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// is not lossy: when it is full, callers wait rather than drop lines. The
 /// returned guard flushes what is queued when dropped.
 fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = EnvFilter::try_from_env("CAREVAULT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,h2=warn,tower=warn"));
+    let filter = EnvFilter::try_from_env("CAREVAULT_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,sled=warn,h2=warn,tower=warn,tonic::transport::server::io_stream=debug")
+    });
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("carevault-log")
@@ -68,9 +69,24 @@ fn main() {
     let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", causes(&e));
             2
         }
     };
     std::process::exit(code);
+}
+
+/// The error and its causes, each said once: a cause whose text its
+/// wrapper already printed (several libraries include their source in their
+/// own message) is left out.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.iter().any(|said| said.contains(&text)) {
+            continue;
+        }
+        out.push(text);
+    }
+    out.join(": ")
 }

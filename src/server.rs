@@ -109,12 +109,30 @@ pub fn load_policy(file: Option<&std::path::Path>) -> Result<Policy, ServerError
     }
 }
 
-/// Opens keys, checks them against the data directory, opens the store and
-/// starts the sequencer. A wrong key fails here, before sled is opened.
-pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, ServerError> {
+/// What the configuration names, read and checked without creating or
+/// changing anything: the policy and the TLS files.
+pub struct Loaded {
+    policy: Policy,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// Checks the configuration and reads the policy and TLS files.
+pub fn load(config: &ServiceConfig) -> Result<Loaded, ServerError> {
     config.validate()?;
     let policy = load_policy(config.policy_file.as_deref())?;
     let tls = config.tls.as_ref().map(|t| t.load()).transpose()?;
+    Ok(Loaded { policy, tls })
+}
+
+/// Opens keys, checks them against the data directory, opens the store and
+/// starts the sequencer. A wrong key fails here, before sled is opened.
+pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, ServerError> {
+    open_loaded(config, load(config)?, options)
+}
+
+/// [`open`] with the configuration already [`load`]ed.
+pub fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOptions) -> Result<Service, ServerError> {
+    let Loaded { policy, tls } = loaded;
     let key_paths = KeyPaths { dir: config.key_dir.clone() };
     let source = config.key_source.clone().unwrap_or_else(|| KeySource::Files(key_paths.clone()));
     let (keyring, key_state, shreds) = keystore::open_for_data_dir(&source, &config.data_dir)?;

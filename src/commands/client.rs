@@ -24,7 +24,7 @@ fn read_json(path: &Path) -> anyhow::Result<String> {
 }
 
 fn print<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    println!("{}", super::output::json(v)?);
     Ok(())
 }
 
@@ -51,9 +51,7 @@ impl Caller {
     }
 }
 
-fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
-}
+use super::output::status;
 
 /// Runs one client command.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
@@ -76,6 +74,41 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCommand::GetPatient { id } => {
             let r = patients.get_patient(c.req(pb::GetPatientRequest { patient_id: id })?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::UpdatePatient { json } => {
+            let patient: pb::Patient = serde_json::from_str(&read_json(&json)?).context("not a JSON Patient")?;
+            let r = patients
+                .update_patient(c.req(pb::UpdatePatientRequest { patient: Some(patient) })?)
+                .await
+                .map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::DeletePatient { id, expected_version } => {
+            let req = pb::DeletePatientRequest { patient_id: id, version: expected_version };
+            let r = patients.delete_patient(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::PatientHistory { id } => {
+            let req = pb::GetPatientHistoryRequest { patient_id: id };
+            let r = patients.get_patient_history(c.req(req)?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::GetCoverage { id } => {
+            let r = coverages.get_coverage(c.req(pb::GetCoverageRequest { coverage_id: id })?).await.map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::UpdateCoverage { json } => {
+            let coverage: pb::Coverage = serde_json::from_str(&read_json(&json)?).context("not a JSON Coverage")?;
+            let r = coverages
+                .update_coverage(c.req(pb::UpdateCoverageRequest { coverage: Some(coverage) })?)
+                .await
+                .map_err(status)?;
+            print(&r.into_inner())
+        }
+        ClientCommand::DeleteCoverage { id, expected_version } => {
+            let req = pb::DeleteCoverageRequest { coverage_id: id, version: expected_version };
+            let r = coverages.delete_coverage(c.req(req)?).await.map_err(status)?;
             print(&r.into_inner())
         }
         ClientCommand::Search { identifier, family, birth_date, member_id } => {
@@ -122,11 +155,15 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             print(&r.into_inner())
         }
         ClientCommand::AuditTail { count, patient_id } => {
-            let head = audit.get_audit_head(c.req(pb::GetAuditHeadRequest {})?).await.map_err(status)?.into_inner();
-            let from = if patient_id.is_some() {
-                0
-            } else {
-                head.sequence.saturating_sub(u64::try_from(count).unwrap_or(u64::MAX))
+            // Without a patient, the head is looked up first and the events
+            // before that lookup's own entry are shown (not the lookup itself).
+            let (from, before) = match &patient_id {
+                Some(_) => (0, u64::MAX),
+                None => {
+                    let head =
+                        audit.get_audit_head(c.req(pb::GetAuditHeadRequest {})?).await.map_err(status)?.into_inner();
+                    (head.sequence.saturating_sub(u64::try_from(count).unwrap_or(u64::MAX)), head.sequence)
+                }
             };
             let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("a1:{from}"));
             let mut events = Vec::new();
@@ -139,7 +176,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                     ..Default::default()
                 };
                 let r = audit.list_audit_events(c.req(req)?).await.map_err(status)?.into_inner();
-                events.extend(r.events);
+                events.extend(r.events.into_iter().filter(|e| e.sequence < before));
                 if r.next_page_token.is_empty() {
                     break;
                 }

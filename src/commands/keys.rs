@@ -16,9 +16,7 @@ use carevault::server::{self, OpenOptions};
 use carevault::storage::snapshot;
 use indicatif::{ProgressBar, ProgressStyle};
 
-fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
-}
+use super::output::status;
 
 fn app_error(e: carevault::error::AppError) -> anyhow::Error {
     let s = carevault::error::to_status(&e, "offline");
@@ -27,7 +25,7 @@ fn app_error(e: carevault::error::AppError) -> anyhow::Error {
 
 fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        println!("{}", super::output::json(v)?);
     } else {
         println!("{}", human());
     }
@@ -174,7 +172,7 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
                 let Some(j) = j.into_inner().job else { continue };
                 pb.set_position(j.reindexed);
                 if j.state == "completed" {
-                    pb.finish();
+                    pb.finish_and_clear();
                     return print(args.json, &j, || human_blind(&j));
                 }
             }
@@ -200,7 +198,7 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
                 let Some(j) = j.into_inner().job else { continue };
                 pb.set_position(j.done);
                 if j.state == "completed" {
-                    pb.finish();
+                    pb.finish_and_clear();
                     return print(args.json, &j, || human_reencrypt(&j));
                 }
             }
@@ -220,7 +218,7 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
                 let Some(j) = j.job else { continue };
                 pb.set_position(j.done);
                 if j.state == "completed" {
-                    pb.finish();
+                    pb.finish_and_clear();
                     return print(args.json, &j, || {
                         format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate)
                     });
@@ -313,7 +311,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
                 let Some(j) = app.blind_index_progress().map_err(app_error)? else { continue };
                 pb.set_position(j.reindexed);
                 if j.state == "completed" {
-                    pb.finish();
+                    pb.finish_and_clear();
                     let j = blind_pb(&j);
                     return print(args.json, &j, || human_blind(&j));
                 }
@@ -342,7 +340,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
                 let Some(j) = app.reencrypt_progress().map_err(app_error)? else { continue };
                 pb.set_position(j.done);
                 if j.state == "completed" {
-                    pb.finish();
+                    pb.finish_and_clear();
                     let j = reencrypt_pb(&j, SystemClock.now_micros());
                     return print(args.json, &j, || human_reencrypt(&j));
                 }
@@ -363,7 +361,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
                 let Some(j) = app.rewrap_progress().map_err(app_error)? else { continue };
                 pb.set_position(j.done);
                 if j.state == "completed" {
-                    pb.finish();
+                    pb.finish_and_clear();
                     let j = job_pb(&j, SystemClock.now_micros());
                     return print(args.json, &j, || {
                         format!("rewrap complete: {} rewrapped to v{} at {:.0}/s", j.done, j.target_version, j.rate)

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod keys;
+pub mod output;
 pub mod serve;
 pub mod token;
 pub mod verify;
@@ -39,7 +40,27 @@ pub async fn connect(url: &str, tls: &TlsClientArgs) -> anyhow::Result<Channel> 
         .load()?;
         endpoint = endpoint.tls_config(config).context("TLS configuration")?;
     }
-    endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+    endpoint.connect().await.map_err(|e| {
+        let hint = connect_hint(&anyhow::Error::new(e));
+        anyhow::anyhow!("cannot connect to {url}: {hint}")
+    })
+}
+
+/// The cause of a failed connection, and what to do about it.
+fn connect_hint(e: &anyhow::Error) -> String {
+    let text: String = e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ");
+    let what = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        "the server's certificate is not signed by a CA this client trusts: pass the CA that issued it with --tls-ca (for `carevault certs dev`, its ca.pem)"
+    } else if text.contains("NotValidForName") {
+        "the server's certificate does not name this host: connect with a name it was issued for, or pass --tls-domain"
+    } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        "the server does not speak TLS on this port: use an http:// URL, or start the server with --tls-cert and --tls-key"
+    } else if text.contains("Connection refused") || text.contains("ConnectionRefused") {
+        "nothing is listening there: is the server running, and on this address?"
+    } else {
+        return text;
+    };
+    format!("{what} ({})", e.chain().last().map(ToString::to_string).unwrap_or_default())
 }
 
 /// The master key source the flags ask for; reads the process environment

@@ -90,12 +90,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         break_glass_secs: args.break_glass_ttl.as_secs(),
     };
-    config.validate()?;
+    let loaded = server::load(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {} (is another server using it? choose another with --listen)", config.listen)
     })?;
     provision(&data_dir, &key_dir, &source)?;
-    let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
+    let service = server::open_loaded(&config, loaded, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
     print_welcome(&data_dir, &key_dir);
     tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "carevault listening");
     server::run(listener, service, shutdown_signal()).await?;

@@ -210,3 +210,174 @@ async fn serve_creates_nothing_when_its_port_is_taken_and_says_so_when_the_data_
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another process"), "{err}");
 }
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{cmd:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn the_cli_client_covers_the_api_and_says_what_is_wrong_and_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, keys) = (tmp.path().join("data"), tmp.path().join("keys"));
+    let (mut child, addr) = spawn_binary_server(&data, &keys);
+    let url = format!("http://{addr}");
+    let mint = |roles: &str| {
+        run_ok(
+            bin()
+                .args(["token", "issue", "--sub", "cli", "--role", roles, "--ttl", "5m"])
+                .env("CAREVAULT_KEY_DIR", &keys),
+        )
+        .trim()
+        .to_string()
+    };
+    let (desk, officer) = (mint("front_desk"), mint("compliance"));
+    let client = |token: &str| {
+        let mut c = bin();
+        c.args(["client", "--server", &url, "--token", token, "--purpose", "TREAT"]);
+        c
+    };
+    let stdin_json = |mut cmd: Command, json: String| {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(json.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // Field violations are printed with their reasons.
+    let bad = stdin_json(
+        {
+            let mut c = client(&desk);
+            c.args(["create-patient", "-"]);
+            c
+        },
+        r#"{"names":[{"family":"X"}],"birthDate":"1990-02-30"}"#.into(),
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("patient.birth_date: "), "{err}");
+    assert!(!err.contains("1990-02-30"), "the value is never echoed: {err}");
+    let mut nope = bin();
+    nope.args(["client", "--server", &url, "--token", &desk, "--purpose", "NOPE", "get-patient"]);
+    let err = run_err(nope.arg(uuid::Uuid::now_v7().to_string()));
+    assert!(err.contains("x-purpose-of-use") && err.contains("TREAT") && err.contains("ETREAT"), "{err}");
+
+    // Create, update, history, delete; coverage get, update, delete; JSON as proto3 JSON with times in Z.
+    let created = stdin_json(
+        {
+            let mut c = client(&desk);
+            c.args(["create-patient", "-"]);
+            c
+        },
+        r#"{"names":[{"family":"Cliff","given":["Ann"]}],"birthDate":"1990-01-02"}"#.into(),
+    );
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let id = p["patient"]["id"].as_str().unwrap().to_string();
+    assert!(p["patient"]["createTime"].as_str().unwrap().ends_with('Z'), "{p}");
+    let empty: serde_json::Value = serde_json::from_str(&run_ok(client(&desk).args(["list-coverages", &id]))).unwrap();
+    assert_eq!(empty["coverages"], serde_json::json!([]), "an empty result is explicit");
+    let mut changed = p["patient"].clone();
+    changed["preferredLanguage"] = "es".into();
+    let updated = stdin_json(
+        {
+            let mut c = client(&desk);
+            c.args(["update-patient", "-"]);
+            c
+        },
+        changed.to_string(),
+    );
+    assert!(updated.status.success(), "{}", String::from_utf8_lossy(&updated.stderr));
+    let history: serde_json::Value =
+        serde_json::from_str(&run_ok(client(&desk).args(["patient-history", &id]))).unwrap();
+    assert_eq!(history["versions"].as_array().unwrap().len(), 2);
+    let cov = format!(
+        r#"{{"patientId":"{id}","status":"COVERAGE_STATUS_ACTIVE","type":"COVERAGE_TYPE_PPO","payor":{{"name":"Acme"}},"subscriberId":"M-1","relationship":"SUBSCRIBER_RELATIONSHIP_PATIENT","order":1}}"#
+    );
+    let added = stdin_json(
+        {
+            let mut c = client(&desk);
+            c.args(["add-coverage", "-"]);
+            c
+        },
+        cov,
+    );
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let cv: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    let cid = cv["coverage"]["id"].as_str().unwrap().to_string();
+    let got: serde_json::Value = serde_json::from_str(&run_ok(client(&desk).args(["get-coverage", &cid]))).unwrap();
+    let mut c2 = got["coverage"].clone();
+    c2["planName"] = "Gold".into();
+    let upd = stdin_json(
+        {
+            let mut c = client(&desk);
+            c.args(["update-coverage", "-"]);
+            c
+        },
+        c2.to_string(),
+    );
+    assert!(upd.status.success(), "{}", String::from_utf8_lossy(&upd.stderr));
+    run_ok(client(&desk).args(["delete-coverage", &cid, "--expected-version", "2"]));
+    let deleted: serde_json::Value =
+        serde_json::from_str(&run_ok(client(&desk).args(["delete-patient", &id, "--expected-version", "2"]))).unwrap();
+    assert_eq!(deleted["patient"]["active"], false);
+
+    // Audit tail: hashes in hex like audit-head, and not its own head lookup.
+    let head = run_ok(client(&officer).arg("audit-head"));
+    let (seq, hash) = head.trim().split_once(':').unwrap();
+    assert_eq!(hash.len(), 64);
+    let tail: serde_json::Value =
+        serde_json::from_str(&run_ok(client(&officer).args(["audit-tail", "--count", "3"]))).unwrap();
+    let events = tail["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3);
+    let last = events.last().unwrap();
+    assert_eq!(last["action"], "audit.head", "the newest shown is the earlier audit-head call");
+    assert_eq!(last["sequence"].as_str(), Some(seq));
+    assert_eq!(last["hash"].as_str(), Some(hash), "the same hash, in the same encoding");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn errors_name_each_cause_once_and_token_issue_warns_about_tokens_a_server_would_refuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tls");
+    run_ok(bin().args(["certs", "dev", "--out"]).arg(&dir));
+    let err = run_err(bin().args(["certs", "dev", "--out"]).arg(&dir));
+    assert_eq!(err.matches("already exists").count(), 1, "{err}");
+    let policy = tmp.path().join("bad.toml");
+    std::fs::write(&policy, "[roles.x]\npermissions = [\"patients.raed\"]\n").unwrap();
+    let data = tmp.path().join("data");
+    let err = run_err(
+        bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(&policy)
+            .env("CAREVAULT_DATA_DIR", &data)
+            .env("CAREVAULT_KEY_DIR", tmp.path().join("k")),
+    );
+    assert_eq!(err.matches("unknown permission").count(), 1, "{err}");
+    assert!(err.contains("line 2"), "{err}");
+    assert!(!data.exists(), "a bad policy is refused before anything is created");
+    let keys = tmp.path().join("keys");
+    run_ok(bin().args(["init", "--data-dir"]).arg(tmp.path().join("d2")).arg("--key-dir").arg(&keys));
+    let out = bin()
+        .args(["token", "issue", "--sub", "x", "--role", "front_desk,schedulr", "--ttl", "8h"])
+        .env("CAREVAULT_KEY_DIR", &keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(warn.contains("--ttl 8h is longer than") && warn.contains("\"schedulr\" is not a built-in role"), "{warn}");
+    assert!(!warn.contains("\"front_desk\""), "{warn}");
+}

@@ -472,8 +472,9 @@ pub fn spawn_binary_server(data: &std::path::Path, keys: &std::path::Path) -> (s
     (child, addr)
 }
 
-/// Like [`spawn_binary_server`] with the log filter `filter`; every JSON log
-/// line the server writes is collected.
+/// Like [`spawn_binary_server`] with the log filter `filter` (empty: the
+/// server's default) and `extra` arguments; every JSON log line the server
+/// writes is collected.
 pub fn spawn_binary_server_logging(
     data: &std::path::Path,
     keys: &std::path::Path,
@@ -482,16 +483,16 @@ pub fn spawn_binary_server_logging(
 ) -> (std::process::Child, String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_carevault"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
         .args(extra)
         .env("CAREVAULT_DATA_DIR", data)
         .env("CAREVAULT_KEY_DIR", keys)
-        .env("CAREVAULT_LOG", filter)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env_remove("CAREVAULT_LOG");
+    if !filter.is_empty() {
+        cmd.env("CAREVAULT_LOG", filter);
+    }
+    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("server exited before listening").unwrap();

@@ -134,3 +134,55 @@ async fn the_cli_client_and_verify_speak_mutual_tls() {
     let out = run(bare).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn tls_mistakes_say_what_to_do_and_the_server_logs_refused_handshakes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_carevault"));
+    assert!(bin().args(["certs", "dev", "--out"]).arg(&tls).status().unwrap().success());
+    let (data, keys) = (tmp.path().join("data"), tmp.path().join("keys"));
+    let f = |name: &str| tls.join(name).to_str().unwrap().to_string();
+    let (cert, key, ca) = (f(dev_files::SERVER_CERT), f(dev_files::SERVER_KEY), f(dev_files::CA_CERT));
+    let args = ["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca, "--require-client-cert"];
+    let (mut child, addr, logged) = spawn_binary_server_logging(&data, &keys, "", &args);
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    let client = |url: &str, extra: &[&str]| {
+        let out =
+            bin().args(["client", "--server", url, "--token", "t"]).args(extra).arg("audit-head").output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let https = format!("https://localhost:{port}");
+    let unknown_ca = client(&https, &[]);
+    assert!(unknown_ca.contains("--tls-ca") && unknown_ca.contains("not signed by a CA"), "{unknown_ca}");
+    assert_eq!(unknown_ca.matches("UnknownIssuer").count(), 1, "{unknown_ca}");
+    let plaintext = client(&format!("http://127.0.0.1:{port}"), &[]);
+    assert!(plaintext.contains("https://"), "{plaintext}");
+    let no_cert = client(&https, &["--tls-ca", &ca]);
+    assert!(no_cert.contains("--tls-client-cert"), "{no_cert}");
+    let refused = eventually_blocking(|| {
+        logged.lock().unwrap().iter().any(|l| l["fields"]["message"] == "tls accept error").then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(refused.is_some(), "a refused handshake is logged");
+    // A TLS client talking to a plaintext server is told so.
+    let (mut plain, addr, _) = spawn_binary_server_logging(&tmp.path().join("d2"), &tmp.path().join("k2"), "", &[]);
+    let port = addr.rsplit_once(':').unwrap().1;
+    let mismatch = client(&format!("https://localhost:{port}"), &["--tls-ca", &ca]);
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+    assert!(mismatch.contains("does not speak TLS"), "{mismatch}");
+}
+
+/// Calls `check` every 50 ms until it yields a value, for at most 10 s.
+fn eventually_blocking<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..200 {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
