@@ -41,7 +41,7 @@ pub fn note_copy(copy: &snapshot::Copy, took: std::time::Duration, recovery: Rec
 
 /// Returns the exit code: 0 verified, 1 failed verification.
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
-    let started = Instant::now();
+    let mut started = Instant::now();
     let read_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let report = match (&args.data_dir, &args.server) {
         (Some(dir), None) => {
@@ -53,6 +53,8 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let copied = started.elapsed();
             let store = Store::open(&copy.path().join("db"), 64 * 1024 * 1024).map_err(open_error)?;
             note_copy(&copy, copied, store.recovery());
+            // The rate reported is the verifier's, not the copy's.
+            started = Instant::now();
             let (expect, from) = (args.expect_head, args.from);
             let errors = read_error.clone();
             tokio::task::spawn_blocking(move || {
