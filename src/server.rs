@@ -22,7 +22,7 @@ use crate::auth::tls::TlsError;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServiceConfig};
 use crate::keystore::{self, KeyError, KeyPaths, KeySource};
-use crate::storage::durability::Durability;
+use crate::storage::sled::SledStore;
 use crate::storage::{Sequencer, StorageError, Store};
 
 /// The encoded FileDescriptorSet of proto/, served by reflection.
@@ -139,16 +139,17 @@ pub fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOptions)
     let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
     let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
     let db_dir = config.data_dir.join("db");
-    let store = Store::open(&db_dir, config.cache_bytes)?;
-    let durability = Durability::open(&db_dir, options.fail_syncs).map_err(StorageError::from)?;
-    let (sequencer, thread) = Sequencer::start(store.clone(), options.clock.clone(), durability)?;
+    let sled = SledStore::open(&db_dir, config.cache_bytes)?;
+    let (sequencer, thread) = sled.start(&db_dir, options.clock.clone(), options.fail_syncs)?;
+    let recovered = sled.recovery();
+    let store = Store::new(Arc::new(sled), sequencer.clone(), recovered);
     let access = AccessControl {
         policy,
         limits: Limits::new(config.limits),
         break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
     };
     let keys = KeyManager::new(source, config.data_dir.clone(), keyring, key_state, shreds);
-    let app = App::new(store, sequencer.clone(), keys, options.clock.clone(), access);
+    let app = App::new(store, keys, options.clock.clone(), access);
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);
     Ok(Service { edge, sequencer, tls, thread })

@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use tonic::Status;
+use tracing::Instrument;
 
 use super::convert::{audit_event_pb, micros, outcome, patient_id};
 use super::grpc::{Handler, HandlerFuture, Method, Methods, ReplyStream, unary};
@@ -91,35 +92,32 @@ fn export_audit_events<'a>(edge: &'a Edge, ctx: &'a CallContext, body: Bytes) ->
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(4);
         let store = edge.app.store().clone();
         let request_id = ctx.request_id.clone();
-        let span = tracing::Span::current();
-        let send = move |tx: &tokio::sync::mpsc::Sender<Result<Bytes, Status>>, entries| {
-            let msg = pb::ExportAuditEventsResponse { entries };
-            tx.blocking_send(Ok(Bytes::from(prost::Message::encode_to_vec(&msg)))).is_ok()
-        };
-        tokio::task::spawn_blocking(move || {
-            let _enter = span.enter();
-            let mut batch = Vec::with_capacity(EXPORT_BATCH);
-            for item in store.audit_range(start.from, start.to) {
-                match item {
-                    Ok(e) => batch.push(pb::ExportedAuditEntry {
-                        sequence: e.sequence,
-                        entry: e.bytes,
-                        hash: e.hash.to_vec(),
-                    }),
-                    Err(err) => {
-                        tracing::error!(error = %err, "audit export read failed");
-                        let _ = tx.blocking_send(Err(to_status(&AppError::Internal, &request_id)));
-                        return;
+        tokio::spawn(
+            async move {
+                let mut next = start.from;
+                while next <= start.to {
+                    let page = match store.audit_entries(next, start.to, EXPORT_BATCH).await {
+                        Ok(page) => page,
+                        Err(err) => {
+                            tracing::error!(error = %err, "audit export read failed");
+                            let _ = tx.send(Err(to_status(&AppError::Internal, &request_id))).await;
+                            return;
+                        }
+                    };
+                    let Some(last) = page.last() else { return };
+                    next = last.sequence + 1;
+                    let entries = page
+                        .into_iter()
+                        .map(|e| pb::ExportedAuditEntry { sequence: e.sequence, entry: e.bytes, hash: e.hash.to_vec() })
+                        .collect();
+                    let msg = pb::ExportAuditEventsResponse { entries };
+                    if tx.send(Ok(Bytes::from(prost::Message::encode_to_vec(&msg)))).await.is_err() {
+                        return; // client went away
                     }
                 }
-                if batch.len() == EXPORT_BATCH && !send(&tx, std::mem::take(&mut batch)) {
-                    return; // client went away
-                }
             }
-            if !batch.is_empty() {
-                let _ = send(&tx, batch);
-            }
-        });
+            .instrument(tracing::Span::current()),
+        );
         let stream: ReplyStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
         Ok(stream)
     })

@@ -22,7 +22,10 @@ use crate::auth::policy::{Grant, Permission, Purpose};
 use crate::crypto::{self, RecordKind};
 use crate::domain::{Action, IdentifierType, Patient, PatientData, PatientId};
 use crate::error::AppError;
-use crate::storage::{MetaTree, MetaWrite};
+use crate::storage::{Change, Expect, RecordRef};
+
+/// Grants or tombstones read per page when scanning them all.
+const SCAN_PAGE: usize = 512;
 
 /// The FHIR identifier system of US social security numbers.
 pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
@@ -41,7 +44,7 @@ pub mod groups {
     pub const INSURANCE: &str = "insurance";
 }
 
-/// A stored break-glass grant (JSON in the `access` tree under `G` · id).
+/// A stored break-glass grant (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct GrantRecord {
     id: String,
@@ -149,25 +152,6 @@ pub(super) enum Reach {
     Write,
 }
 
-fn restricted_key(patient: PatientId) -> Vec<u8> {
-    let mut k = b"R".to_vec();
-    k.extend_from_slice(&patient.bytes());
-    k
-}
-
-fn grant_key(id: &uuid::Uuid) -> Vec<u8> {
-    let mut k = b"G".to_vec();
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn active_key(subject: &str, patient: PatientId) -> Vec<u8> {
-    let mut k = b"A".to_vec();
-    k.extend_from_slice(&crypto::sha256(subject.as_bytes()));
-    k.extend_from_slice(&patient.bytes());
-    k
-}
-
 /// The masked form of an SSN: `***-**-` and its last four digits.
 pub fn mask_ssn(value: &str) -> String {
     let digits: Vec<char> = value.chars().filter(char::is_ascii_digit).collect();
@@ -251,51 +235,77 @@ pub(super) fn unb64(s: &str) -> Result<Vec<u8>, AppError> {
 
 impl App {
     /// True when the patient is flagged restricted.
-    pub(super) fn is_restricted(&self, patient: PatientId) -> Result<bool, AppError> {
-        Ok(self.store.access_get(&restricted_key(patient)).map_err(internal)?.is_some())
+    pub(super) async fn is_restricted(&self, patient: PatientId) -> Result<bool, AppError> {
+        Ok(self.store.restricted_since(patient.bytes()).await.map_err(internal)?.is_some())
     }
 
     /// The subject's unexpired break-glass grant for `patient`, if any.
-    fn active_grant(&self, subject: &str, patient: PatientId) -> Result<Option<uuid::Uuid>, AppError> {
-        let Some(v) = self.store.access_get(&active_key(subject, patient)).map_err(internal)? else {
-            return Ok(None);
-        };
-        let (id, expires) = v.split_at_checked(16).ok_or(AppError::DataLoss)?;
-        let expires = i64::from_be_bytes(expires.try_into().map_err(|_| AppError::DataLoss)?);
-        let id = uuid::Uuid::from_slice(id).map_err(|_| AppError::DataLoss)?;
-        Ok((expires > self.now()).then_some(id))
+    async fn active_grant(&self, subject: &str, patient: PatientId) -> Result<Option<uuid::Uuid>, AppError> {
+        let found =
+            self.store.active_grant(crypto::sha256(subject.as_bytes()), patient.bytes()).await.map_err(internal)?;
+        Ok(found.filter(|(_, expires)| *expires > self.now()).map(|(id, _)| uuid::Uuid::from_bytes(id)))
     }
 
     /// May this caller see `patient` in a listing or search result? (Never
     /// creates a grant.)
-    pub(super) fn visible(
+    pub(super) async fn visible(
         &self,
         subject: Option<&str>,
         grant: &Grant,
         patient: PatientId,
     ) -> Result<Visibility, AppError> {
-        if grant.has(Permission::RestrictedAccess) || !self.is_restricted(patient)? {
+        if grant.has(Permission::RestrictedAccess) || !self.is_restricted(patient).await? {
             return Ok(Visibility::Visible);
         }
         match subject {
             Some(s) if grant.has(Permission::BreakGlass) => {
-                Ok(self.active_grant(s, patient)?.map_or(Visibility::Hidden, Visibility::ThroughGrant))
+                Ok(self.active_grant(s, patient).await?.map_or(Visibility::Hidden, Visibility::ThroughGrant))
             }
             _ => Ok(Visibility::Hidden),
         }
     }
 
+    /// Every patient tombstone (the ones that carry a sealed reason), page by page.
+    async fn patient_tombstones(&self) -> Result<Vec<([u8; 16], Vec<u8>)>, AppError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.tombstones_after(RecordKind::Patient, after, SCAN_PAGE).await.map_err(internal)?;
+            after = page.last().map(|(id, _)| *id);
+            let done = page.len() < SCAN_PAGE;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every break-glass grant, page by page.
+    async fn all_grants(&self) -> Result<Vec<([u8; 16], Vec<u8>)>, AppError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.grants_after(after, SCAN_PAGE).await.map_err(internal)?;
+            after = page.last().map(|(id, _)| *id);
+            let done = page.len() < SCAN_PAGE;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
     /// The master version of every sealed note (break-glass reasons, review
     /// notes, erasure reasons).
-    pub(super) fn note_versions(&self) -> Result<Vec<u32>, AppError> {
+    pub(super) async fn note_versions(&self) -> Result<Vec<u32>, AppError> {
         let mut out = Vec::new();
-        for (_, raw) in self.store.access_scan(b"E\x01").map_err(internal)? {
+        for (_, raw) in self.patient_tombstones().await? {
             let tomb: super::erasure::Tombstone = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
             if let Some(sealed) = tomb.reason {
                 out.push(crypto::Keyring::note_version(&unb64(&sealed)?).map_err(|_| AppError::DataLoss)?);
             }
         }
-        for (_, raw) in self.store.access_scan(b"G").map_err(internal)? {
+        for (_, raw) in self.all_grants().await? {
             let rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
             let sealed = std::iter::once(&rec.reason).chain(rec.review.as_ref().map(|r| &r.note));
             for s in sealed {
@@ -305,12 +315,12 @@ impl App {
         Ok(out)
     }
 
-    /// Up to `max` grant records re-sealed under `target` (each applied only
-    /// if the record is unchanged when the batch commits).
-    pub(super) fn rewrap_notes(&self, target: u32, max: usize) -> Result<Vec<MetaWrite>, AppError> {
+    /// Up to `max` notes re-sealed under `target` (each applied only if the
+    /// record holding it is unchanged when the batch commits).
+    pub(super) async fn rewrap_notes(&self, target: u32, max: usize) -> Result<Vec<Change>, AppError> {
         let ring = self.keys.ring();
         let mut writes = Vec::new();
-        for (key, raw) in self.store.access_scan(b"E\x01").map_err(internal)? {
+        for (id, raw) in self.patient_tombstones().await? {
             let mut tomb: super::erasure::Tombstone = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
             let Some(reason) = &tomb.reason else { continue };
             let sealed = unb64(reason)?;
@@ -319,13 +329,13 @@ impl App {
             }
             let context = format!("{}/erasure", tomb.patient);
             tomb.reason = Some(b64(&ring.reseal_note(context.as_bytes(), &sealed).map_err(super::crypto_failure)?));
-            let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
-            writes.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json), expect: Some(Some(raw)) });
+            let value = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+            writes.push(Change::Tombstone { record: RecordRef::patient(id), value, expect: Expect::Equal(raw) });
             if writes.len() == max {
                 return Ok(writes);
             }
         }
-        for (key, raw) in self.store.access_scan(b"G").map_err(internal)? {
+        for (id, raw) in self.all_grants().await? {
             let mut rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
             let mut changed = false;
             let mut reseal = |field: &mut String, context: String| -> Result<(), AppError> {
@@ -341,8 +351,8 @@ impl App {
                 reseal(&mut r.note, format!("{}/review", rec.id))?;
             }
             if changed {
-                let json = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
-                writes.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json), expect: Some(Some(raw)) });
+                let value = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
+                writes.push(Change::Grant { id, value, expect: Expect::Equal(raw) });
                 if writes.len() == max {
                     break;
                 }
@@ -353,22 +363,20 @@ impl App {
 
     /// Flags a patient restricted, or clears the flag.
     pub async fn set_restriction(&self, ctx: &CallContext, input: Input<(PatientId, bool)>) -> Result<bool, AppError> {
-        let mut call = self.call(ctx, Action::AccessRestrict, input.named);
+        let mut call = self.call(ctx, Action::AccessRestrict, input.named).await;
         let result = async {
             let (id, restricted) = call.accept(input.parsed)?;
             call.entry.details.push(format!("restricted={restricted}"));
-            self.head(RecordKind::Patient, &id.bytes())?
-                .ok_or_else(|| self.missing(RecordKind::Patient, &id.bytes()))?;
-            let value = restricted.then(|| self.now().to_be_bytes().to_vec());
-            call.stage(MetaWrite { tree: MetaTree::Access, key: restricted_key(id), value, expect: None });
+            self.existing(RecordRef::patient(id.bytes())).await?;
+            call.stage(Change::Restriction { patient: id.bytes(), since: restricted.then(|| self.now()) });
             Ok(restricted)
         }
         .await;
         call.finish(result).await
     }
 
-    fn load_grant(&self, id: &uuid::Uuid) -> Result<Option<(Vec<u8>, GrantRecord)>, AppError> {
-        let Some(raw) = self.store.access_get(&grant_key(id)).map_err(internal)? else { return Ok(None) };
+    async fn load_grant(&self, id: &uuid::Uuid) -> Result<Option<(Vec<u8>, GrantRecord)>, AppError> {
+        let Some(raw) = self.store.grant(*id.as_bytes()).await.map_err(internal)? else { return Ok(None) };
         let rec: GrantRecord = serde_json::from_slice(&raw).map_err(|_| AppError::DataLoss)?;
         Ok(Some((raw, rec)))
     }
@@ -401,10 +409,10 @@ impl App {
 
     /// Lists break-glass grants, oldest first (the review queue).
     pub async fn list_grants(&self, ctx: &CallContext, input: Input<GrantsRequest>) -> Result<GrantPage, AppError> {
-        let mut call = self.call(ctx, Action::BreakGlassList, input.named);
+        let mut call = self.call(ctx, Action::BreakGlassList, input.named).await;
         let result = async {
             let req = call.accept(input.parsed)?;
-            let page = self.grant_page(&req)?;
+            let page = self.grant_page(&req).await?;
             call.entry.result_count = Some(super::count(page.grants.len()));
             call.entry.details = page.grants.iter().map(|g| format!("grant={}", g.id)).collect();
             Ok(page)
@@ -413,12 +421,12 @@ impl App {
         call.finish(result).await
     }
 
-    fn grant_page(&self, req: &GrantsRequest) -> Result<GrantPage, AppError> {
-        let all = self.store.access_scan(b"G").map_err(internal)?;
+    async fn grant_page(&self, req: &GrantsRequest) -> Result<GrantPage, AppError> {
         let mut grants = Vec::new();
         let mut next_after = None;
-        for (k, v) in all {
-            let id = uuid::Uuid::from_slice(&k[1..]).map_err(|_| AppError::DataLoss)?;
+        let all = self.all_grants().await?;
+        for (id, v) in all {
+            let id = uuid::Uuid::from_bytes(id);
             if req.after.is_some_and(|a| id <= a) {
                 continue;
             }
@@ -446,11 +454,11 @@ impl App {
         ctx: &CallContext,
         input: Input<(uuid::Uuid, String)>,
     ) -> Result<BreakGlassGrant, AppError> {
-        let mut call = self.call(ctx, Action::BreakGlassReview, input.named);
+        let mut call = self.call(ctx, Action::BreakGlassReview, input.named).await;
         let result = async {
             let (id, note) = call.accept(input.parsed)?;
             call.entry.resource_id = id.to_string();
-            let (raw, mut rec) = self.load_grant(&id)?.ok_or(AppError::NotFound("break-glass grant"))?;
+            let (raw, mut rec) = self.load_grant(&id).await?.ok_or(AppError::NotFound("break-glass grant"))?;
             call.entry.patient_id = rec.patient_id.clone();
             if rec.review.is_some() {
                 return Err(AppError::FailedPrecondition("break-glass grant is already reviewed"));
@@ -470,15 +478,10 @@ impl App {
                 reviewed_at: self.now(),
                 note: b64(&sealed),
             });
-            let json = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
+            let value = serde_json::to_vec(&rec).map_err(|_| AppError::Internal)?;
             // Opened before the commit: an "ok" review entry means the reviewer got the grant back.
             let revealed = self.reveal(rec)?;
-            call.stage(MetaWrite {
-                tree: MetaTree::Access,
-                key: grant_key(&id),
-                value: Some(json),
-                expect: Some(Some(raw)),
-            });
+            call.stage(Change::Grant { id: *id.as_bytes(), value, expect: Expect::Equal(raw) });
             Ok(revealed)
         }
         .await;
@@ -491,13 +494,13 @@ impl Call<'_> {
     /// `named` is what the request named (the patient, or one of its
     /// coverages): a refusal looks exactly like that record missing. A new
     /// break-glass grant is staged and commits with the entry.
-    pub(super) fn reach(&mut self, patient: PatientId, how: Reach, named: RecordKind) -> Result<(), AppError> {
+    pub(super) async fn reach(&mut self, patient: PatientId, how: Reach, named: RecordKind) -> Result<(), AppError> {
         let app = self.app;
-        if !app.is_restricted(patient)? {
+        if !app.is_restricted(patient).await? {
             // A break-glass read without a reason is refused for a missing
             // patient exactly as for a restricted one, so the answer never
             // tells which of the two an id is.
-            if self.breaking_without_reason(how) && app.head(RecordKind::Patient, &patient.bytes())?.is_none() {
+            if self.breaking_without_reason(how) && app.head(RecordRef::patient(patient.bytes())).await?.is_none() {
                 return Err(needs_reason());
             }
             return Ok(());
@@ -511,7 +514,7 @@ impl Call<'_> {
         if !breaking {
             return Err(AppError::Hidden(kind_name(named)));
         }
-        if let Some(id) = app.active_grant(subject, patient)? {
+        if let Some(id) = app.active_grant(subject, patient).await? {
             self.entry.break_glass = id.to_string();
             self.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
             return Ok(());
@@ -534,15 +537,13 @@ impl Call<'_> {
             reason: b64(&sealed),
             review: None,
         };
-        let json = serde_json::to_vec(&record).map_err(|_| AppError::Internal)?;
-        let mut active = id.as_bytes().to_vec();
-        active.extend_from_slice(&record.expires_at.to_be_bytes());
-        self.stage(MetaWrite { tree: MetaTree::Access, key: grant_key(&id), value: Some(json), expect: Some(None) });
-        self.stage(MetaWrite {
-            tree: MetaTree::Access,
-            key: active_key(subject, patient),
-            value: Some(active),
-            expect: None,
+        let value = serde_json::to_vec(&record).map_err(|_| AppError::Internal)?;
+        self.stage(Change::Grant { id: *id.as_bytes(), value, expect: Expect::Absent });
+        self.stage(Change::ActiveGrant {
+            subject: crypto::sha256(subject.as_bytes()),
+            patient: patient.bytes(),
+            grant: *id.as_bytes(),
+            expires: record.expires_at,
         });
         self.entry.break_glass = id.to_string();
         self.entry.scopes.push(Permission::BreakGlass.as_str().to_string());
@@ -554,17 +555,22 @@ impl Call<'_> {
     /// Checks that the caller may reach the patient a coverage belongs to;
     /// a missing coverage is NOT_FOUND (or, for a break-glass read without a
     /// reason, the same refusal a restricted patient's coverage gets).
-    pub(super) fn reach_coverage(&mut self, id: crate::domain::CoverageId, how: Reach) -> Result<PatientId, AppError> {
+    pub(super) async fn reach_coverage(
+        &mut self,
+        id: crate::domain::CoverageId,
+        how: Reach,
+    ) -> Result<PatientId, AppError> {
+        let record = RecordRef::coverage(id.bytes());
         let patient = match self.coverage_patient {
             Some(p) => p,
-            None => match self.app.head(RecordKind::Coverage, &id.bytes())? {
+            None => match self.app.head(record).await? {
                 Some(h) => PatientId::from_bytes(h.patient_id),
                 None if self.breaking_without_reason(how) => return Err(needs_reason()),
-                None => return Err(self.app.missing(RecordKind::Coverage, &id.bytes())),
+                None => return Err(self.app.missing(record).await),
             },
         };
         self.entry.patient_id = patient.to_string();
-        self.reach(patient, how, RecordKind::Coverage)?;
+        self.reach(patient, how, RecordKind::Coverage).await?;
         Ok(patient)
     }
 

@@ -1,7 +1,7 @@
 //! Audit trail queries: filtered listing, export and head. Each is itself audited.
 
 use super::call::Input;
-use super::{App, CallContext, blocking, internal};
+use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::AppError;
@@ -58,12 +58,11 @@ pub struct ExportStart {
 impl App {
     /// Lists audit events matching a filter.
     pub async fn list_audit_events(&self, ctx: &CallContext, input: Input<AuditFilter>) -> Result<AuditPage, AppError> {
-        let mut call = self.call(ctx, Action::AuditList, input.named);
+        let mut call = self.call(ctx, Action::AuditList, input.named).await;
         let result = async {
             let filter = call.accept(input.parsed)?;
-            let app = self.clone();
-            let head = self.sequencer.head().0;
-            let page = blocking(move || app.scan_audit(&filter, head)).await?;
+            let head = self.store.audit_head().await.map_err(internal)?.map_or(0, |(seq, _)| seq);
+            let page = self.scan_audit(&filter, head).await?;
             call.entry.result_count = Some(super::count(page.events.len()));
             Ok(page)
         }
@@ -71,26 +70,38 @@ impl App {
         call.finish(result).await
     }
 
-    fn scan_audit(&self, f: &AuditFilter, head: u64) -> Result<AuditPage, AppError> {
+    /// Examines entries from the filter's start (only those naming its
+    /// patient, if it names one) up to `head`, at most [`SCAN_BUDGET`] of them.
+    async fn scan_audit(&self, f: &AuditFilter, head: u64) -> Result<AuditPage, AppError> {
+        const PAGE: usize = 512;
         let mut events = Vec::new();
-        let seqs: Box<dyn Iterator<Item = Result<u64, AppError>>> = match f.patient {
-            Some(p) => {
-                Box::new(self.store.audit_seqs_for_patient(&p.bytes(), f.from_sequence).map(|r| r.map_err(internal)))
-            }
-            None => Box::new((f.from_sequence..=head).map(Ok)),
-        };
-        for (examined, seq) in seqs.enumerate() {
-            let seq = seq?;
-            if seq > head {
+        let mut examined = 0usize;
+        let mut next = f.from_sequence;
+        while next <= head {
+            let stored = match f.patient {
+                Some(p) => {
+                    let seqs = self.store.audit_seqs_for_patient(p.bytes(), next, PAGE).await.map_err(internal)?;
+                    let mut out = Vec::with_capacity(seqs.len());
+                    for seq in seqs.into_iter().filter(|s| *s <= head) {
+                        out.extend(self.store.audit_entry(seq).await.map_err(internal)?);
+                    }
+                    out
+                }
+                None => self.store.audit_entries(next, head, PAGE).await.map_err(internal)?,
+            };
+            if stored.is_empty() {
                 break;
             }
-            if events.len() == f.page_size || examined == SCAN_BUDGET {
-                return Ok(AuditPage { events, next_sequence: Some(seq) });
-            }
-            let Some(stored) = self.store.audit_entry(seq).map_err(internal)? else { continue };
-            let entry = AuditEntry::decode(&stored.bytes).map_err(|_| AppError::DataLoss)?;
-            if f.matches(&entry) {
-                events.push((entry, stored.hash));
+            for e in stored {
+                if events.len() == f.page_size || examined == SCAN_BUDGET {
+                    return Ok(AuditPage { events, next_sequence: Some(e.sequence) });
+                }
+                examined += 1;
+                next = e.sequence + 1;
+                let entry = AuditEntry::decode(&e.bytes).map_err(|_| AppError::DataLoss)?;
+                if f.matches(&entry) {
+                    events.push((entry, e.hash));
+                }
             }
         }
         Ok(AuditPage { events, next_sequence: None })
@@ -98,7 +109,7 @@ impl App {
 
     /// Authorizes and audits an export; the caller then streams `from..=to`.
     pub async fn start_export(&self, ctx: &CallContext, input: Input<u64>) -> Result<ExportStart, AppError> {
-        let mut call = self.call(ctx, Action::AuditExport, input.named);
+        let mut call = self.call(ctx, Action::AuditExport, input.named).await;
         match call.accept(input.parsed) {
             Ok(from) => call.commit(None).await.map(|c| ExportStart { from, to: c.sequence }),
             Err(e) => Err(call.refuse(e).await),
@@ -107,7 +118,7 @@ impl App {
 
     /// The head of the chain, which is this call's own audit entry.
     pub async fn audit_head(&self, ctx: &CallContext, input: Input<()>) -> Result<(u64, [u8; 32]), AppError> {
-        let mut call = self.call(ctx, Action::AuditHead, input.named);
+        let mut call = self.call(ctx, Action::AuditHead, input.named).await;
         match call.accept(input.parsed) {
             Ok(()) => call.commit(None).await.map(|c| (c.sequence, c.hash)),
             Err(e) => Err(call.refuse(e).await),

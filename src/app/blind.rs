@@ -22,18 +22,18 @@ use serde::{Deserialize, Serialize};
 
 use super::call::Input;
 use super::jobs::job_write;
-use super::{App, CallContext, blocking, internal};
+use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::RecordKind;
 use crate::domain::{Action, CoverageId, Outcome, PatientId};
 use crate::error::AppError;
-use crate::storage::{BLIND_KEY_LEN, Commit, CommitOutcome, MetaTree, MetaWrite};
+use crate::storage::{Change, Commit, CommitOutcome, JobName, RecordRef};
 
 /// Records (building) or index owners (dropping) per batch.
 const BATCH: usize = 128;
 
-/// The `access` tree key of the job state.
-const JOB_KEY: &[u8] = b"Jblind";
+/// Where the job state is stored.
+const JOB: JobName = JobName::BlindIndex;
 
 /// The persisted job state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,29 +62,28 @@ pub struct BlindIndexJob {
     pub started_by: String,
 }
 
-/// One batch: its writes, the last key it covered (`None`: the phase is
-/// done) and how many records or entries it handled.
-type Step = (Vec<MetaWrite>, Option<Vec<u8>>, u64);
+/// One batch: its changes, the last record it covered (`None`: the phase
+/// is done) and how many records or entries it handled.
+type Step = (Vec<Change>, Option<RecordRef>, u64);
 
-fn slot_of(tag: u8) -> u8 {
-    tag / 16
+/// The job's cursor: hex of the record's kind tag and id.
+fn cursor_of(r: RecordRef) -> String {
+    let mut k = vec![r.kind.tag()];
+    k.extend_from_slice(&r.id);
+    hex::encode(k)
 }
 
-fn after(cursor: &Option<String>) -> Result<Vec<u8>, AppError> {
-    match cursor {
-        Some(c) => {
-            let mut k = hex::decode(c).map_err(|_| AppError::DataLoss)?;
-            k.push(0); // strictly after
-            Ok(k)
-        }
-        None => Ok(Vec::new()),
-    }
+fn after(cursor: &Option<String>) -> Result<Option<RecordRef>, AppError> {
+    let Some(c) = cursor else { return Ok(None) };
+    let k = hex::decode(c).map_err(|_| AppError::DataLoss)?;
+    let id: [u8; 16] = k.get(1..).and_then(|b| b.try_into().ok()).ok_or(AppError::DataLoss)?;
+    RecordRef::from_tag(k[0], id).map(Some).ok_or(AppError::DataLoss)
 }
 
 impl App {
     /// The job's state without an audit entry (status reports, the offline CLI).
-    pub fn blind_index_progress(&self) -> Result<Option<BlindIndexJob>, AppError> {
-        self.job_state(JOB_KEY)
+    pub async fn blind_index_progress(&self) -> Result<Option<BlindIndexJob>, AppError> {
+        self.job_state(JOB).await
     }
 
     /// The job's progress (audited).
@@ -93,50 +92,46 @@ impl App {
         ctx: &CallContext,
         input: Input<()>,
     ) -> Result<Option<BlindIndexJob>, AppError> {
-        self.audited_job_state(ctx, input, JOB_KEY).await
+        self.audited_job_state(ctx, input, JOB).await
     }
 
     /// Starts rotating the blind-index key to the primary version. A running job is returned as is.
     pub async fn rotate_blind_index(&self, ctx: &CallContext, input: Input<()>) -> Result<BlindIndexJob, AppError> {
-        let mut call = self.call(ctx, Action::KeysBlindIndexRotate, input.named);
+        let mut call = self.call(ctx, Action::KeysBlindIndexRotate, input.named).await;
         let gate = self.keys.wrap_gate.write().await;
         let result = async {
             call.accept(input.parsed)?;
-            let app = self.clone();
-            let subject = ctx.subject().unwrap_or_default().to_string();
             let now = self.now();
-            let (job, start) = blocking(move || {
-                if let Some(job) = app.blind_index_progress()?
-                    && job.state != "completed"
-                {
-                    return Ok((job, false));
+            let (job, start) = match self.blind_index_progress().await? {
+                Some(job) if job.state != "completed" => (job, false),
+                _ => {
+                    let mut state = self.keys.state();
+                    let to = state.primary;
+                    if to == state.blind_index_version {
+                        return Err(AppError::FailedPrecondition(
+                            "the blind index is already keyed by the primary version; rotate the master key first",
+                        ));
+                    }
+                    let from = state.blind_index_version;
+                    state.blind_index_next = Some(to);
+                    let keys = self.keys.clone();
+                    super::blocking(move || keys.apply(state).map_err(super::keys::key_error)).await?;
+                    let job = BlindIndexJob {
+                        id: uuid::Uuid::now_v7().to_string(),
+                        state: "building".into(),
+                        from,
+                        to,
+                        cursor: None,
+                        reindexed: 0,
+                        total: self.store.count_records().await.map_err(internal)?,
+                        dropped: 0,
+                        started_at: now,
+                        finished_at: None,
+                        started_by: ctx.subject().unwrap_or_default().to_string(),
+                    };
+                    (job, true)
                 }
-                let mut state = app.keys.state();
-                let to = state.primary;
-                if to == state.blind_index_version {
-                    return Err(AppError::FailedPrecondition(
-                        "the blind index is already keyed by the primary version; rotate the master key first",
-                    ));
-                }
-                let from = state.blind_index_version;
-                state.blind_index_next = Some(to);
-                app.keys.apply(state).map_err(super::keys::key_error)?;
-                let job = BlindIndexJob {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    state: "building".into(),
-                    from,
-                    to,
-                    cursor: None,
-                    reindexed: 0,
-                    total: super::count(app.store.heads.len()),
-                    dropped: 0,
-                    started_at: now,
-                    finished_at: None,
-                    started_by: subject,
-                };
-                Ok((job, true))
-            })
-            .await?;
+            };
             call.entry.key_version = job.to;
             call.entry.details = vec![
                 format!("job={}", job.id),
@@ -145,7 +140,7 @@ impl App {
                 format!("total={}", job.total),
             ];
             if start {
-                call.stage(job_write(JOB_KEY, &job)?);
+                call.stage(job_write(JOB, &job)?);
             }
             Ok((job, start))
         }
@@ -160,8 +155,8 @@ impl App {
     }
 
     /// Continues an interrupted job (called from `resume_jobs`).
-    pub(super) fn resume_blind_index(&self) {
-        if let Ok(Some(job)) = self.blind_index_progress()
+    pub(super) async fn resume_blind_index(&self) {
+        if let Ok(Some(job)) = self.blind_index_progress().await
             && job.state != "completed"
         {
             tracing::info!(job = %job.id, state = %job.state, "resuming blind-index rotation");
@@ -176,31 +171,27 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.blind_index_progress()? else { return Ok(()) };
-            let (action, mut meta, next) = match job.state.as_str() {
+            let Some(job) = self.blind_index_progress().await? else { return Ok(()) };
+            let (action, mut changes, next) = match job.state.as_str() {
                 "building" => {
-                    let app = self.clone();
-                    let j = job.clone();
-                    let (meta, last, n) = blocking(move || app.reindex_batch(&j)).await?;
+                    let (changes, last, n) = self.reindex_batch(&job).await?;
                     let mut next = job.clone();
                     next.reindexed += n;
                     match last {
-                        Some(k) => next.cursor = Some(hex::encode(k)),
+                        Some(r) => next.cursor = Some(cursor_of(r)),
                         None => {
                             self.switch_blind_index(&job).await?;
                             continue;
                         }
                     }
-                    (Action::KeysBlindIndexBatch, meta, next)
+                    (Action::KeysBlindIndexBatch, changes, next)
                 }
                 "dropping" => {
-                    let app = self.clone();
-                    let j = job.clone();
-                    let (meta, last, n) = blocking(move || app.drop_batch(&j)).await?;
+                    let (changes, last, n) = self.drop_batch(&job).await?;
                     let mut next = job.clone();
                     next.dropped += n;
                     match last {
-                        Some(k) => next.cursor = Some(hex::encode(k)),
+                        Some(r) => next.cursor = Some(cursor_of(r)),
                         None => {
                             let mut state = self.keys.state();
                             state.blind_index_previous = None;
@@ -215,12 +206,13 @@ impl App {
                     } else {
                         Action::KeysBlindIndexBatch
                     };
-                    (action, meta, next)
+                    (action, changes, next)
                 }
                 _ => return Ok(()),
             };
-            meta.push(job_write(JOB_KEY, &next)?);
-            let committed = self.sequencer.commit(Commit { entry: job_entry(action, &next), write: None, meta }).await;
+            changes.push(job_write(JOB, &next)?);
+            let entry = job_entry(action, &next);
+            let committed = self.store.commit(Commit { entry, write: None, changes }).await;
             match committed.map_err(internal)?.outcome {
                 CommitOutcome::Written if next.state == "completed" => {
                     tracing::info!(job = %next.id, "blind-index rotation completed");
@@ -244,106 +236,68 @@ impl App {
         let mut next = job.clone();
         next.state = "dropping".into();
         next.cursor = None;
-        let meta = vec![job_write(JOB_KEY, &next)?];
+        let changes = vec![job_write(JOB, &next)?];
         let entry = job_entry(Action::KeysBlindIndexSwitch, &next);
-        self.sequencer.commit(Commit { entry, write: None, meta }).await.map_err(internal)?;
+        self.store.commit(Commit { entry, write: None, changes }).await.map_err(internal)?;
         Ok(())
     }
 
     /// Phase 2: the next records after the cursor, re-indexed in both slots.
-    fn reindex_batch(&self, job: &BlindIndexJob) -> Result<Step, AppError> {
-        let mut meta = Vec::new();
+    async fn reindex_batch(&self, job: &BlindIndexJob) -> Result<Step, AppError> {
+        let mut changes = Vec::new();
         let mut last = None;
         let mut n = 0u64;
-        for kv in self.store.heads.range(after(&job.cursor)?..).take(BATCH) {
-            let (k, head_value) = kv.map_err(|e| internal(e.into()))?;
-            last = Some(k.to_vec());
-            let id: [u8; 16] = k.get(1..17).and_then(|s| s.try_into().ok()).ok_or(AppError::DataLoss)?;
-            let keys = if k[0] == RecordKind::Patient.tag() {
-                let p = PatientId::from_bytes(id);
-                match self.load_patient(p) {
-                    Ok(o) => self.patient_index_keys(p, &o.record.data),
-                    // Erased or removed since the scan: nothing to index.
-                    Err(AppError::NotFound(_) | AppError::Erased(_)) => continue,
-                    Err(e) => return Err(e),
+        for (record, head) in self.store.heads_after(None, after(&job.cursor)?, BATCH).await.map_err(internal)? {
+            last = Some(record);
+            let keys = match record.kind {
+                RecordKind::Patient => {
+                    let p = PatientId::from_bytes(record.id);
+                    match self.load_patient(p).await {
+                        Ok(o) => self.patient_index_keys(p, &o.record.data),
+                        // Erased or removed since the scan: nothing to index.
+                        Err(AppError::NotFound(_) | AppError::Erased(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
                 }
-            } else {
-                let c = CoverageId::from_bytes(id);
-                match self.load_coverage(c) {
-                    Ok(o) => self.coverage_index_keys(c, o.patient, &o.record),
-                    Err(AppError::NotFound(_) | AppError::Erased(_)) => continue,
-                    Err(e) => return Err(e),
+                RecordKind::Coverage => {
+                    let c = CoverageId::from_bytes(record.id);
+                    match self.load_coverage(c).await {
+                        Ok(o) => self.coverage_index_keys(c, o.patient, &o.record),
+                        Err(AppError::NotFound(_) | AppError::Erased(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
                 }
             };
-            let old = self.store.blind_owner.get(&k).map_err(|e| internal(e.into()))?.map(|v| v.to_vec());
-            let mut all = Vec::with_capacity(keys.len() * BLIND_KEY_LEN);
-            for key in &keys {
-                all.extend_from_slice(key);
-                meta.push(MetaWrite {
-                    tree: MetaTree::Blind,
-                    key: key.to_vec(),
-                    value: Some(Vec::new()),
-                    expect: None,
-                });
-            }
-            for stale in old.iter().flat_map(|o| o.chunks(BLIND_KEY_LEN)).filter(|c| !keys.iter().any(|k| &k[..] == *c))
-            {
-                meta.push(MetaWrite { tree: MetaTree::Blind, key: stale.to_vec(), value: None, expect: None });
-            }
-            meta.push(MetaWrite { tree: MetaTree::BlindOwner, key: k.to_vec(), value: Some(all), expect: Some(old) });
-            meta.push(MetaWrite {
-                tree: MetaTree::Heads,
-                key: k.to_vec(),
-                value: Some(head_value.to_vec()),
-                expect: Some(Some(head_value.to_vec())),
-            });
+            let current = self.store.index_set(record).await.map_err(internal)?;
+            changes.push(Change::IndexSet { record, keys, expect: current, expect_head: Some(head) });
             n += 1;
         }
-        Ok((meta, last, n))
+        Ok((changes, last, n))
     }
 
     /// Phase 4: old-slot entries of the next index owners after the cursor, removed.
-    fn drop_batch(&self, job: &BlindIndexJob) -> Result<Step, AppError> {
+    async fn drop_batch(&self, job: &BlindIndexJob) -> Result<Step, AppError> {
         let keep = self.keys.state().blind_index_slot;
-        let mut meta = Vec::new();
+        let mut changes = Vec::new();
         let mut last = None;
         let mut n = 0u64;
-        for kv in self.store.blind_owner.range(after(&job.cursor)?..).take(BATCH) {
-            let (k, v) = kv.map_err(|e| internal(e.into()))?;
-            last = Some(k.to_vec());
-            let (kept, gone): (Vec<&[u8]>, Vec<&[u8]>) =
-                v.chunks(BLIND_KEY_LEN).partition(|c| c.first().is_some_and(|t| slot_of(*t) == keep));
+        for (record, set) in self.store.index_sets_after(after(&job.cursor)?, BATCH).await.map_err(internal)? {
+            last = Some(record);
+            let (kept, gone): (Vec<_>, Vec<_>) = set.iter().copied().partition(|k| k.slot() == keep);
             if gone.is_empty() {
                 continue;
             }
             n += super::count(gone.len());
-            meta.extend(gone.iter().map(|g| MetaWrite {
-                tree: MetaTree::Blind,
-                key: g.to_vec(),
-                value: None,
-                expect: None,
-            }));
-            meta.push(MetaWrite {
-                tree: MetaTree::BlindOwner,
-                key: k.to_vec(),
-                value: Some(kept.concat()),
-                expect: Some(Some(v.to_vec())),
-            });
+            changes.push(Change::IndexSet { record, keys: kept, expect: Some(set), expect_head: None });
         }
-        Ok((meta, last, n))
+        Ok((changes, last, n))
     }
 
     /// Index entries per master version (by slot: the current index, the one
     /// being built, or the one being dropped).
-    pub(super) fn index_entries_by_version(&self) -> Result<Vec<(u32, u64)>, AppError> {
+    pub(super) async fn index_entries_by_version(&self) -> Result<Vec<(u32, u64)>, AppError> {
         let state = self.keys.state();
-        let mut per_slot = [0u64; 2];
-        for kv in self.store.blind.iter().keys() {
-            let k = kv.map_err(|e| internal(e.into()))?;
-            if let Some(t) = k.first() {
-                per_slot[usize::from(slot_of(*t) & 1)] += 1;
-            }
-        }
+        let per_slot = self.store.index_entries_per_slot().await.map_err(internal)?;
         let current = usize::from(state.blind_index_slot & 1);
         let mut out = vec![(state.blind_index_version, per_slot[current])];
         if let Some(other) = state.blind_index_next.or(state.blind_index_previous) {
@@ -357,7 +311,7 @@ fn job_entry(action: Action, job: &BlindIndexJob) -> AuditEntry {
     AuditEntry {
         actor: "carevault".into(),
         action: action.as_str().into(),
-        resource_type: "key".into(),
+        resource_type: action.resource_type().as_str().into(),
         outcome: Outcome::Ok.as_str().into(),
         key_version: job.to,
         details: vec![

@@ -16,10 +16,9 @@
 use super::{App, CallContext};
 use crate::audit::AuditEntry;
 use crate::auth::policy::{Grant, Identity};
-use crate::crypto::RecordKind;
 use crate::domain::{Action, CoverageId, Outcome, PatientId, ResourceType};
 use crate::error::{AppError, FieldViolation};
-use crate::storage::{Commit, CommitOutcome, Committed, MetaWrite, RecordWrite, StorageError};
+use crate::storage::{Change, Commit, CommitOutcome, Committed, RecordRef, RecordWrite, StorageError};
 
 /// Input that either parsed or was rejected field by field.
 pub type Parsed<T> = Result<T, Vec<FieldViolation>>;
@@ -86,12 +85,12 @@ pub(super) struct Call<'a> {
     pub(super) coverage_patient: Option<PatientId>,
     /// Changes that commit with the entry, and only if the call succeeds
     /// (a new break-glass grant, a restriction, a job's state, ...).
-    staged: Vec<MetaWrite>,
+    staged: Vec<Change>,
 }
 
 impl App {
     /// Starts an audited call of `action` naming `named`.
-    pub(super) fn call<'a>(&'a self, ctx: &'a CallContext, action: Action, named: Named) -> Call<'a> {
+    pub(super) async fn call<'a>(&'a self, ctx: &'a CallContext, action: Action, named: Named) -> Call<'a> {
         let entry = AuditEntry {
             actor: ctx.auth.as_ref().map(|p| p.subject.clone()).unwrap_or_default(),
             client_address: ctx.client_address.clone(),
@@ -105,7 +104,7 @@ impl App {
         let mut call =
             Call { app: self, ctx, action, entry, grant: Grant::default(), coverage_patient: None, staged: Vec::new() };
         if let Some(c) = named.coverage {
-            call.name_coverage(c);
+            call.name_coverage(c).await;
         }
         if let Some(p) = named.patient {
             call.name_patient(p);
@@ -124,9 +123,9 @@ impl Call<'_> {
     }
 
     /// Records the coverage the call is about, and its patient if it exists.
-    pub(super) fn name_coverage(&mut self, id: CoverageId) {
+    async fn name_coverage(&mut self, id: CoverageId) {
         self.entry.resource_id = id.to_string();
-        match self.app.head(RecordKind::Coverage, &id.bytes()) {
+        match self.app.head(RecordRef::coverage(id.bytes())).await {
             Ok(Some(h)) => {
                 let patient = PatientId::from_bytes(h.patient_id);
                 self.coverage_patient = Some(patient);
@@ -140,8 +139,8 @@ impl Call<'_> {
     }
 
     /// Stages a change that commits with the entry if the call succeeds.
-    pub(super) fn stage(&mut self, write: MetaWrite) {
-        self.staged.push(write);
+    pub(super) fn stage(&mut self, change: Change) {
+        self.staged.push(change);
     }
 
     /// Admits, authenticates and authorizes the caller, then takes its input.
@@ -214,8 +213,8 @@ impl Call<'_> {
     /// precondition commits the entry alone, as `aborted`.
     pub(super) async fn commit(mut self, write: Option<RecordWrite>) -> Result<Committed, AppError> {
         self.entry.outcome = Outcome::Ok.as_str().to_string();
-        let meta = std::mem::take(&mut self.staged);
-        let committed = self.app.sequencer.commit(Commit { entry: self.entry, write, meta }).await;
+        let changes = std::mem::take(&mut self.staged);
+        let committed = self.app.store.commit(Commit { entry: self.entry, write, changes }).await;
         let ctx = self.ctx;
         match committed {
             Ok(c) => match c.outcome {
@@ -258,7 +257,7 @@ impl Call<'_> {
                 }
             };
         }
-        let committed = self.app.sequencer.commit(Commit::entry(self.entry)).await;
+        let committed = self.app.store.commit(Commit::entry(self.entry)).await;
         self.app.log(self.ctx, self.action, outcome, committed.as_ref().ok().map(|c| c.sequence));
         match committed {
             Ok(_) => e,
@@ -272,7 +271,7 @@ impl App {
     /// or not one gRPC message): the caller's admission, token and
     /// permission are decided first, as for any call.
     pub async fn refuse_unread(&self, ctx: &CallContext, action: Action, refused: AppError) -> AppError {
-        let mut call = self.call(ctx, action, Named::default());
+        let mut call = self.call(ctx, action, Named::default()).await;
         let e = call.authorize().err().unwrap_or(refused);
         call.refuse(e).await
     }

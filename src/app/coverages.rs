@@ -3,13 +3,12 @@
 
 use super::access::{Reach, groups};
 use super::call::{Call, Input};
-use super::patients::blind_key;
-use super::{App, CallContext, Opened, blocking, internal};
+use super::{App, CallContext, Opened, internal};
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::patient::PatientIdText;
 use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
 use crate::error::AppError;
-use crate::storage::{BLIND_KEY_LEN, RecordWrite};
+use crate::storage::{IndexKey, RecordRef, RecordWrite};
 
 /// A new coverage for a patient.
 pub struct CoverageCreate {
@@ -36,52 +35,44 @@ fn coverage_aad(id: CoverageId, patient: PatientId, version: u64) -> RecordAad {
 }
 
 impl App {
-    pub(super) fn coverage_index_keys(
-        &self,
-        id: CoverageId,
-        patient: PatientId,
-        c: &Coverage,
-    ) -> Vec<[u8; BLIND_KEY_LEN]> {
+    pub(super) fn coverage_index_keys(&self, id: CoverageId, patient: PatientId, c: &Coverage) -> Vec<IndexKey> {
         if c.delete_time.is_some() || c.data.subscriber_id.is_empty() {
             return Vec::new();
         }
         let norm = normalize::identifier_value(&c.data.subscriber_id);
         let ring = self.keys.ring();
+        let record = RecordRef::coverage(id.bytes());
         ring.blind_indexes(BlindIndexKind::MemberId, norm.as_bytes())
             .into_iter()
-            .map(|(tag, mac)| blind_key(tag, mac, patient.bytes(), RecordKind::Coverage, id.bytes()))
+            .map(|(tag, mac)| IndexKey { tag, mac, patient: patient.bytes(), record })
             .collect()
     }
 
     /// Loads and opens a coverage's current version (read again once if it
     /// fails to open, like `load_patient`).
-    pub(super) fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        match self.load_coverage_once(id) {
-            Err(AppError::DataLoss) => self.load_coverage_once(id),
+    pub(super) async fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
+        match self.load_coverage_once(id).await {
+            Err(AppError::DataLoss) => self.load_coverage_once(id).await,
             other => other,
         }
     }
 
-    fn load_coverage_once(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        let head = self
-            .head(RecordKind::Coverage, &id.bytes())?
-            .ok_or_else(|| self.missing(RecordKind::Coverage, &id.bytes()))?;
+    async fn load_coverage_once(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
+        let record = RecordRef::coverage(id.bytes());
+        let head = self.existing(record).await?;
         let patient = PatientId::from_bytes(head.patient_id);
-        let sealed = self
-            .store
-            .record(RecordKind::Coverage, &id.bytes(), head.version)
-            .map_err(internal)?
-            .ok_or(AppError::DataLoss)?;
-        let (dek, key_version) = self.data_key(patient)?;
+        let sealed =
+            self.store.record_version(record, head.version).await.map_err(internal)?.ok_or(AppError::DataLoss)?;
+        let (dek, key_version) = self.data_key(patient).await?;
         let record: Coverage = self.open(&dek, &coverage_aad(id, patient, head.version), &sealed)?;
         Ok(Opened { record, patient, dek, key_version })
     }
 
-    fn load_coverages_of(&self, patient: PatientId) -> Result<Vec<Coverage>, AppError> {
-        let ids = self.store.coverages_of(&patient.bytes()).map_err(internal)?;
+    async fn load_coverages_of(&self, patient: PatientId) -> Result<Vec<Coverage>, AppError> {
+        let ids = self.store.coverages_of(patient.bytes()).await.map_err(internal)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            out.push(self.load_coverage(CoverageId::from_bytes(id))?.record);
+            out.push(self.load_coverage(CoverageId::from_bytes(id)).await?.record);
         }
         out.sort_by(|a, b| (a.data.order, a.create_time, &a.id).cmp(&(b.data.order, b.create_time, &b.id)));
         Ok(out)
@@ -89,16 +80,16 @@ impl App {
 
     /// Adds a coverage to an active patient.
     pub async fn create_coverage(&self, ctx: &CallContext, input: Input<CoverageCreate>) -> Result<Coverage, AppError> {
-        let mut call = self.call(ctx, Action::CoverageCreate, input.named);
+        let mut call = self.call(ctx, Action::CoverageCreate, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let req = call.accept(input.parsed)?;
             let id = CoverageId::new_v7();
             call.entry.resource_id = id.to_string();
-            call.reach(req.patient_id, Reach::Write, RecordKind::Patient)?;
+            call.reach(req.patient_id, Reach::Write, RecordKind::Patient).await?;
             call.entry.disclosed = vec![groups::INSURANCE.into()];
-            let Opened { record: patient, dek, key_version, .. } = self.load_patient(req.patient_id)?;
+            let Opened { record: patient, dek, key_version, .. } = self.load_patient(req.patient_id).await?;
             if !patient.active() {
                 return Err(AppError::FailedPrecondition("patient is deleted"));
             }
@@ -116,8 +107,7 @@ impl App {
             call.entry.record_version = 1;
             call.entry.key_version = key_version;
             let write = RecordWrite {
-                kind: RecordKind::Coverage,
-                id: id.bytes(),
+                record: RecordRef::coverage(id.bytes()),
                 patient_id: req.patient_id.bytes(),
                 expected_version: 0,
                 sealed,
@@ -133,12 +123,12 @@ impl App {
 
     /// Reads a coverage.
     pub async fn get_coverage(&self, ctx: &CallContext, input: Input<CoverageId>) -> Result<Coverage, AppError> {
-        let mut call = self.call(ctx, Action::CoverageRead, input.named);
+        let mut call = self.call(ctx, Action::CoverageRead, input.named).await;
         let result = async {
             let id = call.accept(input.parsed)?;
-            call.reach_coverage(id, Reach::Read)?;
+            call.reach_coverage(id, Reach::Read).await?;
             call.entry.disclosed = vec![groups::INSURANCE.into()];
-            let opened = self.load_coverage(id)?;
+            let opened = self.load_coverage(id).await?;
             call.entry.patient_id = opened.patient.to_string();
             call.entry.record_version = opened.record.version;
             call.entry.key_version = opened.key_version;
@@ -150,19 +140,20 @@ impl App {
 
     /// Replaces a coverage at a known version.
     pub async fn update_coverage(&self, ctx: &CallContext, input: Input<CoverageUpdate>) -> Result<Coverage, AppError> {
-        let mut call = self.call(ctx, Action::CoverageUpdate, input.named);
+        let mut call = self.call(ctx, Action::CoverageUpdate, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let upd = call.accept(input.parsed)?;
             call.entry.record_version = upd.expected_version;
-            call.reach_coverage(upd.id, Reach::Write)?;
+            call.reach_coverage(upd.id, Reach::Write).await?;
             let moved = upd.patient_id;
             self.write_coverage_version(&mut call, upd.id, upd.expected_version, moved, |current, now| Coverage {
                 update_time: now,
                 data: upd.data,
                 ..current
             })
+            .await
         }
         .await;
         call.finish_write(result).await
@@ -174,25 +165,26 @@ impl App {
         ctx: &CallContext,
         input: Input<(CoverageId, u64)>,
     ) -> Result<Coverage, AppError> {
-        let mut call = self.call(ctx, Action::CoverageDelete, input.named);
+        let mut call = self.call(ctx, Action::CoverageDelete, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let (id, expected) = call.accept(input.parsed)?;
             call.entry.record_version = expected;
-            call.reach_coverage(id, Reach::Write)?;
+            call.reach_coverage(id, Reach::Write).await?;
             self.write_coverage_version(&mut call, id, expected, None, |current, now| Coverage {
                 update_time: now,
                 delete_time: Some(now),
                 ..current
             })
+            .await
         }
         .await;
         call.finish_write(result).await
     }
 
     /// The next version of a coverage, sealed with the key that opened the current one.
-    fn write_coverage_version(
+    async fn write_coverage_version(
         &self,
         call: &mut Call<'_>,
         id: CoverageId,
@@ -200,7 +192,7 @@ impl App {
         claimed_patient: Option<PatientId>,
         change: impl FnOnce(Coverage, i64) -> Coverage,
     ) -> Result<(Coverage, RecordWrite), AppError> {
-        let Opened { record: current, patient, dek, key_version } = self.load_coverage(id)?;
+        let Opened { record: current, patient, dek, key_version } = self.load_coverage(id).await?;
         if claimed_patient.is_some_and(|p| p != patient) {
             return Err(AppError::invalid("coverage.patient_id", "a coverage cannot move to another patient"));
         }
@@ -216,8 +208,7 @@ impl App {
         call.entry.record_version = next.version;
         call.entry.key_version = key_version;
         let write = RecordWrite {
-            kind: RecordKind::Coverage,
-            id: id.bytes(),
+            record: RecordRef::coverage(id.bytes()),
             patient_id: patient.bytes(),
             expected_version: expected,
             sealed,
@@ -258,19 +249,14 @@ impl App {
         action: Action,
         input: Input<(PatientId, CoverageFilter)>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let mut call = self.call(ctx, action, input.named);
+        let mut call = self.call(ctx, action, input.named).await;
         let result = async {
             let (patient, keep) = call.accept(input.parsed)?;
-            call.reach(patient, Reach::Read, RecordKind::Patient)?;
+            call.reach(patient, Reach::Read, RecordKind::Patient).await?;
             call.entry.disclosed = vec![groups::INSURANCE.into()];
-            let app = self.clone();
-            let list = blocking(move || {
-                app.head(RecordKind::Patient, &patient.bytes())?
-                    .ok_or_else(|| app.missing(RecordKind::Patient, &patient.bytes()))?;
-                let all = app.load_coverages_of(patient)?;
-                Ok(all.into_iter().filter(|c| keep(c)).collect::<Vec<_>>())
-            })
-            .await?;
+            self.existing(RecordRef::patient(patient.bytes())).await?;
+            let all = self.load_coverages_of(patient).await?;
+            let list: Vec<Coverage> = all.into_iter().filter(|c| keep(c)).collect();
             call.entry.result_count = Some(super::count(list.len()));
             Ok(list)
         }

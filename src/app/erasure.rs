@@ -32,26 +32,13 @@ use super::access::b64;
 use super::call::Input;
 use super::{App, CallContext, blocking, internal};
 use crate::audit::AuditEntry;
-use crate::crypto::{self, RecordKind, WrappedDataKey};
+use crate::crypto::{self, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::AppError;
-use crate::storage::{Commit, CommitOutcome, MetaTree, MetaWrite};
+use crate::storage::{Change, Commit, CommitOutcome, Expect, RecordRef};
 
 /// Data keys per rekey batch.
 const BATCH: usize = 256;
-
-/// The `access` key of a record's erasure tombstone.
-pub(super) fn erased_key(kind: RecordKind, id: &[u8; 16]) -> Vec<u8> {
-    let mut k = vec![b'E', kind.tag()];
-    k.extend_from_slice(id);
-    k
-}
-
-fn hold_key(patient: PatientId) -> Vec<u8> {
-    let mut k = b"H".to_vec();
-    k.extend_from_slice(&patient.bytes());
-    k
-}
 
 /// An erasure tombstone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,14 +80,16 @@ pub struct EraseRequest {
 impl App {
     /// Places or lifts a legal hold.
     pub async fn set_legal_hold(&self, ctx: &CallContext, input: Input<(PatientId, bool)>) -> Result<bool, AppError> {
-        let mut call = self.call(ctx, Action::AccessLegalHold, input.named);
+        let mut call = self.call(ctx, Action::AccessLegalHold, input.named).await;
         let result = async {
             let (id, hold) = call.accept(input.parsed)?;
             call.entry.details.push(format!("legal_hold={hold}"));
-            self.head(RecordKind::Patient, &id.bytes())?
-                .ok_or_else(|| self.missing(RecordKind::Patient, &id.bytes()))?;
-            let value = hold.then(|| self.now().to_be_bytes().to_vec());
-            call.stage(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value, expect: None });
+            self.existing(RecordRef::patient(id.bytes())).await?;
+            call.stage(Change::LegalHold {
+                patient: id.bytes(),
+                since: hold.then(|| self.now()),
+                expect: Expect::Anything,
+            });
             Ok(hold)
         }
         .await;
@@ -108,23 +97,21 @@ impl App {
     }
 
     /// Whether a patient is under a legal hold.
-    pub(super) fn on_legal_hold(&self, id: PatientId) -> Result<bool, AppError> {
-        Ok(self.store.access_get(&hold_key(id)).map_err(internal)?.is_some())
+    pub(super) async fn on_legal_hold(&self, id: PatientId) -> Result<bool, AppError> {
+        Ok(self.store.legal_hold_since(id.bytes()).await.map_err(internal)?.is_some())
     }
 
     /// Erases a patient by destroying its data key (see the module docs).
     pub async fn erase_patient(&self, ctx: &CallContext, input: Input<EraseRequest>) -> Result<Erasure, AppError> {
-        let mut call = self.call(ctx, Action::PatientErase, input.named);
+        let mut call = self.call(ctx, Action::PatientErase, input.named).await;
         let _one_at_a_time = self.erase_lock.lock().await;
         let mut gate = None;
         let result = async {
             let req = call.accept(input.parsed)?;
             let id = req.patient;
             call.name_patient(id);
-            if self.head(RecordKind::Patient, &id.bytes())?.is_none() {
-                return Err(self.missing(RecordKind::Patient, &id.bytes()));
-            }
-            if self.on_legal_hold(id)? {
+            self.existing(RecordRef::patient(id.bytes())).await?;
+            if self.on_legal_hold(id).await? {
                 return Err(AppError::FailedPrecondition(
                     "the patient is under a legal hold; compliance must lift it before the patient can be erased",
                 ));
@@ -133,11 +120,9 @@ impl App {
             let bucket = self.keys.shreds().bucket_of(&id.bytes());
             self.finish_bucket(bucket).await?;
             gate = Some(self.keys.wrap_gate.write().await);
-            let app = self.clone();
             let subject = ctx.subject().unwrap_or_default().to_string();
-            let now = self.now();
-            let (meta, coverages, record_versions, generation, key_version) =
-                blocking(move || app.erasure_writes(id, bucket, &req.reason, subject, now)).await?;
+            let (changes, coverages, record_versions, generation, key_version) =
+                self.erasure_writes(id, bucket, &req.reason, subject, self.now()).await?;
             call.entry.key_version = key_version;
             call.entry.details = vec![
                 format!("coverages={coverages}"),
@@ -145,8 +130,8 @@ impl App {
                 format!("erasure_bucket={bucket}"),
                 format!("bucket_generation={generation}"),
             ];
-            for m in meta {
-                call.stage(m);
+            for ch in changes {
+                call.stage(ch);
             }
             Ok((id, bucket, coverages, record_versions))
         }
@@ -172,7 +157,7 @@ impl App {
             patient: id,
             erased_at: committed.time_micros,
             audit_sequence: committed.sequence,
-            coverages: super::count(coverages),
+            coverages,
             record_versions,
             rekeyed,
             caveats: self.erasure_caveats(committed.time_micros),
@@ -180,24 +165,31 @@ impl App {
     }
 
     /// Moves the patient's bucket to a new generation, then lists what the
-    /// erasure commits: every stored key of the patient removed, its data key
+    /// erasure commits: everything stored for the patient and its coverages
+    /// removed (if they are still exactly what was read), its data key
     /// removed (if unchanged), no hold placed since the check, tombstones.
-    fn erasure_writes(
+    async fn erasure_writes(
         &self,
         id: PatientId,
         bucket: u16,
         reason: &str,
         subject: String,
         now: i64,
-    ) -> Result<(Vec<MetaWrite>, usize, u64, u32, u32), AppError> {
+    ) -> Result<(Vec<Change>, u64, u64, u32, u32), AppError> {
         let next = self.keys.shreds().with_next_generation(bucket).map_err(super::crypto_failure)?;
         let generation = next.current(bucket).map_err(super::crypto_failure)?.generation();
-        self.keys.apply_shreds(next).map_err(|e| {
-            tracing::error!(error = %e, "writing erasure-keys failed");
-            AppError::Internal
-        })?;
-        let footprint = self.store.footprint(&id.bytes()).map_err(internal)?;
-        let wrapped = self.store.wrapped_dek(&id.bytes()).map_err(internal)?;
+        let keys = self.keys.clone();
+        blocking(move || {
+            keys.apply_shreds(next).map_err(|e| {
+                tracing::error!(error = %e, "writing erasure-keys failed");
+                AppError::Internal
+            })
+        })
+        .await?;
+        let patient = id.bytes();
+        let coverages = self.store.coverages_of(patient).await.map_err(internal)?;
+        let footprint = self.store.footprint(patient).await.map_err(internal)?;
+        let wrapped = self.store.data_key(patient).await.map_err(internal)?;
         let key_version = match &wrapped {
             Some(w) => WrappedDataKey(w.clone()).master_version().map_err(|_| AppError::DataLoss)?,
             None => 0,
@@ -207,30 +199,26 @@ impl App {
             .ring()
             .seal_note(format!("{id}/erasure").as_bytes(), reason.as_bytes())
             .map_err(super::crypto_failure)?;
-        let mut meta: Vec<MetaWrite> = footprint
-            .keys
-            .iter()
-            .map(|(tree, key)| MetaWrite { tree: *tree, key: key.clone(), value: None, expect: None })
-            .collect();
-        meta.push(MetaWrite { tree: MetaTree::Deks, key: id.bytes().to_vec(), value: None, expect: Some(wrapped) });
-        // Refused if a hold was placed since the check.
-        meta.push(MetaWrite { tree: MetaTree::Access, key: hold_key(id), value: None, expect: Some(None) });
+        let mut changes = vec![
+            Change::ErasePatient { patient, coverages: coverages.clone() },
+            Change::DataKey { patient, value: None, expect: wrapped.map_or(Expect::Absent, Expect::Equal) },
+            // Refused if a hold was placed since the check.
+            Change::LegalHold { patient, since: None, expect: Expect::Absent },
+        ];
         let mut tomb =
             Tombstone { patient: id.to_string(), erased_at: now, erased_by: subject, reason: Some(b64(&reason)) };
-        let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
-        meta.push(MetaWrite {
-            tree: MetaTree::Access,
-            key: erased_key(RecordKind::Patient, &id.bytes()),
-            value: Some(json),
-            expect: None,
-        });
+        let value = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+        changes.push(Change::Tombstone { record: RecordRef::patient(patient), value, expect: Expect::Anything });
         tomb.reason = None;
-        let json = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
-        for c in &footprint.coverages {
-            let key = erased_key(RecordKind::Coverage, c);
-            meta.push(MetaWrite { tree: MetaTree::Access, key, value: Some(json.clone()), expect: None });
+        let value = serde_json::to_vec(&tomb).map_err(|_| AppError::Internal)?;
+        for c in &coverages {
+            changes.push(Change::Tombstone {
+                record: RecordRef::coverage(*c),
+                value: value.clone(),
+                expect: Expect::Anything,
+            });
         }
-        Ok((meta, footprint.coverages.len(), footprint.record_versions, generation, key_version))
+        Ok((changes, footprint.coverages, footprint.record_versions, generation, key_version))
     }
 
     fn erasure_caveats(&self, at: i64) -> Vec<String> {
@@ -273,8 +261,7 @@ impl App {
         let target = shreds.current(bucket).map_err(super::crypto_failure)?.generation();
         let mut moved = 0u64;
         loop {
-            let app = self.clone();
-            let batch = blocking(move || app.rekey_batch(bucket, target)).await?;
+            let batch = self.rekey_batch(bucket, target).await?;
             if batch.is_empty() {
                 break;
             }
@@ -291,7 +278,7 @@ impl App {
                 ],
                 ..AuditEntry::default()
             };
-            let committed = self.sequencer.commit(Commit { entry, write: None, meta: batch }).await;
+            let committed = self.store.commit(Commit { entry, write: None, changes: batch }).await;
             match committed {
                 Ok(c) if c.outcome == CommitOutcome::Written => moved += n,
                 // A key changed under the batch (a rewrap or a write); read again.
@@ -313,18 +300,16 @@ impl App {
 
     /// Up to [`BATCH`] data keys of `bucket` not on generation `target`, rewrapped to it
     /// (same master version), each applied only if unchanged.
-    fn rekey_batch(&self, bucket: u16, target: u32) -> Result<Vec<MetaWrite>, AppError> {
+    async fn rekey_batch(&self, bucket: u16, target: u32) -> Result<Vec<Change>, AppError> {
         let ring = self.keys.ring();
         let shreds = self.keys.shreds();
         let mut out = Vec::new();
-        for kv in self.store.deks.iter() {
-            let (k, v) = kv.map_err(|e| internal(e.into()))?;
-            let wrapped = WrappedDataKey(v.to_vec());
+        self.scan_data_keys(None, |patient, v| {
+            let wrapped = WrappedDataKey(v);
             match wrapped.erasure_bucket().map_err(|_| AppError::DataLoss)? {
                 Some((b, g)) if b == bucket && g != target => {}
-                _ => continue,
+                _ => return Ok(true),
             }
-            let patient: [u8; 16] = k.as_ref().try_into().map_err(|_| AppError::DataLoss)?;
             let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
             let new = match ring.rewrap_data_key(&patient, &wrapped, version, &shreds) {
                 Ok(n) => n,
@@ -335,16 +320,10 @@ impl App {
                 }
                 Err(e) => return Err(super::crypto_failure(e)),
             };
-            out.push(MetaWrite {
-                tree: MetaTree::Deks,
-                key: k.to_vec(),
-                value: Some(new.0),
-                expect: Some(Some(v.to_vec())),
-            });
-            if out.len() == BATCH {
-                break;
-            }
-        }
+            out.push(Change::DataKey { patient, value: Some(new.0), expect: Expect::Equal(wrapped.0) });
+            Ok(out.len() < BATCH)
+        })
+        .await?;
         Ok(out)
     }
 }

@@ -1,7 +1,7 @@
 //! What the key jobs (rewrap, re-encryption, blind-index rotation) share:
-//! their state, persisted as JSON under a `J…` key of the `access` tree and
-//! written in the same commit as each batch; the audited progress read; the
-//! background task; and throttling to a rate.
+//! their state, persisted as JSON (a [`JobName`]'s state) and written in the
+//! same commit as each batch; the audited progress read; the background
+//! task; and throttling to a rate.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -13,12 +13,12 @@ use super::call::Input;
 use super::{App, CallContext, internal};
 use crate::domain::Action;
 use crate::error::AppError;
-use crate::storage::{MetaTree, MetaWrite};
+use crate::storage::{Change, Expect, JobName};
 
 impl App {
     /// A job's persisted state, if it ever ran.
-    pub(super) fn job_state<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, AppError> {
-        match self.store.access_get(key).map_err(internal)? {
+    pub(super) async fn job_state<T: DeserializeOwned>(&self, name: JobName) -> Result<Option<T>, AppError> {
+        match self.store.job(name).await.map_err(internal)? {
             None => Ok(None),
             Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| AppError::DataLoss),
         }
@@ -29,10 +29,13 @@ impl App {
         &self,
         ctx: &CallContext,
         input: Input<()>,
-        key: &[u8],
+        name: JobName,
     ) -> Result<Option<T>, AppError> {
-        let mut call = self.call(ctx, Action::KeysStatus, input.named);
-        let result = call.accept(input.parsed).and_then(|()| self.job_state(key));
+        let mut call = self.call(ctx, Action::KeysStatus, input.named).await;
+        let result = match call.accept(input.parsed) {
+            Ok(()) => self.job_state(name).await,
+            Err(e) => Err(e),
+        };
         call.finish(result).await
     }
 
@@ -50,10 +53,10 @@ impl App {
     }
 }
 
-/// The write that persists a job's state with its batch.
-pub(super) fn job_write<T: Serialize>(key: &[u8], job: &T) -> Result<MetaWrite, AppError> {
+/// The change that persists a job's state with its batch.
+pub(super) fn job_write<T: Serialize>(name: JobName, job: &T) -> Result<Change, AppError> {
     let json = serde_json::to_vec(job).map_err(|_| AppError::Internal)?;
-    Ok(MetaWrite { tree: MetaTree::Access, key: key.to_vec(), value: Some(json), expect: None })
+    Ok(Change::Job { name, value: Some(json), expect: Expect::Anything })
 }
 
 /// Sleeps so that `n` items done since `started` stay under `max_per_second` (0: unlimited).

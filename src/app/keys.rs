@@ -19,10 +19,10 @@ use crate::crypto::{Keyring, ShredKeys, WrappedDataKey};
 use crate::domain::{Action, Outcome};
 use crate::error::AppError;
 use crate::keystore::{Destroyed, KeyError, KeySource, KeyState, VersionInfo, VersionState};
-use crate::storage::{Commit, CommitOutcome, Head, MetaTree, MetaWrite};
+use crate::storage::{Change, Commit, CommitOutcome, Expect, JobName};
 
-/// The `access` tree key of a key operation's intent (see [`PendingKeyOperation`]).
-const KEY_OP_KEY: &[u8] = b"Jkeyop";
+/// Where a key operation's intent is stored (see [`PendingKeyOperation`]).
+const KEY_OP: JobName = JobName::KeyOperation;
 
 /// The live keyring, the erasure bucket keys, and the key state behind them.
 pub struct KeyManager {
@@ -181,7 +181,7 @@ impl KeyOperation {
 /// A key operation between its two audit entries. Rotate, retire and
 /// destroy change key files or `keycheck.json`, which the sequencer cannot
 /// commit atomically with an entry, so each commits an intent entry (with
-/// this record, JSON under `Jkeyop` in the `access` tree) durably before it
+/// this record, JSON stored as the key-operation job state) durably before it
 /// changes anything, and a completion entry (removing the record) after.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingKeyOperation {
@@ -210,28 +210,34 @@ pub(super) fn key_error(e: KeyError) -> AppError {
 impl App {
     /// Counts what depends on each master key version (scans keys, heads,
     /// the blind index and notes; no decryption).
-    pub(super) fn key_usage(&self) -> Result<BTreeMap<u32, VersionUse>, AppError> {
+    pub(super) async fn key_usage(&self) -> Result<BTreeMap<u32, VersionUse>, AppError> {
         let mut usage: BTreeMap<u32, VersionUse> = BTreeMap::new();
         let mut patient_version: std::collections::HashMap<[u8; 16], u32> = std::collections::HashMap::new();
-        for kv in self.store.deks.iter() {
-            let (k, v) = kv.map_err(|e| internal(e.into()))?;
-            let version = WrappedDataKey(v.to_vec()).master_version().map_err(|_| AppError::DataLoss)?;
+        self.scan_data_keys(None, |patient, v| {
+            let version = WrappedDataKey(v).master_version().map_err(|_| AppError::DataLoss)?;
             usage.entry(version).or_default().data_keys += 1;
-            if let Ok(id) = <[u8; 16]>::try_from(k.as_ref()) {
-                patient_version.insert(id, version);
+            patient_version.insert(patient, version);
+            Ok(true)
+        })
+        .await?;
+        let mut after = None;
+        loop {
+            const PAGE: usize = 1024;
+            let page = self.store.heads_after(None, after, PAGE).await.map_err(internal)?;
+            for (record, head) in &page {
+                after = Some(*record);
+                if let Some(version) = patient_version.get(&head.patient_id) {
+                    usage.entry(*version).or_default().records += 1;
+                }
+            }
+            if page.len() < PAGE {
+                break;
             }
         }
-        for kv in self.store.heads.iter() {
-            let (_, v) = kv.map_err(|e| internal(e.into()))?;
-            let head: Head = crate::storage::decode_head(&v).map_err(internal)?;
-            if let Some(version) = patient_version.get(&head.patient_id) {
-                usage.entry(*version).or_default().records += 1;
-            }
-        }
-        for (version, n) in self.index_entries_by_version()? {
+        for (version, n) in self.index_entries_by_version().await? {
             usage.entry(version).or_default().index_entries += n;
         }
-        for version in self.note_versions()? {
+        for version in self.note_versions().await? {
             usage.entry(version).or_default().notes += 1;
         }
         Ok(usage)
@@ -239,19 +245,18 @@ impl App {
 
     /// Key status.
     pub async fn key_status(&self, ctx: &CallContext, input: Input<()>) -> Result<KeyStatus, AppError> {
-        let mut call = self.call(ctx, Action::KeysStatus, input.named);
+        let mut call = self.call(ctx, Action::KeysStatus, input.named).await;
         let result = async {
             call.accept(input.parsed)?;
-            let app = self.clone();
-            blocking(move || app.key_status_now()).await
+            self.key_status_now().await
         }
         .await;
         call.finish(result).await
     }
 
     /// The key status as it is now (no audit entry: the callers audit).
-    pub fn key_status_now(&self) -> Result<KeyStatus, AppError> {
-        let usage = self.key_usage()?;
+    pub async fn key_status_now(&self) -> Result<KeyStatus, AppError> {
+        let usage = self.key_usage().await?;
         let state = self.keys.state();
         let versions = state
             .master_keys
@@ -268,17 +273,17 @@ impl App {
             primary: state.primary,
             blind_index_version: state.blind_index_version,
             source: self.keys.source.describe(),
-            job: self.rewrap_progress()?,
-            reencrypt_job: self.reencrypt_progress()?,
-            blind_index_job: self.blind_index_progress()?,
-            pending: self.job_state(KEY_OP_KEY)?,
+            job: self.rewrap_progress().await?,
+            reencrypt_job: self.reencrypt_progress().await?,
+            blind_index_job: self.blind_index_progress().await?,
+            pending: self.job_state(KEY_OP).await?,
         })
     }
 
     /// Adds a master key version and makes it primary.
     pub async fn rotate_master_key(&self, ctx: &CallContext, input: Input<()>) -> Result<(u32, u32), AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
-        let mut call = self.call(ctx, Action::KeysRotate, input.named);
+        let mut call = self.call(ctx, Action::KeysRotate, input.named).await;
         let result = call.accept(input.parsed).map(|()| {
             let state = self.keys.state();
             let version = state.master_keys.keys().last().copied().unwrap_or(0) + 1;
@@ -307,12 +312,11 @@ impl App {
     /// Retires a version: refused while anything depends on it.
     pub async fn retire_master_key(&self, ctx: &CallContext, input: Input<u32>) -> Result<u32, AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
-        let mut call = self.call(ctx, Action::KeysRetire, input.named);
+        let mut call = self.call(ctx, Action::KeysRetire, input.named).await;
         let result = async {
             let version = call.accept(input.parsed)?;
             call.entry.key_version = version;
-            let app = self.clone();
-            let checked = blocking(move || app.retirable(version)).await;
+            let checked = self.retirable(version).await;
             if let Err(AppError::InUse(why)) = &checked {
                 call.entry.details = vec![format!("refused={}", why.split(':').nth(1).unwrap_or("").trim())];
             }
@@ -334,7 +338,7 @@ impl App {
     }
 
     /// Why `version` cannot be retired now, if it cannot.
-    fn retirable(&self, version: u32) -> Result<(), AppError> {
+    async fn retirable(&self, version: u32) -> Result<(), AppError> {
         let state = self.keys.state();
         let info = state.master_keys.get(&version).ok_or(AppError::NotFound("master key version"))?;
         if info.state != VersionState::Active {
@@ -343,7 +347,7 @@ impl App {
         if version == state.primary {
             return Err(AppError::FailedPrecondition("the primary version cannot be retired; rotate first"));
         }
-        let uses = self.key_usage()?.remove(&version).unwrap_or_default();
+        let uses = self.key_usage().await?.remove(&version).unwrap_or_default();
         if version == state.blind_index_version || state.blind_index_next == Some(version) {
             return Err(AppError::InUse(format!(
                 "master key version {version} is still in use: the blind-index key ({} entries) is derived from it; run keys rotate-blind-index first",
@@ -362,7 +366,7 @@ impl App {
     /// Destroys a retired version's material.
     pub async fn destroy_master_key(&self, ctx: &CallContext, input: Input<u32>) -> Result<bool, AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
-        let mut call = self.call(ctx, Action::KeysDestroy, input.named);
+        let mut call = self.call(ctx, Action::KeysDestroy, input.named).await;
         let result = call.accept(input.parsed).and_then(|version| {
             call.entry.key_version = version;
             let state = self.keys.state();
@@ -404,12 +408,7 @@ impl App {
         };
         let json = serde_json::to_vec(&pending).map_err(|_| AppError::Internal)?;
         // Only one operation at a time: an unsettled one must be settled first.
-        call.stage(MetaWrite {
-            tree: MetaTree::Access,
-            key: KEY_OP_KEY.to_vec(),
-            value: Some(json),
-            expect: Some(None),
-        });
+        call.stage(Change::Job { name: KEY_OP, value: Some(json), expect: Expect::Absent });
         let template = AuditEntry { details: Vec::new(), ..call.entry.clone() };
         match call.commit(None).await {
             Ok(_) => Ok(Intent { operation, version, template }),
@@ -435,8 +434,8 @@ impl App {
         };
         let entry =
             AuditEntry { action: action.as_str().into(), outcome: outcome.as_str().into(), details, ..intent.template };
-        let meta = vec![MetaWrite { tree: MetaTree::Access, key: KEY_OP_KEY.to_vec(), value: None, expect: None }];
-        let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await;
+        let changes = vec![Change::Job { name: KEY_OP, value: None, expect: Expect::Anything }];
+        let committed = self.store.commit(Commit { entry, write: None, changes }).await;
         self.log(ctx, action, outcome, committed.as_ref().ok().map(|c| c.sequence));
         committed.map(|_| ()).map_err(super::call::audit_unavailable)
     }
@@ -446,7 +445,7 @@ impl App {
     /// a completion entry says so. Called once the server runs.
     pub(super) async fn settle_key_operation(&self) -> Result<(), AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
-        let Some(pending) = self.job_state::<PendingKeyOperation>(KEY_OP_KEY)? else { return Ok(()) };
+        let Some(pending) = self.job_state::<PendingKeyOperation>(KEY_OP).await? else { return Ok(()) };
         let state = self.keys.state();
         let info = state.master_keys.get(&pending.version).map(|i| i.state);
         let mut details = vec!["settled_at_start=true".to_string(), format!("version={}", pending.version)];
@@ -477,9 +476,8 @@ impl App {
             ..AuditEntry::default()
         };
         let raw = serde_json::to_vec(&pending).map_err(|_| AppError::Internal)?;
-        let meta =
-            vec![MetaWrite { tree: MetaTree::Access, key: KEY_OP_KEY.to_vec(), value: None, expect: Some(Some(raw)) }];
-        let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await.map_err(internal)?;
+        let changes = vec![Change::Job { name: KEY_OP, value: None, expect: Expect::Equal(raw) }];
+        let committed = self.store.commit(Commit { entry, write: None, changes }).await.map_err(internal)?;
         if committed.outcome == CommitOutcome::Written {
             tracing::warn!(
                 operation = pending.operation.as_str(),

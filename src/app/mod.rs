@@ -39,7 +39,7 @@ use crate::clock::Clock;
 use crate::crypto::{self, DataKey, RecordAad, RecordKind, WrappedDataKey};
 use crate::domain::PatientId;
 use crate::error::AppError;
-use crate::storage::{Head, Sequencer, StorageError, Store};
+use crate::storage::{Head, RecordRef, StorageError, Store};
 
 /// Who is calling and how, as seen at the edge.
 pub struct CallContext {
@@ -126,7 +126,6 @@ pub struct AccessControl {
 #[derive(Clone)]
 pub struct App {
     store: Store,
-    sequencer: Sequencer,
     keys: Arc<KeyManager>,
     clock: Arc<dyn Clock>,
     access: Arc<AccessControl>,
@@ -148,16 +147,9 @@ pub struct App {
 
 impl App {
     /// Assembles the application from its parts.
-    pub fn new(
-        store: Store,
-        sequencer: Sequencer,
-        keys: KeyManager,
-        clock: Arc<dyn Clock>,
-        access: AccessControl,
-    ) -> Self {
+    pub fn new(store: Store, keys: KeyManager, clock: Arc<dyn Clock>, access: AccessControl) -> Self {
         App {
             store,
-            sequencer,
             keys: Arc::new(keys),
             clock,
             access: Arc::new(access),
@@ -198,16 +190,16 @@ impl App {
     }
 
     /// Loads and unwraps a patient's data key.
-    fn data_key(&self, patient: PatientId) -> Result<(DataKey, u32), AppError> {
+    async fn data_key(&self, patient: PatientId) -> Result<(DataKey, u32), AppError> {
         let mut attempts = 0;
         loop {
             // The bucket keys are taken before the wrapped key is read: an
             // erasure in the same bucket may move the key to a newer
             // generation in between, which a second read then finds.
             let shreds = self.keys.shreds();
-            let wrapped = match self.store.wrapped_dek(&patient.bytes()).map_err(internal)? {
+            let wrapped = match self.store.data_key(patient.bytes()).await.map_err(internal)? {
                 Some(w) => WrappedDataKey(w),
-                None => return Err(self.missing(RecordKind::Patient, &patient.bytes())),
+                None => return Err(self.missing(RecordRef::patient(patient.bytes())).await),
             };
             let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
             match self.keys.ring().unwrap_data_key(&patient.bytes(), &wrapped, &shreds) {
@@ -219,12 +211,12 @@ impl App {
     }
 
     /// NOT_FOUND for a record that does not exist, or "erased" for one that was crypto-shredded.
-    fn missing(&self, kind: RecordKind, id: &[u8; 16]) -> AppError {
-        let what = match kind {
+    async fn missing(&self, record: RecordRef) -> AppError {
+        let what = match record.kind {
             RecordKind::Patient => "patient",
             RecordKind::Coverage => "coverage",
         };
-        match self.store.access_get(&erasure::erased_key(kind, id)) {
+        match self.store.tombstone(record).await {
             Ok(Some(_)) => AppError::Erased(what),
             Ok(None) => AppError::NotFound(what),
             Err(e) => internal(e),
@@ -247,10 +239,49 @@ impl App {
         crypto::seal_record(dek, aad, &plain).map_err(crypto_failure)
     }
 
-    /// A record's current head.
-    fn head(&self, kind: RecordKind, id: &[u8; 16]) -> Result<Option<Head>, AppError> {
-        self.store.head(kind, id).map_err(internal)
+    /// Calls `visit` with every wrapped data key after `after` (by patient
+    /// id), page by page, until it returns false or the keys run out.
+    async fn scan_data_keys(
+        &self,
+        after: Option<[u8; 16]>,
+        mut visit: impl FnMut([u8; 16], Vec<u8>) -> Result<bool, AppError>,
+    ) -> Result<(), AppError> {
+        const PAGE: usize = 1024;
+        let mut after = after;
+        loop {
+            let page = self.store.data_keys_after(after, PAGE).await.map_err(internal)?;
+            let done = page.len() < PAGE;
+            for (patient, wrapped) in page {
+                after = Some(patient);
+                if !visit(patient, wrapped)? {
+                    return Ok(());
+                }
+            }
+            if done {
+                return Ok(());
+            }
+        }
     }
+
+    /// A record's current head.
+    async fn head(&self, record: RecordRef) -> Result<Option<Head>, AppError> {
+        self.store.head(record).await.map_err(internal)
+    }
+
+    /// A record's current head, or NOT_FOUND (or "erased") if there is none.
+    async fn existing(&self, record: RecordRef) -> Result<Head, AppError> {
+        match self.head(record).await? {
+            Some(h) => Ok(h),
+            None => Err(self.missing(record).await),
+        }
+    }
+}
+
+/// A job cursor (the hex of a patient id) as the id.
+fn cursor_id(cursor: &str) -> Result<[u8; 16], AppError> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(cursor, &mut id).map_err(|_| AppError::DataLoss)?;
+    Ok(id)
 }
 
 fn internal(e: StorageError) -> AppError {

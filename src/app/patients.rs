@@ -2,12 +2,12 @@
 
 use super::access::{Reach, Visibility, disclose, keep_undisclosed, note_grants};
 use super::call::{Call, Input};
-use super::{App, CallContext, Opened, blocking, internal};
+use super::{App, CallContext, Opened, internal};
 use crate::auth::policy::Grant;
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::{Action, FhirDate, Patient, PatientData, PatientId, normalize};
 use crate::error::AppError;
-use crate::storage::{BLIND_KEY_LEN, RecordWrite};
+use crate::storage::{IndexKey, RecordRef, RecordWrite};
 
 /// A full replacement of a patient's data at a known version.
 pub struct PatientUpdate {
@@ -79,44 +79,27 @@ pub struct SearchResult {
     pub(super) via_grants: Vec<uuid::Uuid>,
 }
 
-/// Builds one `blind` tree key (see storage module docs); `tag` is the
-/// index kind's tag in its slot (`Keyring::blind_tag`).
-pub(super) fn blind_key(
-    tag: u8,
-    mac: [u8; 16],
-    patient: [u8; 16],
-    kind: RecordKind,
-    record: [u8; 16],
-) -> [u8; BLIND_KEY_LEN] {
-    let mut k = [0u8; BLIND_KEY_LEN];
-    k[0] = tag;
-    k[1..17].copy_from_slice(&mac);
-    k[17..33].copy_from_slice(&patient);
-    k[33] = kind.tag();
-    k[34..50].copy_from_slice(&record);
-    k
-}
-
 fn patient_aad(id: PatientId, version: u64) -> RecordAad {
     RecordAad { kind: RecordKind::Patient, record_id: id.bytes(), patient_id: id.bytes(), version }
 }
 
 impl App {
-    pub(super) fn patient_index_keys(&self, id: PatientId, data: &PatientData) -> Vec<[u8; BLIND_KEY_LEN]> {
+    pub(super) fn patient_index_keys(&self, id: PatientId, data: &PatientData) -> Vec<IndexKey> {
         let p = id.bytes();
+        let record = RecordRef::patient(p);
         let ring = self.keys.ring();
         let mut keys = Vec::new();
         for ident in &data.identifiers {
             let norm = normalize::identifier_key(&ident.system, &ident.value);
             for (tag, mac) in ring.blind_indexes(BlindIndexKind::Identifier, &norm) {
-                keys.push(blind_key(tag, mac, p, RecordKind::Patient, p));
+                keys.push(IndexKey { tag, mac, patient: p, record });
             }
         }
         if let Some(birth) = data.birth_date {
             for name in &data.names {
                 let norm = normalize::name_birth_date_key(&name.family, &birth.to_string());
                 for (tag, mac) in ring.blind_indexes(BlindIndexKind::NameBirthDate, &norm) {
-                    keys.push(blind_key(tag, mac, p, RecordKind::Patient, p));
+                    keys.push(IndexKey { tag, mac, patient: p, record });
                 }
             }
         }
@@ -128,30 +111,26 @@ impl App {
     /// Loads and opens the current version of a patient. A record that fails
     /// to open is read once more: a re-encryption batch may have committed
     /// between reading the key and reading the record.
-    pub(super) fn load_patient(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        match self.load_patient_once(id) {
-            Err(AppError::DataLoss) => self.load_patient_once(id),
+    pub(super) async fn load_patient(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
+        match self.load_patient_once(id).await {
+            Err(AppError::DataLoss) => self.load_patient_once(id).await,
             other => other,
         }
     }
 
-    fn load_patient_once(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        let head = self
-            .head(RecordKind::Patient, &id.bytes())?
-            .ok_or_else(|| self.missing(RecordKind::Patient, &id.bytes()))?;
-        let sealed = self
-            .store
-            .record(RecordKind::Patient, &id.bytes(), head.version)
-            .map_err(internal)?
-            .ok_or(AppError::DataLoss)?;
-        let (dek, key_version) = self.data_key(id)?;
+    async fn load_patient_once(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
+        let record = RecordRef::patient(id.bytes());
+        let head = self.existing(record).await?;
+        let sealed =
+            self.store.record_version(record, head.version).await.map_err(internal)?.ok_or(AppError::DataLoss)?;
+        let (dek, key_version) = self.data_key(id).await?;
         let record: Patient = self.open(&dek, &patient_aad(id, head.version), &sealed)?;
         Ok(Opened { record, patient: id, dek, key_version })
     }
 
     /// Registers a new patient.
     pub async fn create_patient(&self, ctx: &CallContext, input: Input<PatientData>) -> Result<Patient, AppError> {
-        let mut call = self.call(ctx, Action::PatientCreate, input.named);
+        let mut call = self.call(ctx, Action::PatientCreate, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
@@ -167,8 +146,7 @@ impl App {
             call.entry.record_version = 1;
             call.entry.key_version = self.keys.ring().primary_version();
             let write = RecordWrite {
-                kind: RecordKind::Patient,
-                id: id.bytes(),
+                record: RecordRef::patient(id.bytes()),
                 patient_id: id.bytes(),
                 expected_version: 0,
                 sealed,
@@ -184,11 +162,11 @@ impl App {
 
     /// Reads a patient's current version.
     pub async fn get_patient(&self, ctx: &CallContext, input: Input<PatientId>) -> Result<Patient, AppError> {
-        let mut call = self.call(ctx, Action::PatientRead, input.named);
+        let mut call = self.call(ctx, Action::PatientRead, input.named).await;
         let result = async {
             let id = call.accept(input.parsed)?;
-            call.reach(id, Reach::Read, RecordKind::Patient)?;
-            let opened = self.load_patient(id)?;
+            call.reach(id, Reach::Read, RecordKind::Patient).await?;
+            let opened = self.load_patient(id).await?;
             call.entry.record_version = opened.record.version;
             call.entry.key_version = opened.key_version;
             Ok(show(&mut call, opened.record))
@@ -199,19 +177,20 @@ impl App {
 
     /// Replaces a patient's data if the caller's version is current.
     pub async fn update_patient(&self, ctx: &CallContext, input: Input<PatientUpdate>) -> Result<Patient, AppError> {
-        let mut call = self.call(ctx, Action::PatientUpdate, input.named);
+        let mut call = self.call(ctx, Action::PatientUpdate, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let upd = call.accept(input.parsed)?;
             call.entry.record_version = upd.expected_version;
-            call.reach(upd.id, Reach::Write, RecordKind::Patient)?;
+            call.reach(upd.id, Reach::Write, RecordKind::Patient).await?;
             let grant = call.grant.clone();
             self.write_patient_version(&mut call, upd.id, upd.expected_version, move |current, now| Patient {
                 update_time: now,
                 data: keep_undisclosed(&grant, &current.data, upd.data),
                 ..current
             })
+            .await
         }
         .await;
         call.finish_write(result).await
@@ -219,32 +198,33 @@ impl App {
 
     /// Soft-deletes a patient at a known version.
     pub async fn delete_patient(&self, ctx: &CallContext, input: Input<(PatientId, u64)>) -> Result<Patient, AppError> {
-        let mut call = self.call(ctx, Action::PatientDelete, input.named);
+        let mut call = self.call(ctx, Action::PatientDelete, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let (id, expected) = call.accept(input.parsed)?;
             call.entry.record_version = expected;
-            call.reach(id, Reach::Write, RecordKind::Patient)?;
+            call.reach(id, Reach::Write, RecordKind::Patient).await?;
             self.write_patient_version(&mut call, id, expected, |current, now| Patient {
                 update_time: now,
                 delete_time: Some(now),
                 ..current
             })
+            .await
         }
         .await;
         call.finish_write(result).await
     }
 
     /// The next version of a patient, sealed with the key that opened the current one.
-    fn write_patient_version(
+    async fn write_patient_version(
         &self,
         call: &mut Call<'_>,
         id: PatientId,
         expected: u64,
         change: impl FnOnce(Patient, i64) -> Patient,
     ) -> Result<(Patient, RecordWrite), AppError> {
-        let Opened { record: current, dek, key_version, .. } = self.load_patient(id)?;
+        let Opened { record: current, dek, key_version, .. } = self.load_patient(id).await?;
         if current.delete_time.is_some() {
             return Err(AppError::FailedPrecondition("patient is deleted"));
         }
@@ -257,8 +237,7 @@ impl App {
         call.entry.record_version = next.version;
         call.entry.key_version = key_version;
         let write = RecordWrite {
-            kind: RecordKind::Patient,
-            id: id.bytes(),
+            record: RecordRef::patient(id.bytes()),
             patient_id: id.bytes(),
             expected_version: expected,
             sealed,
@@ -271,12 +250,10 @@ impl App {
 
     /// Lists patients in id order.
     pub async fn list_patients(&self, ctx: &CallContext, input: Input<PageRequest>) -> Result<PatientPage, AppError> {
-        let mut call = self.call(ctx, Action::PatientList, input.named);
+        let mut call = self.call(ctx, Action::PatientList, input.named).await;
         let result = async {
             let req = call.accept(input.parsed)?;
-            let app = self.clone();
-            let (subject, grant) = (ctx.subject().map(str::to_string), call.grant.clone());
-            let mut page = blocking(move || app.list_page(&req, subject.as_deref(), &grant)).await?;
+            let mut page = self.list_page(&req, ctx.subject(), &call.grant).await?;
             call.entry.result_count = Some(super::count(page.patients.len()));
             call.entry.returned_patient_ids = page.patients.iter().map(|p| p.id.0.clone()).collect();
             note_grants(&mut call, &page.via_grants);
@@ -287,42 +264,46 @@ impl App {
         call.finish(result).await
     }
 
-    fn list_page(&self, req: &PageRequest, subject: Option<&str>, grant: &Grant) -> Result<PatientPage, AppError> {
+    async fn list_page(
+        &self,
+        req: &PageRequest,
+        subject: Option<&str>,
+        grant: &Grant,
+    ) -> Result<PatientPage, AppError> {
         // Scan at most this many heads per call so a store full of deleted
         // patients cannot make one call unbounded.
         let scan_budget = req.page_size.saturating_mul(10).max(100);
         let mut patients = Vec::new();
         let mut via_grants = Vec::new();
-        let mut after = req.after.map(|a| a.bytes());
+        let mut after = req.after.map(|a| RecordRef::patient(a.bytes()));
         let mut scanned = 0usize;
+        let kind = Some(RecordKind::Patient);
         loop {
-            let batch = self
-                .store
-                .list(RecordKind::Patient, after, req.page_size.min(scan_budget - scanned))
-                .map_err(internal)?;
+            let limit = req.page_size.min(scan_budget - scanned);
+            let batch = self.store.heads_after(kind, after, limit).await.map_err(internal)?;
             if batch.is_empty() {
                 return Ok(PatientPage { patients, next_after: None, via_grants });
             }
-            for (id, _) in &batch {
+            for (record, _) in &batch {
                 scanned += 1;
-                after = Some(*id);
-                let pid = PatientId::from_bytes(*id);
-                let through = match self.visible(subject, grant, pid)? {
+                after = Some(*record);
+                let pid = PatientId::from_bytes(record.id);
+                let through = match self.visible(subject, grant, pid).await? {
                     Visibility::Hidden => continue,
                     Visibility::Visible => None,
                     Visibility::ThroughGrant(g) => Some(g),
                 };
-                let p = self.load_patient(pid)?.record;
+                let p = self.load_patient(pid).await?.record;
                 if req.show_deleted || p.active() {
                     patients.push(p);
                     via_grants.extend(through);
                 }
                 if patients.len() == req.page_size || scanned >= scan_budget {
                     // There may be more: hand out a token; an empty next page is harmless.
-                    let more = !self.store.list(RecordKind::Patient, after, 1).map_err(internal)?.is_empty();
+                    let more = !self.store.heads_after(kind, after, 1).await.map_err(internal)?.is_empty();
                     return Ok(PatientPage {
                         patients,
-                        next_after: if more { after.map(PatientId::from_bytes) } else { None },
+                        next_after: if more { after.map(|r| PatientId::from_bytes(r.id)) } else { None },
                         via_grants,
                     });
                 }
@@ -336,12 +317,10 @@ impl App {
         ctx: &CallContext,
         input: Input<SearchRequest>,
     ) -> Result<SearchResult, AppError> {
-        let mut call = self.call(ctx, Action::PatientSearch, input.named);
+        let mut call = self.call(ctx, Action::PatientSearch, input.named).await;
         let result = async {
             let req = call.accept(input.parsed)?;
-            let app = self.clone();
-            let (subject, grant) = (ctx.subject().map(str::to_string), call.grant.clone());
-            let mut r = blocking(move || app.search(&req, subject.as_deref(), &grant)).await?;
+            let mut r = self.search(&req, ctx.subject(), &call.grant).await?;
             call.entry.result_count = Some(super::count(r.patients.len()));
             call.entry.returned_patient_ids = r.patients.iter().map(|p| p.id.0.clone()).collect();
             note_grants(&mut call, &r.via_grants);
@@ -352,7 +331,12 @@ impl App {
         call.finish(result).await
     }
 
-    fn search(&self, req: &SearchRequest, subject: Option<&str>, grant: &Grant) -> Result<SearchResult, AppError> {
+    async fn search(
+        &self,
+        req: &SearchRequest,
+        subject: Option<&str>,
+        grant: &Grant,
+    ) -> Result<SearchResult, AppError> {
         let (kind, normalized) = match &req.criterion {
             SearchCriterion::Identifier { system, value } => {
                 (BlindIndexKind::Identifier, normalize::identifier_key(system, value))
@@ -368,19 +352,20 @@ impl App {
         // deleted patients filtered out below need headroom too.
         let candidates = self
             .store
-            .blind_lookup(ring.blind_tag(kind), &mac, req.limit.saturating_mul(4).saturating_add(1))
+            .blind_lookup(ring.blind_tag(kind), mac, req.limit.saturating_mul(4).saturating_add(1))
+            .await
             .map_err(internal)?;
         let mut patients = Vec::new();
         let mut via_grants = Vec::new();
         let mut truncated = false;
         for id in candidates {
             let pid = PatientId::from_bytes(id);
-            let through = match self.visible(subject, grant, pid)? {
+            let through = match self.visible(subject, grant, pid).await? {
                 Visibility::Hidden => continue,
                 Visibility::Visible => None,
                 Visibility::ThroughGrant(g) => Some(g),
             };
-            let p = self.load_patient(pid)?.record;
+            let p = self.load_patient(pid).await?.record;
             if !req.show_deleted && !p.active() {
                 continue;
             }
@@ -396,27 +381,22 @@ impl App {
 
     /// Every version of a patient, oldest first.
     pub async fn patient_history(&self, ctx: &CallContext, input: Input<PatientId>) -> Result<Vec<Patient>, AppError> {
-        let mut call = self.call(ctx, Action::PatientHistory, input.named);
+        let mut call = self.call(ctx, Action::PatientHistory, input.named).await;
         let result = async {
             let id = call.accept(input.parsed)?;
-            call.reach(id, Reach::Read, RecordKind::Patient)?;
-            let app = self.clone();
-            let (patients, kv, version) = blocking(move || {
-                let head = app
-                    .head(RecordKind::Patient, &id.bytes())?
-                    .ok_or_else(|| app.missing(RecordKind::Patient, &id.bytes()))?;
-                let (dek, kv) = app.data_key(id)?;
-                let versions = app.store.versions(RecordKind::Patient, &id.bytes()).map_err(internal)?;
-                if super::count(versions.len()) != head.version {
-                    return Err(AppError::DataLoss);
-                }
-                let patients = versions
-                    .iter()
-                    .map(|(v, sealed)| app.open::<Patient>(&dek, &patient_aad(id, *v), sealed))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((patients, kv, head.version))
-            })
-            .await?;
+            call.reach(id, Reach::Read, RecordKind::Patient).await?;
+            let record = RecordRef::patient(id.bytes());
+            let head = self.existing(record).await?;
+            let (dek, kv) = self.data_key(id).await?;
+            let versions = self.store.versions(record).await.map_err(internal)?;
+            if super::count(versions.len()) != head.version {
+                return Err(AppError::DataLoss);
+            }
+            let patients = versions
+                .iter()
+                .map(|(v, sealed)| self.open::<Patient>(&dek, &patient_aad(id, *v), sealed))
+                .collect::<Result<Vec<_>, _>>()?;
+            let version = head.version;
             call.entry.key_version = kv;
             call.entry.record_version = version;
             call.entry.result_count = Some(super::count(patients.len()));

@@ -21,20 +21,20 @@ use zeroize::Zeroizing;
 
 use super::call::Input;
 use super::jobs::{job_write, throttle};
-use super::{App, CallContext, blocking, internal};
+use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
-use crate::crypto::{self, RecordAad, RecordKind, WrappedDataKey};
+use crate::crypto::{self, RecordAad, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::AppError;
-use crate::storage::{Commit, CommitOutcome, MetaTree, MetaWrite};
+use crate::storage::{Change, Commit, CommitOutcome, Expect, JobName, RecordRef};
 
 /// Patients per batch.
 const BATCH: usize = 32;
 
-/// The `access` tree key of the job state.
-const JOB_KEY: &[u8] = b"Jreencrypt";
+/// Where the job state is stored.
+const JOB: JobName = JobName::Reencrypt;
 
-/// The persisted job state (JSON under `Jreencrypt` in the `access` tree).
+/// The persisted job state (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReencryptJob {
     /// Job id (UUID v7).
@@ -80,7 +80,7 @@ pub struct ReencryptRequest {
 
 /// One batch: its writes, how many patients and record versions, and the last patient.
 struct Batch {
-    writes: Vec<MetaWrite>,
+    writes: Vec<Change>,
     patients: u64,
     versions: u64,
     last: Option<[u8; 16]>,
@@ -93,43 +93,38 @@ impl App {
         ctx: &CallContext,
         input: Input<ReencryptRequest>,
     ) -> Result<ReencryptJob, AppError> {
-        let mut call = self.call(ctx, Action::KeysReencrypt, input.named);
+        let mut call = self.call(ctx, Action::KeysReencrypt, input.named).await;
         let result = async {
             let req = call.accept(input.parsed)?;
-            let app = self.clone();
-            let subject = ctx.subject().unwrap_or_default().to_string();
             let now = self.now();
-            let (job, start) = blocking(move || {
-                if let Some(job) = app.reencrypt_progress()?
-                    && job.state == "running"
-                {
-                    return Ok((job, false));
-                }
-                let total = match req.patient {
-                    Some(p) => {
-                        if app.store.wrapped_dek(&p.bytes()).map_err(internal)?.is_none() {
-                            return Err(app.missing(RecordKind::Patient, &p.bytes()));
+            let (job, start) = match self.reencrypt_progress().await? {
+                Some(job) if job.state == "running" => (job, false),
+                _ => {
+                    let total = match req.patient {
+                        Some(p) => {
+                            if self.store.data_key(p.bytes()).await.map_err(internal)?.is_none() {
+                                return Err(self.missing(RecordRef::patient(p.bytes())).await);
+                            }
+                            1
                         }
-                        1
-                    }
-                    None => super::count(app.store.deks.len()),
-                };
-                let job = ReencryptJob {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    state: "running".into(),
-                    patient: req.patient.map(|p| p.to_string()),
-                    cursor: None,
-                    done: 0,
-                    total,
-                    record_versions: 0,
-                    max_per_second: req.max_per_second,
-                    started_at: now,
-                    finished_at: None,
-                    started_by: subject,
-                };
-                Ok((job, true))
-            })
-            .await?;
+                        None => self.store.count_data_keys().await.map_err(internal)?,
+                    };
+                    let job = ReencryptJob {
+                        id: uuid::Uuid::now_v7().to_string(),
+                        state: "running".into(),
+                        patient: req.patient.map(|p| p.to_string()),
+                        cursor: None,
+                        done: 0,
+                        total,
+                        record_versions: 0,
+                        max_per_second: req.max_per_second,
+                        started_at: now,
+                        finished_at: None,
+                        started_by: ctx.subject().unwrap_or_default().to_string(),
+                    };
+                    (job, true)
+                }
+            };
             call.entry.details = vec![
                 format!("job={}", job.id),
                 format!("state={}", job.state),
@@ -137,7 +132,7 @@ impl App {
                 format!("max_per_second={}", job.max_per_second),
             ];
             if start {
-                call.stage(job_write(JOB_KEY, &job)?);
+                call.stage(job_write(JOB, &job)?);
             }
             Ok((job, start))
         }
@@ -150,8 +145,8 @@ impl App {
     }
 
     /// The job's state without an audit entry (status reports, the offline CLI's progress bar).
-    pub fn reencrypt_progress(&self) -> Result<Option<ReencryptJob>, AppError> {
-        self.job_state(JOB_KEY)
+    pub async fn reencrypt_progress(&self) -> Result<Option<ReencryptJob>, AppError> {
+        self.job_state(JOB).await
     }
 
     /// The job's progress (audited like every call).
@@ -160,12 +155,12 @@ impl App {
         ctx: &CallContext,
         input: Input<()>,
     ) -> Result<Option<ReencryptJob>, AppError> {
-        self.audited_job_state(ctx, input, JOB_KEY).await
+        self.audited_job_state(ctx, input, JOB).await
     }
 
     /// Continues an interrupted job (called from `resume_jobs`).
-    pub(super) fn resume_reencrypt(&self) {
-        if let Ok(Some(job)) = self.reencrypt_progress()
+    pub(super) async fn resume_reencrypt(&self) {
+        if let Ok(Some(job)) = self.reencrypt_progress().await
             && job.state == "running"
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming re-encryption job");
@@ -180,15 +175,13 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.reencrypt_progress()? else { return Ok(()) };
+            let Some(job) = self.reencrypt_progress().await? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());
             }
             let started = Instant::now();
             let gate = self.keys.wrap_gate.write().await;
-            let app = self.clone();
-            let j = job.clone();
-            let batch = blocking(move || app.reencrypt_batch(&j)).await?;
+            let batch = self.reencrypt_batch(&job).await?;
             let mut next = job.clone();
             next.done = next.done.saturating_add(batch.patients);
             next.record_versions = next.record_versions.saturating_add(batch.versions);
@@ -202,8 +195,8 @@ impl App {
                 }
             }
             let finished = next.state == "completed";
-            let mut meta = batch.writes;
-            meta.push(job_write(JOB_KEY, &next)?);
+            let mut changes = batch.writes;
+            changes.push(job_write(JOB, &next)?);
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysReencryptComplete } else { Action::KeysReencryptBatch }
@@ -224,7 +217,7 @@ impl App {
                 ],
                 ..AuditEntry::default()
             };
-            let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await;
+            let committed = self.store.commit(Commit { entry, write: None, changes }).await;
             drop(gate);
             let committed = committed.map_err(internal)?;
             if committed.outcome != CommitOutcome::Written {
@@ -239,32 +232,20 @@ impl App {
         }
     }
 
-    fn reencrypt_batch(&self, job: &ReencryptJob) -> Result<Batch, AppError> {
+    async fn reencrypt_batch(&self, job: &ReencryptJob) -> Result<Batch, AppError> {
         let mut batch = Batch { writes: Vec::new(), patients: 0, versions: 0, last: None };
         let patients: Vec<([u8; 16], Vec<u8>)> = match &job.patient {
             Some(p) => {
                 let id = PatientId::parse(p).ok_or(AppError::DataLoss)?;
-                match self.store.wrapped_dek(&id.bytes()).map_err(internal)? {
+                match self.store.data_key(id.bytes()).await.map_err(internal)? {
                     // Erased since the job started: nothing left to do.
                     None => Vec::new(),
                     Some(w) => vec![(id.bytes(), w)],
                 }
             }
             None => {
-                let start = match &job.cursor {
-                    Some(c) => {
-                        let mut k = hex::decode(c).map_err(|_| AppError::DataLoss)?;
-                        k.push(0); // strictly after
-                        k
-                    }
-                    None => Vec::new(),
-                };
-                let mut out = Vec::with_capacity(BATCH);
-                for kv in self.store.deks.range(start..).take(BATCH) {
-                    let (k, v) = kv.map_err(|e| internal(e.into()))?;
-                    out.push((k.as_ref().try_into().map_err(|_| AppError::DataLoss)?, v.to_vec()));
-                }
-                out
+                let start = job.cursor.as_deref().map(super::cursor_id).transpose()?;
+                self.store.data_keys_after(start, BATCH).await.map_err(internal)?
             }
         };
         let ring = self.keys.ring();
@@ -275,30 +256,23 @@ impl App {
             let generation = old.generation().checked_add(1).ok_or(AppError::Internal)?;
             let (new, new_wrapped) =
                 ring.fresh_data_key(&patient, generation, &shreds).map_err(super::crypto_failure)?;
-            let mut owners = vec![(RecordKind::Patient, patient)];
-            owners.extend(
-                self.store.coverages_of(&patient).map_err(internal)?.into_iter().map(|c| (RecordKind::Coverage, c)),
-            );
-            for (kind, id) in owners {
-                for (version, sealed) in self.store.versions(kind, &id).map_err(internal)? {
-                    let aad = RecordAad { kind, record_id: id, patient_id: patient, version };
+            let mut owners = vec![RecordRef::patient(patient)];
+            owners
+                .extend(self.store.coverages_of(patient).await.map_err(internal)?.into_iter().map(RecordRef::coverage));
+            for record in owners {
+                for (version, sealed) in self.store.versions(record).await.map_err(internal)? {
+                    let aad = RecordAad { kind: record.kind, record_id: record.id, patient_id: patient, version };
                     let plain =
                         Zeroizing::new(crypto::open_record(&old, &aad, &sealed).map_err(super::crypto_failure)?);
                     let resealed = crypto::seal_record(&new, &aad, &plain).map_err(super::crypto_failure)?;
-                    batch.writes.push(MetaWrite {
-                        tree: MetaTree::Records,
-                        key: crate::storage::record_key(kind, &id, version).to_vec(),
-                        value: Some(resealed),
-                        expect: Some(Some(sealed)),
-                    });
+                    batch.writes.push(Change::Reseal { record, version, value: resealed, expect: sealed });
                     batch.versions += 1;
                 }
             }
-            batch.writes.push(MetaWrite {
-                tree: MetaTree::Deks,
-                key: patient.to_vec(),
+            batch.writes.push(Change::DataKey {
+                patient,
                 value: Some(new_wrapped.0),
-                expect: Some(Some(wrapped_bytes)),
+                expect: Expect::Equal(wrapped_bytes),
             });
             batch.patients += 1;
             batch.last = Some(patient);

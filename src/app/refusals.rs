@@ -109,7 +109,7 @@ impl Refusals {
             }
         };
         match waiting {
-            None => app.sequencer.commit(Commit::entry(entry)).await.map(|c| c.sequence),
+            None => app.store.commit(Commit::entry(entry)).await.map(|c| c.sequence),
             Some(mut rx) => loop {
                 if let Some(resolved) = rx.borrow_and_update().clone() {
                     return resolved.map_err(StorageError::Io);
@@ -143,7 +143,7 @@ async fn flush(app: App, group: Group, at: Instant) {
             .collect(),
         ..AuditEntry::default()
     };
-    let result = app.sequencer.commit(Commit::entry(entry)).await.map(|c| c.sequence).map_err(|e| e.to_string());
+    let result = app.store.commit(Commit::entry(entry)).await.map(|c| c.sequence).map_err(|e| e.to_string());
     if let Err(e) = &result {
         tracing::error!(error = %e, "the entry for refused calls could not be recorded; they fail closed");
     }

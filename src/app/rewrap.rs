@@ -17,20 +17,20 @@ use serde::{Deserialize, Serialize};
 
 use super::call::Input;
 use super::jobs::{job_write, throttle};
-use super::{App, CallContext, blocking, internal};
+use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::WrappedDataKey;
 use crate::domain::{Action, Outcome};
 use crate::error::AppError;
-use crate::storage::{Commit, CommitOutcome, MetaTree, MetaWrite};
+use crate::storage::{Change, Commit, CommitOutcome, Expect, JobName};
 
 /// Data keys per batch.
 const BATCH: usize = 256;
 
-/// The `access` tree key of the job state.
-const JOB_KEY: &[u8] = b"Jrewrap";
+/// Where the job state is stored.
+const JOB: JobName = JobName::Rewrap;
 
-/// The persisted job state (JSON under `Jrewrap` in the `access` tree).
+/// The persisted job state (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RewrapJob {
     /// Job id (UUID v7).
@@ -77,50 +77,44 @@ pub struct RewrapRequest {
 impl App {
     /// Data keys and notes not on `target`, plus format-1 data keys on it
     /// (written before erasure buckets; the job rewrites them as format 2).
-    fn rewrap_backlog(&self, target: u32) -> Result<u64, AppError> {
-        let mut n = super::count(self.note_versions()?.into_iter().filter(|v| *v != target).count());
-        for kv in self.store.deks.iter() {
-            let (_, v) = kv.map_err(|e| internal(e.into()))?;
-            let w = WrappedDataKey(v.to_vec());
-            let format_2 = w.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_some();
-            if w.master_version().map_err(|_| AppError::DataLoss)? != target || !format_2 {
+    async fn rewrap_backlog(&self, target: u32) -> Result<u64, AppError> {
+        let mut n = super::count(self.note_versions().await?.into_iter().filter(|v| *v != target).count());
+        self.scan_data_keys(None, |_, v| {
+            if needs_rewrap(&WrappedDataKey(v), target)? {
                 n += 1;
             }
-        }
+            Ok(true)
+        })
+        .await?;
         Ok(n)
     }
 
     /// Starts the job (or counts, for a dry run). A running job is returned as is.
     pub async fn start_rewrap(&self, ctx: &CallContext, input: Input<RewrapRequest>) -> Result<RewrapJob, AppError> {
-        let mut call = self.call(ctx, Action::KeysRewrap, input.named);
+        let mut call = self.call(ctx, Action::KeysRewrap, input.named).await;
         let result = async {
             let req = call.accept(input.parsed)?;
-            let app = self.clone();
-            let subject = ctx.subject().unwrap_or_default().to_string();
             let now = self.now();
-            let (job, start) = blocking(move || {
-                if let Some(job) = app.rewrap_progress()?
-                    && job.state == "running"
-                {
-                    return Ok((job, false));
+            let (job, start) = match self.rewrap_progress().await? {
+                Some(job) if job.state == "running" => (job, false),
+                _ => {
+                    let target = self.keys.ring().primary_version();
+                    let job = RewrapJob {
+                        id: uuid::Uuid::now_v7().to_string(),
+                        state: if req.dry_run { "dry_run".into() } else { "running".into() },
+                        target,
+                        cursor: None,
+                        notes_phase: false,
+                        done: 0,
+                        total: self.rewrap_backlog(target).await?,
+                        max_per_second: req.max_per_second,
+                        started_at: now,
+                        finished_at: req.dry_run.then_some(now),
+                        started_by: ctx.subject().unwrap_or_default().to_string(),
+                    };
+                    (job, !req.dry_run)
                 }
-                let target = app.keys.ring().primary_version();
-                let job = RewrapJob {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    state: if req.dry_run { "dry_run".into() } else { "running".into() },
-                    target,
-                    cursor: None,
-                    notes_phase: false,
-                    done: 0,
-                    total: app.rewrap_backlog(target)?,
-                    max_per_second: req.max_per_second,
-                    started_at: now,
-                    finished_at: req.dry_run.then_some(now),
-                    started_by: subject,
-                };
-                Ok((job, !req.dry_run))
-            })
-            .await?;
+            };
             call.entry.key_version = job.target;
             call.entry.details = vec![
                 format!("job={}", job.id),
@@ -129,7 +123,7 @@ impl App {
                 format!("max_per_second={}", job.max_per_second),
             ];
             if start {
-                call.stage(job_write(JOB_KEY, &job)?);
+                call.stage(job_write(JOB, &job)?);
             }
             Ok((job, start))
         }
@@ -143,13 +137,13 @@ impl App {
 
     /// The job's state, if a job ever ran, without an audit entry (status
     /// reports, the offline CLI's progress bar).
-    pub fn rewrap_progress(&self) -> Result<Option<RewrapJob>, AppError> {
-        self.job_state(JOB_KEY)
+    pub async fn rewrap_progress(&self) -> Result<Option<RewrapJob>, AppError> {
+        self.job_state(JOB).await
     }
 
     /// The job's progress (audited like every call).
     pub async fn get_rewrap_job(&self, ctx: &CallContext, input: Input<()>) -> Result<Option<RewrapJob>, AppError> {
-        self.audited_job_state(ctx, input, JOB_KEY).await
+        self.audited_job_state(ctx, input, JOB).await
     }
 
     /// Continues a job interrupted by a stop or crash, settles a key
@@ -165,14 +159,17 @@ impl App {
                 tracing::error!(error = %e, "finishing an interrupted erasure failed; it is retried at the next start");
             }
         });
-        self.resume_rewrap();
-        self.resume_reencrypt();
-        self.resume_blind_index();
+        let app = self.clone();
+        tokio::spawn(async move {
+            app.resume_rewrap().await;
+            app.resume_reencrypt().await;
+            app.resume_blind_index().await;
+        });
     }
 
     /// Continues an interrupted rewrap job.
-    fn resume_rewrap(&self) {
-        if let Ok(Some(job)) = self.rewrap_progress()
+    async fn resume_rewrap(&self) {
+        if let Ok(Some(job)) = self.rewrap_progress().await
             && job.state == "running"
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming rewrap job");
@@ -188,7 +185,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.rewrap_progress()? else { return Ok(()) };
+            let Some(job) = self.rewrap_progress().await? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());
             }
@@ -196,17 +193,15 @@ impl App {
             // Wrapped keys are committed under the gate, so an erasure never
             // sees a key land under a bucket generation it is dropping.
             let gate = self.keys.wrap_gate.read().await;
-            let app = self.clone();
-            let j = job.clone();
-            let (batch, mut next) = blocking(move || app.next_batch(&j)).await?;
+            let (batch, mut next) = self.next_batch(&job).await?;
             let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
             next.done = next.done.saturating_add(n);
             let finished = next.state == "completed";
             if finished {
                 next.finished_at = Some(self.now());
             }
-            let mut meta = batch;
-            meta.push(job_write(JOB_KEY, &next)?);
+            let mut changes = batch;
+            changes.push(job_write(JOB, &next)?);
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysRewrapComplete } else { Action::KeysRewrapBatch }.as_str().into(),
@@ -222,7 +217,7 @@ impl App {
                 ],
                 ..AuditEntry::default()
             };
-            let committed = self.sequencer.commit(Commit { entry, write: None, meta }).await.map_err(internal)?;
+            let committed = self.store.commit(Commit { entry, write: None, changes }).await.map_err(internal)?;
             drop(gate);
             if committed.outcome != CommitOutcome::Written {
                 // A key changed under the batch (a concurrent erase); read it again.
@@ -237,52 +232,45 @@ impl App {
     }
 
     /// The next batch of rewrites after the job's cursor, and the job advanced past it.
-    fn next_batch(&self, job: &RewrapJob) -> Result<(Vec<MetaWrite>, RewrapJob), AppError> {
+    async fn next_batch(&self, job: &RewrapJob) -> Result<(Vec<Change>, RewrapJob), AppError> {
         let ring = self.keys.ring();
         let shreds = self.keys.shreds();
         let mut next = job.clone();
         let mut writes = Vec::new();
         if !job.notes_phase {
             let start = match &job.cursor {
-                Some(c) => {
-                    let mut k = hex::decode(c).map_err(|_| AppError::DataLoss)?;
-                    k.push(0); // strictly after
-                    k
-                }
-                None => Vec::new(),
+                Some(c) => Some(super::cursor_id(c)?),
+                None => None,
             };
             let mut last = None;
-            for kv in self.store.deks.range(start..) {
-                let (k, v) = kv.map_err(|e| internal(e.into()))?;
-                last = Some(k.to_vec());
-                let wrapped = WrappedDataKey(v.to_vec());
-                let format_2 = wrapped.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_some();
-                if wrapped.master_version().map_err(|_| AppError::DataLoss)? == job.target && format_2 {
-                    continue;
+            self.scan_data_keys(start, |patient, v| {
+                last = Some(patient);
+                let wrapped = WrappedDataKey(v);
+                if !needs_rewrap(&wrapped, job.target)? {
+                    return Ok(true);
                 }
-                let patient: [u8; 16] = k.as_ref().try_into().map_err(|_| AppError::DataLoss)?;
                 let new =
                     ring.rewrap_data_key(&patient, &wrapped, job.target, &shreds).map_err(super::crypto_failure)?;
-                writes.push(MetaWrite {
-                    tree: MetaTree::Deks,
-                    key: k.to_vec(),
-                    value: Some(new.0),
-                    expect: Some(Some(v.to_vec())),
-                });
-                if writes.len() == BATCH {
-                    break;
-                }
-            }
+                writes.push(Change::DataKey { patient, value: Some(new.0), expect: Expect::Equal(wrapped.0) });
+                Ok(writes.len() < BATCH)
+            })
+            .await?;
             match (writes.len() == BATCH, last) {
                 (true, Some(k)) => next.cursor = Some(hex::encode(k)),
                 _ => next.notes_phase = true,
             }
             return Ok((writes, next));
         }
-        let writes = self.rewrap_notes(job.target, BATCH)?;
+        let writes = self.rewrap_notes(job.target, BATCH).await?;
         if writes.is_empty() {
             next.state = "completed".into();
         }
         Ok((writes, next))
     }
+}
+
+/// A data key not on `target`, or in format 1 (written before erasure buckets).
+fn needs_rewrap(w: &WrappedDataKey, target: u32) -> Result<bool, AppError> {
+    let format_2 = w.erasure_bucket().map_err(|_| AppError::DataLoss)?.is_some();
+    Ok(w.master_version().map_err(|_| AppError::DataLoss)? != target || !format_2)
 }

@@ -16,7 +16,7 @@ use anyhow::Context;
 use carevault::cli::BackupArgs;
 use carevault::config::default_data_dir;
 use carevault::keystore::ERASURE_KEYS_FILE;
-use carevault::storage::{Store, snapshot};
+use carevault::storage::sled::{SledStore, snapshot};
 
 fn copy_durably(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     let bytes = fs::read(from).with_context(|| format!("reading {}", from.display()))?;
@@ -44,7 +44,7 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     // directory itself is left exactly as it was.
     let started = std::time::Instant::now();
     let copy = snapshot::copy_data_dir(&data_dir, None).map_err(super::verify::open_error)?;
-    let store = Store::open(&copy.path().join("db"), 64 << 20).map_err(super::verify::open_error)?;
+    let store = SledStore::open(&copy.path().join("db"), 64 << 20).map_err(super::verify::open_error)?;
     super::verify::note_copy(&copy, started.elapsed(), store.recovery());
     fs::create_dir_all(&args.out)?;
     fs::set_permissions(&args.out, fs::Permissions::from_mode(0o700))?;
@@ -55,7 +55,7 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
         copy_durably(&erasure, &args.out.join(ERASURE_KEYS_FILE), 0o600)?;
     }
     fs::File::open(&args.out)?.sync_all()?;
-    let head = store.audit_head()?.map(|(seq, hash)| format!("{seq}:{}", hex::encode(hash))).unwrap_or_default();
+    let head = store.audit_head_sync()?.map(|(seq, hash)| format!("{seq}:{}", hex::encode(hash))).unwrap_or_default();
     println!(
         "backed up {copied} keys to {} (audit head {head}); back up the key directory separately",
         args.out.display()

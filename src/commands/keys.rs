@@ -13,7 +13,7 @@ use carevault::domain::PatientId;
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::key_service_client::KeyServiceClient;
 use carevault::server::{self, OpenOptions};
-use carevault::storage::snapshot;
+use carevault::storage::sled::snapshot;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::output::status;
@@ -272,7 +272,7 @@ async fn offline_status(
     let service = server::open(&config, OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: None })
         .context("cannot open the copy of the data directory")?;
     super::verify::note_copy(&copy, started.elapsed(), service.edge.app().store().recovery());
-    let status = service.edge.app().key_status_now().map_err(app_error);
+    let status = service.edge.app().key_status_now().await.map_err(app_error);
     service.close().await;
     let s = status_pb(&status?, SystemClock.now_micros());
     print(args.json, &s, || human_status(&s))
@@ -308,7 +308,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             let pb = bar_of(job.total, "records re-indexed");
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let Some(j) = app.blind_index_progress().map_err(app_error)? else { continue };
+                let Some(j) = app.blind_index_progress().await.map_err(app_error)? else { continue };
                 pb.set_position(j.reindexed);
                 if j.state == "completed" {
                     pb.finish_and_clear();
@@ -337,7 +337,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             let pb = bar_of(job.total, "patients re-encrypted");
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let Some(j) = app.reencrypt_progress().map_err(app_error)? else { continue };
+                let Some(j) = app.reencrypt_progress().await.map_err(app_error)? else { continue };
                 pb.set_position(j.done);
                 if j.state == "completed" {
                     pb.finish_and_clear();
@@ -358,7 +358,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             let pb = bar(job.total);
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let Some(j) = app.rewrap_progress().map_err(app_error)? else { continue };
+                let Some(j) = app.rewrap_progress().await.map_err(app_error)? else { continue };
                 pb.set_position(j.done);
                 if j.state == "completed" {
                     pb.finish_and_clear();

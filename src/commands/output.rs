@@ -77,8 +77,12 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
 /// What to do about a call that failed before carevault answered it.
 fn hint(s: &tonic::Status) -> Option<&'static str> {
     match s.code() {
-        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable
-            if s.message().contains("transport") || s.message().contains("canceled") =>
+        // A server that requires a client certificate checks it after a
+        // TLS 1.3 handshake has completed on the client's side, so a client
+        // without one may already be sending its request when the server's
+        // alert closes the connection: that surfaces as an h2 error.
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal
+            if ["transport", "canceled", "h2 protocol error"].iter().any(|m| s.message().contains(m)) =>
         {
             Some(
                 "the connection failed before the server answered. If the server uses TLS, use an https:// URL with --tls-ca; if it requires client certificates, add --tls-client-cert and --tls-client-key",

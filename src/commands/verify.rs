@@ -10,7 +10,8 @@ use carevault::audit::{RawEntry, Report, verify_from};
 use carevault::cli::VerifyArgs;
 use carevault::proto::v1::ExportAuditEventsRequest;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
-use carevault::storage::{Recovery, StorageError, Store, snapshot};
+use carevault::storage::sled::{SledStore, snapshot};
+use carevault::storage::{Recovery, StorageError};
 
 /// A failure to open a stopped data directory, said so a person can act on it.
 pub fn open_error(e: StorageError) -> anyhow::Error {
@@ -51,7 +52,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             // sled writes on every open: verify a copy, so the directory is left exactly as it was.
             let copy = snapshot::copy_data_dir(dir, Some("db")).map_err(open_error)?;
             let copied = started.elapsed();
-            let store = Store::open(&copy.path().join("db"), 64 * 1024 * 1024).map_err(open_error)?;
+            let store = SledStore::open(&copy.path().join("db"), 64 * 1024 * 1024).map_err(open_error)?;
             note_copy(&copy, copied, store.recovery());
             // The rate reported is the verifier's, not the copy's.
             started = Instant::now();

@@ -80,7 +80,8 @@ pub fn open(key: &[u8; 32], aad: &[u8], envelope: &[u8]) -> Result<Vec<u8>, Cryp
 }
 
 /// What kind of record a ciphertext belongs to; part of its associated data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Ordered patients first (as storage pages through records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RecordKind {
     /// A patient's demographics.
     Patient,
@@ -95,6 +96,11 @@ impl RecordKind {
             RecordKind::Patient => 1,
             RecordKind::Coverage => 2,
         }
+    }
+
+    /// The kind a tag names, if any.
+    pub fn from_tag(tag: u8) -> Option<RecordKind> {
+        [RecordKind::Patient, RecordKind::Coverage].into_iter().find(|k| k.tag() == tag)
     }
 }
 

@@ -128,7 +128,7 @@ async fn offline_verify_keys_status_and_backup_leave_every_byte_of_the_data_dire
     }
     let (data, keys, guard) = s.stop_keep().await;
     // sled releases its lock a moment after the server closes it.
-    open_when_unlocked(|| carevault::storage::snapshot::lock_shared(&data.join("db"))).await;
+    open_when_unlocked(|| carevault::storage::sled::snapshot::lock_shared(&data.join("db"))).await;
     let before = tree_digest(&data);
     let run = |args: &[&str]| {
         let mut cmd = bin();

@@ -12,7 +12,7 @@ use carevault::clock::SystemClock;
 use carevault::crypto::RecordKind;
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::patient_service_client::PatientServiceClient;
-use carevault::storage::Store;
+use carevault::storage::sled::SledStore as Store;
 use tonic::transport::Channel;
 
 use crate::helpers::*;
@@ -112,13 +112,16 @@ async fn crash_once(seed: u64) {
             .collect();
         for (id, version) in &acked.versions {
             let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
-            let stored = store.head(RecordKind::Patient, &bytes).unwrap().map(|h| h.version).unwrap_or(0);
+            let stored =
+                store.head(carevault::storage::RecordRef::patient(bytes)).unwrap().map(|h| h.version).unwrap_or(0);
             assert!(stored >= *version, "acknowledged {id} v{version} lost (stored v{stored})");
         }
         // No record version without its audit entry (including unacknowledged ones that landed).
         let mut records = 0;
-        for (id, head) in store.list(RecordKind::Patient, None, usize::MAX).unwrap() {
-            for (version, _) in store.versions(RecordKind::Patient, &id).unwrap() {
+        for (record, head) in store.heads_after(Some(RecordKind::Patient), None, usize::MAX).unwrap() {
+            let id = record.id;
+            for (version, _) in store.versions(carevault::storage::RecordRef { kind: RecordKind::Patient, id }).unwrap()
+            {
                 records += 1;
                 let key = (uuid::Uuid::from_bytes(id).to_string(), version);
                 assert!(write_entries.contains(&key), "record {key:?} exists without its audit entry");

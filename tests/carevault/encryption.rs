@@ -3,11 +3,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use carevault::clock::SystemClock;
-use carevault::crypto::RecordKind;
 use carevault::keystore::KeyError;
 use carevault::proto::v1 as pb;
 use carevault::server::{self, OpenOptions, ServerError};
-use carevault::storage::Store;
+use carevault::storage::sled::SledStore as Store;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -92,10 +91,10 @@ async fn swapping_two_records_ciphertexts_is_caught_on_read_as_data_loss_and_aud
         let store = Store::open(&data_dir.join("db"), 8 << 20).unwrap();
         let ida = *uuid::Uuid::parse_str(&a.id).unwrap().as_bytes();
         let idb = *uuid::Uuid::parse_str(&b.id).unwrap().as_bytes();
-        let ca = store.record(RecordKind::Patient, &ida, 1).unwrap().unwrap();
-        let cb = store.record(RecordKind::Patient, &idb, 1).unwrap().unwrap();
-        store.danger_put_record_raw(RecordKind::Patient, &ida, 1, cb).unwrap();
-        store.danger_put_record_raw(RecordKind::Patient, &idb, 1, ca).unwrap();
+        let ca = store.record_version(carevault::storage::RecordRef::patient(ida), 1).unwrap().unwrap();
+        let cb = store.record_version(carevault::storage::RecordRef::patient(idb), 1).unwrap().unwrap();
+        store.danger_put_record_raw(carevault::storage::RecordRef::patient(ida), 1, cb).unwrap();
+        store.danger_put_record_raw(carevault::storage::RecordRef::patient(idb), 1, ca).unwrap();
     }
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
     for id in [&a.id, &b.id] {
@@ -201,7 +200,7 @@ async fn after_a_failed_sync_no_data_leaves_and_nothing_succeeds_until_a_restart
     let got = s.patients().get_patient(get_for(&s, &p.id)).await.unwrap();
     assert_eq!(got.into_inner().patient.unwrap().names[0].given[0], "Closed");
     let (data_dir, _, _guard2) = s.stop_keep().await;
-    let store = open_when_unlocked(|| carevault::storage::Store::open(&data_dir.join("db"), 8 << 20)).await;
+    let store = open_when_unlocked(|| carevault::storage::sled::SledStore::open(&data_dir.join("db"), 8 << 20)).await;
     assert!(carevault::audit::verify_chain(raw_chain(&store), None).is_ok());
 }
 

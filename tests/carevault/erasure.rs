@@ -9,7 +9,7 @@ use carevault::crypto::{CryptoError, WrappedDataKey};
 use carevault::keystore::{self, KeyPaths, KeySource};
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::key_service_client::KeyServiceClient;
-use carevault::storage::Store;
+use carevault::storage::sled::SledStore as Store;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -120,7 +120,7 @@ async fn an_erased_patient_reads_as_erased_and_nothing_in_the_data_directory_or_
     let (data, key_dir, tmp) = s.stop_keep().await;
     let (old_wrapped, old_bucket_key) = {
         let (ring, shreds, store) = open_when_unlocked(|| open_offline(&data, &key_dir)).await;
-        let wrapped = WrappedDataKey(store.wrapped_dek(&id16(&victim.id)).unwrap().unwrap());
+        let wrapped = WrappedDataKey(store.data_key(&id16(&victim.id)).unwrap().unwrap());
         assert!(ring.unwrap_data_key(&id16(&victim.id), &wrapped, &shreds).is_ok());
         let key = bucket_key_from_file(&data, bucket_of(&victim.id));
         assert_eq!(contains(&data, &key), vec![data.join("erasure-keys")], "the search can find a key");
@@ -176,7 +176,7 @@ async fn an_erased_patient_reads_as_erased_and_nothing_in_the_data_directory_or_
         assert!(contains(dir, &old_bucket_key).is_empty(), "the old erasure key survives in {dir:?}");
         assert!(contains(dir, victim.names[0].family.as_bytes()).is_empty());
         let (ring, shreds, store) = open_when_unlocked(|| open_offline(dir, &key_dir)).await;
-        assert_eq!(store.wrapped_dek(&id16(&victim.id)).unwrap(), None);
+        assert_eq!(store.data_key(&id16(&victim.id)).unwrap(), None);
         // The old wrapped key may linger in sled's log, but nothing left can open it.
         assert_eq!(
             ring.unwrap_data_key(&id16(&victim.id), &old_wrapped, &shreds).err(),
@@ -271,7 +271,7 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
     let (data, _, _tmp) = s.stop_keep().await;
     let store = open_when_unlocked(|| Store::open(&data.join("db"), 8 << 20)).await;
     for (i, p) in patients.iter().enumerate() {
-        let w = WrappedDataKey(store.wrapped_dek(&id16(&p.id)).unwrap().unwrap());
+        let w = WrappedDataKey(store.data_key(&id16(&p.id)).unwrap().unwrap());
         assert_eq!(w.generation().unwrap(), if i == 5 { 3 } else { 2 });
     }
 }

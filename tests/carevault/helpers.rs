@@ -521,7 +521,7 @@ pub async fn search(s: &TestServer, criterion: pb::search_patients_request::Crit
 }
 
 /// Every stored audit entry of a store, as the verifier takes them.
-pub fn raw_chain(store: &carevault::storage::Store) -> Vec<carevault::audit::RawEntry> {
+pub fn raw_chain(store: &carevault::storage::sled::SledStore) -> Vec<carevault::audit::RawEntry> {
     store.audit_all().map(|e| e.map(carevault::storage::StoredAuditEntry::raw)).collect::<Result<_, _>>().unwrap()
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::key_service_client::KeyServiceClient;
-use carevault::storage::Store;
+use carevault::storage::sled::SledStore as Store;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -162,7 +162,7 @@ async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_
     let (data_dir, key_dir, guard) = s.stop_keep().await;
     let first = uuid::Uuid::parse_str(&patients[0].id).unwrap().into_bytes();
     let store = open_when_unlocked(|| Store::open(&data_dir.join("db"), 8 << 20)).await;
-    let old_v2_key = store.wrapped_dek(&first).unwrap().unwrap();
+    let old_v2_key = store.data_key(&first).unwrap().unwrap();
     drop(store);
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
     rewrap_to_completion(&s).await;

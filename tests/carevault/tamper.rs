@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use carevault::storage::Store;
+use carevault::storage::sled::SledStore as Store;
 
 use crate::helpers::*;
 

@@ -166,7 +166,8 @@ fn tls_mistakes_say_what_to_do_and_the_server_logs_refused_handshakes() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(refused.is_some(), "a refused handshake is logged");
+    let seen: Vec<String> = logged.lock().unwrap().iter().map(|l| l["fields"].to_string()).collect();
+    assert!(refused.is_some(), "a refused handshake is logged: {seen:?}");
     // A TLS client talking to a plaintext server is told so.
     let (mut plain, addr, _) = spawn_binary_server_logging(&tmp.path().join("d2"), &tmp.path().join("k2"), "", &[]);
     let port = addr.rsplit_once(':').unwrap().1;

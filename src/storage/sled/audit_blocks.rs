@@ -21,7 +21,10 @@
 
 use std::collections::VecDeque;
 
-use super::{StorageError, Store, StoredAuditEntry, u64_at};
+use super::SledStore;
+use super::layout::u64_at;
+use crate::storage::StorageError;
+use crate::storage::model::StoredAuditEntry;
 
 /// Magic at the start of a block value.
 const BLOCK_MAGIC: &[u8; 4] = b"CVAB";
@@ -37,7 +40,7 @@ const BLOCK_HEADER: usize = 8;
 
 /// Encodes entries, each `(sequence, E ‖ SHA-256(E))`, as one block value.
 /// A length or count that does not fit its u32 is an error, never saturated.
-pub(crate) fn encode_block<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Result<Vec<u8>, StorageError> {
+pub(super) fn encode_block<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Result<Vec<u8>, StorageError> {
     let too_long = || StorageError::Unencodable("audit block length".into());
     let mut out = BLOCK_MAGIC.to_vec();
     out.extend_from_slice(&[0; 4]);
@@ -55,7 +58,7 @@ pub(crate) fn encode_block<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])
 
 /// How many of `sizes` (lengths of `E ‖ SHA-256(E)`, in order) go into the
 /// next block: as many as fit under [`BLOCK_TARGET_BYTES`], and at least one.
-pub(crate) fn block_len(sizes: impl IntoIterator<Item = usize>) -> usize {
+pub(super) fn block_len(sizes: impl IntoIterator<Item = usize>) -> usize {
     let mut total = BLOCK_HEADER;
     let mut n = 0;
     for size in sizes {
@@ -143,14 +146,14 @@ impl Iterator for AuditIter {
     }
 }
 
-impl Store {
+impl SledStore {
     /// The block holding `seq`, if any: its key and value.
     fn audit_block_of(&self, seq: u64) -> Result<Option<(sled::IVec, sled::IVec)>, StorageError> {
         Ok(self.audit.range(..=seq.to_be_bytes()).next_back().transpose()?)
     }
 
     /// The newest audit entry's sequence and stored hash.
-    pub fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StorageError> {
+    pub fn audit_head_sync(&self) -> Result<Option<(u64, [u8; 32])>, StorageError> {
         let Some((k, v)) = self.audit.last()? else { return Ok(None) };
         let newest = slots(&k, &v)?.pop().ok_or(StorageError::Corrupt("empty audit block"))?;
         let e = stored(newest.0, newest.1)?;
@@ -158,7 +161,7 @@ impl Store {
     }
 
     /// The sequences in the newest block (those whose index keys a crash may have cut short).
-    pub(crate) fn audit_newest_block(&self) -> Result<Vec<u64>, StorageError> {
+    pub(super) fn audit_newest_block(&self) -> Result<Vec<u64>, StorageError> {
         let Some((k, v)) = self.audit.last()? else { return Ok(Vec::new()) };
         Ok(slots(&k, &v)?.into_iter().map(|(seq, _)| seq).collect())
     }
@@ -180,7 +183,7 @@ impl Store {
         }
     }
 
-    /// Every audit entry in stored order (used by offline verify).
+    /// Every audit entry in stored order.
     pub fn audit_all(&self) -> AuditIter {
         AuditIter { blocks: self.audit.iter(), buffered: VecDeque::new(), from: 0, to: u64::MAX, failed: false }
     }
@@ -201,7 +204,7 @@ impl Store {
     }
 
     /// One audit entry.
-    pub fn audit_entry(&self, seq: u64) -> Result<Option<StoredAuditEntry>, StorageError> {
+    pub fn audit_entry_sync(&self, seq: u64) -> Result<Option<StoredAuditEntry>, StorageError> {
         self.audit_slot(seq, |raw| stored(seq, raw))
     }
 
@@ -297,7 +300,7 @@ mod tests {
     #[test]
     fn single_entry_values_and_blocks_read_as_one_sequence() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+        let store = SledStore::open(&dir.path().join("db"), 8 << 20).unwrap();
         // An older store's single-entry values for 0 and 1, then blocks 2..=4 and 5.
         for seq in 0..2u8 {
             store.audit.insert(u64::from(seq).to_be_bytes(), value(seq, 20)).unwrap();
@@ -313,9 +316,9 @@ mod tests {
         assert_eq!(some, vec![1, 2, 3]);
         let inner: Vec<u64> = store.audit_range(3, 3).map(|e| e.unwrap().sequence).collect();
         assert_eq!(inner, vec![3]);
-        let e3 = store.audit_entry(3).unwrap().unwrap();
+        let e3 = store.audit_entry_sync(3).unwrap().unwrap();
         assert_eq!((e3.bytes.as_slice(), e3.hash), (&v3[..6], [3u8; 32]));
-        assert_eq!(store.audit_head().unwrap(), Some((5, [5u8; 32])));
+        assert_eq!(store.audit_head_sync().unwrap(), Some((5, [5u8; 32])));
         assert_eq!(store.audit_newest_block().unwrap(), vec![5]);
 
         store.danger_put_audit_raw(3, None).unwrap();

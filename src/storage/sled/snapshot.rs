@@ -15,7 +15,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::StorageError;
+use crate::storage::StorageError;
 
 /// A private copy of (part of) a data directory, removed when dropped.
 pub struct Copy {
