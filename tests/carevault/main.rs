@@ -15,6 +15,7 @@ mod keys;
 mod limits;
 mod named;
 mod patients;
+mod pg;
 mod restricted;
 mod roles;
 mod tamper;
