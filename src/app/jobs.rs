@@ -59,6 +59,16 @@ pub(super) fn job_write<T: Serialize>(name: JobName, job: &T) -> Result<Change, 
     Ok(Change::Job { name, value: Some(json), expect: Expect::Anything })
 }
 
+/// The details of a rewrap or re-encryption job's start entry.
+pub(super) fn start_details(id: &str, state: &str, total: u64, max_per_second: u32) -> Vec<String> {
+    vec![
+        format!("job={id}"),
+        format!("state={state}"),
+        format!("total={total}"),
+        format!("max_per_second={max_per_second}"),
+    ]
+}
+
 /// Sleeps so that `n` items done since `started` stay under `max_per_second` (0: unlimited).
 pub(super) async fn throttle(started: Instant, n: u64, max_per_second: u32) {
     if max_per_second == 0 || n == 0 {

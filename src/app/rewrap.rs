@@ -116,12 +116,7 @@ impl App {
                 }
             };
             call.entry.key_version = job.target;
-            call.entry.details = vec![
-                format!("job={}", job.id),
-                format!("state={}", job.state),
-                format!("total={}", job.total),
-                format!("max_per_second={}", job.max_per_second),
-            ];
+            call.entry.details = super::jobs::start_details(&job.id, &job.state, job.total, job.max_per_second);
             if start {
                 call.stage(job_write(JOB, &job)?);
             }
