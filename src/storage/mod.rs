@@ -11,7 +11,9 @@
 //!   jobs, and the typed [`model::Change`]s with their preconditions;
 //! - [`sequencer`]: batching, planning and chaining, the same for every engine;
 //! - [`sled`]: the embedded engine (its layout, crash-recoverable writes and
-//!   recovery are its own).
+//!   recovery are its own);
+//! - [`postgres`]: PostgreSQL, shared by several processes (one transaction
+//!   per batch under the chain head's row lock).
 //!
 //! Above this module nothing names a tree, a key byte or an engine type: the
 //! app sees a [`Store`], which reads through [`Backend`] and commits through
@@ -20,6 +22,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod model;
+pub mod postgres;
 pub mod sequencer;
 pub mod sled;
 
@@ -51,6 +54,32 @@ pub enum StorageError {
     /// Another process (a running server) has the database open.
     #[error("the database is in use by another process (is a carevault server running on this data directory?)")]
     Locked,
+    /// The store location (`--store`) cannot be used as given.
+    #[error("store: {0}")]
+    BadLocation(String),
+    /// The database holds no carevault schema (an offline tool found nothing to read).
+    #[error("the database holds no carevault schema (run `carevault init --store ...` or `serve` first)")]
+    NotInitialized,
+    /// The database's schema is newer than this binary's.
+    #[error(
+        "the database's schema is version {found}, newer than the {known} this carevault knows: upgrade carevault before using this database"
+    )]
+    SchemaTooNew {
+        /// Found in the database.
+        found: i32,
+        /// The newest this binary knows.
+        known: i32,
+    },
+    /// The database's schema is older than this binary's and this tool does not migrate.
+    #[error(
+        "the database's schema is version {found}, older than this carevault's {known}: start `carevault serve` (or `init`) once to migrate it"
+    )]
+    SchemaTooOld {
+        /// Found in the database.
+        found: i32,
+        /// This binary's.
+        known: i32,
+    },
 }
 
 impl From<std::io::Error> for StorageError {

@@ -79,6 +79,21 @@ impl IndexKey {
         k
     }
 
+    /// A record's set of entries as engines store it: each entry's 50 bytes, concatenated in order.
+    pub fn encode_set(keys: &[IndexKey]) -> Vec<u8> {
+        keys.iter().flat_map(|k| k.to_bytes()).collect()
+    }
+
+    /// Parses [`IndexKey::encode_set`].
+    pub fn decode_set(b: &[u8]) -> Result<Vec<IndexKey>, crate::storage::StorageError> {
+        if !b.len().is_multiple_of(Self::LEN) {
+            return Err(crate::storage::StorageError::Corrupt("an index set is not a whole number of entries"));
+        }
+        b.chunks(Self::LEN)
+            .map(|c| IndexKey::from_bytes(c).ok_or(crate::storage::StorageError::Corrupt("bad blind index key")))
+            .collect()
+    }
+
     /// Parses [`IndexKey::to_bytes`].
     pub fn from_bytes(b: &[u8]) -> Option<IndexKey> {
         if b.len() != Self::LEN {

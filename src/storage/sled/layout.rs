@@ -184,15 +184,9 @@ pub(super) fn encode_head(h: Head) -> [u8; 24] {
 
 /// Decodes a `blind_owner` value: the record's index keys, 50 bytes each.
 pub(super) fn decode_index_set(v: &[u8]) -> Result<Vec<IndexKey>, StorageError> {
-    v.chunks(IndexKey::LEN)
-        .map(|c| IndexKey::from_bytes(c).ok_or(StorageError::Corrupt("bad blind index key")))
-        .collect()
+    IndexKey::decode_set(v)
 }
 
 pub(super) fn encode_index_set(keys: &[IndexKey]) -> Vec<u8> {
-    let mut all = Vec::with_capacity(keys.len() * IndexKey::LEN);
-    for k in keys {
-        all.extend_from_slice(&k.to_bytes());
-    }
-    all
+    IndexKey::encode_set(keys)
 }
