@@ -60,6 +60,10 @@ pub struct BackupArgs {
     /// The data directory to back up (no server may be using it).
     #[arg(long, env = "CAREVAULT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The store, if not sled under the data directory. A PostgreSQL database is backed up with
+    /// PostgreSQL's own tools (this copies the data directory's key state and says which).
+    #[arg(long, env = "CAREVAULT_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// Where to write the backup (must not exist).
     #[arg(long)]
     pub out: PathBuf,
@@ -92,6 +96,10 @@ pub struct BenchArgs {
     /// Where the in-process server keeps its data (default: a temporary directory that is removed).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// The in-process server's store: `sled:PATH`, or a PostgreSQL URL naming an empty database
+    /// (default: sled in the data directory).
+    #[arg(long, env = "CAREVAULT_STORE", hide_env_values = true, conflicts_with = "server")]
+    pub store: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -124,6 +132,10 @@ pub struct DirArgs {
     /// Key directory (master keys, dev token issuer key); keep it outside the data directory.
     #[arg(long, env = "CAREVAULT_KEY_DIR", global = true)]
     pub key_dir: Option<PathBuf>,
+    /// The store: `sled:PATH` (`sled:` alone: `db` under the data directory, the default) or a
+    /// PostgreSQL URL (`postgres://` or `postgresql://`, libpq-style options).
+    #[arg(long, env = "CAREVAULT_STORE", global = true, hide_env_values = true)]
+    pub store: Option<String>,
 }
 
 /// Where master keys come from (default: key files in the key directory).
@@ -325,6 +337,10 @@ pub struct VerifyArgs {
     /// Verify the chain stored in this data directory (the server must be stopped).
     #[arg(long, env = "CAREVAULT_DATA_DIR", conflicts_with = "server")]
     pub data_dir: Option<PathBuf>,
+    /// Verify the chain in this store: `sled:PATH` (the server must be stopped) or a PostgreSQL URL
+    /// (read in read-only transactions; servers may keep running).
+    #[arg(long, env = "CAREVAULT_STORE", hide_env_values = true, conflicts_with = "server")]
+    pub store: Option<String>,
     /// Verify against a running server (needs a token with audit.read).
     #[arg(long)]
     pub server: Option<String>,

@@ -12,8 +12,10 @@ use crate::keystore::KeySource;
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    /// Where sled and keycheck.json live.
+    /// Where keycheck.json and erasure-keys live (and sled, by default).
     pub data_dir: PathBuf,
+    /// The store: sled under the data directory unless `--store` says otherwise.
+    pub store: crate::storage::Location,
     /// Where the master keys (and the dev issuer key) live.
     pub key_dir: PathBuf,
     /// Where master keys come from; `None`: key files in `key_dir`.
@@ -55,6 +57,7 @@ impl ServiceConfig {
     /// policy, default limits, one-hour break-glass grants.
     pub fn new(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
         ServiceConfig {
+            store: crate::storage::Location::default_for(&data_dir),
             data_dir,
             key_dir,
             key_source: None,

@@ -53,7 +53,7 @@ fn main() {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => commands::serve::serve(args).await.map(|()| 0),
-            Command::Init(args) => commands::serve::init(args).map(|()| 0),
+            Command::Init(args) => commands::serve::init(args).await.map(|()| 0),
             Command::Verify(args) => commands::verify::verify(args).await,
             Command::Token(TokenCommand::Issue(args)) => commands::token::issue(args).map(|()| 0),
             Command::Certs(cmd) => commands::certs::run(cmd).map(|()| 0),

@@ -22,8 +22,7 @@ use crate::auth::tls::TlsError;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServiceConfig};
 use crate::keystore::{self, KeyError, KeyPaths, KeySource};
-use crate::storage::sled::SledStore;
-use crate::storage::{Sequencer, StorageError, Store};
+use crate::storage::{self, OpenStore, Pipeline, Sequencer, StorageError};
 
 /// The encoded FileDescriptorSet of proto/, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/carevault_descriptor.bin"));
@@ -78,7 +77,7 @@ pub struct Service {
     /// The sequencer (head, sync counts).
     pub sequencer: Sequencer,
     tls: Option<tonic::transport::ServerTlsConfig>,
-    thread: std::thread::JoinHandle<()>,
+    pipeline: Pipeline,
 }
 
 impl Service {
@@ -86,11 +85,11 @@ impl Service {
     /// serving: for offline commands that used the app directly.
     pub async fn close(self) {
         self.edge.app().stop_jobs();
-        let Service { edge, sequencer, thread, .. } = self;
+        let Service { edge, sequencer, pipeline, .. } = self;
         let _only_after_jobs = edge.app().wait_jobs().await;
         drop(edge);
         drop(sequencer);
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        pipeline.join().await;
     }
 }
 
@@ -125,24 +124,28 @@ pub fn load(config: &ServiceConfig) -> Result<Loaded, ServerError> {
 }
 
 /// Opens keys, checks them against the data directory, opens the store and
-/// starts the sequencer. A wrong key fails here, before sled is opened.
-pub fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, ServerError> {
-    open_loaded(config, load(config)?, options)
+/// starts the sequencer. A wrong key fails here, before the store is opened.
+pub async fn open(config: &ServiceConfig, options: OpenOptions) -> Result<Service, ServerError> {
+    open_loaded(config, load(config)?, options).await
 }
 
 /// [`open`] with the configuration already [`load`]ed.
-pub fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOptions) -> Result<Service, ServerError> {
+pub async fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOptions) -> Result<Service, ServerError> {
     let Loaded { policy, tls } = loaded;
     let key_paths = KeyPaths { dir: config.key_dir.clone() };
     let source = config.key_source.clone().unwrap_or_else(|| KeySource::Files(key_paths.clone()));
-    let (keyring, key_state, shreds) = keystore::open_for_data_dir(&source, &config.data_dir)?;
+    let has_data = config.store.has_data().await?;
+    let (keyring, key_state, shreds) = keystore::open_for_store(&source, &config.data_dir, has_data)?;
     let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
     let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
-    let db_dir = config.data_dir.join("db");
-    let sled = SledStore::open(&db_dir, config.cache_bytes)?;
-    let (sequencer, thread) = sled.start(&db_dir, options.clock.clone(), options.fail_syncs)?;
-    let recovered = sled.recovery();
-    let store = Store::new(Arc::new(sled), sequencer.clone(), recovered);
+    let (store, pipeline) = storage::open(OpenStore {
+        location: &config.store,
+        cache_bytes: config.cache_bytes,
+        clock: options.clock.clone(),
+        fail_syncs: options.fail_syncs,
+    })
+    .await?;
+    let sequencer = store.sequencer().clone();
     let access = AccessControl {
         policy,
         limits: Limits::new(config.limits),
@@ -152,7 +155,7 @@ pub fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOptions)
     let app = App::new(store, keys, options.clock.clone(), access);
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);
-    Ok(Service { edge, sequencer, tls, thread })
+    Ok(Service { edge, sequencer, tls, pipeline })
 }
 
 /// Serves on `listener` until `shutdown` completes, then finishes in-flight
@@ -176,7 +179,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
-    let Service { edge, sequencer, tls, thread } = service;
+    let Service { edge, sequencer, tls, pipeline } = service;
     // A failed write or sync stops every commit until a restart: say so.
     let mut failed = sequencer.failed();
     let reporter = health_reporter.clone();
@@ -219,7 +222,7 @@ pub async fn run(
     drop(edge);
     drop(sequencer);
     drop(health_reporter);
-    // The sequencer thread exits (after a final sync) once every handle is gone.
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    // The pipeline stops (after a final sync) once every handle is gone.
+    pipeline.join().await;
     result.map_err(ServerError::from)
 }

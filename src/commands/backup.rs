@@ -16,6 +16,7 @@ use anyhow::Context;
 use carevault::cli::BackupArgs;
 use carevault::config::default_data_dir;
 use carevault::keystore::ERASURE_KEYS_FILE;
+use carevault::storage::Location;
 use carevault::storage::sled::{SledStore, snapshot};
 
 fn copy_durably(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
@@ -40,6 +41,9 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     if args.out.exists() {
         anyhow::bail!("{} already exists; choose a new directory", args.out.display());
     }
+    if let Location::Postgres(url) = super::store(args.store.as_deref(), &data_dir)? {
+        return key_state_only(&data_dir, &args.out, &url);
+    }
     // sled writes on every open: back up from a private copy, so the data
     // directory itself is left exactly as it was.
     let started = std::time::Instant::now();
@@ -59,6 +63,29 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
     println!(
         "backed up {copied} keys to {} (audit head {head}); back up the key directory separately",
         args.out.display()
+    );
+    Ok(())
+}
+
+/// On PostgreSQL the database is backed up by PostgreSQL's tools; what lives
+/// in the data directory (the key state) is copied here.
+fn key_state_only(data_dir: &std::path::Path, out: &std::path::Path, url: &str) -> anyhow::Result<()> {
+    fs::create_dir_all(out)?;
+    fs::set_permissions(out, fs::Permissions::from_mode(0o700))?;
+    copy_durably(&data_dir.join("keycheck.json"), &out.join("keycheck.json"), 0o644)?;
+    let erasure = data_dir.join(ERASURE_KEYS_FILE);
+    if erasure.exists() {
+        copy_durably(&erasure, &out.join(ERASURE_KEYS_FILE), 0o600)?;
+    }
+    fs::File::open(out)?.sync_all()?;
+    println!(
+        "copied keycheck.json and erasure-keys to {}; back up the key directory separately.\n\
+         The database {} is backed up with PostgreSQL's own tools, while servers run:\n\
+         - pg_basebackup (a physical copy; with WAL archiving, point-in-time recovery), or\n\
+         - pg_dump --format=custom (a logical copy of carevault's tables, restored with pg_restore).\n\
+         Either copy holds only ciphertext, wrapped keys, HMACs and audit entries; keep it as carefully as the database.",
+        out.display(),
+        carevault::storage::postgres::connect::redacted(url)
     );
     Ok(())
 }

@@ -504,7 +504,8 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
     let key_dir = tmp.join("keys");
     let key_paths = KeyPaths { dir: key_dir.clone() };
     keystore::ensure_keys(&key_paths)?;
-    let mut config = ServiceConfig::new(data_dir, key_dir);
+    let mut config = ServiceConfig::new(data_dir.clone(), key_dir);
+    config.store = super::store(args.store.as_deref(), &data_dir)?;
     config.tokens.max_lifetime_secs = 24 * 3600;
     config.cache_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     // One principal drives the whole load, so the per-principal rate limit is off.
@@ -529,7 +530,7 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
             tls_domain: Some("localhost".into()),
         };
     }
-    let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
+    let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None }).await?;
     let syncs = service.sequencer.sync_counter();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

@@ -242,12 +242,14 @@ async fn offline(args: &KeysArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} is not a carevault data directory (no keycheck.json)", data_dir.display());
     }
     let source = super::key_source(&args.custody, &key_dir)?;
+    let store = super::store(args.dirs.store.as_deref(), &data_dir)?;
     if matches!(args.command, KeysCommand::Status) {
-        return offline_status(args, &data_dir, key_dir, source).await;
+        return offline_status(args, &data_dir, key_dir, source, store).await;
     }
-    let config = ServiceConfig { key_source: Some(source), ..ServiceConfig::new(data_dir, key_dir) };
+    let config = ServiceConfig { key_source: Some(source), store, ..ServiceConfig::new(data_dir, key_dir) };
     // The issuer key is not needed offline, but `open` reads it; an absent one is an error worth seeing.
     let service = server::open(&config, OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: None })
+        .await
         .context("cannot open the data directory (is a server running on it?)")?;
     let app = service.edge.app().clone();
     let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
@@ -265,11 +267,20 @@ async fn offline_status(
     data_dir: &std::path::Path,
     key_dir: std::path::PathBuf,
     source: carevault::keystore::KeySource,
+    store: carevault::storage::Location,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let copy = snapshot::copy_data_dir(data_dir, None).map_err(super::verify::open_error)?;
-    let config = ServiceConfig { key_source: Some(source), ..ServiceConfig::new(copy.path().to_path_buf(), key_dir) };
+    // The copy's own sled database, or the same PostgreSQL database (read
+    // only: opening it writes nothing once its schema and genesis exist).
+    let store = match store {
+        carevault::storage::Location::Sled(_) => carevault::storage::Location::default_for(copy.path()),
+        pg => pg,
+    };
+    let config =
+        ServiceConfig { key_source: Some(source), store, ..ServiceConfig::new(copy.path().to_path_buf(), key_dir) };
     let service = server::open(&config, OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: None })
+        .await
         .context("cannot open the copy of the data directory")?;
     super::verify::note_copy(&copy, started.elapsed(), service.edge.app().store().recovery());
     let status = service.edge.app().key_status_now().await.map_err(app_error);

@@ -24,6 +24,14 @@ pub fn dirs(args: &DirArgs) -> (PathBuf, PathBuf) {
     (args.data_dir.clone().unwrap_or_else(default_data_dir), args.key_dir.clone().unwrap_or_else(default_key_dir))
 }
 
+/// The store `--store` names (default: sled under `data_dir`).
+pub fn store(store: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<carevault::storage::Location> {
+    match store {
+        None => Ok(carevault::storage::Location::default_for(data_dir)),
+        Some(s) => Ok(carevault::storage::Location::parse(s, data_dir)?),
+    }
+}
+
 /// Connects to `url` (http:// or https://), with TLS settings from the flags.
 pub async fn connect(url: &str, tls: &TlsClientArgs) -> anyhow::Result<Channel> {
     let mut endpoint = Channel::from_shared(url.to_string()).with_context(|| format!("bad server URL {url}"))?;

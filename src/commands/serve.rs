@@ -11,20 +11,18 @@ use carevault::clock::SystemClock;
 use carevault::config::ServiceConfig;
 use carevault::keystore::{self, KeyPaths, KeySource};
 use carevault::server::{self, OpenOptions};
+use carevault::storage::Location;
 
-fn prepare(
-    dirs: &DirArgs,
-    custody: &KeyCustodyArgs,
-) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, KeySource)> {
-    let (data_dir, key_dir) = super::dirs(dirs);
-    let source = super::key_source(custody, &key_dir)?;
-    provision(&data_dir, &key_dir, &source)?;
-    Ok((data_dir, key_dir, source))
-}
-
-/// Creates the key and data directories and the first keys when they do not exist yet.
-fn provision(data_dir: &std::path::Path, key_dir: &std::path::Path, source: &KeySource) -> anyhow::Result<()> {
-    let fresh_data = !data_dir.join("keycheck.json").exists() && !data_dir.join("db").exists();
+/// Creates the key and data directories and the first keys when they do not
+/// exist yet (and the store holds nothing yet).
+async fn provision(
+    data_dir: &std::path::Path,
+    key_dir: &std::path::Path,
+    source: &KeySource,
+    store: &Location,
+) -> anyhow::Result<()> {
+    let has_data = store.has_data().await.with_context(|| format!("store {}", store.describe()))?;
+    let fresh_data = !data_dir.join("keycheck.json").exists() && !has_data;
     let key_paths = KeyPaths { dir: key_dir.to_path_buf() };
     let files = matches!(source, KeySource::Files(_));
     if fresh_data && files {
@@ -37,12 +35,15 @@ fn provision(data_dir: &std::path::Path, key_dir: &std::path::Path, source: &Key
             anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir.to_path_buf()));
         }
     }
-    keystore::open_for_data_dir(source, data_dir)?;
+    keystore::open_for_store(source, data_dir, has_data)?;
     Ok(())
 }
 
-fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
+fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path, store: &Location) {
     eprintln!("data directory: {}", data_dir.display());
+    if *store != Location::default_for(data_dir) {
+        eprintln!("store:          {}", store.describe());
+    }
     eprintln!("key directory:  {}", key_dir.display());
     eprintln!(
         "mint a dev token: carevault token issue --key-dir {} --sub you@example.org --role front_desk (PHI calls also need x-purpose-of-use, e.g. client --purpose TREAT)",
@@ -50,10 +51,19 @@ fn print_welcome(data_dir: &std::path::Path, key_dir: &std::path::Path) {
     );
 }
 
-/// Creates directories and keys, then exits.
-pub fn init(dirs: DirArgs) -> anyhow::Result<()> {
-    let (data_dir, key_dir, _) = prepare(&dirs, &KeyCustodyArgs::default())?;
-    print_welcome(&data_dir, &key_dir);
+/// Creates directories and keys (and, on PostgreSQL, the schema and the
+/// chain's genesis entry), then exits.
+pub async fn init(dirs: DirArgs) -> anyhow::Result<()> {
+    let (data_dir, key_dir) = super::dirs(&dirs);
+    let store = super::store(dirs.store.as_deref(), &data_dir)?;
+    let source = super::key_source(&KeyCustodyArgs::default(), &key_dir)?;
+    provision(&data_dir, &key_dir, &source, &store).await?;
+    if let Location::Postgres(_) = store {
+        let config = ServiceConfig { store: store.clone(), ..ServiceConfig::new(data_dir.clone(), key_dir.clone()) };
+        let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None }).await?;
+        service.close().await;
+    }
+    print_welcome(&data_dir, &key_dir, &store);
     Ok(())
 }
 
@@ -62,7 +72,9 @@ pub fn init(dirs: DirArgs) -> anyhow::Result<()> {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (data_dir, key_dir) = super::dirs(&args.dirs);
     let source = super::key_source(&args.custody, &key_dir)?;
+    let store = super::store(args.dirs.store.as_deref(), &data_dir)?;
     let config = ServiceConfig {
+        store: store.clone(),
         data_dir: data_dir.clone(),
         key_dir: key_dir.clone(),
         key_source: Some(source.clone()),
@@ -94,9 +106,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {} (is another server using it? choose another with --listen)", config.listen)
     })?;
-    provision(&data_dir, &key_dir, &source)?;
-    let service = server::open_loaded(&config, loaded, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None })?;
-    print_welcome(&data_dir, &key_dir);
+    provision(&data_dir, &key_dir, &source, &store).await?;
+    let service =
+        server::open_loaded(&config, loaded, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None }).await?;
+    print_welcome(&data_dir, &key_dir, &store);
     tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "carevault listening");
     server::run(listener, service, shutdown_signal()).await?;
     tracing::info!("carevault stopped cleanly");

@@ -10,8 +10,9 @@ use carevault::audit::{RawEntry, Report, verify_from};
 use carevault::cli::VerifyArgs;
 use carevault::proto::v1::ExportAuditEventsRequest;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
+use carevault::storage::postgres::PgStore;
 use carevault::storage::sled::{SledStore, snapshot};
-use carevault::storage::{Recovery, StorageError};
+use carevault::storage::{Backend, Location, Recovery, StorageError};
 
 /// A failure to open a stopped data directory, said so a person can act on it.
 pub fn open_error(e: StorageError) -> anyhow::Error {
@@ -44,15 +45,49 @@ pub fn note_copy(copy: &snapshot::Copy, took: std::time::Duration, recovery: Rec
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     let mut started = Instant::now();
     let read_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let report = match (&args.data_dir, &args.server) {
-        (Some(dir), None) => {
-            if !dir.join("db").exists() {
+    let location = match (&args.store, &args.data_dir) {
+        (Some(s), dir) => Some(Location::parse(s, dir.as_deref().unwrap_or(std::path::Path::new(".")))?),
+        (None, Some(dir)) => Some(Location::default_for(dir)),
+        (None, None) => None,
+    };
+    let report = match (location, &args.server) {
+        (Some(Location::Postgres(url)), None) => {
+            let store = PgStore::open_existing_read_only(&url).await.map_err(open_error)?;
+            let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
+            let (expect, from) = (args.expect_head, args.from);
+            let verifier = tokio::task::spawn_blocking(move || verify_from(rx, from, expect));
+            let mut next = from.map_or(0, |a| a.sequence.saturating_add(1));
+            'pages: loop {
+                match store.audit_entries(next, u64::MAX >> 1, 10_000).await {
+                    Ok(page) if page.is_empty() => break,
+                    Ok(page) => {
+                        for e in page {
+                            next = e.sequence.saturating_add(1);
+                            if tx.send(e.raw()).is_err() {
+                                break 'pages;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        *read_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            verifier.await?
+        }
+        (Some(Location::Sled(db)), None) => {
+            let (Some(dir), Some(name)) = (db.parent(), db.file_name().and_then(|n| n.to_str())) else {
+                bail!("{}: not a database directory", db.display());
+            };
+            if !db.exists() {
                 bail!("{}: no carevault database here", dir.display());
             }
             // sled writes on every open: verify a copy, so the directory is left exactly as it was.
-            let copy = snapshot::copy_data_dir(dir, Some("db")).map_err(open_error)?;
+            let copy = snapshot::copy_data_dir(dir, Some(name)).map_err(open_error)?;
             let copied = started.elapsed();
-            let store = SledStore::open(&copy.path().join("db"), 64 * 1024 * 1024).map_err(open_error)?;
+            let store = SledStore::open(&copy.path().join(name), 64 * 1024 * 1024).map_err(open_error)?;
             note_copy(&copy, copied, store.recovery());
             // The rate reported is the verifier's, not the copy's.
             started = Instant::now();
@@ -106,7 +141,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             drop(tx);
             verifier.await?
         }
-        _ => bail!("give exactly one of --data-dir or --server"),
+        _ => bail!("give exactly one of --data-dir (or --store) or --server"),
     };
     if let Some(err) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         bail!("could not read the whole chain: {err}");

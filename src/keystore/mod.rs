@@ -85,7 +85,9 @@ pub enum KeyError {
     )]
     MissingVersion(u32),
     /// A database exists without a key-check file.
-    #[error("{0}: database present but keycheck.json missing; refusing to guess which key protects it")]
+    #[error(
+        "{0}: the store holds data but this data directory has no keycheck.json; refusing to guess which key protects it (a server sharing a PostgreSQL database with others needs copies of keycheck.json and erasure-keys from the first server's data directory)"
+    )]
     NoKeyCheck(PathBuf),
     /// The key command failed.
     #[error("--master-key-command failed for version {0} (exit code {1:?})")]
@@ -393,6 +395,16 @@ pub fn open_for_data_dir(
     source: &KeySource,
     data_dir: &Path,
 ) -> Result<(Keyring, KeyState, crypto::ShredKeys), KeyError> {
+    open_for_store(source, data_dir, data_dir.join("db").exists())
+}
+
+/// [`open_for_data_dir`] for a store kept elsewhere (`--store`): whether
+/// it already holds data is `store_has_data`.
+pub fn open_for_store(
+    source: &KeySource,
+    data_dir: &Path,
+    store_has_data: bool,
+) -> Result<(Keyring, KeyState, crypto::ShredKeys), KeyError> {
     let check_path = data_dir.join("keycheck.json");
     if check_path.exists() {
         let mut state = KeyState::read(&check_path)?;
@@ -400,7 +412,7 @@ pub fn open_for_data_dir(
         let shreds = open_erasure_keys(data_dir, &mut state)?;
         return Ok((ring, state, shreds));
     }
-    if data_dir.join("db").exists() {
+    if store_has_data {
         return Err(KeyError::NoKeyCheck(data_dir.to_path_buf()));
     }
     let key = match source {

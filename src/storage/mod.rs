@@ -26,12 +26,15 @@ pub mod postgres;
 pub mod sequencer;
 pub mod sled;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 pub use model::{Change, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry};
 pub use sequencer::{Commit, CommitOutcome, Committed, Sequencer};
 pub use sled::Recovery;
 
+use crate::clock::Clock;
 use crate::crypto::RecordKind;
 
 /// Storage failures. Messages carry no PHI (engine errors may name files;
@@ -317,5 +320,105 @@ impl std::ops::Deref for Store {
     type Target = dyn Backend;
     fn deref(&self) -> &Self::Target {
         self.backend.as_ref()
+    }
+}
+
+/// Where the store is (`--store` / `CAREVAULT_STORE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// sled, in this directory (by default `db` under the data directory).
+    Sled(PathBuf),
+    /// PostgreSQL, at this `postgres://` / `postgresql://` URL.
+    Postgres(String),
+}
+
+impl Location {
+    /// The default: sled in `db` under `data_dir`.
+    pub fn default_for(data_dir: &Path) -> Location {
+        Location::Sled(data_dir.join("db"))
+    }
+
+    /// `sled:PATH` (`sled:` alone: the default under `data_dir`) or a PostgreSQL URL.
+    pub fn parse(s: &str, data_dir: &Path) -> Result<Location, StorageError> {
+        if postgres::connect::is_postgres_url(s) {
+            postgres::connect::parse_url(s)?;
+            return Ok(Location::Postgres(s.to_string()));
+        }
+        match s.strip_prefix("sled:") {
+            Some("") => Ok(Location::default_for(data_dir)),
+            Some(path) => Ok(Location::Sled(PathBuf::from(path))),
+            None => Err(StorageError::BadLocation(format!(
+                "{:?} is neither sled:PATH nor a postgres:// or postgresql:// URL",
+                postgres::connect::redacted(s)
+            ))),
+        }
+    }
+
+    /// For messages and logs (a URL's password replaced).
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sled(p) => format!("sled:{}", p.display()),
+            Location::Postgres(url) => postgres::connect::redacted(url),
+        }
+    }
+
+    /// Whether a store with data is there, found without creating or changing anything.
+    pub async fn has_data(&self) -> Result<bool, StorageError> {
+        match self {
+            Location::Sled(p) => Ok(p.exists()),
+            Location::Postgres(url) => postgres::PgStore::has_chain(url).await,
+        }
+    }
+}
+
+/// A running commit pipeline: a thread (sled) or a task (PostgreSQL).
+pub enum Pipeline {
+    /// sled's sequencer thread.
+    Thread(std::thread::JoinHandle<()>),
+    /// The PostgreSQL pipeline task.
+    Task(tokio::task::JoinHandle<()>),
+}
+
+impl Pipeline {
+    /// Waits until the pipeline has stopped (after every sequencer handle is
+    /// gone and its last batch is durable).
+    pub async fn join(self) {
+        match self {
+            Pipeline::Thread(t) => {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            Pipeline::Task(t) => {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
+/// How to open a store.
+pub struct OpenStore<'a> {
+    /// Where.
+    pub location: &'a Location,
+    /// sled's page cache, bytes.
+    pub cache_bytes: u64,
+    /// Time source for audit entries.
+    pub clock: Arc<dyn Clock>,
+    /// sled only: when set to true every durable sync fails (fault injection).
+    pub fail_syncs: Option<Arc<AtomicBool>>,
+}
+
+/// Opens (creating or migrating) the store and starts its commit pipeline.
+pub async fn open(how: OpenStore<'_>) -> Result<(Store, Pipeline), StorageError> {
+    match how.location {
+        Location::Sled(dir) => {
+            let store = sled::SledStore::open(dir, how.cache_bytes)?;
+            let (sequencer, thread) = store.start(dir, how.clock, how.fail_syncs)?;
+            let recovered = store.recovery();
+            Ok((Store::new(Arc::new(store), sequencer, recovered), Pipeline::Thread(thread)))
+        }
+        Location::Postgres(url) => {
+            let store = postgres::PgStore::open(url, how.clock.now_micros()).await?;
+            let (sequencer, task) = store.start(how.clock).await?;
+            Ok((Store::new(Arc::new(store), sequencer, Recovery::default()), Pipeline::Task(task)))
+        }
     }
 }

@@ -157,8 +157,9 @@ async fn every_stored_version_has_its_ok_audit_entry_and_every_ok_write_entry_it
         ids.push((p.id, c.id));
     }
     let (data_dir, _keys, _guard) = s.stop_keep().await;
-    let store = carevault::storage::sled::SledStore::open(&data_dir.join("db"), 8 << 20).unwrap();
-    let entries: Vec<AuditEntry> = store.audit_all().map(|e| AuditEntry::decode(&e.unwrap().bytes).unwrap()).collect();
+    let store = stored(&data_dir).await;
+    let entries: Vec<AuditEntry> =
+        stored_entries(store.as_ref()).await.iter().map(|e| AuditEntry::decode(&e.bytes).unwrap()).collect();
     let writes: Vec<(String, String, u64)> = entries
         .iter()
         .filter(|e| {
@@ -174,7 +175,7 @@ async fn every_stored_version_has_its_ok_audit_entry_and_every_ok_write_entry_it
             (carevault::crypto::RecordKind::Coverage, "coverage", coverage_id),
         ] {
             let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
-            for (version, _) in store.versions(carevault::storage::RecordRef { kind, id: bytes }).unwrap() {
+            for (version, _) in store.versions(carevault::storage::RecordRef { kind, id: bytes }).await.unwrap() {
                 stored.push((kind_name.to_string(), id.clone(), version));
             }
         }

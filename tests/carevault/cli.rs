@@ -120,95 +120,101 @@ fn tree_digest(dir: &std::path::Path) -> Vec<(std::path::PathBuf, [u8; 32])> {
     out
 }
 
-#[tokio::test]
-async fn offline_verify_keys_status_and_backup_leave_every_byte_of_the_data_directory_unchanged() {
-    let s = TestServer::start().await;
-    for i in 0..20 {
-        create(&s, patient("Still", &format!("R{i}"), "1980", &format!("RO-{i}"))).await;
-    }
-    let (data, keys, guard) = s.stop_keep().await;
-    // sled releases its lock a moment after the server closes it.
-    open_when_unlocked(|| carevault::storage::sled::snapshot::lock_shared(&data.join("db"))).await;
-    let before = tree_digest(&data);
-    let run = |args: &[&str]| {
-        let mut cmd = bin();
-        cmd.args(args).arg("--data-dir").arg(&data);
-        if args[0] == "keys" {
-            cmd.arg("--key-dir").arg(&keys);
+sled_only! {
+    #[tokio::test]
+    async fn offline_verify_keys_status_and_backup_leave_every_byte_of_the_data_directory_unchanged() {
+        let s = TestServer::start().await;
+        for i in 0..20 {
+            create(&s, patient("Still", &format!("R{i}"), "1980", &format!("RO-{i}"))).await;
         }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        out
-    };
-    let verified = run(&["verify", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
-    assert_eq!(v["ok"], true);
-    let head = v["head"].as_str().unwrap().to_string();
-    let status = run(&["keys", "status", "--json"]);
-    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(st["versions"][0]["dataKeys"], "20");
-    // Options before or after the subcommand mean the same.
-    run(&["keys", "--json", "status"]);
-    let out = guard.as_ref().unwrap().path().join("backup");
-    run(&["backup", "--out", out.to_str().unwrap()]);
-    assert_eq!(tree_digest(&data), before, "the data directory changed");
-    // Nothing was appended either: the chain still ends at the same head.
-    let again = run(&["verify", "--json", "--expect-head", &head]);
-    let v: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
-    assert_eq!(v["head"].as_str(), Some(head.as_str()));
-    // The backup itself is a complete store.
-    let out_copy = bin().args(["verify", "--json", "--data-dir"]).arg(&out).output().unwrap();
-    assert_eq!(out_copy.status.code(), Some(0), "{}", String::from_utf8_lossy(&out_copy.stderr));
+        let (data, keys, guard) = s.stop_keep().await;
+        // sled releases its lock a moment after the server closes it.
+        open_when_unlocked(|| carevault::storage::sled::snapshot::lock_shared(&data.join("db"))).await;
+        let before = tree_digest(&data);
+        let run = |args: &[&str]| {
+            let mut cmd = bin();
+            cmd.args(args).arg("--data-dir").arg(&data);
+            if args[0] == "keys" {
+                cmd.arg("--key-dir").arg(&keys);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            out
+        };
+        let verified = run(&["verify", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+        assert_eq!(v["ok"], true);
+        let head = v["head"].as_str().unwrap().to_string();
+        let status = run(&["keys", "status", "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(st["versions"][0]["dataKeys"], "20");
+        // Options before or after the subcommand mean the same.
+        run(&["keys", "--json", "status"]);
+        let out = guard.as_ref().unwrap().path().join("backup");
+        run(&["backup", "--out", out.to_str().unwrap()]);
+        assert_eq!(tree_digest(&data), before, "the data directory changed");
+        // Nothing was appended either: the chain still ends at the same head.
+        let again = run(&["verify", "--json", "--expect-head", &head]);
+        let v: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+        assert_eq!(v["head"].as_str(), Some(head.as_str()));
+        // The backup itself is a complete store.
+        let out_copy = bin().args(["verify", "--json", "--data-dir"]).arg(&out).output().unwrap();
+        assert_eq!(out_copy.status.code(), Some(0), "{}", String::from_utf8_lossy(&out_copy.stderr));
+    }
 }
 
-#[tokio::test]
-async fn offline_tools_refuse_a_data_directory_a_server_has_open_and_say_so() {
-    let s = TestServer::start().await;
-    let data = s.data_dir.clone();
-    let out = tokio::task::spawn_blocking(move || bin().args(["verify", "--data-dir"]).arg(&data).output().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("in use by a running carevault server"), "{err}");
-    assert!(err.contains("--server"), "{err}");
+sled_only! {
+    #[tokio::test]
+    async fn offline_tools_refuse_a_data_directory_a_server_has_open_and_say_so() {
+        let s = TestServer::start().await;
+        let data = s.data_dir.clone();
+        let out = tokio::task::spawn_blocking(move || bin().args(["verify", "--data-dir"]).arg(&data).output().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in use by a running carevault server"), "{err}");
+        assert!(err.contains("--server"), "{err}");
+    }
 }
 
-#[tokio::test]
-async fn serve_creates_nothing_when_its_port_is_taken_and_says_so_when_the_data_directory_is_in_use() {
-    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = busy.local_addr().unwrap().to_string();
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, keys) = (tmp.path().join("data"), tmp.path().join("keys"));
-    let out = bin()
-        .args(["serve", "--listen", &port])
-        .env("CAREVAULT_DATA_DIR", &data)
-        .env("CAREVAULT_KEY_DIR", &keys)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot listen on"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!data.exists() && !keys.exists(), "nothing is created before the port is bound");
-
-    let s = TestServer::start().await;
-    let (data, keys) = (s.data_dir.clone(), s.key_dir.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        bin()
-            .args(["serve", "--listen", "127.0.0.1:0"])
+sled_only! {
+    #[tokio::test]
+    async fn serve_creates_nothing_when_its_port_is_taken_and_says_so_when_the_data_directory_is_in_use() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, keys) = (tmp.path().join("data"), tmp.path().join("keys"));
+        let out = bin()
+            .args(["serve", "--listen", &port])
             .env("CAREVAULT_DATA_DIR", &data)
             .env("CAREVAULT_KEY_DIR", &keys)
             .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("in use by another process"), "{err}");
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot listen on"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!data.exists() && !keys.exists(), "nothing is created before the port is bound");
+
+        let s = TestServer::start().await;
+        let (data, keys) = (s.data_dir.clone(), s.key_dir.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            bin()
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .env("CAREVAULT_DATA_DIR", &data)
+                .env("CAREVAULT_KEY_DIR", &keys)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in use by another process"), "{err}");
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> String {

@@ -6,7 +6,6 @@ use carevault::clock::SystemClock;
 use carevault::keystore::KeyError;
 use carevault::proto::v1 as pb;
 use carevault::server::{self, OpenOptions, ServerError};
-use carevault::storage::sled::SledStore as Store;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -24,60 +23,62 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-#[tokio::test]
-async fn no_phi_appears_anywhere_in_the_data_directory() {
-    let s = TestServer::start().await;
-    let mut p = patient("Quixotewidget", "Zanzibarella", "1973-04-05", "MRN-ZQX-7731");
-    p.identifiers.push(pb::Identifier {
-        system: "http://hl7.org/fhir/sid/us-ssn".into(),
-        value: "078-05-1120".into(),
-        r#type: pb::IdentifierType::Ss as i32,
-    });
-    let p = create(&s, p).await;
-    let mut c = coverage(&p.id, "MBRXQ99812", 1);
-    c.plan_name = "Platypusplan Gold".into();
-    create_coverage(&s, c).await;
-    let mut changed = p.clone();
-    changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
-    s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();
-    use pb::search_patients_request::Criterion;
-    search(
-        &s,
-        Criterion::NameBirthDate(pb::NameBirthDateQuery {
-            family: "Quixotewidget".into(),
-            birth_date: "1973-04-05".into(),
-        }),
-    )
-    .await;
-    let (data_dir, key_dir, _guard) = s.stop_keep().await;
-    let needles: Vec<&[u8]> = vec![
-        b"Quixotewidget",
-        b"quixotewidget",
-        b"QUIXOTEWIDGET",
-        b"Zanzibarella",
-        b"Middlenamequark",
-        b"078-05-1120",
-        b"078051120",
-        b"MRN-ZQX-7731",
-        b"MRNZQX7731",
-        b"MBRXQ99812",
-        b"Platypusplan",
-        b"1973-04-05",
-        b"Elm Street",
-        b"pat@example.org",
-    ];
-    let files = files_under(&data_dir);
-    assert!(files.iter().any(|f| f.ends_with("db")), "the database must be among the files searched");
-    for f in &files {
-        let bytes = std::fs::read(f).unwrap();
-        for n in &needles {
-            assert!(!contains(&bytes, n), "{} contains {}", f.display(), String::from_utf8_lossy(n));
+sled_only! {
+    #[tokio::test]
+    async fn no_phi_appears_anywhere_in_the_data_directory() {
+        let s = TestServer::start().await;
+        let mut p = patient("Quixotewidget", "Zanzibarella", "1973-04-05", "MRN-ZQX-7731");
+        p.identifiers.push(pb::Identifier {
+            system: "http://hl7.org/fhir/sid/us-ssn".into(),
+            value: "078-05-1120".into(),
+            r#type: pb::IdentifierType::Ss as i32,
+        });
+        let p = create(&s, p).await;
+        let mut c = coverage(&p.id, "MBRXQ99812", 1);
+        c.plan_name = "Platypusplan Gold".into();
+        create_coverage(&s, c).await;
+        let mut changed = p.clone();
+        changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
+        s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();
+        use pb::search_patients_request::Criterion;
+        search(
+            &s,
+            Criterion::NameBirthDate(pb::NameBirthDateQuery {
+                family: "Quixotewidget".into(),
+                birth_date: "1973-04-05".into(),
+            }),
+        )
+        .await;
+        let (data_dir, key_dir, _guard) = s.stop_keep().await;
+        let needles: Vec<&[u8]> = vec![
+            b"Quixotewidget",
+            b"quixotewidget",
+            b"QUIXOTEWIDGET",
+            b"Zanzibarella",
+            b"Middlenamequark",
+            b"078-05-1120",
+            b"078051120",
+            b"MRN-ZQX-7731",
+            b"MRNZQX7731",
+            b"MBRXQ99812",
+            b"Platypusplan",
+            b"1973-04-05",
+            b"Elm Street",
+            b"pat@example.org",
+        ];
+        let files = files_under(&data_dir);
+        assert!(files.iter().any(|f| f.ends_with("db")), "the database must be among the files searched");
+        for f in &files {
+            let bytes = std::fs::read(f).unwrap();
+            for n in &needles {
+                assert!(!contains(&bytes, n), "{} contains {}", f.display(), String::from_utf8_lossy(n));
+            }
         }
-    }
-    // And the key material is not in the data directory either.
-    let master = std::fs::read_to_string(key_dir.join("master-1.key")).unwrap();
-    for f in &files {
-        assert!(!contains(&std::fs::read(f).unwrap(), master.trim().as_bytes()));
+        // And the key material is not in the data directory either.
+        let master = std::fs::read_to_string(key_dir.join("master-1.key")).unwrap();
+        for f in &files {
+            assert!(!contains(&std::fs::read(f).unwrap(), master.trim().as_bytes()));
+        }
     }
 }
 
@@ -87,15 +88,14 @@ async fn swapping_two_records_ciphertexts_is_caught_on_read_as_data_loss_and_aud
     let a = create(&s, patient("Swap", "Alpha", "1980", "SW-A")).await;
     let b = create(&s, patient("Swap", "Beta", "1981", "SW-B")).await;
     let (data_dir, key_dir, guard) = s.stop_keep().await;
-    {
-        let store = Store::open(&data_dir.join("db"), 8 << 20).unwrap();
-        let ida = *uuid::Uuid::parse_str(&a.id).unwrap().as_bytes();
-        let idb = *uuid::Uuid::parse_str(&b.id).unwrap().as_bytes();
-        let ca = store.record_version(carevault::storage::RecordRef::patient(ida), 1).unwrap().unwrap();
-        let cb = store.record_version(carevault::storage::RecordRef::patient(idb), 1).unwrap().unwrap();
-        store.danger_put_record_raw(carevault::storage::RecordRef::patient(ida), 1, cb).unwrap();
-        store.danger_put_record_raw(carevault::storage::RecordRef::patient(idb), 1, ca).unwrap();
-    }
+    let ra = carevault::storage::RecordRef::patient(*uuid::Uuid::parse_str(&a.id).unwrap().as_bytes());
+    let rb = carevault::storage::RecordRef::patient(*uuid::Uuid::parse_str(&b.id).unwrap().as_bytes());
+    let (ca, cb) = {
+        let store = stored(&data_dir).await;
+        (store.record_version(ra, 1).await.unwrap().unwrap(), store.record_version(rb, 1).await.unwrap().unwrap())
+    };
+    danger_put_record(&data_dir, ra, 1, cb).await;
+    danger_put_record(&data_dir, rb, 1, ca).await;
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
     for id in [&a.id, &b.id] {
         let err = s
@@ -122,7 +122,8 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     let result = server::open(
         &config(data_dir.clone(), key_dir.clone()),
         OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None },
-    );
+    )
+    .await;
     match result {
         Err(ServerError::Keys(KeyError::WrongKey(1))) => {}
         Err(e) => panic!("wrong error: {e}"),
@@ -136,7 +137,7 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     // A missing key is just as clear.
     std::fs::remove_file(key_dir.join("master-1.key")).unwrap();
     let result =
-        server::open(&config(data_dir, key_dir), OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None });
+        server::open(&config(data_dir, key_dir), OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None }).await;
     assert!(matches!(result, Err(ServerError::Keys(KeyError::MissingVersion(1)))));
 }
 
@@ -149,59 +150,62 @@ async fn a_key_file_readable_by_others_is_refused() {
     let result = server::open(
         &config(tmp.path().join("data"), key_dir),
         OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None },
-    );
+    )
+    .await;
     assert!(matches!(result, Err(ServerError::Keys(KeyError::Permissions(_)))));
 }
 
-#[tokio::test]
-async fn after_a_failed_sync_no_data_leaves_and_nothing_succeeds_until_a_restart() {
-    let s = TestServer::start().await;
-    let p = create(&s, patient("Fail", "Closed", "1980", "FC-1")).await;
-    s.fail_syncs.store(true, Ordering::SeqCst);
-    let err = s
-        .patients()
-        .get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin()))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
-    assert!(!format!("{err:?}").contains("Closed"));
-    // The disk works again, but what the failed sync covered may be lost:
-    // nothing may be chained after it, so every later call fails too.
-    s.fail_syncs.store(false, Ordering::SeqCst);
-    let get = || req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin());
-    for _ in 0..3 {
-        assert_eq!(s.patients().get_patient(get()).await.unwrap_err().code(), Code::Unavailable);
-    }
-    let create_req =
-        req(pb::CreatePatientRequest { patient: Some(patient("Fail", "Write", "1980", "FC-2")) }, &s.admin());
-    assert_eq!(s.patients().create_patient(create_req).await.unwrap_err().code(), Code::Unavailable);
-    let head = s.audit().get_audit_head(req(pb::GetAuditHeadRequest {}, &s.admin())).await.unwrap_err();
-    assert_eq!(head.code(), Code::Unavailable);
-    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
-    let status = eventually(|| {
-        let mut h = health.clone();
-        async move {
-            let r = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?.into_inner();
-            (r.status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32).then_some(r.status)
+sled_only! {
+    #[tokio::test]
+    async fn after_a_failed_sync_no_data_leaves_and_nothing_succeeds_until_a_restart() {
+        let s = TestServer::start().await;
+        let p = create(&s, patient("Fail", "Closed", "1980", "FC-1")).await;
+        s.fail_syncs.store(true, Ordering::SeqCst);
+        let err = s
+            .patients()
+            .get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(!format!("{err:?}").contains("Closed"));
+        // The disk works again, but what the failed sync covered may be lost:
+        // nothing may be chained after it, so every later call fails too.
+        s.fail_syncs.store(false, Ordering::SeqCst);
+        let get = || req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin());
+        for _ in 0..3 {
+            assert_eq!(s.patients().get_patient(get()).await.unwrap_err().code(), Code::Unavailable);
         }
-    })
-    .await;
-    assert!(status.is_some(), "health reports NOT_SERVING");
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "carevault.v1.PatientService".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
+        let create_req =
+            req(pb::CreatePatientRequest { patient: Some(patient("Fail", "Write", "1980", "FC-2")) }, &s.admin());
+        assert_eq!(s.patients().create_patient(create_req).await.unwrap_err().code(), Code::Unavailable);
+        let head = s.audit().get_audit_head(req(pb::GetAuditHeadRequest {}, &s.admin())).await.unwrap_err();
+        assert_eq!(head.code(), Code::Unavailable);
+        let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+        let status = eventually(|| {
+            let mut h = health.clone();
+            async move {
+                let r = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?.into_inner();
+                (r.status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32).then_some(r.status)
+            }
+        })
+        .await;
+        assert!(status.is_some(), "health reports NOT_SERVING");
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "carevault.v1.PatientService".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
 
-    // A restart recovers: the patient reads again and the chain verifies.
-    let (data_dir, key_dir, _guard) = s.stop_keep().await;
-    let s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
-    let got = s.patients().get_patient(get_for(&s, &p.id)).await.unwrap();
-    assert_eq!(got.into_inner().patient.unwrap().names[0].given[0], "Closed");
-    let (data_dir, _, _guard2) = s.stop_keep().await;
-    let store = open_when_unlocked(|| carevault::storage::sled::SledStore::open(&data_dir.join("db"), 8 << 20)).await;
-    assert!(carevault::audit::verify_chain(raw_chain(&store), None).is_ok());
+        // A restart recovers: the patient reads again and the chain verifies.
+        let (data_dir, key_dir, _guard) = s.stop_keep().await;
+        let s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
+        let got = s.patients().get_patient(get_for(&s, &p.id)).await.unwrap();
+        assert_eq!(got.into_inner().patient.unwrap().names[0].given[0], "Closed");
+        let (data_dir, _, _guard2) = s.stop_keep().await;
+        let store = open_when_unlocked(|| carevault::storage::sled::SledStore::open(&data_dir.join("db"), 8 << 20)).await;
+        assert!(carevault::audit::verify_chain(raw_chain(&store), None).is_ok());
+    }
 }
 
 fn get_for(s: &TestServer, id: &str) -> tonic::Request<pb::GetPatientRequest> {

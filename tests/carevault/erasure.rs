@@ -75,122 +75,124 @@ fn erase_req(id: &str, reason: &str) -> pb::ErasePatientRequest {
     pb::ErasePatientRequest { patient_id: id.into(), reason: reason.into() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_erased_patient_reads_as_erased_and_nothing_in_the_data_directory_or_a_fresh_backup_can_open_it() {
-    let s = TestServer::start().await;
-    // Enough patients that two share an erasure bucket: the victim's neighbour must survive.
-    let mut by_bucket: HashMap<u16, Vec<pb::Patient>> = HashMap::new();
-    let (victim, neighbour) = loop {
-        let i = by_bucket.values().map(Vec::len).sum::<usize>();
-        let p = create(&s, patient(&format!("Shred{i}"), "Sam", "1971-02-03", &format!("SHRED-{i}"))).await;
-        let same = by_bucket.entry(bucket_of(&p.id)).or_default();
-        same.push(p);
-        if same.len() == 2 {
-            break (same[1].clone(), same[0].clone());
+sled_only! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_erased_patient_reads_as_erased_and_nothing_in_the_data_directory_or_a_fresh_backup_can_open_it() {
+        let s = TestServer::start().await;
+        // Enough patients that two share an erasure bucket: the victim's neighbour must survive.
+        let mut by_bucket: HashMap<u16, Vec<pb::Patient>> = HashMap::new();
+        let (victim, neighbour) = loop {
+            let i = by_bucket.values().map(Vec::len).sum::<usize>();
+            let p = create(&s, patient(&format!("Shred{i}"), "Sam", "1971-02-03", &format!("SHRED-{i}"))).await;
+            let same = by_bucket.entry(bucket_of(&p.id)).or_default();
+            same.push(p);
+            if same.len() == 2 {
+                break (same[1].clone(), same[0].clone());
+            }
+        };
+        let c1 = create_coverage(&s, coverage(&victim.id, "ERASEME-1", 1)).await;
+        create_coverage(&s, coverage(&victim.id, "ERASEME-2", 2)).await;
+        let mut upd = victim.clone();
+        upd.telecom.clear();
+        s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(upd) }, &s.admin())).await.unwrap();
+
+        let compliance = s.token("carla", "compliance");
+        let keyper = s.token("keyper", "key_admin");
+        let reason = "patient request under state privacy law, ticket PRIV-20931";
+
+        // A legal hold blocks the erasure; lifting it allows it.
+        let hold = pb::SetLegalHoldRequest { patient_id: victim.id.clone(), legal_hold: true };
+        s.access().set_legal_hold(req_for(hold, &compliance, None)).await.unwrap();
+        let refused = keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &keyper, None)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(refused.message().contains("legal hold"), "{}", refused.message());
+        assert_eq!(s.last_event("patient.erase").await.outcome, pb::AuditOutcome::FailedPrecondition as i32);
+        // Neither a key admin may lift a hold, nor a compliance officer erase.
+        let lift = pb::SetLegalHoldRequest { patient_id: victim.id.clone(), legal_hold: false };
+        let denied = s.access().set_legal_hold(req_for(lift.clone(), &keyper, None)).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        let denied = keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &compliance, None)).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        s.access().set_legal_hold(req_for(lift, &compliance, None)).await.unwrap();
+        let no_reason = keys(&s).erase_patient(req_for(erase_req(&victim.id, " "), &keyper, None)).await.unwrap_err();
+        assert_eq!(bad_fields(&no_reason), vec!["reason"]);
+
+        // Before: the master keys and the data directory together open the victim's data key.
+        let (data, key_dir, tmp) = s.stop_keep().await;
+        let (old_wrapped, old_bucket_key) = {
+            let (ring, shreds, store) = open_when_unlocked(|| open_offline(&data, &key_dir)).await;
+            let wrapped = WrappedDataKey(store.data_key(&id16(&victim.id)).unwrap().unwrap());
+            assert!(ring.unwrap_data_key(&id16(&victim.id), &wrapped, &shreds).is_ok());
+            let key = bucket_key_from_file(&data, bucket_of(&victim.id));
+            assert_eq!(contains(&data, &key), vec![data.join("erasure-keys")], "the search can find a key");
+            (wrapped, key)
+        };
+        let s = TestServer::start_in(data.clone(), key_dir.clone(), Arc::new(carevault::clock::SystemClock)).await;
+
+        let erased =
+            keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &keyper, None)).await.unwrap().into_inner();
+        assert_eq!((erased.coverages_erased, erased.record_versions_erased), (2, 4));
+        assert!(erased.data_keys_rekeyed >= 1, "the neighbour's key moves to the bucket's new generation");
+        assert!(erased.caveats.iter().any(|c| c.contains("backups")), "{:?}", erased.caveats);
+        let entry = s.last_event("patient.erase").await;
+        assert_eq!((entry.outcome, entry.patient_id.as_str()), (pb::AuditOutcome::Ok as i32, victim.id.as_str()));
+
+        // Every read says erased; the neighbour reads as before; search finds nothing.
+        let get = pb::GetPatientRequest { patient_id: victim.id.clone() };
+        let gone = s.patients().get_patient(req(get, &s.admin())).await.unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+        assert!(gone.message().contains("erased"), "{}", gone.message());
+        let cov = pb::GetCoverageRequest { coverage_id: c1.id.clone() };
+        let gone = s.coverages().get_coverage(req(cov, &s.admin())).await.unwrap_err();
+        assert!(gone.code() == Code::NotFound && gone.message().contains("erased"), "{}", gone.message());
+        let again = keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &keyper, None)).await.unwrap_err();
+        assert!(again.code() == Code::NotFound && again.message().contains("erased"));
+        let get = pb::GetPatientRequest { patient_id: neighbour.id.clone() };
+        let got = s.patients().get_patient(req(get, &s.admin())).await.unwrap().into_inner().patient.unwrap();
+        assert_eq!(got.names, neighbour.names);
+        let found = search(
+            &s,
+            pb::search_patients_request::Criterion::Identifier(pb::IdentifierQuery {
+                system: "https://hospital.example/mrn".into(),
+                value: victim.identifiers[0].value.clone(),
+            }),
+        )
+        .await;
+        assert!(found.patients.is_empty());
+        // The reason is nowhere in the audit trail.
+        assert!(s.all_events().await.iter().all(|e| !format!("{e:?}").contains("PRIV-20931")));
+
+        // After: a fresh backup, then a byte search of both directories.
+        let (data, key_dir, _tmp2) = s.stop_keep().await;
+        let backup = tmp.as_ref().unwrap().path().join("backup");
+        open_when_unlocked(|| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
+                .args(["backup", "--data-dir", data.to_str().unwrap(), "--out", backup.to_str().unwrap()])
+                .output()
+                .unwrap();
+            if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).to_string()) }
+        })
+        .await;
+        for dir in [&data, &backup] {
+            assert!(contains(dir, &old_bucket_key).is_empty(), "the old erasure key survives in {dir:?}");
+            assert!(contains(dir, victim.names[0].family.as_bytes()).is_empty());
+            let (ring, shreds, store) = open_when_unlocked(|| open_offline(dir, &key_dir)).await;
+            assert_eq!(store.data_key(&id16(&victim.id)).unwrap(), None);
+            // The old wrapped key may linger in sled's log, but nothing left can open it.
+            assert_eq!(
+                ring.unwrap_data_key(&id16(&victim.id), &old_wrapped, &shreds).err(),
+                Some(CryptoError::UnknownErasureKey(bucket_of(&victim.id), 1))
+            );
+            let chain = raw_chain(&store);
+            assert!(carevault::audit::verify_chain(chain, None).is_ok());
         }
-    };
-    let c1 = create_coverage(&s, coverage(&victim.id, "ERASEME-1", 1)).await;
-    create_coverage(&s, coverage(&victim.id, "ERASEME-2", 2)).await;
-    let mut upd = victim.clone();
-    upd.telecom.clear();
-    s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(upd) }, &s.admin())).await.unwrap();
-
-    let compliance = s.token("carla", "compliance");
-    let keyper = s.token("keyper", "key_admin");
-    let reason = "patient request under state privacy law, ticket PRIV-20931";
-
-    // A legal hold blocks the erasure; lifting it allows it.
-    let hold = pb::SetLegalHoldRequest { patient_id: victim.id.clone(), legal_hold: true };
-    s.access().set_legal_hold(req_for(hold, &compliance, None)).await.unwrap();
-    let refused = keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &keyper, None)).await.unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition);
-    assert!(refused.message().contains("legal hold"), "{}", refused.message());
-    assert_eq!(s.last_event("patient.erase").await.outcome, pb::AuditOutcome::FailedPrecondition as i32);
-    // Neither a key admin may lift a hold, nor a compliance officer erase.
-    let lift = pb::SetLegalHoldRequest { patient_id: victim.id.clone(), legal_hold: false };
-    let denied = s.access().set_legal_hold(req_for(lift.clone(), &keyper, None)).await.unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
-    let denied = keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &compliance, None)).await.unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
-    s.access().set_legal_hold(req_for(lift, &compliance, None)).await.unwrap();
-    let no_reason = keys(&s).erase_patient(req_for(erase_req(&victim.id, " "), &keyper, None)).await.unwrap_err();
-    assert_eq!(bad_fields(&no_reason), vec!["reason"]);
-
-    // Before: the master keys and the data directory together open the victim's data key.
-    let (data, key_dir, tmp) = s.stop_keep().await;
-    let (old_wrapped, old_bucket_key) = {
-        let (ring, shreds, store) = open_when_unlocked(|| open_offline(&data, &key_dir)).await;
-        let wrapped = WrappedDataKey(store.data_key(&id16(&victim.id)).unwrap().unwrap());
-        assert!(ring.unwrap_data_key(&id16(&victim.id), &wrapped, &shreds).is_ok());
-        let key = bucket_key_from_file(&data, bucket_of(&victim.id));
-        assert_eq!(contains(&data, &key), vec![data.join("erasure-keys")], "the search can find a key");
-        (wrapped, key)
-    };
-    let s = TestServer::start_in(data.clone(), key_dir.clone(), Arc::new(carevault::clock::SystemClock)).await;
-
-    let erased =
-        keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &keyper, None)).await.unwrap().into_inner();
-    assert_eq!((erased.coverages_erased, erased.record_versions_erased), (2, 4));
-    assert!(erased.data_keys_rekeyed >= 1, "the neighbour's key moves to the bucket's new generation");
-    assert!(erased.caveats.iter().any(|c| c.contains("backups")), "{:?}", erased.caveats);
-    let entry = s.last_event("patient.erase").await;
-    assert_eq!((entry.outcome, entry.patient_id.as_str()), (pb::AuditOutcome::Ok as i32, victim.id.as_str()));
-
-    // Every read says erased; the neighbour reads as before; search finds nothing.
-    let get = pb::GetPatientRequest { patient_id: victim.id.clone() };
-    let gone = s.patients().get_patient(req(get, &s.admin())).await.unwrap_err();
-    assert_eq!(gone.code(), Code::NotFound);
-    assert!(gone.message().contains("erased"), "{}", gone.message());
-    let cov = pb::GetCoverageRequest { coverage_id: c1.id.clone() };
-    let gone = s.coverages().get_coverage(req(cov, &s.admin())).await.unwrap_err();
-    assert!(gone.code() == Code::NotFound && gone.message().contains("erased"), "{}", gone.message());
-    let again = keys(&s).erase_patient(req_for(erase_req(&victim.id, reason), &keyper, None)).await.unwrap_err();
-    assert!(again.code() == Code::NotFound && again.message().contains("erased"));
-    let get = pb::GetPatientRequest { patient_id: neighbour.id.clone() };
-    let got = s.patients().get_patient(req(get, &s.admin())).await.unwrap().into_inner().patient.unwrap();
-    assert_eq!(got.names, neighbour.names);
-    let found = search(
-        &s,
-        pb::search_patients_request::Criterion::Identifier(pb::IdentifierQuery {
-            system: "https://hospital.example/mrn".into(),
-            value: victim.identifiers[0].value.clone(),
-        }),
-    )
-    .await;
-    assert!(found.patients.is_empty());
-    // The reason is nowhere in the audit trail.
-    assert!(s.all_events().await.iter().all(|e| !format!("{e:?}").contains("PRIV-20931")));
-
-    // After: a fresh backup, then a byte search of both directories.
-    let (data, key_dir, _tmp2) = s.stop_keep().await;
-    let backup = tmp.as_ref().unwrap().path().join("backup");
-    open_when_unlocked(|| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
-            .args(["backup", "--data-dir", data.to_str().unwrap(), "--out", backup.to_str().unwrap()])
+        assert!(contains(&backup, &old_wrapped.0).is_empty(), "a fresh backup holds only live values");
+        let verify = std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
+            .args(["verify", "--data-dir", data.to_str().unwrap()])
             .output()
             .unwrap();
-        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).to_string()) }
-    })
-    .await;
-    for dir in [&data, &backup] {
-        assert!(contains(dir, &old_bucket_key).is_empty(), "the old erasure key survives in {dir:?}");
-        assert!(contains(dir, victim.names[0].family.as_bytes()).is_empty());
-        let (ring, shreds, store) = open_when_unlocked(|| open_offline(dir, &key_dir)).await;
-        assert_eq!(store.data_key(&id16(&victim.id)).unwrap(), None);
-        // The old wrapped key may linger in sled's log, but nothing left can open it.
-        assert_eq!(
-            ring.unwrap_data_key(&id16(&victim.id), &old_wrapped, &shreds).err(),
-            Some(CryptoError::UnknownErasureKey(bucket_of(&victim.id), 1))
-        );
-        let chain = raw_chain(&store);
-        assert!(carevault::audit::verify_chain(chain, None).is_ok());
+        assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     }
-    assert!(contains(&backup, &old_wrapped.0).is_empty(), "a fresh backup holds only live values");
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
-        .args(["verify", "--data-dir", data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,9 +271,9 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
         assert_eq!(got.unwrap().into_inner().patient.unwrap().names, p.names);
     }
     let (data, _, _tmp) = s.stop_keep().await;
-    let store = open_when_unlocked(|| Store::open(&data.join("db"), 8 << 20)).await;
+    let store = stored(&data).await;
     for (i, p) in patients.iter().enumerate() {
-        let w = WrappedDataKey(store.data_key(&id16(&p.id)).unwrap().unwrap());
+        let w = WrappedDataKey(store.data_key(id16(&p.id)).await.unwrap().unwrap());
         assert_eq!(w.generation().unwrap(), if i == 5 { 3 } else { 2 });
     }
 }

@@ -157,6 +157,141 @@ pub async fn open_when_unlocked<T, E: std::fmt::Debug>(mut open: impl FnMut() ->
     panic!("the database stayed locked for 10 s")
 }
 
+/// [`open_when_unlocked`] for `server::open`.
+pub async fn open_service_when_unlocked(cfg: &ServiceConfig, options: impl Fn() -> OpenOptions) -> server::Service {
+    for _ in 0..100 {
+        match server::open(cfg, options()).await {
+            Ok(v) => return v,
+            Err(e) if format!("{e:?}").contains("Locked") || format!("{e:?}").contains("could not acquire lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("open failed: {e:?}"),
+        }
+    }
+    panic!("the database stayed locked for 10 s")
+}
+
+/// The engines the black-box suite runs on: each test binary says which
+/// (`crate::ENGINE`): `tests/carevault` on sled, `tests/postgres` on PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// sled under the data directory.
+    Sled,
+    /// A database of its own on the test process's shared PostgreSQL cluster.
+    Postgres,
+}
+
+/// The store a test server over `data_dir` uses: sled under it, or (on
+/// PostgreSQL) a fresh database, remembered beside the data directory so a
+/// restarted server finds the same one.
+pub fn store_for(data_dir: &std::path::Path) -> carevault::storage::Location {
+    match crate::ENGINE {
+        Engine::Sled => carevault::storage::Location::default_for(data_dir),
+        Engine::Postgres => {
+            let parent = data_dir.parent().unwrap();
+            std::fs::create_dir_all(parent).unwrap();
+            let remembered = parent.join(format!("{}.store-url", data_dir.file_name().unwrap().to_string_lossy()));
+            let url = match std::fs::read_to_string(&remembered) {
+                Ok(url) => url,
+                Err(_) => {
+                    let cluster = crate::pg::shared().expect("PostgreSQL is needed for the PostgreSQL suite");
+                    let url = cluster.fresh_database();
+                    std::fs::write(&remembered, &url).unwrap();
+                    url
+                }
+            };
+            carevault::storage::Location::Postgres(url)
+        }
+    }
+}
+
+/// The stopped store of a test server over `data_dir`, opened for reading
+/// through the engine-neutral reads (sled: its files; PostgreSQL: its database).
+pub async fn stored(data_dir: &std::path::Path) -> Box<dyn carevault::storage::Backend> {
+    match store_for(data_dir) {
+        carevault::storage::Location::Sled(db) => {
+            Box::new(open_when_unlocked(|| carevault::storage::sled::SledStore::open(&db, 8 << 20)).await)
+        }
+        carevault::storage::Location::Postgres(url) => {
+            Box::new(carevault::storage::postgres::PgStore::open_existing(&url).await.unwrap())
+        }
+    }
+}
+
+/// A client on the PostgreSQL database at `url`, for tests that reach past carevault.
+pub async fn sql(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Overwrites a stored version's sealed bytes behind carevault's back (a
+/// stopped server's store), as someone with write access to the store could.
+pub async fn danger_put_record(
+    data_dir: &std::path::Path,
+    record: carevault::storage::RecordRef,
+    version: u64,
+    value: Vec<u8>,
+) {
+    match store_for(data_dir) {
+        carevault::storage::Location::Sled(db) => {
+            let store = open_when_unlocked(|| carevault::storage::sled::SledStore::open(&db, 8 << 20)).await;
+            store.danger_put_record_raw(record, version, value).unwrap();
+        }
+        carevault::storage::Location::Postgres(url) => {
+            let n = sql(&url)
+                .await
+                .execute(
+                    "UPDATE record_versions SET sealed = $1 WHERE kind = $2 AND id = $3 AND version = $4",
+                    &[&value, &i16::from(record.kind.tag()), &record.id.as_slice(), &i64::try_from(version).unwrap()],
+                )
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+    }
+}
+
+/// Overwrites a patient's wrapped data key behind carevault's back (a stopped server's store).
+pub async fn danger_put_dek(data_dir: &std::path::Path, patient: [u8; 16], value: Vec<u8>) {
+    match store_for(data_dir) {
+        carevault::storage::Location::Sled(db) => {
+            let store = open_when_unlocked(|| carevault::storage::sled::SledStore::open(&db, 8 << 20)).await;
+            store.danger_put_dek_raw(&patient, value).unwrap();
+        }
+        carevault::storage::Location::Postgres(url) => {
+            let n = sql(&url)
+                .await
+                .execute("UPDATE data_keys SET wrapped = $1 WHERE patient = $2", &[&value, &patient.as_slice()])
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+    }
+}
+
+/// Every stored audit entry of `store`, in order.
+pub async fn stored_entries(store: &dyn carevault::storage::Backend) -> Vec<carevault::storage::StoredAuditEntry> {
+    let head = store.audit_head().await.unwrap().map_or(0, |h| h.0);
+    let mut out: Vec<carevault::storage::StoredAuditEntry> = Vec::new();
+    while out.len() as u64 <= head {
+        let page = store.audit_entries(out.len() as u64, head, 10_000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        out.extend(page);
+    }
+    out
+}
+
+/// The `--store` flag a CLI subprocess over `data_dir` needs ([`store_for`]).
+pub fn store_args(data_dir: &std::path::Path) -> Vec<String> {
+    match store_for(data_dir) {
+        carevault::storage::Location::Sled(_) => Vec::new(),
+        carevault::storage::Location::Postgres(url) => vec!["--store".into(), url],
+    }
+}
+
 /// Calls `check` every 50 ms until it yields a value, for at most 30 s.
 pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(mut check: impl FnMut() -> F) -> Option<T> {
     for _ in 0..600 {
@@ -178,6 +313,7 @@ pub fn config(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
         cache_bytes: 16 * 1024 * 1024,
         policy_file: Some(policy),
         limits: LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 },
+        store: store_for(&data_dir),
         ..ServiceConfig::new(data_dir, key_dir)
     }
 }
@@ -227,8 +363,9 @@ impl TestServer {
             dir
         });
         let clock = options.clock.clone();
-        let service = open_when_unlocked(|| {
-            server::open(&cfg, OpenOptions { clock: options.clock.clone(), fail_syncs: Some(fail_syncs.clone()) })
+        let service = open_service_when_unlocked(&cfg, || OpenOptions {
+            clock: options.clock.clone(),
+            fail_syncs: Some(fail_syncs.clone()),
         })
         .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

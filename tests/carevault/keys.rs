@@ -161,9 +161,7 @@ async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_
 
     let (data_dir, key_dir, guard) = s.stop_keep().await;
     let first = uuid::Uuid::parse_str(&patients[0].id).unwrap().into_bytes();
-    let store = open_when_unlocked(|| Store::open(&data_dir.join("db"), 8 << 20)).await;
-    let old_v2_key = store.data_key(&first).unwrap().unwrap();
-    drop(store);
+    let old_v2_key = stored(&data_dir).await.data_key(first).await.unwrap().unwrap();
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
     rewrap_to_completion(&s).await;
     let t = s.token("keyper", "key_admin");
@@ -178,9 +176,7 @@ async fn retire_and_destroy_are_refused_while_anything_depends_on_a_version_and_
 
     // Put the v2-wrapped key back behind the server's back: nothing can open it any more.
     let (data_dir, key_dir, _guard2) = s.stop_keep().await;
-    let store = open_when_unlocked(|| Store::open(&data_dir.join("db"), 8 << 20)).await;
-    store.danger_put_dek_raw(&first, old_v2_key).unwrap();
-    drop(store);
+    danger_put_dek(&data_dir, first, old_v2_key).await;
     let s = TestServer::start_in(data_dir, key_dir, Arc::new(carevault::clock::SystemClock)).await;
     let err = s
         .patients()
@@ -295,6 +291,7 @@ async fn keys_can_come_from_an_operator_command_and_a_wrong_one_stops_with_a_cle
             .arg(&data_dir)
             .arg("--key-dir")
             .arg(&key_dir)
+            .args(store_args(&data_dir))
             .args(["--master-key-command", &cmd, "--json", "status"])
             .output()
             .unwrap()

@@ -129,13 +129,18 @@ fn tls_config(root_cert: Option<&std::path::Path>) -> Result<rustls::ClientConfi
         .with_no_client_auth())
 }
 
-/// A pool of connections to `url` (none is opened until one is needed).
-pub fn pool(url: &str) -> Result<Pool, StorageError> {
+/// A pool of connections to `url` (none is opened until one is needed);
+/// with `read_only`, every transaction on them is read only.
+pub fn pool(url: &str, read_only: bool) -> Result<Pool, StorageError> {
     let parsed = parse_url(url)?;
     let mut config = tokio_postgres::Config::from_str(&parsed.url)
         .map_err(|e| StorageError::BadLocation(format!("{}: {e}", redacted(url))))?;
     if config.get_application_name().is_none() {
         config.application_name("carevault");
+    }
+    if read_only {
+        let options = config.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+        config.options(format!("{options}-c default_transaction_read_only=on"));
     }
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(parsed.root_cert.as_deref())?);
     let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });

@@ -101,7 +101,7 @@ impl PgStore {
     /// Connects to `url`, migrating the schema to this binary's (each
     /// migration in one transaction; a newer schema is refused).
     pub async fn open(url: &str, now_micros: i64) -> Result<PgStore, StorageError> {
-        let store = PgStore { pool: connect::pool(url)? };
+        let store = PgStore { pool: connect::pool(url, false)? };
         let mut client = store.client().await?;
         schema::migrate(&mut client, now_micros).await?;
         Ok(store)
@@ -110,9 +110,32 @@ impl PgStore {
     /// Connects to `url` without creating or changing anything: the schema
     /// must be there, at this binary's version (for offline tools that only read).
     pub async fn open_existing(url: &str) -> Result<PgStore, StorageError> {
-        let store = PgStore { pool: connect::pool(url)? };
+        let store = PgStore { pool: connect::pool(url, false)? };
         schema::check(&*store.client().await?).await?;
         Ok(store)
+    }
+
+    /// [`PgStore::open_existing`] with every transaction read only
+    /// (`default_transaction_read_only`): for `verify`, which must not write.
+    pub async fn open_existing_read_only(url: &str) -> Result<PgStore, StorageError> {
+        let store = PgStore { pool: connect::pool(url, true)? };
+        schema::check(&*store.client().await?).await?;
+        Ok(store)
+    }
+
+    /// Whether the database at `url` holds a carevault chain (read only;
+    /// a database without the schema has none).
+    pub async fn has_chain(url: &str) -> Result<bool, StorageError> {
+        let store = PgStore { pool: connect::pool(url, false)? };
+        let client = store.client().await?;
+        let exists: bool =
+            client.query_one("SELECT to_regclass('chain_head') IS NOT NULL", &[]).await.map_err(pg_error)?.get(0);
+        if !exists {
+            return Ok(false);
+        }
+        let row =
+            client.query_one("SELECT seq IS NOT NULL FROM chain_head WHERE id = 1", &[]).await.map_err(pg_error)?;
+        row.try_get(0).map_err(pg_error)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StorageError> {
