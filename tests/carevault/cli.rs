@@ -96,7 +96,13 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
     let exit = child.wait().unwrap();
     assert_eq!(exit.code(), Some(0));
     // Stopped, the chain verifies offline and the recorded head is on it.
-    let out = bin().args(["verify", "--data-dir"]).arg(&data).args(["--expect-head", &head]).output().unwrap();
+    let out = bin()
+        .args(["verify", "--data-dir"])
+        .arg(&data)
+        .args(store_args(&data))
+        .args(["--expect-head", &head])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: 4 entries verified"));
 }

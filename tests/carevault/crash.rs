@@ -12,7 +12,6 @@ use carevault::clock::SystemClock;
 use carevault::crypto::RecordKind;
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::patient_service_client::PatientServiceClient;
-use carevault::storage::sled::SledStore as Store;
 use tonic::transport::Channel;
 
 use crate::helpers::*;
@@ -92,8 +91,8 @@ async fn crash_once(seed: u64) {
     assert!(!acked.versions.is_empty(), "the load made no progress before the kill");
 
     {
-        let store = Store::open(&data.join("db"), 8 << 20).unwrap();
-        let raw = raw_chain(&store);
+        let store = stored(&data).await;
+        let raw: Vec<_> = stored_entries(store.as_ref()).await.into_iter().map(|e| e.raw()).collect();
         let report = verify_chain(raw.clone(), None);
         assert!(report.is_ok(), "chain after crash: {report:?}");
         let entries: Vec<AuditEntry> = raw.iter().map(|r| AuditEntry::decode(&r.bytes).unwrap()).collect();
@@ -112,16 +111,21 @@ async fn crash_once(seed: u64) {
             .collect();
         for (id, version) in &acked.versions {
             let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
-            let stored =
-                store.head(carevault::storage::RecordRef::patient(bytes)).unwrap().map(|h| h.version).unwrap_or(0);
+            let stored = store
+                .head(carevault::storage::RecordRef::patient(bytes))
+                .await
+                .unwrap()
+                .map(|h| h.version)
+                .unwrap_or(0);
             assert!(stored >= *version, "acknowledged {id} v{version} lost (stored v{stored})");
         }
         // No record version without its audit entry (including unacknowledged ones that landed).
         let mut records = 0;
-        for (record, head) in store.heads_after(Some(RecordKind::Patient), None, usize::MAX).unwrap() {
+        for (record, head) in store.heads_after(Some(RecordKind::Patient), None, usize::MAX).await.unwrap() {
             let id = record.id;
-            for (version, _) in store.versions(carevault::storage::RecordRef { kind: RecordKind::Patient, id }).unwrap()
-            {
+            let versions =
+                store.versions(carevault::storage::RecordRef { kind: RecordKind::Patient, id }).await.unwrap();
+            for (version, _) in versions {
                 records += 1;
                 let key = (uuid::Uuid::from_bytes(id).to_string(), version);
                 assert!(write_entries.contains(&key), "record {key:?} exists without its audit entry");

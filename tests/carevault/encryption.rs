@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -19,58 +19,67 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
+}
+
+/// PHI that [`store_every_kind_of_phi`] stores, in every form it could
+/// take in plaintext (as given, normalized for a blind index, upper case).
+pub const PHI_NEEDLES: &[&[u8]] = &[
+    b"Quixotewidget",
+    b"quixotewidget",
+    b"QUIXOTEWIDGET",
+    b"Zanzibarella",
+    b"Middlenamequark",
+    b"078-05-1120",
+    b"078051120",
+    b"MRN-ZQX-7731",
+    b"MRNZQX7731",
+    b"MBRXQ99812",
+    b"Platypusplan",
+    b"1973-04-05",
+    b"Elm Street",
+    b"pat@example.org",
+];
+
+/// Creates, updates and searches a patient and a coverage holding every kind of PHI.
+pub async fn store_every_kind_of_phi(s: &TestServer) {
+    let mut p = patient("Quixotewidget", "Zanzibarella", "1973-04-05", "MRN-ZQX-7731");
+    p.identifiers.push(pb::Identifier {
+        system: "http://hl7.org/fhir/sid/us-ssn".into(),
+        value: "078-05-1120".into(),
+        r#type: pb::IdentifierType::Ss as i32,
+    });
+    let p = create(s, p).await;
+    let mut c = coverage(&p.id, "MBRXQ99812", 1);
+    c.plan_name = "Platypusplan Gold".into();
+    create_coverage(s, c).await;
+    let mut changed = p.clone();
+    changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
+    s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();
+    use pb::search_patients_request::Criterion;
+    search(
+        s,
+        Criterion::NameBirthDate(pb::NameBirthDateQuery {
+            family: "Quixotewidget".into(),
+            birth_date: "1973-04-05".into(),
+        }),
+    )
+    .await;
 }
 
 sled_only! {
     #[tokio::test]
     async fn no_phi_appears_anywhere_in_the_data_directory() {
         let s = TestServer::start().await;
-        let mut p = patient("Quixotewidget", "Zanzibarella", "1973-04-05", "MRN-ZQX-7731");
-        p.identifiers.push(pb::Identifier {
-            system: "http://hl7.org/fhir/sid/us-ssn".into(),
-            value: "078-05-1120".into(),
-            r#type: pb::IdentifierType::Ss as i32,
-        });
-        let p = create(&s, p).await;
-        let mut c = coverage(&p.id, "MBRXQ99812", 1);
-        c.plan_name = "Platypusplan Gold".into();
-        create_coverage(&s, c).await;
-        let mut changed = p.clone();
-        changed.names[0].given = vec!["Zanzibarella".into(), "Middlenamequark".into()];
-        s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await.unwrap();
-        use pb::search_patients_request::Criterion;
-        search(
-            &s,
-            Criterion::NameBirthDate(pb::NameBirthDateQuery {
-                family: "Quixotewidget".into(),
-                birth_date: "1973-04-05".into(),
-            }),
-        )
-        .await;
+        store_every_kind_of_phi(&s).await;
         let (data_dir, key_dir, _guard) = s.stop_keep().await;
-        let needles: Vec<&[u8]> = vec![
-            b"Quixotewidget",
-            b"quixotewidget",
-            b"QUIXOTEWIDGET",
-            b"Zanzibarella",
-            b"Middlenamequark",
-            b"078-05-1120",
-            b"078051120",
-            b"MRN-ZQX-7731",
-            b"MRNZQX7731",
-            b"MBRXQ99812",
-            b"Platypusplan",
-            b"1973-04-05",
-            b"Elm Street",
-            b"pat@example.org",
-        ];
+        let needles = PHI_NEEDLES;
         let files = files_under(&data_dir);
         assert!(files.iter().any(|f| f.ends_with("db")), "the database must be among the files searched");
         for f in &files {
             let bytes = std::fs::read(f).unwrap();
-            for n in &needles {
+            for n in needles {
                 assert!(!contains(&bytes, n), "{} contains {}", f.display(), String::from_utf8_lossy(n));
             }
         }

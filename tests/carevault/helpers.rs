@@ -622,6 +622,7 @@ pub fn spawn_binary_server_logging(
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
+        .args(store_args(data))
         .args(extra)
         .env("CAREVAULT_DATA_DIR", data)
         .env("CAREVAULT_KEY_DIR", keys)

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::key_service_client::KeyServiceClient;
-use carevault::storage::sled::SledStore as Store;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -276,8 +275,9 @@ async fn a_rewrap_killed_midway_resumes_from_its_cursor_after_restart_and_comple
     }
     std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
-    let store = Store::open(&data.join("db"), 8 << 20).unwrap();
-    assert!(verify_chain(raw_chain(&store), None).is_ok());
+    let store = stored(&data).await;
+    let chain = stored_entries(store.as_ref()).await.into_iter().map(|e| e.raw());
+    assert!(verify_chain(chain, None).is_ok());
 }
 
 #[tokio::test]

@@ -28,6 +28,8 @@ mod auth;
 mod cli;
 #[path = "../carevault/coverage.rs"]
 mod coverage;
+#[path = "../carevault/crash.rs"]
+mod crash;
 #[path = "../carevault/edge.rs"]
 mod edge;
 #[path = "../carevault/encryption.rs"]
@@ -38,10 +40,14 @@ mod erasure;
 mod keys;
 #[path = "../carevault/limits.rs"]
 mod limits;
+#[path = "../carevault/multiprocess.rs"]
+mod multiprocess;
 #[path = "../carevault/named.rs"]
 mod named;
 #[path = "../carevault/patients.rs"]
 mod patients;
+#[path = "../carevault/pg_at_rest.rs"]
+mod pg_at_rest;
 #[path = "../carevault/restricted.rs"]
 mod restricted;
 #[path = "../carevault/roles.rs"]

@@ -85,6 +85,11 @@ impl PgCluster {
         }
     }
 
+    /// The cluster's directory: its data directory (`data`) and server log (`server.log`).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// A libpq-style URL for `database` on this cluster.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
