@@ -152,6 +152,7 @@ impl App {
             Err(e) => return Err(e),
         };
         let rekeyed = self.finish_bucket(bucket).await?;
+        self.store.reclaim_erased().await;
         tracing::info!(audit_seq = committed.sequence, rekeyed, "patient erased");
         Ok(Erasure {
             patient: id,
@@ -229,6 +230,7 @@ impl App {
         let mut out = vec![format!(
             "backups of the data directory taken before {when} still hold this patient's wrapped data key and the erasure-bucket key that opens it: restoring one restores the patient, so erase the patient again after any restore"
         )];
+        out.extend(self.store.erasure_caveat().map(str::to_string));
         let legacy = self.keys.pre_erasure_versions_alive();
         if !legacy.is_empty() {
             let list: Vec<String> = legacy.iter().map(u32::to_string).collect();

@@ -170,6 +170,16 @@ pub trait Backend: Send + Sync {
         from: u64,
         limit: usize,
     ) -> Result<Vec<u64>, StorageError>;
+
+    /// After an erasure: lets the engine reclaim the space of what was
+    /// removed (PostgreSQL: VACUUM, in the background). Nothing to do by default.
+    async fn reclaim_erased(&self) {}
+
+    /// What the engine keeps of deleted rows beyond carevault's reach, said
+    /// to whoever erases a patient (none by default).
+    fn erasure_caveat(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// One audit entry by sequence.

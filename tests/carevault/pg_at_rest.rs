@@ -46,3 +46,42 @@ async fn no_phi_reaches_the_statement_log_the_tables_or_the_wal() {
         }
     }
 }
+
+/// An erasure on PostgreSQL deletes the rows, says what PostgreSQL still
+/// keeps of them, and VACUUMs the tables it deleted from.
+#[tokio::test]
+async fn an_erasure_deletes_the_rows_says_what_postgresql_keeps_and_vacuums() {
+    let s = TestServer::start().await;
+    let victim = create(&s, patient("Erasable", "Pat", "1961-01-01", "PG-ER-1")).await;
+    let id = *uuid::Uuid::parse_str(&victim.id).unwrap().as_bytes();
+    let r = carevault::proto::v1::ErasePatientRequest {
+        patient_id: victim.id.clone(),
+        reason: "patient request, ticket PG-1".into(),
+    };
+    let erased = carevault::proto::v1::key_service_client::KeyServiceClient::new(s.channel.clone())
+        .erase_patient(req_for(r, &s.token("keyper", "key_admin"), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(erased.caveats.iter().any(|c| c.contains("write-ahead log")), "{:?}", erased.caveats);
+    let carevault::storage::Location::Postgres(url) = store_for(&s.data_dir) else { panic!("the PostgreSQL suite") };
+    let db = sql(&url).await;
+    for table in ["records", "record_versions", "data_keys"] {
+        let column = if table == "data_keys" { "patient" } else { "id" };
+        let n: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {table} WHERE {column} = $1"), &[&id.as_slice()])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table} still holds the erased patient");
+    }
+    let vacuumed = eventually(|| async {
+        let row = db
+            .query_one("SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'record_versions'", &[])
+            .await
+            .unwrap();
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    assert!(vacuumed.is_some(), "record_versions was not vacuumed after the erasure");
+}

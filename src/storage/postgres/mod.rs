@@ -195,6 +195,9 @@ impl PgStore {
 
 const AFTER_ZERO: [u8; 16] = [0; 16];
 
+/// The tables an erasure deletes rows from.
+const VACUUM_ERASED: &str = "VACUUM records, record_versions, data_keys, index_entries, index_sets";
+
 #[async_trait::async_trait]
 impl Backend for PgStore {
     async fn head(&self, record: RecordRef) -> Result<Option<Head>, StorageError> {
@@ -428,6 +431,33 @@ impl Backend for PgStore {
             })
         })
         .collect()
+    }
+
+    /// `VACUUM` of the tables an erasure deletes from, in the background: the
+    /// dead rows' space becomes reusable (their bytes stay in the WAL, in
+    /// base backups and on replicas; see README.md).
+    async fn reclaim_erased(&self) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = match store.client().await {
+                Ok(c) => c.batch_execute(VACUUM_ERASED).await.map_err(pg_error),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => tracing::info!(
+                    took_ms = started.elapsed().as_millis(),
+                    "vacuumed the tables an erasure deleted from"
+                ),
+                Err(e) => tracing::warn!(error = %e, "VACUUM after an erasure failed; autovacuum will get to it"),
+            }
+        });
+    }
+
+    fn erasure_caveat(&self) -> Option<&'static str> {
+        Some(
+            "PostgreSQL keeps the bytes of deleted rows in its write-ahead log, in base backups and on replicas, and in table pages until VACUUM (started now) lets them be overwritten; those rows hold only ciphertext and the wrapped data key, which no erasure-bucket key opens any more",
+        )
     }
 
     async fn audit_seqs_for_patient(
