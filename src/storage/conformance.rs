@@ -10,6 +10,24 @@ use super::{Commit, CommitOutcome, Store};
 use crate::audit::{AuditEntry, MAX_ENTRY_BYTES, RawEntry, verify_chain};
 use crate::crypto::RecordKind;
 
+/// Calls `$run!` with the name of every case, for each engine's tests to
+/// run them all the same way (see `sled::tests`, `postgres::tests`).
+macro_rules! every_case {
+    ($run:ident) => {
+        $run!(
+            concurrent_commits_are_gapless_and_share_syncs,
+            a_stale_write_commits_only_an_aborted_entry,
+            changes_apply_only_when_every_precondition_holds,
+            commits_in_one_batch_see_each_others_changes,
+            records_index_sets_and_pages_read_back,
+            erasing_a_patient_removes_everything_but_its_audit_trail,
+            a_patients_entries_are_found_in_order_from_any_point,
+            an_entry_too_long_to_encode_fails_alone,
+        );
+    };
+}
+pub(crate) use every_case;
+
 pub(crate) fn entry(action: &str) -> AuditEntry {
     AuditEntry { action: action.into(), outcome: "ok".into(), ..AuditEntry::default() }
 }

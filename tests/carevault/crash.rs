@@ -3,11 +3,10 @@
 //! restart, everything acknowledged is there, every acknowledged read has its
 //! audit entry, no record exists without its audit entry, and the chain verifies.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use carevault::audit::{AuditEntry, verify_chain};
 use carevault::clock::SystemClock;
 use carevault::crypto::RecordKind;
 use carevault::proto::v1 as pb;
@@ -15,14 +14,6 @@ use carevault::proto::v1::patient_service_client::PatientServiceClient;
 use tonic::transport::Channel;
 
 use crate::helpers::*;
-
-#[derive(Default)]
-struct Acked {
-    /// patient id -> highest acknowledged version
-    versions: HashMap<String, u64>,
-    /// request ids of acknowledged reads
-    reads: HashSet<String>,
-}
 
 async fn load(addr: String, token: String, acked: Arc<Mutex<Acked>>, worker: usize, stop: Instant) {
     let Ok(channel) = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await else { return };
@@ -92,33 +83,12 @@ async fn crash_once(seed: u64) {
 
     {
         let store = stored(&data).await;
-        let raw: Vec<_> = stored_entries(store.as_ref()).await.into_iter().map(|e| e.raw()).collect();
-        let report = verify_chain(raw.clone(), None);
-        assert!(report.is_ok(), "chain after crash: {report:?}");
-        let entries: Vec<AuditEntry> = raw.iter().map(|r| AuditEntry::decode(&r.bytes).unwrap()).collect();
-        let read_ids: HashSet<&str> = entries
-            .iter()
-            .filter(|e| e.action == "patient.read" && e.outcome == "ok")
-            .map(|e| e.request_id.as_str())
-            .collect();
-        for rid in &acked.reads {
-            assert!(read_ids.contains(rid.as_str()), "acknowledged read {rid} has no audit entry");
-        }
+        let entries = check_acknowledged(store.as_ref(), &acked, false).await;
         let write_entries: HashSet<(String, u64)> = entries
             .iter()
             .filter(|e| e.outcome == "ok" && (e.action == "patient.create" || e.action == "patient.update"))
             .map(|e| (e.resource_id.clone(), e.record_version))
             .collect();
-        for (id, version) in &acked.versions {
-            let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
-            let stored = store
-                .head(carevault::storage::RecordRef::patient(bytes))
-                .await
-                .unwrap()
-                .map(|h| h.version)
-                .unwrap_or(0);
-            assert!(stored >= *version, "acknowledged {id} v{version} lost (stored v{stored})");
-        }
         // No record version without its audit entry (including unacknowledged ones that landed).
         let mut records = 0;
         for (record, head) in store.heads_after(Some(RecordKind::Patient), None, usize::MAX).await.unwrap() {

@@ -284,6 +284,50 @@ pub async fn stored_entries(store: &dyn carevault::storage::Backend) -> Vec<care
     out
 }
 
+/// What a load was told succeeded: each patient's highest acknowledged
+/// version, and the request ids of acknowledged reads.
+#[derive(Default)]
+pub struct Acked {
+    /// patient id -> highest acknowledged version
+    pub versions: std::collections::HashMap<String, u64>,
+    /// request ids of acknowledged reads
+    pub reads: std::collections::HashSet<String>,
+}
+
+/// Checks a stopped store against what was acknowledged: the chain
+/// verifies, every acknowledged read has its ok entry, and every patient is
+/// stored at its acknowledged version (`exactly`) or later. Returns the entries.
+pub async fn check_acknowledged(
+    store: &dyn carevault::storage::Backend,
+    acked: &Acked,
+    exactly: bool,
+) -> Vec<carevault::audit::AuditEntry> {
+    let raw: Vec<_> = stored_entries(store).await.into_iter().map(|e| e.raw()).collect();
+    let report = carevault::audit::verify_chain(raw.clone(), None);
+    assert!(report.is_ok(), "the chain: {report:?}");
+    let entries: Vec<carevault::audit::AuditEntry> =
+        raw.iter().map(|r| carevault::audit::AuditEntry::decode(&r.bytes).unwrap()).collect();
+    let reads: std::collections::HashSet<&str> = entries
+        .iter()
+        .filter(|e| e.action == "patient.read" && e.outcome == "ok")
+        .map(|e| e.request_id.as_str())
+        .collect();
+    for rid in &acked.reads {
+        assert!(reads.contains(rid.as_str()), "acknowledged read {rid} has no audit entry");
+    }
+    for (id, version) in &acked.versions {
+        let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
+        let head = store.head(carevault::storage::RecordRef::patient(bytes)).await.unwrap();
+        let stored = head.map_or(0, |h| h.version);
+        if exactly {
+            assert_eq!(stored, *version, "{id} is at its acknowledged version");
+        } else {
+            assert!(stored >= *version, "acknowledged {id} v{version} lost (stored v{stored})");
+        }
+    }
+    entries
+}
+
 /// The `--store` flag a CLI subprocess over `data_dir` needs ([`store_for`]).
 pub fn store_args(data_dir: &std::path::Path) -> Vec<String> {
     match store_for(data_dir) {

@@ -5,11 +5,9 @@
 //! updates of one version won, state set through one server holds in the
 //! other at once, and the single chain verifies.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use carevault::audit::{AuditEntry, verify_chain};
 use carevault::proto::v1 as pb;
 use carevault::proto::v1::access_service_client::AccessServiceClient;
 use carevault::proto::v1::patient_service_client::PatientServiceClient;
@@ -17,14 +15,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::helpers::*;
-
-#[derive(Default)]
-struct Acked {
-    /// patient id -> highest acknowledged version
-    versions: HashMap<String, u64>,
-    /// request ids of acknowledged reads
-    reads: HashSet<String>,
-}
 
 async fn client(addr: &str) -> PatientServiceClient<Channel> {
     PatientServiceClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap())
@@ -127,23 +117,7 @@ async fn two_servers_on_one_database_make_one_chain_and_lose_nothing_acknowledge
     let acked = std::mem::take(&mut *acked.lock().unwrap());
 
     let store = stored(&data).await;
-    let raw: Vec<_> = stored_entries(store.as_ref()).await.into_iter().map(|e| e.raw()).collect();
-    let report = verify_chain(raw.clone(), None);
-    assert!(report.is_ok(), "one chain from both servers: {report:?}");
-    let entries: Vec<AuditEntry> = raw.iter().map(|r| AuditEntry::decode(&r.bytes).unwrap()).collect();
-    let reads: HashSet<&str> = entries
-        .iter()
-        .filter(|e| e.action == "patient.read" && e.outcome == "ok")
-        .map(|e| e.request_id.as_str())
-        .collect();
-    for rid in &acked.reads {
-        assert!(reads.contains(rid.as_str()), "acknowledged read {rid} has no audit entry");
-    }
-    for (id, version) in &acked.versions {
-        let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
-        let head = store.head(carevault::storage::RecordRef::patient(bytes)).await.unwrap().unwrap();
-        assert_eq!(head.version, *version, "{id} is at its acknowledged version");
-    }
+    let entries = check_acknowledged(store.as_ref(), &acked, true).await;
     assert!(acked.versions.len() > 8 && acked.reads.len() > 8, "both servers made progress");
     let aborted = entries.iter().filter(|e| e.action == "patient.update" && e.outcome == "aborted").count();
     assert_eq!(aborted, 1, "the losing update is audited as aborted");

@@ -32,7 +32,16 @@ impl PgCluster {
     /// Starts a cluster, or `None` (with a message) where PostgreSQL is not
     /// installed outside CI.
     pub fn start() -> Option<PgCluster> {
-        match Self::try_start() {
+        Self::start_inner(None)
+    }
+
+    /// [`PgCluster::start`] with TLS on (`ssl=on`) with this certificate and key (PEM).
+    pub fn start_with_tls(cert: &std::path::Path, key: &std::path::Path) -> Option<PgCluster> {
+        Self::start_inner(Some((cert, key)))
+    }
+
+    fn start_inner(tls: Option<(&std::path::Path, &std::path::Path)>) -> Option<PgCluster> {
+        match Self::try_start(tls) {
             Ok(c) => Some(c),
             Err(why) if std::env::var("CI").as_deref() != Ok("true") && why.starts_with("no PostgreSQL") => {
                 eprintln!("skipping a PostgreSQL test: {why}");
@@ -42,7 +51,7 @@ impl PgCluster {
         }
     }
 
-    fn try_start() -> Result<PgCluster, String> {
+    fn try_start(tls: Option<(&std::path::Path, &std::path::Path)>) -> Result<PgCluster, String> {
         let bin = find_bin().ok_or("no PostgreSQL server binaries (initdb) on PATH or in /usr/lib/postgresql")?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let as_postgres = is_root();
@@ -55,7 +64,22 @@ impl PgCluster {
         let data = c.data_dir();
         c.run("initdb", &["-D", &data, "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-sync"])?;
         let socket = c.dir.path().display().to_string();
-        let options = format!("-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c fsync=on");
+        let mut options = format!("-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c fsync=on");
+        if let Some((cert, key)) = tls {
+            // The server reads them as its own user, and wants the key private.
+            for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+                let to = c.dir.path().join(name);
+                std::fs::copy(from, &to).map_err(|e| e.to_string())?;
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                    .map_err(|e| e.to_string())?;
+                if as_postgres {
+                    let (uid, gid) = postgres_ids()?;
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+                }
+            }
+            let d = c.dir.path().display();
+            options.push_str(&format!(" -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"));
+        }
         let log = c.dir.path().join("server.log").display().to_string();
         c.run("pg_ctl", &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"]).map_err(|e| {
             let log = std::fs::read_to_string(&log).unwrap_or_default();

@@ -41,7 +41,17 @@ pub struct PgStore {
 pub(crate) fn pg_error(e: tokio_postgres::Error) -> StorageError {
     match e.as_db_error() {
         Some(db) => StorageError::Io(format!("postgresql {}: {}", db.code().code(), db.message())),
-        None => StorageError::Io(format!("postgresql: {e}")),
+        None => {
+            // The cause says what went wrong (a refused connection, an
+            // untrusted certificate): keep the whole chain.
+            let mut text = format!("postgresql: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            StorageError::Io(text)
+        }
     }
 }
 

@@ -41,16 +41,7 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(
-    concurrent_commits_are_gapless_and_share_syncs,
-    a_stale_write_commits_only_an_aborted_entry,
-    changes_apply_only_when_every_precondition_holds,
-    commits_in_one_batch_see_each_others_changes,
-    records_index_sets_and_pages_read_back,
-    erasing_a_patient_removes_everything_but_its_audit_trail,
-    a_patients_entries_are_found_in_order_from_any_point,
-    an_entry_too_long_to_encode_fails_alone,
-);
+suite::every_case!(conformance);
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(6))]
@@ -167,4 +158,33 @@ async fn processes_starting_together_write_one_genesis() {
     for (s, t) in stores {
         stop(s, t).await;
     }
+}
+
+/// TLS to the database with rustls: the server's certificate must chain to
+/// `sslrootcert`; the session is encrypted; a certificate from another CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_verifies_the_server_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::auth::tls::write_dev_certs(certs.path()).unwrap();
+    let files = |name: &str| certs.path().join(name);
+    use crate::auth::tls::dev_files;
+    let Some(cluster) =
+        pg_cluster::PgCluster::start_with_tls(&files(dev_files::SERVER_CERT), &files(dev_files::SERVER_KEY))
+    else {
+        return;
+    };
+    let base = format!("postgres://{}@localhost:{}/postgres", pg_cluster::SUPERUSER, cluster.port);
+    let ca = files(dev_files::CA_CERT);
+    let url = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let store = PgStore::open(&url, 1_000).await.unwrap();
+    let client = store.client().await.unwrap();
+    let ssl: bool =
+        client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(ssl, "the session is encrypted");
+    // Another CA's root: the server's certificate does not chain to it.
+    let other = tempfile::tempdir().unwrap();
+    crate::auth::tls::write_dev_certs(other.path()).unwrap();
+    let wrong = format!("{base}?sslmode=require&sslrootcert={}", other.path().join(dev_files::CA_CERT).display());
+    let e = PgStore::open(&wrong, 1_000).await.err().expect("a certificate from another CA is refused");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }

@@ -40,16 +40,7 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(
-    concurrent_commits_are_gapless_and_share_syncs,
-    a_stale_write_commits_only_an_aborted_entry,
-    changes_apply_only_when_every_precondition_holds,
-    commits_in_one_batch_see_each_others_changes,
-    records_index_sets_and_pages_read_back,
-    erasing_a_patient_removes_everything_but_its_audit_trail,
-    a_patients_entries_are_found_in_order_from_any_point,
-    an_entry_too_long_to_encode_fails_alone,
-);
+suite::every_case!(conformance);
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
