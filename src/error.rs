@@ -45,6 +45,8 @@ impl Description {
     pub const PURPOSE: Description = Description::UnknownPurpose;
     /// `x-break-glass-reason` that is not 1-1000 printable ASCII characters.
     pub const BREAK_GLASS_REASON: Description = Description::Fixed("must be 1 to 1000 printable ASCII characters");
+    /// `x-idempotency-key`.
+    pub const IDEMPOTENCY_KEY: Description = Description::Fixed("must be 1 to 255 visible ASCII characters");
 }
 
 impl From<&'static str> for Description {
@@ -105,6 +107,9 @@ pub enum AppError {
         /// The version stored now.
         current: u64,
     },
+    /// Another create with the same idempotency key committed first.
+    #[error("idempotency key taken by a concurrent request")]
+    IdempotencyRace,
     /// The resource's state forbids the call.
     #[error("failed precondition: {0}")]
     FailedPrecondition(&'static str),
@@ -121,6 +126,10 @@ pub enum AppError {
     /// The audit entry could not be made durable, so the call did not happen.
     #[error("audit trail unavailable")]
     AuditUnavailable,
+    /// The commit of the call's entry (and write) was sent, and the database
+    /// never confirmed it: it may or may not have happened.
+    #[error("commit outcome unknown")]
+    OutcomeUnknown,
     /// Anything else; the cause was logged.
     #[error("internal error")]
     Internal,
@@ -135,10 +144,10 @@ impl AppError {
             AppError::Limited(_) | AppError::TooLarge => Outcome::ResourceExhausted,
             AppError::InvalidArgument(_) => Outcome::InvalidArgument,
             AppError::NotFound(_) | AppError::Erased(_) => Outcome::NotFound,
-            AppError::Conflict { .. } | AppError::KeyChanged => Outcome::Aborted,
+            AppError::Conflict { .. } | AppError::KeyChanged | AppError::IdempotencyRace => Outcome::Aborted,
             AppError::FailedPrecondition(_) | AppError::InUse(_) => Outcome::FailedPrecondition,
             AppError::DataLoss => Outcome::DataLoss,
-            AppError::AuditUnavailable | AppError::Internal => Outcome::Internal,
+            AppError::AuditUnavailable | AppError::OutcomeUnknown | AppError::Internal => Outcome::Internal,
         }
     }
 
@@ -197,9 +206,15 @@ pub fn to_status(err: &AppError, request_id: &str) -> Status {
         AppError::Conflict { current } => {
             Status::aborted(format!("version conflict: the record is at version {current}; read it again and retry"))
         }
+        AppError::IdempotencyRace => Status::aborted(
+            "another request with this x-idempotency-key was committed first; retry to get that request's result",
+        ),
         AppError::FailedPrecondition(why) => Status::failed_precondition(*why),
         AppError::InUse(why) => Status::failed_precondition(why.clone()),
         AppError::DataLoss => Status::data_loss("stored record failed to authenticate"),
+        AppError::OutcomeUnknown => Status::unavailable(
+            "the database did not confirm this request's commit, so it may or may not have been performed: read before retrying, and retry a create with the same x-idempotency-key",
+        ),
         AppError::AuditUnavailable => {
             Status::unavailable("the audit trail could not record this request, so it was not performed")
         }

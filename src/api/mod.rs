@@ -95,6 +95,15 @@ impl Edge {
                 .map(|s| Some(s.to_string()))
                 .ok_or(()),
         };
+        let idempotency_key = match headers.get("x-idempotency-key") {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .ok()
+                .filter(|s| (1..=255).contains(&s.len()) && s.bytes().all(|b| (0x21..0x7f).contains(&b)))
+                .map(|s| Some(s.to_string()))
+                .ok_or(()),
+        };
         CallContext {
             request_id,
             client_address,
@@ -102,6 +111,7 @@ impl Edge {
             service,
             purpose,
             break_glass_reason,
+            idempotency_key,
             permit: permit.ok(),
             admission: admission.map_err(|l: Limited| l),
             started,

@@ -172,6 +172,9 @@ impl Call<'_> {
         if ctx.break_glass_reason.is_err() {
             return Err(AppError::invalid("x-break-glass-reason", crate::error::Description::BREAK_GLASS_REASON));
         }
+        if ctx.idempotency_key.is_err() {
+            return Err(AppError::invalid("x-idempotency-key", crate::error::Description::IDEMPOTENCY_KEY));
+        }
         let who = Identity {
             subject: &principal.subject,
             token_roles: &principal.token_roles,
@@ -294,6 +297,10 @@ impl App {
 }
 
 pub(super) fn audit_unavailable(e: StorageError) -> AppError {
+    if let StorageError::OutcomeUnknown = e {
+        tracing::error!("the database did not confirm a commit; the caller is told its outcome is unknown");
+        return AppError::OutcomeUnknown;
+    }
     tracing::error!(error = %e, "audit commit failed; request failed closed");
     AppError::AuditUnavailable
 }

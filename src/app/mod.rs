@@ -56,6 +56,8 @@ pub struct CallContext {
     /// `x-break-glass-reason`: absent, or printable text of 1..=1000 chars (`Err` otherwise).
     /// Never logged or audited in plaintext.
     pub break_glass_reason: Result<Option<String>, ()>,
+    /// `x-idempotency-key`: absent, or 1..=255 visible ASCII characters (`Err` otherwise).
+    pub idempotency_key: Result<Option<String>, ()>,
     /// A slot under the global concurrency cap, held for the whole call.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Whether the caller was admitted: the concurrency cap, then its rate
@@ -81,6 +83,7 @@ impl CallContext {
             service: None,
             purpose: Ok(None),
             break_glass_reason: Ok(None),
+            idempotency_key: Ok(None),
             permit: None,
             admission: Ok(()),
             started: Instant::now(),
@@ -92,6 +95,19 @@ impl CallContext {
     /// the edge read the request.
     pub fn admitted(&self) -> bool {
         self.admission.is_ok() && self.auth.is_ok()
+    }
+
+    /// What an `x-idempotency-key` is remembered under: SHA-256 of
+    /// `"carevault/v1/idempotency\0"` ‖ the caller's subject ‖ `"\0"` ‖ the
+    /// key, so one caller's key never finds another's create.
+    fn idempotency_hash(&self) -> Option<[u8; 32]> {
+        let key = self.idempotency_key.as_ref().ok()?.as_ref()?;
+        let subject = self.subject()?;
+        let mut input = b"carevault/v1/idempotency\0".to_vec();
+        input.extend_from_slice(subject.as_bytes());
+        input.push(0);
+        input.extend_from_slice(key.as_bytes());
+        Some(crate::crypto::sha256(&input))
     }
 
     fn subject(&self) -> Option<&str> {

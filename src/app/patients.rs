@@ -7,7 +7,7 @@ use crate::auth::policy::Grant;
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::{Action, FhirDate, Patient, PatientData, PatientId, normalize};
 use crate::error::AppError;
-use crate::storage::{IndexKey, RecordRef, RecordWrite};
+use crate::storage::{Change, IndexKey, RecordRef, RecordWrite};
 
 /// A full replacement of a patient's data at a known version.
 pub struct PatientUpdate {
@@ -129,14 +129,34 @@ impl App {
     }
 
     /// Registers a new patient.
+    ///
+    /// With an `x-idempotency-key`, the create is remembered under it (for
+    /// this caller) in the same commit, and a retry with the same key gets
+    /// the patient that create made (as it is now) instead of a second one.
     pub async fn create_patient(&self, ctx: &CallContext, input: Input<PatientData>) -> Result<Patient, AppError> {
         let mut call = self.call(ctx, Action::PatientCreate, input.named).await;
         // Shared with every write; an erasure takes it exclusively (see `erasure`).
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let data = call.accept(input.parsed)?;
+            let idempotency = ctx.idempotency_hash();
+            if let Some(key) = idempotency
+                && let Some(made) = self.store.idempotent(key).await.map_err(super::internal)?
+            {
+                let id = PatientId::from_bytes(made.id);
+                call.name_patient(id);
+                call.entry.details.push("idempotent_replay=true".into());
+                call.reach(id, Reach::Read, RecordKind::Patient).await?;
+                let opened = self.load_patient(id).await?;
+                call.entry.record_version = opened.record.version;
+                call.entry.key_version = opened.key_version;
+                return Ok(Created::Replayed(show(&mut call, opened.record)));
+            }
             let id = PatientId::new_v7();
             call.name_patient(id);
+            if let Some(key) = idempotency {
+                call.stage(Change::IdempotencyKey { key, record: RecordRef::patient(id.bytes()) });
+            }
             let now = self.now();
             let patient =
                 Patient { id: id.into(), version: 1, create_time: now, update_time: now, delete_time: None, data };
@@ -154,10 +174,20 @@ impl App {
                 key_generation: 1,
                 index_keys: self.patient_index_keys(id, &patient.data),
             };
-            Ok((show(&mut call, patient), write))
+            Ok(Created::New(show(&mut call, patient), write))
         }
         .await;
-        call.finish_write(result).await
+        let replayed = matches!(result, Ok(Created::Replayed(_)));
+        let finished = match result {
+            Ok(Created::Replayed(p)) => call.finish(Ok(p)).await,
+            Ok(Created::New(p, write)) => call.finish_write(Ok((p, write))).await,
+            Err(e) => call.finish_write::<Patient>(Err(e)).await,
+        };
+        match finished {
+            // The only precondition of a create is its idempotency key.
+            Err(AppError::Conflict { .. }) if !replayed => Err(AppError::IdempotencyRace),
+            other => other,
+        }
     }
 
     /// Reads a patient's current version.
@@ -408,6 +438,13 @@ impl App {
 }
 
 /// What the call's grant discloses of a patient; records the groups.
+/// What a create did: made a patient (to be written), or found the one an
+/// earlier request with the same idempotency key made.
+enum Created {
+    New(Patient, RecordWrite),
+    Replayed(Patient),
+}
+
 fn show(call: &mut Call<'_>, p: Patient) -> Patient {
     let (p, groups) = disclose(&call.grant, p);
     for g in groups {

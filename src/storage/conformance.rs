@@ -23,6 +23,7 @@ macro_rules! every_case {
             erasing_a_patient_removes_everything_but_its_audit_trail,
             a_patients_entries_are_found_in_order_from_any_point,
             an_entry_too_long_to_encode_fails_alone,
+            an_idempotency_key_is_taken_once,
         );
     };
 }
@@ -329,4 +330,18 @@ pub(crate) async fn writes_match_a_version_model(store: &Store, ops: &[(u8, u64)
         return Err("the chain does not verify".into());
     }
     Ok(())
+}
+
+/// An idempotency key is remembered with the create that took it, and only once.
+pub(crate) async fn an_idempotency_key_is_taken_once(store: &Store) {
+    let key = [7u8; 32];
+    assert_eq!(store.idempotent(key).await.unwrap(), None);
+    let take = |id: u8| Change::IdempotencyKey { key, record: RecordRef::patient([id; 16]) };
+    let first = commit(store, "patient.create", Some(write(41, 0)), vec![take(41)]).await;
+    assert_eq!(first.outcome, CommitOutcome::Written);
+    assert_eq!(store.idempotent(key).await.unwrap(), Some(RecordRef::patient([41; 16])));
+    let second = commit(store, "patient.create", Some(write(42, 0)), vec![take(42)]).await;
+    assert_eq!(second.outcome, CommitOutcome::Conflict { current: 0 });
+    assert_eq!(store.head(RecordRef::patient([42; 16])).await.unwrap(), None, "the losing create wrote nothing");
+    assert_eq!(store.idempotent(key).await.unwrap(), Some(RecordRef::patient([41; 16])));
 }

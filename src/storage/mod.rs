@@ -57,6 +57,10 @@ pub enum StorageError {
     /// Another process (a running server) has the database open.
     #[error("the database is in use by another process (is a carevault server running on this data directory?)")]
     Locked,
+    /// The database was sent a commit and never confirmed it (the
+    /// connection dropped): it may or may not have been made.
+    #[error("commit outcome unknown: the database did not confirm it")]
+    OutcomeUnknown,
     /// The store location (`--store`) cannot be used as given.
     #[error("store: {0}")]
     BadLocation(String),
@@ -158,6 +162,8 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<Keyed>, StorageError>;
     /// A job's state.
     async fn job(&self, name: JobName) -> Result<Option<Vec<u8>>, StorageError>;
+    /// The record a create made under an idempotency key, if it is remembered.
+    async fn idempotent(&self, key: [u8; 32]) -> Result<Option<RecordRef>, StorageError>;
 
     /// The newest audit entry's sequence and stored hash.
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StorageError>;
@@ -272,6 +278,9 @@ impl Backend for sled::SledStore {
     }
     async fn job(&self, name: JobName) -> Result<Option<Vec<u8>>, StorageError> {
         sled::SledStore::job(self, name)
+    }
+    async fn idempotent(&self, key: [u8; 32]) -> Result<Option<RecordRef>, StorageError> {
+        sled::SledStore::idempotent(self, &key)
     }
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StorageError> {
         self.audit_head_sync()

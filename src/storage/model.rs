@@ -270,6 +270,14 @@ pub enum Change {
         /// What must be stored now.
         expect: Expect<Vec<u8>>,
     },
+    /// Remembers the record a create made under an idempotency key; applies
+    /// only if the key is not remembered yet.
+    IdempotencyKey {
+        /// SHA-256 of the caller's subject and the key it sent (see `app::patients`).
+        key: [u8; 32],
+        /// The record the create made.
+        record: RecordRef,
+    },
     /// Removes everything stored for a patient and its coverages: heads,
     /// every version, blind-index entries, coverage links (not the data
     /// key, the tombstones, or anything in the audit trail).

@@ -303,3 +303,55 @@ async fn health_and_reflection_answer_without_a_token() {
     let Some(AlphaResponse::ListServicesResponse(list)) = msg.message_response else { panic!("unexpected reply") };
     assert!(list.service.iter().any(|s| s.name == "carevault.v1.AuditService"));
 }
+
+fn create_with_key(p: &pb::Patient, token: &str, key: &str) -> tonic::Request<pb::CreatePatientRequest> {
+    let mut r = req(pb::CreatePatientRequest { patient: Some(p.clone()) }, token);
+    r.metadata_mut().insert("x-idempotency-key", key.parse().unwrap());
+    r
+}
+
+/// A create retried with the same `x-idempotency-key` (the caller never
+/// learned whether the first one committed) gets the patient the first one
+/// made, never a second patient; the key is the caller's own; a malformed
+/// key is refused naming the header, and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_retried_with_its_idempotency_key_makes_one_patient() {
+    let s = TestServer::start().await;
+    let p = patient("Idem", "Potent", "1977-07-07", "IDEM-1");
+    let first = s.patients().create_patient(create_with_key(&p, &s.admin(), "order-4711")).await.unwrap().into_inner();
+    let again = s.patients().create_patient(create_with_key(&p, &s.admin(), "order-4711")).await.unwrap().into_inner();
+    let (first, again) = (first.patient.unwrap(), again.patient.unwrap());
+    assert_eq!(first.id, again.id, "the retry gets the first create's patient");
+    assert_eq!(again.version, 1);
+    let replay = s.last_event("patient.create").await;
+    assert_eq!(replay.patient_id, first.id);
+    assert!(replay.details.iter().any(|d| d == "idempotent_replay=true"), "{:?}", replay.details);
+    // Another caller's same key is another key.
+    let other = s.token("other-desk", ALL_SCOPES);
+    let theirs = s.patients().create_patient(create_with_key(&p, &other, "order-4711")).await.unwrap().into_inner();
+    assert_ne!(theirs.patient.unwrap().id, first.id);
+    // Racing retries of one key: one patient.
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (mut c, p, t) = (s.patients(), p.clone(), s.admin());
+            tokio::spawn(async move { c.create_patient(create_with_key(&p, &t, "order-4712")).await })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                ids.insert(r.into_inner().patient.unwrap().id);
+            }
+            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "racing retries made one patient: {ids:?}");
+    // Malformed keys: too long, or not visible ASCII.
+    for bad in ["x".repeat(256), "has space".to_string()] {
+        let err = s.patients().create_patient(create_with_key(&p, &s.admin(), &bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(bad_fields(&err), vec!["x-idempotency-key"]);
+        assert_eq!(s.last_event("patient.create").await.outcome, pb::AuditOutcome::InvalidArgument as i32);
+    }
+}

@@ -414,6 +414,11 @@ impl Backend for PgStore {
         .await
     }
 
+    async fn idempotent(&self, key: [u8; 32]) -> Result<Option<RecordRef>, StorageError> {
+        let row = self.opt_row("SELECT kind, id FROM idempotency_keys WHERE key = $1", &[&key.as_slice()]).await?;
+        row.map(|r| record_of(&r, 0, 1)).transpose()
+    }
+
     async fn job(&self, name: JobName) -> Result<Option<Vec<u8>>, StorageError> {
         self.bytes("SELECT state_json FROM jobs WHERE name = $1", &[&name.as_str()]).await
     }

@@ -84,6 +84,7 @@ const PUT_TOMBSTONE: &str = "INSERT INTO tombstones (kind, id, tombstone_json) V
 const PUT_JOB: &str = "INSERT INTO jobs (name, state_json) VALUES ($1, $2) \
      ON CONFLICT (name) DO UPDATE SET state_json = EXCLUDED.state_json";
 const DELETE_JOB: &str = "DELETE FROM jobs WHERE name = $1";
+const PUT_IDEMPOTENCY: &str = "INSERT INTO idempotency_keys (key, kind, id) VALUES ($1, $2, $3)";
 const ERASE_VERSIONS: &str = "DELETE FROM record_versions v USING records r \
      WHERE r.patient = $1 AND v.kind = r.kind AND v.id = r.id";
 const ERASE_INDEX: &str = "DELETE FROM index_entries e USING records r \
@@ -155,7 +156,9 @@ pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syn
             }
             Err(BatchError::AtCommit(e)) => {
                 tracing::error!(error = %e, "the database did not confirm a commit; its outcome is unknown");
-                refuse(batch, "commit outcome unknown: the database did not confirm it");
+                for p in batch {
+                    let _ = p.reply.send(Err(StorageError::OutcomeUnknown));
+                }
             }
         }
     }
@@ -310,6 +313,11 @@ fn change_ops(ch: &Change, ops: &mut Vec<Op>) {
             Some(v) => ops.push(op(PUT_JOB, vec![Box::new(name.as_str().to_string()), b(v)])),
             None => ops.push(op(DELETE_JOB, vec![Box::new(name.as_str().to_string())])),
         },
+        Change::IdempotencyKey { key, record } => {
+            let mut params = vec![b(key)];
+            params.extend(record_params(*record));
+            ops.push(op(PUT_IDEMPOTENCY, params));
+        }
         // Versions, index entries and index sets go through the records
         // table, so the records go last.
         Change::ErasePatient { patient, .. } => {

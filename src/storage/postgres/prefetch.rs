@@ -41,6 +41,7 @@ struct Wanted {
     grants: Vec<Vec<u8>>,
     holds: Vec<Vec<u8>>,
     coverages: Vec<Vec<u8>>,
+    idempotency: Vec<Vec<u8>>,
     jobs: Vec<String>,
 }
 
@@ -63,6 +64,7 @@ const GRANTS: &str = "SELECT id, grant_json FROM grants WHERE id = ANY($1)";
 const HOLDS: &str = "SELECT patient, since_micros FROM legal_holds WHERE patient = ANY($1)";
 const COVERAGES: &str = "SELECT patient, id FROM records WHERE kind = 2 AND patient = ANY($1)";
 const JOBS: &str = "SELECT name, state_json FROM jobs WHERE name = ANY($1)";
+const IDEMPOTENCY: &str = "SELECT key, kind, id FROM idempotency_keys WHERE key = ANY($1)";
 
 /// Fetches `keys` through `tx` (which holds the chain head's lock).
 pub(super) async fn fetch(
@@ -85,6 +87,7 @@ pub(super) async fn fetch(
             StateKey::LegalHold(p) => w.holds.push(p.to_vec()),
             StateKey::Coverages(p) => w.coverages.push(p.to_vec()),
             StateKey::Job(name) => w.jobs.push(name.as_str().to_string()),
+            StateKey::Idempotency(k) => w.idempotency.push(k.to_vec()),
         }
     }
     let mut queries: Vec<(&'static str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
@@ -100,7 +103,13 @@ pub(super) async fn fetch(
     if !w.tombstones.0.is_empty() {
         queries.push((TOMBSTONES, vec![&w.tombstones.0, &w.tombstones.1]));
     }
-    for (sql, list) in [(DATA_KEYS, &w.data_keys), (GRANTS, &w.grants), (HOLDS, &w.holds), (COVERAGES, &w.coverages)] {
+    for (sql, list) in [
+        (DATA_KEYS, &w.data_keys),
+        (GRANTS, &w.grants),
+        (HOLDS, &w.holds),
+        (COVERAGES, &w.coverages),
+        (IDEMPOTENCY, &w.idempotency),
+    ] {
         if !list.is_empty() {
             queries.push((sql, vec![list]));
         }
@@ -167,6 +176,11 @@ fn decode_row(
             values.insert(StateKey::LegalHold(id16(row, 0)?), StateValue::Micros(since));
         }
         COVERAGES => coverages.entry(id16(row, 0)?).or_default().push(id16(row, 1)?),
+        IDEMPOTENCY => {
+            let key: &[u8] = row.try_get(0).map_err(pg_error)?;
+            let key = key.try_into().map_err(|_| StorageError::Corrupt("an idempotency key is not 32 bytes"))?;
+            values.insert(StateKey::Idempotency(key), StateValue::Record(record_of(row, 1, 2)?));
+        }
         JOBS => {
             let name: &str = row.try_get(0).map_err(pg_error)?;
             let job = JobName::ALL

@@ -110,6 +110,14 @@ CREATE TABLE jobs (
     state_json bytea NOT NULL
 );
 "#,
+    // 2: idempotency keys of creates.
+    r#"
+CREATE TABLE idempotency_keys (
+    key bytea PRIMARY KEY,
+    kind smallint NOT NULL,
+    id bytea NOT NULL
+);
+"#,
 ];
 
 /// The schema version this binary writes.

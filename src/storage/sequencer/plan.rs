@@ -38,6 +38,8 @@ pub enum StateKey {
     LegalHold([u8; 16]),
     /// The ids of a patient's coverages.
     Coverages([u8; 16]),
+    /// The record a create made under an idempotency key.
+    Idempotency([u8; 32]),
 }
 
 /// A stored value, as planning sees it.
@@ -53,6 +55,8 @@ pub enum StateValue {
     Micros(i64),
     /// Record ids, sorted.
     Ids(Vec<[u8; 16]>),
+    /// A record.
+    Record(RecordRef),
 }
 
 /// The engine's stored state, read by planning.
@@ -251,6 +255,7 @@ fn expected_key(ch: &Change) -> Vec<StateKey> {
         Change::Reseal { record, version, .. } => vec![StateKey::Version(*record, *version)],
         Change::IndexSet { record, .. } => vec![StateKey::IndexSet(*record), StateKey::Head(*record)],
         Change::Job { name, .. } => vec![StateKey::Job(*name)],
+        Change::IdempotencyKey { key, .. } => vec![StateKey::Idempotency(*key)],
         Change::ErasePatient { patient, .. } => {
             vec![StateKey::Head(RecordRef::patient(*patient)), StateKey::Coverages(*patient)]
         }
@@ -284,6 +289,7 @@ fn precondition_holds(ch: &Change, ov: &Overlay<'_>) -> Result<bool, StorageErro
         Change::Tombstone { record, expect, .. } => bytes_hold(expect, ov, &StateKey::Tombstone(*record)),
         Change::DataKey { patient, expect, .. } => bytes_hold(expect, ov, &StateKey::DataKey(*patient)),
         Change::Job { name, expect, .. } => bytes_hold(expect, ov, &StateKey::Job(*name)),
+        Change::IdempotencyKey { key, .. } => Ok(ov.get(&StateKey::Idempotency(*key))?.is_none()),
         Change::Reseal { record, version, expect, .. } => {
             Ok(ov.bytes(&StateKey::Version(*record, *version))?.as_ref() == Some(expect))
         }
@@ -346,6 +352,9 @@ fn apply_change(ch: &Change, ov: &mut Overlay<'_>) -> Result<(), StorageError> {
             ov.set(StateKey::IndexSet(*record), Some(StateValue::Index(keys.clone())))
         }
         Change::Job { name, value, .. } => ov.set(StateKey::Job(*name), bytes(value)),
+        Change::IdempotencyKey { key, record } => {
+            ov.set(StateKey::Idempotency(*key), Some(StateValue::Record(*record)))
+        }
         Change::ErasePatient { patient, coverages } => {
             for r in
                 std::iter::once(RecordRef::patient(*patient)).chain(coverages.iter().map(|c| RecordRef::coverage(*c)))

@@ -164,6 +164,9 @@ impl Builder<'_> {
             }
             Change::IndexSet { record, keys, .. } => self.replace_index(*record, keys)?,
             Change::Job { name, value, .. } => self.set(Tree::Access, &layout::job_key(*name), value.clone()),
+            Change::IdempotencyKey { key, record } => {
+                self.set(Tree::Access, &layout::idempotency_key(key), Some(layout::head_key(*record).to_vec()))
+            }
             Change::ErasePatient { patient, .. } => self.erase(patient)?,
         }
         Ok(())

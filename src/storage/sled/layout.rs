@@ -17,6 +17,7 @@
 //! | `access`              | `H` · patient (16)                                       | legal hold placed at (i64 µs) |
 //! | `access`              | `E` · kind (1) · id (16)                                 | erasure tombstone (JSON) |
 //! | `access`              | `J` · job name (`rewrap`, `reencrypt`, `blind`, `keyop`) | the job's state (JSON) |
+//! | `access`              | `K` · idempotency key hash (32)                          | kind (1) · id (16) of the record the create made |
 //! | `pending`             | `batch`                                                  | redo record of the batch being written |
 
 use crate::storage::StorageError;
@@ -122,6 +123,11 @@ pub(super) fn tombstone_key(r: RecordRef) -> Vec<u8> {
 
 pub(super) fn job_key(name: JobName) -> Vec<u8> {
     access_key(b"J", &[name.as_str().as_bytes()])
+}
+
+/// `access` key of the record a create made under an idempotency key; the value is kind · id.
+pub(super) fn idempotency_key(key: &[u8; 32]) -> Vec<u8> {
+    access_key(b"K", &[key])
 }
 
 /// `audit_by_patient_epoch` keys are grouped in epochs of 2^16 consecutive

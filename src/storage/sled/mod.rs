@@ -423,6 +423,7 @@ impl Snapshot for SledStore {
             StateKey::Tombstone(r) => bytes(self.get(Tree::Access, &layout::tombstone_key(*r))?),
             StateKey::Job(name) => bytes(self.get(Tree::Access, &layout::job_key(*name))?),
             StateKey::LegalHold(p) => self.micros(&layout::hold_key(p))?.map(StateValue::Micros),
+            StateKey::Idempotency(k) => self.idempotent(k)?.map(StateValue::Record),
             StateKey::Coverages(p) => {
                 let mut ids = self.coverages_of(p)?;
                 ids.sort_unstable();
@@ -436,6 +437,11 @@ impl SledStore {
     /// See the `Backend` method of the same name.
     pub fn job(&self, name: JobName) -> Result<Option<Vec<u8>>, StorageError> {
         self.get(Tree::Access, &layout::job_key(name))
+    }
+
+    /// See the `Backend` method of the same name.
+    pub fn idempotent(&self, key: &[u8; 32]) -> Result<Option<RecordRef>, StorageError> {
+        self.get(Tree::Access, &layout::idempotency_key(key))?.map(|v| layout::record_of(&v)).transpose()
     }
 
     /// See the `Backend` method of the same name.
