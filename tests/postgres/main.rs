@@ -36,6 +36,8 @@ mod edge;
 mod encryption;
 #[path = "../carevault/erasure.rs"]
 mod erasure;
+#[path = "../carevault/failover.rs"]
+mod failover;
 #[path = "../carevault/keys.rs"]
 mod keys;
 #[path = "../carevault/limits.rs"]

@@ -41,7 +41,11 @@ impl PgCluster {
     }
 
     fn start_inner(tls: Option<(&std::path::Path, &std::path::Path)>) -> Option<PgCluster> {
-        match Self::try_start(tls) {
+        Self::or_skip(Self::try_start(tls))
+    }
+
+    fn or_skip(started: Result<PgCluster, String>) -> Option<PgCluster> {
+        match started {
             Ok(c) => Some(c),
             Err(why) if std::env::var("CI").as_deref() != Ok("true") && why.starts_with("no PostgreSQL") => {
                 eprintln!("skipping a PostgreSQL test: {why}");
@@ -80,12 +84,84 @@ impl PgCluster {
             let d = c.dir.path().display();
             options.push_str(&format!(" -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"));
         }
-        let log = c.dir.path().join("server.log").display().to_string();
-        c.run("pg_ctl", &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"]).map_err(|e| {
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
-            format!("{e}\nserver log:\n{log}")
-        })?;
+        c.pg_start(&options)?;
         Ok(c)
+    }
+
+    fn pg_start(&self, options: &str) -> Result<(), String> {
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-l", &log, "-o", options, "-w", "-t", "60", "start"]).map_err(
+            |e| {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                format!("{e}\nserver log:\n{log}")
+            },
+        )
+    }
+
+    /// A streaming-replication standby of `primary` (`pg_basebackup -R`), on
+    /// a port of its own; the primary then waits for it on every commit
+    /// (`synchronous_standby_names = '*'`).
+    pub fn standby_of(primary: &PgCluster) -> Option<PgCluster> {
+        Self::or_skip(Self::try_standby(primary))
+    }
+
+    fn try_standby(primary: &PgCluster) -> Result<PgCluster, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        if primary.as_postgres {
+            let (uid, gid) = postgres_ids()?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+        }
+        let port = free_port()?;
+        let c = PgCluster { dir, bin: primary.bin.clone(), port, as_postgres: primary.as_postgres };
+        let from = primary.port.to_string();
+        c.run(
+            "pg_basebackup",
+            &["-D", &c.data_dir(), "-R", "-X", "stream", "-c", "fast", "-h", "127.0.0.1", "-p", &from, "-U", SUPERUSER],
+        )?;
+        let socket = c.dir.path().display().to_string();
+        c.pg_start(&format!("-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c fsync=on"))?;
+        let sql = |q: &str| primary.psql(q);
+        for _ in 0..100 {
+            if sql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")? == "1" {
+                sql("ALTER SYSTEM SET synchronous_standby_names = '*'")?;
+                sql("SELECT pg_reload_conf()")?;
+                for _ in 0..100 {
+                    if sql("SELECT sync_state FROM pg_stat_replication")? == "sync" {
+                        return Ok(c);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                return Err("the standby never became synchronous".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err("the standby never started streaming".into())
+    }
+
+    /// One value `query` returns on database `postgres` (psql -At).
+    pub fn psql(&self, query: &str) -> Result<String, String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, "-d", "postgres", "-Atc", query])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("psql: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// SIGKILL to the postmaster: the server dies as in a power cut (its
+    /// children notice and exit).
+    pub fn kill9(&self) {
+        let pid = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid")).unwrap();
+        let pid = pid.lines().next().unwrap().trim().to_string();
+        let status = Command::new("kill").args(["-9", &pid]).status().unwrap();
+        assert!(status.success(), "kill -9 {pid}");
+    }
+
+    /// Promotes a standby to primary, waiting until it takes writes.
+    pub fn promote(&self) {
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-w", "promote"]).unwrap();
     }
 
     fn data_dir(&self) -> String {
