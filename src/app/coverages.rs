@@ -1,6 +1,7 @@
 //! Coverage use cases: insurance records linked to a patient, sealed under
 //! that patient's data key.
 
+use super::Created;
 use super::access::{Reach, groups};
 use super::call::{Call, Input};
 use super::{App, CallContext, Opened, internal};
@@ -8,7 +9,7 @@ use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::patient::PatientIdText;
 use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
 use crate::error::AppError;
-use crate::storage::{IndexKey, RecordRef, RecordWrite};
+use crate::storage::{Change, IndexKey, RecordRef, RecordWrite};
 
 /// A new coverage for a patient.
 pub struct CoverageCreate {
@@ -85,8 +86,26 @@ impl App {
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let req = call.accept(input.parsed)?;
+            let idempotency = ctx.idempotency_hash(RecordKind::Coverage);
+            if let Some(key) = idempotency
+                && let Some(made) = self.store.idempotent(key).await.map_err(internal)?
+            {
+                let id = CoverageId::from_bytes(made.id);
+                call.entry.resource_id = id.to_string();
+                call.entry.details.push("idempotent_replay=true".into());
+                call.reach_coverage(id, Reach::Read).await?;
+                call.entry.disclosed = vec![groups::INSURANCE.into()];
+                let opened = self.load_coverage(id).await?;
+                call.entry.patient_id = opened.patient.to_string();
+                call.entry.record_version = opened.record.version;
+                call.entry.key_version = opened.key_version;
+                return Ok(Created::Replayed(opened.record));
+            }
             let id = CoverageId::new_v7();
             call.entry.resource_id = id.to_string();
+            if let Some(key) = idempotency {
+                call.stage(Change::IdempotencyKey { key, record: RecordRef::coverage(id.bytes()) });
+            }
             call.reach(req.patient_id, Reach::Write, RecordKind::Patient).await?;
             call.entry.disclosed = vec![groups::INSURANCE.into()];
             let Opened { record: patient, dek, key_version, .. } = self.load_patient(req.patient_id).await?;
@@ -115,10 +134,20 @@ impl App {
                 key_generation: dek.generation(),
                 index_keys: self.coverage_index_keys(id, req.patient_id, &coverage),
             };
-            Ok((coverage, write))
+            Ok(Created::New(coverage, write))
         }
         .await;
-        call.finish_write(result).await
+        let replayed = matches!(result, Ok(Created::Replayed(_)));
+        let finished = match result {
+            Ok(Created::Replayed(c)) => call.finish(Ok(c)).await,
+            Ok(Created::New(c, write)) => call.finish_write(Ok((c, write))).await,
+            Err(e) => call.finish_write::<Coverage>(Err(e)).await,
+        };
+        match finished {
+            // A new coverage's only precondition besides its patient's data key is its idempotency key.
+            Err(AppError::Conflict { .. }) if !replayed => Err(AppError::IdempotencyRace),
+            other => other,
+        }
     }
 
     /// Reads a coverage.

@@ -41,6 +41,13 @@ use crate::domain::PatientId;
 use crate::error::AppError;
 use crate::storage::{Head, RecordRef, StorageError, Store};
 
+/// What a create did: made a record (to be written), or found the one an
+/// earlier request with the same `x-idempotency-key` made.
+enum Created<T> {
+    New(T, crate::storage::RecordWrite),
+    Replayed(T),
+}
+
 /// Who is calling and how, as seen at the edge.
 pub struct CallContext {
     /// x-request-id from the client if well-formed, else generated.
@@ -98,12 +105,17 @@ impl CallContext {
     }
 
     /// What an `x-idempotency-key` is remembered under: SHA-256 of
-    /// `"carevault/v1/idempotency\0"` ‖ the caller's subject ‖ `"\0"` ‖ the
-    /// key, so one caller's key never finds another's create.
-    fn idempotency_hash(&self) -> Option<[u8; 32]> {
+    /// `"carevault/v1/idempotency\0"` ‖ what is created (`patient`,
+    /// `coverage`) ‖ `"\0"` ‖ the caller's subject ‖ `"\0"` ‖ the key, so one
+    /// caller's key never finds another's create, nor another kind of record.
+    fn idempotency_hash(&self, kind: RecordKind) -> Option<[u8; 32]> {
         let key = self.idempotency_key.as_ref().ok()?.as_ref()?;
         let subject = self.subject()?;
         let mut input = b"carevault/v1/idempotency\0".to_vec();
+        input.extend_from_slice(match kind {
+            RecordKind::Patient => b"patient\0",
+            RecordKind::Coverage => b"coverage\0",
+        });
         input.extend_from_slice(subject.as_bytes());
         input.push(0);
         input.extend_from_slice(key.as_bytes());

@@ -1,5 +1,6 @@
 //! Patient use cases: create, read, update, soft delete, list, search, history.
 
+use super::Created;
 use super::access::{Reach, Visibility, disclose, keep_undisclosed, note_grants};
 use super::call::{Call, Input};
 use super::{App, CallContext, Opened, internal};
@@ -139,7 +140,7 @@ impl App {
         let _gate = self.keys.wrap_gate.read().await;
         let result = async {
             let data = call.accept(input.parsed)?;
-            let idempotency = ctx.idempotency_hash();
+            let idempotency = ctx.idempotency_hash(RecordKind::Patient);
             if let Some(key) = idempotency
                 && let Some(made) = self.store.idempotent(key).await.map_err(super::internal)?
             {
@@ -438,13 +439,6 @@ impl App {
 }
 
 /// What the call's grant discloses of a patient; records the groups.
-/// What a create did: made a patient (to be written), or found the one an
-/// earlier request with the same idempotency key made.
-enum Created {
-    New(Patient, RecordWrite),
-    Replayed(Patient),
-}
-
 fn show(call: &mut Call<'_>, p: Patient) -> Patient {
     let (p, groups) = disclose(&call.grant, p);
     for g in groups {

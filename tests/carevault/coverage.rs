@@ -164,3 +164,33 @@ async fn a_dependent_coverage_needs_the_subscriber() {
     let ok = add(&s, c).await.unwrap();
     assert_eq!(ok.subscriber.unwrap().name.unwrap().family, "Parent");
 }
+
+/// A coverage create retried with its `x-idempotency-key` gets the first
+/// one's coverage; the same key on a patient create is another key.
+#[tokio::test]
+async fn a_coverage_create_retried_with_its_idempotency_key_makes_one_coverage() {
+    let s = TestServer::start().await;
+    let p = create(&s, patient("Idem", "Cov", "1970-01-01", "IDEM-C")).await;
+    let send = |key: &str| {
+        let mut r = req(pb::CreateCoverageRequest { coverage: Some(coverage(&p.id, "IDEMCOV1", 1)) }, &s.admin());
+        r.metadata_mut().insert("x-idempotency-key", key.parse().unwrap());
+        r
+    };
+    let first = s.coverages().create_coverage(send("claim-1")).await.unwrap().into_inner().coverage.unwrap();
+    let again = s.coverages().create_coverage(send("claim-1")).await.unwrap().into_inner().coverage.unwrap();
+    assert_eq!(first.id, again.id);
+    let replay = s.last_event("coverage.create").await;
+    assert!(replay.details.iter().any(|d| d == "idempotent_replay=true"), "{:?}", replay.details);
+    let mut r =
+        req(pb::CreatePatientRequest { patient: Some(patient("Idem", "Other", "1971-01-01", "IDEM-D")) }, &s.admin());
+    r.metadata_mut().insert("x-idempotency-key", "claim-1".parse().unwrap());
+    let other = s.patients().create_patient(r).await.unwrap().into_inner().patient.unwrap();
+    assert_ne!(other.id, p.id, "a patient create with the same key is a create of its own");
+    let listed = s
+        .coverages()
+        .list_coverages(req(pb::ListCoveragesRequest { patient_id: p.id.clone(), ..Default::default() }, &s.admin()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.coverages.len(), 1, "one coverage");
+}
