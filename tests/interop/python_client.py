@@ -2,10 +2,12 @@
 grpcio-tools, and an audit-chain verifier written only from README.md's
 "Audit entry encoding" section.
 
-Usage: python_client.py HOST:PORT TOKEN TLS_DIR
+Usage: python_client.py HOST:PORT TOKEN TLS_DIR [POSTGRES_DSN]
   TOKEN carries the roles front_desk and compliance; TLS_DIR holds the files
   of `carevault certs dev` (ca.pem, client.pem, client.key). The server
-  requires a client certificate (mutual TLS).
+  requires a client certificate (mutual TLS). With POSTGRES_DSN (the server
+  runs on that database), the chain is also read with SQL, as README.md's
+  "On PostgreSQL" section documents the tables, and verified the same way.
 Exit 0 when everything checks out.
 """
 import hashlib
@@ -208,8 +210,31 @@ def main() -> int:
         raise AssertionError("a wrong anchor was accepted")
     except Failed as f:
         assert (f.cls, f.sequence) == ("link_broken", last[0] + 1), f
+    if len(sys.argv) > 4:
+        verify_from_sql(sys.argv[4], head)
     print(f"python interop: ok ({count} entries verified from the README's encoding)")
     return 0
+
+
+class Row:
+    """One row of audit_entries, shaped like an ExportedAuditEntry."""
+
+    def __init__(self, seq, entry, hash_):
+        self.sequence, self.entry, self.hash = seq, bytes(entry), bytes(hash_)
+
+
+def verify_from_sql(dsn, head):
+    """Reads the chain from PostgreSQL (README.md: table audit_entries, and
+    chain_head's single row) and verifies it with the same rules."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        rows = [Row(*r) for r in conn.execute("SELECT seq, entry, hash FROM audit_entries ORDER BY seq")]
+        seq, hash_ = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+    count, last = verify(rows)
+    assert last == (seq, bytes(hash_)), ("chain_head is not the newest entry", last, seq)
+    assert any(r.sequence == head.sequence and r.hash == head.hash for r in rows), "the recorded head is in the table"
+    print(f"python interop: {count} entries verified from PostgreSQL's tables")
 
 
 if __name__ == "__main__":
