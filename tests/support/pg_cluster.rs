@@ -266,8 +266,8 @@ impl PgCluster {
             pid = std::process::id(),
             dir = self.dir.path().display()
         );
-        let spawned = Command::new("sh")
-            .args(["-c", &script])
+        // In a process group of its own, so that killing the test run's group leaves it to clean up.
+        let spawned = std::os::unix::process::CommandExt::process_group(Command::new("sh").args(["-c", &script]), 0)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
