@@ -196,6 +196,7 @@ pub async fn run(
     });
     // A rewrap job interrupted by a stop or a crash continues now.
     edge.app().resume_jobs();
+    edge.app().watch_jobs();
     // Every request's metadata up to this size reaches carevault, so an
     // over-long token is refused (and audited) by carevault, not by HTTP/2.
     let mut builder = tonic::transport::Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);

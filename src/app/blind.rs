@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::call::Input;
-use super::jobs::job_write;
+use super::jobs::{job_advance, job_write};
 use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::RecordKind;
@@ -171,7 +171,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.blind_index_progress().await? else { return Ok(()) };
+            let Some((job, read)) = self.job_state_read::<BlindIndexJob>(JOB).await? else { return Ok(()) };
             let (action, mut changes, next) = match job.state.as_str() {
                 "building" => {
                     let (changes, last, n) = self.reindex_batch(&job).await?;
@@ -210,7 +210,7 @@ impl App {
                 }
                 _ => return Ok(()),
             };
-            changes.push(job_write(JOB, &next)?);
+            changes.push(job_advance(JOB, &next, read)?);
             let entry = job_entry(action, &next);
             let committed = self.store.commit(Commit { entry, write: None, changes }).await;
             match committed.map_err(internal)?.outcome {

@@ -24,6 +24,18 @@ impl App {
         }
     }
 
+    /// A job's persisted state with its stored bytes: a batch that advances
+    /// the job commits only if the state is still those bytes (see [`job_advance`]).
+    pub(super) async fn job_state_read<T: DeserializeOwned>(
+        &self,
+        name: JobName,
+    ) -> Result<Option<(T, Vec<u8>)>, AppError> {
+        match self.store.job(name).await.map_err(internal)? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw).map(|job| Some((job, raw))).map_err(|_| AppError::DataLoss),
+        }
+    }
+
     /// A job's state, read by an audited call (`keys.status`).
     pub(super) async fn audited_job_state<T: DeserializeOwned>(
         &self,
@@ -57,6 +69,15 @@ impl App {
 pub(super) fn job_write<T: Serialize>(name: JobName, job: &T) -> Result<Change, AppError> {
     let json = serde_json::to_vec(job).map_err(|_| AppError::Internal)?;
     Ok(Change::Job { name, value: Some(json), expect: Expect::Anything })
+}
+
+/// The change that moves a job from the state `read` (its stored bytes)
+/// to `next`: it applies only if nobody advanced the job since, so two
+/// runners (two processes resuming the same job) never both count or
+/// apply one batch; the loser reads the job again and goes on from there.
+pub(super) fn job_advance<T: Serialize>(name: JobName, next: &T, read: Vec<u8>) -> Result<Change, AppError> {
+    let json = serde_json::to_vec(next).map_err(|_| AppError::Internal)?;
+    Ok(Change::Job { name, value: Some(json), expect: Expect::Equal(read) })
 }
 
 /// The details of a rewrap or re-encryption job's start entry.

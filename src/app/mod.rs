@@ -167,6 +167,8 @@ pub struct App {
     blind_lock: Arc<tokio::sync::Mutex<()>>,
     /// Set at shutdown: background jobs stop after their current batch.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes what waits for the stop (the job watcher), so it lets go of the app at once.
+    stopped: Arc<tokio::sync::Notify>,
     /// Refused calls being counted into shared entries.
     refusals: Arc<refusals::Refusals>,
     /// Held by rotate, retire and destroy from their intent to their completion.
@@ -186,6 +188,7 @@ impl App {
             reencrypt_lock: Arc::new(tokio::sync::Mutex::new(())),
             blind_lock: Arc::new(tokio::sync::Mutex::new(())),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            stopped: Arc::new(tokio::sync::Notify::new()),
             refusals: Arc::new(refusals::Refusals::default()),
             key_op_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -201,6 +204,7 @@ impl App {
     /// Asks background jobs to stop after their current batch (shutdown).
     pub fn stop_jobs(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopped.notify_waiters();
     }
 
     /// The limits (the edge takes concurrency permits from them).

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::call::Input;
-use super::jobs::{job_write, throttle};
+use super::jobs::{job_advance, job_write, throttle};
 use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::{self, RecordAad, WrappedDataKey};
@@ -170,7 +170,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.reencrypt_progress().await? else { return Ok(()) };
+            let Some((job, read)) = self.job_state_read::<ReencryptJob>(JOB).await? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());
             }
@@ -191,7 +191,7 @@ impl App {
             }
             let finished = next.state == "completed";
             let mut changes = batch.writes;
-            changes.push(job_write(JOB, &next)?);
+            changes.push(job_advance(JOB, &next, read)?);
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysReencryptComplete } else { Action::KeysReencryptBatch }

@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::call::Input;
-use super::jobs::{job_write, throttle};
+use super::jobs::{job_advance, job_write, throttle};
 use super::{App, CallContext, internal};
 use crate::audit::AuditEntry;
 use crate::crypto::WrappedDataKey;
@@ -73,6 +73,9 @@ pub struct RewrapRequest {
     /// Data keys per second at most (0: unlimited).
     pub max_per_second: u32,
 }
+
+/// How often a process looks for a running key job nobody here works on.
+const JOB_WATCH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl App {
     /// Data keys and notes not on `target`, plus format-1 data keys on it
@@ -162,6 +165,37 @@ impl App {
         });
     }
 
+    /// Every [`JOB_WATCH`], takes up a running key job that nobody in this
+    /// process works on: one started through another process sharing the
+    /// database, or one whose runner died (with its process, or on an
+    /// error). Two processes on one job take turns batch by batch: a batch
+    /// commits only if the job is still where its runner read it.
+    pub fn watch_jobs(&self) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            loop {
+                // Registered before the flag is read, so a stop in between still wakes it.
+                let stopped = app.stopped.notified();
+                if app.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                tokio::select! {
+                    () = stopped => return,
+                    () = tokio::time::sleep(JOB_WATCH) => {}
+                }
+                if app.rewrap_lock.try_lock().is_ok() {
+                    app.resume_rewrap().await;
+                }
+                if app.reencrypt_lock.try_lock().is_ok() {
+                    app.resume_reencrypt().await;
+                }
+                if app.blind_lock.try_lock().is_ok() {
+                    app.resume_blind_index().await;
+                }
+            }
+        });
+    }
+
     /// Continues an interrupted rewrap job.
     async fn resume_rewrap(&self) {
         if let Ok(Some(job)) = self.rewrap_progress().await
@@ -180,7 +214,7 @@ impl App {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(job) = self.rewrap_progress().await? else { return Ok(()) };
+            let Some((job, read)) = self.job_state_read::<RewrapJob>(JOB).await? else { return Ok(()) };
             if job.state != "running" {
                 return Ok(());
             }
@@ -196,7 +230,7 @@ impl App {
                 next.finished_at = Some(self.now());
             }
             let mut changes = batch;
-            changes.push(job_write(JOB, &next)?);
+            changes.push(job_advance(JOB, &next, read)?);
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysRewrapComplete } else { Action::KeysRewrapBatch }.as_str().into(),

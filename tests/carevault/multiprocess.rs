@@ -122,3 +122,71 @@ async fn two_servers_on_one_database_make_one_chain_and_lose_nothing_acknowledge
     let aborted = entries.iter().filter(|e| e.action == "patient.update" && e.outcome == "aborted").count();
     assert_eq!(aborted, 1, "the losing update is audited as aborted");
 }
+
+/// A key job is shared by the servers on one database. One started through
+/// the first server, which then stops mid-job, is taken up by the others:
+/// a second server and the first one restarted both resume it and take
+/// turns batch by batch, while reads go on through both. Every patient is
+/// re-encrypted exactly once and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_job_left_by_one_server_is_finished_by_the_others_counting_every_patient_once() {
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let clock = || std::sync::Arc::new(carevault::clock::SystemClock);
+    let a = TestServer::start().await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(create(&a, patient("Shared", &format!("Job{i}"), "1980-01-01", &format!("SJ-{i}"))).await.id);
+    }
+    let keyper = a.token("keyper", "key_admin");
+    let job = |s: &TestServer| {
+        let (c, t) = (s.channel.clone(), keyper.clone());
+        async move {
+            KeyServiceClient::new(c)
+                .get_reencrypt_job(req_for(pb::GetReencryptJobRequest {}, &t, None))
+                .await
+                .unwrap()
+                .into_inner()
+                .job
+                .unwrap()
+        }
+    };
+    // 100 patients a second: about two seconds of work.
+    let start = pb::StartReencryptRequest { patient_id: String::new(), max_per_second: 100 };
+    KeyServiceClient::new(a.channel.clone()).start_reencrypt(req_for(start, &keyper, None)).await.unwrap();
+    eventually(|| async { (job(&a).await.done > 0).then_some(()) }).await.expect("the job started");
+    let (data_dir, key_dir, _guard) = a.stop_keep().await;
+    // The first server stopped mid-job; two servers start on the same database and key state.
+    let b = TestServer::start_in(data_dir.clone(), key_dir.clone(), clock()).await;
+    let a = TestServer::start_in(data_dir.clone(), key_dir.clone(), clock()).await;
+    let left = job(&b).await;
+    assert_eq!(left.state, "running");
+    assert!(left.done < 200, "the job was left unfinished: {left:?}");
+    let reads: Vec<_> = [&a, &b]
+        .iter()
+        .map(|s| {
+            let (mut c, t, ids) = (s.patients(), s.admin(), ids.clone());
+            tokio::spawn(async move {
+                for id in ids.iter().step_by(5) {
+                    c.get_patient(req(pb::GetPatientRequest { patient_id: id.clone() }, &t)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for r in reads {
+        r.await.unwrap();
+    }
+    let done = eventually(|| async {
+        let j = job(&a).await;
+        (j.state == "completed").then_some(j)
+    })
+    .await
+    .expect("the re-encryption completed");
+    assert_eq!((done.done, done.total), (200, 200), "every patient counted once: {done:?}");
+    assert_eq!(done.record_versions, 200, "every record version re-sealed once: {done:?}");
+    let store = stored(&data_dir).await;
+    for id in &ids {
+        let bytes = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
+        let w = carevault::crypto::WrappedDataKey(store.data_key(bytes).await.unwrap().unwrap());
+        assert_eq!(w.generation().unwrap(), 2, "re-encrypted exactly once");
+    }
+}
