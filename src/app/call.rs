@@ -211,6 +211,22 @@ impl Call<'_> {
         }
     }
 
+    /// Ends a create: a new record commits with the entry (see
+    /// [`Call::finish_write`]), a replayed one is answered as a read. A new
+    /// record's only precondition that can fail is its idempotency key (its
+    /// id is new), so a conflict means a concurrent request with the same
+    /// key committed first.
+    pub(super) async fn finish_create<T>(self, result: Result<super::Created<T>, AppError>) -> Result<T, AppError> {
+        match result {
+            Ok(super::Created::Replayed(record)) => self.finish(Ok(record)).await,
+            Ok(super::Created::New(record, write)) => match self.finish_write(Ok((record, write))).await {
+                Err(AppError::Conflict { .. }) => Err(AppError::IdempotencyRace),
+                other => other,
+            },
+            Err(e) => Err(self.refuse(e).await),
+        }
+    }
+
     /// Ends a call that succeeded: appends its entry (outcome ok) with its
     /// staged changes and `write`, and returns the committed entry. A failed
     /// precondition commits the entry alone, as `aborted`.

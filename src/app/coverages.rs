@@ -93,13 +93,7 @@ impl App {
                 let id = CoverageId::from_bytes(made.id);
                 call.entry.resource_id = id.to_string();
                 call.entry.details.push("idempotent_replay=true".into());
-                call.reach_coverage(id, Reach::Read).await?;
-                call.entry.disclosed = vec![groups::INSURANCE.into()];
-                let opened = self.load_coverage(id).await?;
-                call.entry.patient_id = opened.patient.to_string();
-                call.entry.record_version = opened.record.version;
-                call.entry.key_version = opened.key_version;
-                return Ok(Created::Replayed(opened.record));
+                return Ok(Created::Replayed(self.read_coverage(&mut call, id).await?));
             }
             let id = CoverageId::new_v7();
             call.entry.resource_id = id.to_string();
@@ -137,17 +131,7 @@ impl App {
             Ok(Created::New(coverage, write))
         }
         .await;
-        let replayed = matches!(result, Ok(Created::Replayed(_)));
-        let finished = match result {
-            Ok(Created::Replayed(c)) => call.finish(Ok(c)).await,
-            Ok(Created::New(c, write)) => call.finish_write(Ok((c, write))).await,
-            Err(e) => call.finish_write::<Coverage>(Err(e)).await,
-        };
-        match finished {
-            // A new coverage's only precondition besides its patient's data key is its idempotency key.
-            Err(AppError::Conflict { .. }) if !replayed => Err(AppError::IdempotencyRace),
-            other => other,
-        }
+        call.finish_create(result).await
     }
 
     /// Reads a coverage.
@@ -155,16 +139,21 @@ impl App {
         let mut call = self.call(ctx, Action::CoverageRead, input.named).await;
         let result = async {
             let id = call.accept(input.parsed)?;
-            call.reach_coverage(id, Reach::Read).await?;
-            call.entry.disclosed = vec![groups::INSURANCE.into()];
-            let opened = self.load_coverage(id).await?;
-            call.entry.patient_id = opened.patient.to_string();
-            call.entry.record_version = opened.record.version;
-            call.entry.key_version = opened.key_version;
-            Ok(opened.record)
+            self.read_coverage(&mut call, id).await
         }
         .await;
         call.finish(result).await
+    }
+
+    /// A coverage the caller may read, opened, with what the call's entry records of it.
+    async fn read_coverage(&self, call: &mut Call<'_>, id: CoverageId) -> Result<Coverage, AppError> {
+        call.reach_coverage(id, Reach::Read).await?;
+        call.entry.disclosed = vec![groups::INSURANCE.into()];
+        let opened = self.load_coverage(id).await?;
+        call.entry.patient_id = opened.patient.to_string();
+        call.entry.record_version = opened.record.version;
+        call.entry.key_version = opened.key_version;
+        Ok(opened.record)
     }
 
     /// Replaces a coverage at a known version.

@@ -147,11 +147,7 @@ impl App {
                 let id = PatientId::from_bytes(made.id);
                 call.name_patient(id);
                 call.entry.details.push("idempotent_replay=true".into());
-                call.reach(id, Reach::Read, RecordKind::Patient).await?;
-                let opened = self.load_patient(id).await?;
-                call.entry.record_version = opened.record.version;
-                call.entry.key_version = opened.key_version;
-                return Ok(Created::Replayed(show(&mut call, opened.record)));
+                return Ok(Created::Replayed(self.read_patient(&mut call, id).await?));
             }
             let id = PatientId::new_v7();
             call.name_patient(id);
@@ -178,17 +174,7 @@ impl App {
             Ok(Created::New(show(&mut call, patient), write))
         }
         .await;
-        let replayed = matches!(result, Ok(Created::Replayed(_)));
-        let finished = match result {
-            Ok(Created::Replayed(p)) => call.finish(Ok(p)).await,
-            Ok(Created::New(p, write)) => call.finish_write(Ok((p, write))).await,
-            Err(e) => call.finish_write::<Patient>(Err(e)).await,
-        };
-        match finished {
-            // The only precondition of a create is its idempotency key.
-            Err(AppError::Conflict { .. }) if !replayed => Err(AppError::IdempotencyRace),
-            other => other,
-        }
+        call.finish_create(result).await
     }
 
     /// Reads a patient's current version.
@@ -196,14 +182,20 @@ impl App {
         let mut call = self.call(ctx, Action::PatientRead, input.named).await;
         let result = async {
             let id = call.accept(input.parsed)?;
-            call.reach(id, Reach::Read, RecordKind::Patient).await?;
-            let opened = self.load_patient(id).await?;
-            call.entry.record_version = opened.record.version;
-            call.entry.key_version = opened.key_version;
-            Ok(show(&mut call, opened.record))
+            self.read_patient(&mut call, id).await
         }
         .await;
         call.finish(result).await
+    }
+
+    /// A patient the caller may read, opened and shown as the caller may see
+    /// it, with what the call's entry records of it.
+    async fn read_patient(&self, call: &mut Call<'_>, id: PatientId) -> Result<Patient, AppError> {
+        call.reach(id, Reach::Read, RecordKind::Patient).await?;
+        let opened = self.load_patient(id).await?;
+        call.entry.record_version = opened.record.version;
+        call.entry.key_version = opened.key_version;
+        Ok(show(call, opened.record))
     }
 
     /// Replaces a patient's data if the caller's version is current.
