@@ -127,14 +127,12 @@ pub(super) async fn ensure_genesis(store: &PgStore, genesis: &AuditEntry) -> Res
 
 /// The pipeline task: one transaction per batch, until every sequencer handle is gone.
 pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syncs: Arc<AtomicU64>) {
-    let Queue { mut rx, head, failed } = queue;
+    // Unlike sled's, this pipeline never fails for good: a failed batch left
+    // nothing behind in memory, and the next one starts from the database's head.
+    let Queue { mut rx, head, .. } = queue;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         drain(&mut rx, &mut batch);
-        if failed.get() {
-            refuse(batch, "storage failed earlier; restart required");
-            continue;
-        }
         let started = std::time::Instant::now();
         match commit_batch(&store, &batch, clock.now_micros()).await {
             Ok((planned, committed)) => {
