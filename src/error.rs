@@ -101,6 +101,10 @@ pub enum AppError {
     /// The patient's data key changed (re-encryption or erasure) while the call ran.
     #[error("data key changed")]
     KeyChanged,
+    /// The key state changed (a key operation through another process)
+    /// while the request ran; the edge retries it.
+    #[error("key state changed")]
+    KeyStateMoved,
     /// The caller's version is stale.
     #[error("version conflict: current version is {current}")]
     Conflict {
@@ -144,7 +148,9 @@ impl AppError {
             AppError::Limited(_) | AppError::TooLarge => Outcome::ResourceExhausted,
             AppError::InvalidArgument(_) => Outcome::InvalidArgument,
             AppError::NotFound(_) | AppError::Erased(_) => Outcome::NotFound,
-            AppError::Conflict { .. } | AppError::KeyChanged | AppError::IdempotencyRace => Outcome::Aborted,
+            AppError::Conflict { .. } | AppError::KeyChanged | AppError::KeyStateMoved | AppError::IdempotencyRace => {
+                Outcome::Aborted
+            }
             AppError::FailedPrecondition(_) | AppError::InUse(_) => Outcome::FailedPrecondition,
             AppError::DataLoss => Outcome::DataLoss,
             AppError::AuditUnavailable | AppError::OutcomeUnknown | AppError::Internal => Outcome::Internal,
@@ -202,6 +208,9 @@ pub fn to_status(err: &AppError, request_id: &str) -> Status {
         )),
         AppError::KeyChanged => Status::aborted(
             "the patient's data key changed while this request ran (re-encryption or erasure); read again and retry",
+        ),
+        AppError::KeyStateMoved => Status::aborted(
+            "the key state changed while this request ran (a key operation or an erasure through another server); retry",
         ),
         AppError::Conflict { current } => {
             Status::aborted(format!("version conflict: the record is at version {current}; read it again and retry"))

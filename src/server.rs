@@ -135,7 +135,7 @@ pub async fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOp
     let key_paths = KeyPaths { dir: config.key_dir.clone() };
     let source = config.key_source.clone().unwrap_or_else(|| KeySource::Files(key_paths.clone()));
     let has_data = config.store.has_data().await?;
-    let (keyring, key_state, shreds) = keystore::open_for_store(&source, &config.data_dir, has_data)?;
+    let local = keystore::open_for_store(&source, &config.data_dir, has_data, config.store.writes_on_open())?;
     let issuer_path = config.issuer_public_key.clone().unwrap_or_else(|| key_paths.issuer_public());
     let issuer = keystore::parse_ed25519_public_pem(&issuer_path)?;
     let (store, pipeline) = storage::open(OpenStore {
@@ -151,11 +151,44 @@ pub async fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOp
         limits: Limits::new(config.limits),
         break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
     };
-    let keys = KeyManager::new(source, config.data_dir.clone(), keyring, key_state, shreds);
+    let keys = KeyManager::load(&store, source, config.data_dir.clone(), local).await?;
     let app = App::new(store, keys, options.clock.clone(), access);
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);
     Ok(Service { edge, sequencer, tls, pipeline })
+}
+
+/// How often health probes the store.
+const STORE_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the chain head every [`STORE_PROBE`] (bounded by the same time) and
+/// reports every service NOT_SERVING while that fails, SERVING again once it
+/// succeeds (unless the store failed for good: that stays NOT_SERVING).
+async fn probe_store(
+    app: crate::app::App,
+    reporter: tonic_health::server::HealthReporter,
+    failed: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut serving = true;
+    loop {
+        if !app.sleep_unless_stopped(STORE_PROBE).await || *failed.borrow() {
+            return;
+        }
+        let ok = matches!(tokio::time::timeout(STORE_PROBE, app.store().audit_head()).await, Ok(Ok(_)));
+        if ok == serving {
+            continue;
+        }
+        serving = ok;
+        let status = if ok { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+        if ok {
+            tracing::info!("the store is reachable again: serving");
+        } else {
+            tracing::error!("the store is unreachable: health reports NOT_SERVING until it is back");
+        }
+        for name in SERVICE_NAMES.into_iter().chain([""]) {
+            reporter.set_service_status(name, status).await;
+        }
+    }
 }
 
 /// Serves on `listener` until `shutdown` completes, then finishes in-flight
@@ -194,6 +227,9 @@ pub async fn run(
             }
         }
     });
+    // An unreachable database (PostgreSQL down, a network partition) fails
+    // every call closed; health says so while it lasts.
+    tokio::spawn(probe_store(edge.app().clone(), health_reporter.clone(), sequencer.failed()));
     // A rewrap job interrupted by a stop or a crash continues now.
     edge.app().resume_jobs();
     edge.app().watch_jobs();

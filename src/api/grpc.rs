@@ -81,6 +81,25 @@ pub trait Methods: Send + Sync + 'static {
 
 /// Declares a unary method: `unary!(Action, handler)`, where `handler` is an
 /// `async fn(&Edge, &CallContext, Bytes) -> Result<impl prost::Message, AppError>`.
+/// Runs a unary call again (up to twice) if it was aborted because the key
+/// state changed while it ran (a key operation or an erasure through another
+/// process; this process has taken the new state up by then). Each attempt
+/// has its own audit entry, the aborted one included; the attempt changed
+/// nothing.
+pub(crate) async fn retrying_key_state<T, F, Fut>(mut attempt: F) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AppError>>,
+{
+    for _ in 0..2 {
+        match attempt().await {
+            Err(AppError::KeyStateMoved) => tracing::info!("the key state moved under a call; running it again"),
+            other => return other,
+        }
+    }
+    attempt().await
+}
+
 macro_rules! unary {
     ($action:expr, $handler:path) => {{
         fn serve<'a>(
@@ -89,7 +108,9 @@ macro_rules! unary {
             body: ::bytes::Bytes,
         ) -> $crate::api::grpc::HandlerFuture<'a, ::bytes::Bytes> {
             Box::pin(async move {
-                $handler(edge, ctx, body).await.map(|m| ::bytes::Bytes::from(::prost::Message::encode_to_vec(&m)))
+                $crate::api::grpc::retrying_key_state(|| $handler(edge, ctx, body.clone()))
+                    .await
+                    .map(|m| ::bytes::Bytes::from(::prost::Message::encode_to_vec(&m)))
             })
         }
         $crate::api::grpc::Method { action: $action, handler: $crate::api::grpc::Handler::Unary(serve) }

@@ -99,13 +99,14 @@ impl App {
     pub async fn rotate_blind_index(&self, ctx: &CallContext, input: Input<()>) -> Result<BlindIndexJob, AppError> {
         let mut call = self.call(ctx, Action::KeysBlindIndexRotate, input.named).await;
         let gate = self.keys.wrap_gate.write().await;
+        let mut staged = None;
         let result = async {
             call.accept(input.parsed)?;
             let now = self.now();
             let (job, start) = match self.blind_index_progress().await? {
                 Some(job) if job.state != "completed" => (job, false),
                 _ => {
-                    let mut state = self.keys.state();
+                    let state = self.keys.state();
                     let to = state.primary;
                     if to == state.blind_index_version {
                         return Err(AppError::FailedPrecondition(
@@ -113,9 +114,10 @@ impl App {
                         ));
                     }
                     let from = state.blind_index_version;
-                    state.blind_index_next = Some(to);
-                    let keys = self.keys.clone();
-                    super::blocking(move || keys.apply(state).map_err(super::keys::key_error)).await?;
+                    // Writes index into both slots from the commit on (in every process).
+                    let next = self.stage_key_state(move |s| s.blind_index_next = Some(to)).await?;
+                    call.stage(next.change.clone());
+                    staged = Some(next);
                     let job = BlindIndexJob {
                         id: uuid::Uuid::now_v7().to_string(),
                         state: "building".into(),
@@ -146,6 +148,9 @@ impl App {
         }
         .await;
         let committed = call.finish(result).await;
+        if let (Ok(_), Some(staged)) = (&committed, staged) {
+            self.install_key_state(staged);
+        }
         drop(gate);
         let (job, start) = committed?;
         if start {
@@ -172,6 +177,9 @@ impl App {
                 return Ok(());
             }
             let Some((job, read)) = self.job_state_read::<BlindIndexJob>(JOB).await? else { return Ok(()) };
+            // The key state the batch's index keys come from, checked at commit.
+            self.refresh_keys().await?;
+            let guard = self.keys.raw();
             let (action, mut changes, next) = match job.state.as_str() {
                 "building" => {
                     let (changes, last, n) = self.reindex_batch(&job).await?;
@@ -193,9 +201,6 @@ impl App {
                     match last {
                         Some(r) => next.cursor = Some(cursor_of(r)),
                         None => {
-                            let mut state = self.keys.state();
-                            state.blind_index_previous = None;
-                            self.keys.apply(state).map_err(super::keys::key_error)?;
                             next.state = "completed".into();
                             next.cursor = None;
                             next.finished_at = Some(self.now());
@@ -212,8 +217,17 @@ impl App {
             };
             changes.push(job_advance(JOB, &next, read)?);
             let entry = job_entry(action, &next);
-            let committed = self.store.commit(Commit { entry, write: None, changes }).await;
-            match committed.map_err(internal)?.outcome {
+            let committed = if next.state == "completed" {
+                // The old index is gone: the key state says so with the completion entry.
+                self.commit_key_state(entry, changes, |s| s.blind_index_previous = None).await?
+            } else {
+                changes.push(Change::KeyStateIs(guard));
+                self.store.commit(Commit { entry, write: None, changes }).await.map_err(internal)?
+            };
+            match committed.outcome {
+                CommitOutcome::KeyStateMoved => {
+                    self.refresh_keys().await?;
+                }
                 CommitOutcome::Written if next.state == "completed" => {
                     tracing::info!(job = %next.id, "blind-index rotation completed");
                     return Ok(());
@@ -227,18 +241,22 @@ impl App {
     /// Phase 3: searches move to the new index (writes paused for the switch).
     async fn switch_blind_index(&self, job: &BlindIndexJob) -> Result<(), AppError> {
         let _gate = self.keys.wrap_gate.write().await;
-        let mut state = self.keys.state();
-        state.blind_index_version = job.to;
-        state.blind_index_slot = 1 - state.blind_index_slot;
-        state.blind_index_next = None;
-        state.blind_index_previous = Some(job.from);
-        self.keys.apply(state).map_err(super::keys::key_error)?;
         let mut next = job.clone();
         next.state = "dropping".into();
         next.cursor = None;
         let changes = vec![job_write(JOB, &next)?];
         let entry = job_entry(Action::KeysBlindIndexSwitch, &next);
-        self.store.commit(Commit { entry, write: None, changes }).await.map_err(internal)?;
+        let (to, from) = (job.to, job.from);
+        // Searches in every process use the new slot from this commit on.
+        self.commit_key_state(entry, changes, move |s| {
+            if s.blind_index_next == Some(to) {
+                s.blind_index_version = to;
+                s.blind_index_slot = 1 - s.blind_index_slot;
+                s.blind_index_next = None;
+                s.blind_index_previous = Some(from);
+            }
+        })
+        .await?;
         Ok(())
     }
 

@@ -86,6 +86,9 @@ pub(super) struct Call<'a> {
     /// Changes that commit with the entry, and only if the call succeeds
     /// (a new break-glass grant, a restriction, a job's state, ...).
     staged: Vec<Change>,
+    /// The stored key state the call's keys come from (taken before any key
+    /// is used): its commit goes ahead only if the store still holds it.
+    key_state: Vec<u8>,
 }
 
 impl App {
@@ -101,8 +104,16 @@ impl App {
             purpose: ctx.purpose().map(|p| p.as_str().to_string()).unwrap_or_default(),
             ..AuditEntry::default()
         };
-        let mut call =
-            Call { app: self, ctx, action, entry, grant: Grant::default(), coverage_patient: None, staged: Vec::new() };
+        let mut call = Call {
+            app: self,
+            ctx,
+            action,
+            entry,
+            grant: Grant::default(),
+            coverage_patient: None,
+            staged: Vec::new(),
+            key_state: self.keys.raw(),
+        };
         if let Some(c) = named.coverage {
             call.name_coverage(c).await;
         }
@@ -232,7 +243,8 @@ impl Call<'_> {
     /// precondition commits the entry alone, as `aborted`.
     pub(super) async fn commit(mut self, write: Option<RecordWrite>) -> Result<Committed, AppError> {
         self.entry.outcome = Outcome::Ok.as_str().to_string();
-        let changes = std::mem::take(&mut self.staged);
+        let mut changes = std::mem::take(&mut self.staged);
+        changes.push(Change::KeyStateIs(std::mem::take(&mut self.key_state)));
         let committed = self.app.store.commit(Commit { entry: self.entry, write, changes }).await;
         let ctx = self.ctx;
         match committed {
@@ -248,6 +260,13 @@ impl Call<'_> {
                 CommitOutcome::KeyChanged => {
                     self.app.log(ctx, self.action, Outcome::Aborted, Some(c.sequence));
                     Err(AppError::KeyChanged)
+                }
+                CommitOutcome::KeyStateMoved => {
+                    self.app.log(ctx, self.action, Outcome::Aborted, Some(c.sequence));
+                    if let Err(e) = self.app.refresh_keys().await {
+                        tracing::error!(error = %e, "taking up the changed key state failed");
+                    }
+                    Err(AppError::KeyStateMoved)
                 }
             },
             Err(e) => {

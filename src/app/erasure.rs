@@ -35,6 +35,7 @@ use crate::audit::AuditEntry;
 use crate::crypto::{self, WrappedDataKey};
 use crate::domain::{Action, Outcome, PatientId};
 use crate::error::AppError;
+use crate::keystore;
 use crate::storage::{Change, Commit, CommitOutcome, Expect, RecordRef};
 
 /// Data keys per rekey batch.
@@ -106,6 +107,7 @@ impl App {
         let mut call = self.call(ctx, Action::PatientErase, input.named).await;
         let _one_at_a_time = self.erase_lock.lock().await;
         let mut gate = None;
+        let mut staged = None;
         let result = async {
             let req = call.accept(input.parsed)?;
             let id = req.patient;
@@ -123,6 +125,10 @@ impl App {
             let subject = ctx.subject().unwrap_or_default().to_string();
             let (changes, coverages, record_versions, generation, key_version) =
                 self.erasure_writes(id, bucket, &req.reason, subject, self.now()).await?;
+            // Every process reads erasure-keys again once this commits.
+            let next = self.stage_key_state(|_| {}).await?;
+            call.stage(next.change.clone());
+            staged = Some(next);
             call.entry.key_version = key_version;
             call.entry.details = vec![
                 format!("coverages={coverages}"),
@@ -141,6 +147,9 @@ impl App {
             Err(e) => return Err(call.refuse(e).await),
         };
         let committed = call.commit(None).await;
+        if let (Ok(_), Some(staged)) = (&committed, staged) {
+            self.install_key_state(staged);
+        }
         drop(gate);
         let committed = match committed {
             Ok(c) => c,
@@ -177,16 +186,19 @@ impl App {
         subject: String,
         now: i64,
     ) -> Result<(Vec<Change>, u64, u64, u32, u32), AppError> {
-        let next = self.keys.shreds().with_next_generation(bucket).map_err(super::crypto_failure)?;
-        let generation = next.current(bucket).map_err(super::crypto_failure)?.generation();
         let keys = self.keys.clone();
-        blocking(move || {
-            keys.apply_shreds(next).map_err(|e| {
-                tracing::error!(error = %e, "writing erasure-keys failed");
-                AppError::Internal
-            })
+        let next = blocking(move || {
+            let next = keystore::update_erasure_keys(keys.data_dir(), |now| now.with_next_generation(bucket)).map_err(
+                |e| {
+                    tracing::error!(error = %e, "writing erasure-keys failed");
+                    AppError::Internal
+                },
+            )?;
+            keys.install_shreds(next.clone());
+            Ok(next)
         })
         .await?;
+        let generation = next.current(bucket).map_err(super::crypto_failure)?.generation();
         let patient = id.bytes();
         let coverages = self.store.coverages_of(patient).await.map_err(internal)?;
         let footprint = self.store.footprint(patient).await.map_err(internal)?;
@@ -263,6 +275,8 @@ impl App {
         let target = shreds.current(bucket).map_err(super::crypto_failure)?.generation();
         let mut moved = 0u64;
         loop {
+            self.refresh_keys().await?;
+            let guard = self.keys.raw();
             let batch = self.rekey_batch(bucket, target).await?;
             if batch.is_empty() {
                 break;
@@ -280,9 +294,14 @@ impl App {
                 ],
                 ..AuditEntry::default()
             };
+            let mut batch = batch;
+            batch.push(Change::KeyStateIs(guard));
             let committed = self.store.commit(Commit { entry, write: None, changes: batch }).await;
             match committed {
                 Ok(c) if c.outcome == CommitOutcome::Written => moved += n,
+                Ok(c) if c.outcome == CommitOutcome::KeyStateMoved => {
+                    self.refresh_keys().await?;
+                }
                 // A key changed under the batch (a rewrap or a write); read again.
                 Ok(_) => {}
                 Err(e) => return Err(super::call::audit_unavailable(e)),
@@ -290,13 +309,26 @@ impl App {
         }
         let keys = self.keys.clone();
         blocking(move || {
-            let next = keys.shreds().without_previous(bucket);
-            keys.apply_shreds(next).map_err(|e| {
+            keystore::update_erasure_keys(keys.data_dir(), |now| Ok(now.without_previous(bucket))).map_err(|e| {
                 tracing::error!(error = %e, "writing erasure-keys failed");
                 AppError::Internal
             })
         })
         .await?;
+        // Every process drops the old generation once this commits.
+        let entry = AuditEntry {
+            actor: "carevault".into(),
+            action: Action::ErasureRekey.as_str().into(),
+            resource_type: Action::ErasureRekey.resource_type().as_str().into(),
+            outcome: Outcome::Ok.as_str().into(),
+            details: vec![
+                format!("erasure_bucket={bucket}"),
+                format!("bucket_generation={target}"),
+                "previous_generation_dropped=true".into(),
+            ],
+            ..AuditEntry::default()
+        };
+        self.commit_key_state(entry, Vec::new(), |_| {}).await?;
         Ok(moved)
     }
 

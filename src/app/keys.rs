@@ -1,14 +1,15 @@
 //! Key operations: status, rotate, retire, destroy (the rewrap job is in
 //! `rewrap.rs`).
 //!
-//! The live keyring is swapped atomically when the key state changes, so
-//! requests in flight keep the keyring they started with and the next ones
-//! see the new one. Every change is written to `keycheck.json` (atomic
-//! rename) before it takes effect in memory and is audited.
+//! The key state is stored in the store and changes only in commits with
+//! their audit entries (see [`KeyManager`]). The live keyring is swapped
+//! atomically once a change commits, so requests in flight keep the keyring
+//! they started with (their commits then fail the key-state check and are
+//! run again) and the next ones see the new one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,19 +19,45 @@ use crate::audit::AuditEntry;
 use crate::crypto::{Keyring, ShredKeys, WrappedDataKey};
 use crate::domain::{Action, Outcome};
 use crate::error::AppError;
-use crate::keystore::{Destroyed, KeyError, KeySource, KeyState, VersionInfo, VersionState};
-use crate::storage::{Change, Commit, CommitOutcome, Expect, JobName};
+use crate::keystore::{Destroyed, KeyError, KeySource, KeyState, LocalKeys, VersionInfo, VersionState};
+use crate::storage::{Change, Commit, CommitOutcome, Committed, Expect, JobName, StorageError, Store};
 
 /// Where a key operation's intent is stored (see [`PendingKeyOperation`]).
 const KEY_OP: JobName = JobName::KeyOperation;
 
-/// The live keyring, the erasure bucket keys, and the key state behind them.
+/// Where the key state is stored.
+const KEY_STATE: JobName = JobName::KeyState;
+
+/// The keys a process works with, all from one key state: the state, its
+/// stored bytes, the keyring built from it and the erasure bucket keys.
+pub(super) struct Live {
+    /// The key state.
+    pub state: KeyState,
+    /// Its bytes as stored (what a commit checks it against).
+    pub raw: Vec<u8>,
+    /// The keyring of its active versions.
+    pub ring: Arc<Keyring>,
+    /// The erasure bucket keys read with it.
+    pub shreds: Arc<ShredKeys>,
+}
+
+/// The live keys, and the key state behind them.
+///
+/// The key state is stored in the store ([`JobName::KeyState`]) and changes
+/// only in commits with their audit entries. Every audited call's commit
+/// checks that the stored state is still the one its keys came from
+/// ([`Change::KeyStateIs`]); if a key operation through another process
+/// changed it, the commit is aborted, this process takes the new state up
+/// (and reads `erasure-keys` again), and the edge retries the call.
+/// `keycheck.json` in the data directory is a copy, written before each
+/// change commits, so the next start can check the master keys before the
+/// store is opened.
 pub struct KeyManager {
     source: KeySource,
     data_dir: PathBuf,
-    state: Mutex<KeyState>,
-    ring: RwLock<Arc<Keyring>>,
-    shreds: RwLock<Arc<ShredKeys>>,
+    live: RwLock<Arc<Live>>,
+    /// One refresh at a time.
+    refreshing: tokio::sync::Mutex<()>,
     /// Held shared by everything that wraps a data key, from the wrap until
     /// its commit is durable (creates, rewrap batches, re-encryption), and
     /// exclusively by an erasure while it moves a bucket to a new generation,
@@ -39,33 +66,105 @@ pub struct KeyManager {
 }
 
 impl KeyManager {
-    /// Wraps an opened keyring, its state and the erasure bucket keys.
-    pub fn new(source: KeySource, data_dir: PathBuf, ring: Keyring, state: KeyState, shreds: ShredKeys) -> KeyManager {
+    /// Takes up the store's key state: checks it against the key source and
+    /// `local` (the data directory's, already checked), or records the local
+    /// one in the store if the store has none yet (a store from before key
+    /// state was stored, or a new one), with a `keys.state_recorded` entry.
+    pub async fn load(
+        store: &Store,
+        source: KeySource,
+        data_dir: PathBuf,
+        local: LocalKeys,
+    ) -> Result<KeyManager, KeyError> {
+        let storage = |e: StorageError| KeyError::Store(e.to_string());
+        let shreds = Arc::new(local.shreds);
+        let mine = local.checked.as_ref().map(|(_, state)| state.clone());
+        let mut local_ring = local.checked.map(|(ring, _)| ring);
+        for _ in 0..3 {
+            if let Some(raw) = store.job(KEY_STATE).await.map_err(storage)? {
+                let state = KeyState::from_bytes(&raw)?;
+                if let Some(mine) = &mine {
+                    for (v, info) in &mine.master_keys {
+                        if state.master_keys.get(v).is_some_and(|i| i.kcv != info.kcv) {
+                            return Err(KeyError::WrongKey(*v));
+                        }
+                    }
+                }
+                let ring = {
+                    let (state, source) = (state.clone(), source.clone());
+                    tokio::task::spawn_blocking(move || state.keyring(&source))
+                        .await
+                        .map_err(|_| KeyError::StoredState)??
+                };
+                check_shreds(store, &ring, &shreds, &data_dir).await?;
+                if mine.as_ref() != Some(&state) {
+                    state.write(&data_dir)?;
+                }
+                let live = Live { state, raw, ring: Arc::new(ring), shreds };
+                return Ok(KeyManager::new(source, data_dir, live));
+            }
+            let (Some(state), Some(ring)) = (&mine, local_ring.take()) else {
+                return Err(KeyError::NoKeyCheck(data_dir));
+            };
+            let raw = state.to_bytes();
+            let entry = AuditEntry {
+                actor: "carevault".into(),
+                client_address: "local".into(),
+                action: Action::KeysStateRecorded.as_str().into(),
+                resource_type: Action::KeysStateRecorded.resource_type().as_str().into(),
+                outcome: Outcome::Ok.as_str().into(),
+                key_version: state.primary,
+                details: vec![format!("primary={}", state.primary), format!("generation={}", state.generation)],
+                ..AuditEntry::default()
+            };
+            let changes = vec![Change::Job { name: KEY_STATE, value: Some(raw.clone()), expect: Expect::Absent }];
+            let committed = store.commit(Commit { entry, write: None, changes }).await.map_err(storage)?;
+            if committed.outcome == CommitOutcome::Written {
+                check_shreds(store, &ring, &shreds, &data_dir).await?;
+                let live = Live { state: state.clone(), raw, ring: Arc::new(ring), shreds };
+                return Ok(KeyManager::new(source, data_dir, live));
+            }
+            // Another process recorded its state first: take that one up.
+        }
+        Err(KeyError::StoredState)
+    }
+
+    fn new(source: KeySource, data_dir: PathBuf, live: Live) -> KeyManager {
         KeyManager {
             source,
             data_dir,
-            state: Mutex::new(state),
-            ring: RwLock::new(Arc::new(ring)),
-            shreds: RwLock::new(Arc::new(shreds)),
+            live: RwLock::new(Arc::new(live)),
+            refreshing: tokio::sync::Mutex::new(()),
             wrap_gate: tokio::sync::RwLock::new(()),
         }
     }
 
+    /// The data directory (`keycheck.json`, `erasure-keys`).
+    pub(super) fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn install(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+    }
+
     /// The current keyring.
     pub fn ring(&self) -> Arc<Keyring> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.live().ring.clone()
     }
 
     /// The current erasure bucket keys.
     pub fn shreds(&self) -> Arc<ShredKeys> {
-        self.shreds.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.live().shreds.clone()
     }
 
-    /// Persists new erasure bucket keys (atomic rewrite of `erasure-keys`), then makes them live.
-    pub(super) fn apply_shreds(&self, next: ShredKeys) -> Result<(), KeyError> {
-        crate::keystore::write_erasure_keys(&self.data_dir, &next)?;
-        *self.shreds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        Ok(())
+    /// The stored bytes of the key state the live keys come from.
+    pub(super) fn raw(&self) -> Vec<u8> {
+        self.live().raw.clone()
     }
 
     /// Master versions that wrapped data keys before erasure buckets existed and are not destroyed.
@@ -80,16 +179,132 @@ impl KeyManager {
     }
 
     pub(super) fn state(&self) -> KeyState {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.live().state.clone()
     }
 
-    /// Persists a new state, then makes it live.
-    pub(super) fn apply(&self, next: KeyState) -> Result<(), KeyError> {
+    /// Builds the live keys of `next` (the keyring checked against the key
+    /// source, `erasure-keys` read again) and writes `keycheck.json`: done
+    /// before the change commits (blocking).
+    fn prepare(&self, next: KeyState) -> Result<Live, KeyError> {
         let ring = next.keyring(&self.source)?;
+        let shreds = crate::keystore::read_erasure_keys(&self.data_dir)?;
         next.write(&self.data_dir)?;
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = next;
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
-        Ok(())
+        Ok(Live { raw: next.to_bytes(), state: next, ring: Arc::new(ring), shreds: Arc::new(shreds) })
+    }
+
+    /// Makes `shreds` live at once, with the key state unchanged (this
+    /// process's own erasure, before its commit).
+    pub(super) fn install_shreds(&self, shreds: ShredKeys) {
+        let live = self.live();
+        self.install(Live {
+            state: live.state.clone(),
+            raw: live.raw.clone(),
+            ring: live.ring.clone(),
+            shreds: Arc::new(shreds),
+        });
+    }
+}
+
+/// Refuses erasure bucket keys that cannot open the store's first data key.
+async fn check_shreds(
+    store: &Store,
+    ring: &Keyring,
+    shreds: &ShredKeys,
+    data_dir: &std::path::Path,
+) -> Result<(), KeyError> {
+    let first = store.data_keys_after(None, 1).await.map_err(|e| KeyError::Store(e.to_string()))?;
+    if let Some((patient, wrapped)) = first.into_iter().next()
+        && let Err(crate::crypto::CryptoError::UnknownErasureKey(..) | crate::crypto::CryptoError::Open) =
+            ring.unwrap_data_key(&patient, &WrappedDataKey(wrapped), shreds)
+    {
+        return Err(KeyError::ForeignErasureKeys(data_dir.join(crate::keystore::ERASURE_KEYS_FILE)));
+    }
+    Ok(())
+}
+
+/// A key state change staged in a call: the change, and the live keys it
+/// makes once committed.
+pub(super) struct StagedKeyState {
+    pub change: Change,
+    pub live: Live,
+}
+
+impl App {
+    /// Takes up the store's key state if it moved (a key operation or an
+    /// erasure through another process). True if it had.
+    pub(super) async fn refresh_keys(&self) -> Result<bool, AppError> {
+        let _one = self.keys.refreshing.lock().await;
+        let Some(raw) = self.store.job(KEY_STATE).await.map_err(internal)? else { return Ok(false) };
+        if raw == self.keys.raw() {
+            return Ok(false);
+        }
+        let next = KeyState::from_bytes(&raw).map_err(key_error)?;
+        let keys = self.keys.clone();
+        let live = blocking(move || keys.prepare(next).map_err(key_error)).await?;
+        tracing::info!(generation = live.state.generation, primary = live.state.primary, "took up a changed key state");
+        self.keys.install(Live { raw, ..live });
+        Ok(true)
+    }
+
+    /// Stages, from the live key state, the change `edit` makes (for a call
+    /// whose commit carries it; [`KeyManager::install`] it once committed).
+    pub(super) async fn stage_key_state(
+        &self,
+        edit: impl FnOnce(&mut KeyState) + Send + 'static,
+    ) -> Result<StagedKeyState, AppError> {
+        let live = self.keys.live();
+        let mut next = live.state.clone();
+        edit(&mut next);
+        next.generation += 1;
+        let keys = self.keys.clone();
+        let prepared = blocking(move || keys.prepare(next).map_err(key_error)).await?;
+        let change =
+            Change::Job { name: KEY_STATE, value: Some(prepared.raw.clone()), expect: Expect::Equal(live.raw.clone()) };
+        Ok(StagedKeyState { change, live: prepared })
+    }
+
+    /// Makes a committed staged key state live.
+    pub(super) fn install_key_state(&self, staged: StagedKeyState) {
+        self.keys.install(staged.live);
+    }
+
+    /// Commits `entry` and `changes` with the key state `edit` makes of the
+    /// stored one, which must still be the one read: if another process
+    /// changed it in between, it is read again and `edit` applied again.
+    /// The new state is live here once committed. Returns the commit (its
+    /// outcome says whether `changes`' own preconditions held).
+    pub(super) async fn commit_key_state(
+        &self,
+        entry: AuditEntry,
+        changes: Vec<Change>,
+        edit: impl Fn(&mut KeyState) + Send + Sync + Clone + 'static,
+    ) -> Result<Committed, AppError> {
+        for _ in 0..5 {
+            let raw = self.store.job(KEY_STATE).await.map_err(internal)?.ok_or(AppError::Internal)?;
+            let mut next = KeyState::from_bytes(&raw).map_err(key_error)?;
+            edit(&mut next);
+            next.generation += 1;
+            let keys = self.keys.clone();
+            let live = blocking(move || keys.prepare(next).map_err(key_error)).await?;
+            let mut all = changes.clone();
+            all.push(Change::Job {
+                name: KEY_STATE,
+                value: Some(live.raw.clone()),
+                expect: Expect::Equal(raw.clone()),
+            });
+            let committed = self.store.commit(Commit { entry: entry.clone(), write: None, changes: all }).await;
+            let committed = committed.map_err(super::call::audit_unavailable)?;
+            if committed.outcome == CommitOutcome::Written {
+                self.keys.install(live);
+                return Ok(committed);
+            }
+            if self.store.job(KEY_STATE).await.map_err(internal)?.as_deref() == Some(raw.as_slice()) {
+                // Another precondition failed; the caller decides.
+                return Ok(committed);
+            }
+        }
+        tracing::error!("the key state kept changing under a key state change");
+        Err(AppError::KeyStateMoved)
     }
 }
 
@@ -280,7 +495,8 @@ impl App {
         })
     }
 
-    /// Adds a master key version and makes it primary.
+    /// Adds a master key version and makes it primary: the new state
+    /// commits with the completion entry.
     pub async fn rotate_master_key(&self, ctx: &CallContext, input: Input<()>) -> Result<(u32, u32), AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
         let mut call = self.call(ctx, Action::KeysRotate, input.named).await;
@@ -292,24 +508,33 @@ impl App {
             (version, state.primary)
         });
         let (version, previous) = result.as_ref().map_or((0, 0), |v| *v);
-        let intent = self.key_intent(call, result.map(|_| (KeyOperation::Rotate, version))).await?;
+        let intent = self.key_intent(call, result.map(|_| (KeyOperation::Rotate, version)), None).await?;
         let keys = self.keys.clone();
-        let applied = blocking(move || {
-            let mut next = keys.state();
+        let created = blocking(move || {
             let key = keys.source.create(version).map_err(key_error)?;
             let check = Keyring::new(vec![(version, key)], version, version).map_err(|_| AppError::Internal)?;
-            let kcv = check.key_check_value(version).ok_or(AppError::Internal)?;
-            next.master_keys.insert(version, VersionInfo { kcv, state: VersionState::Active });
-            next.primary = version;
-            keys.apply(next).map_err(key_error)
+            check.key_check_value(version).ok_or(AppError::Internal)
         })
         .await;
         let details = vec![format!("new_version={version}"), format!("previous_primary={previous}")];
-        self.key_completion(ctx, intent, applied.as_ref().map(|()| details)).await?;
+        let applied = match created {
+            Ok(kcv) => {
+                let edit = move |next: &mut KeyState| {
+                    next.master_keys.insert(version, VersionInfo { kcv: kcv.clone(), state: VersionState::Active });
+                    next.primary = version;
+                };
+                self.key_completion(ctx, intent, Ok(details), Some(edit)).await
+            }
+            Err(e) => {
+                self.key_completion(ctx, intent, Err(&e), None::<fn(&mut KeyState)>).await?;
+                Err(e)
+            }
+        };
         applied.map(|()| (version, previous))
     }
 
-    /// Retires a version: refused while anything depends on it.
+    /// Retires a version: refused while anything depends on it. The new
+    /// state commits with the completion entry.
     pub async fn retire_master_key(&self, ctx: &CallContext, input: Input<u32>) -> Result<u32, AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
         let mut call = self.call(ctx, Action::KeysRetire, input.named).await;
@@ -323,18 +548,15 @@ impl App {
             checked.map(|()| (KeyOperation::Retire, version))
         }
         .await;
-        let intent = self.key_intent(call, result).await?;
-        let (keys, version) = (self.keys.clone(), intent.version);
-        let applied = blocking(move || {
-            let mut next = keys.state();
+        let intent = self.key_intent(call, result, None).await?;
+        let version = intent.version;
+        let edit = move |next: &mut KeyState| {
             if let Some(i) = next.master_keys.get_mut(&version) {
                 i.state = VersionState::Retired;
             }
-            keys.apply(next).map_err(key_error)
-        })
-        .await;
-        self.key_completion(ctx, intent, applied.as_ref().map(|()| Vec::new())).await?;
-        applied.map(|()| version)
+        };
+        self.key_completion(ctx, intent, Ok(Vec::new()), Some(edit)).await?;
+        Ok(version)
     }
 
     /// Why `version` cannot be retired now, if it cannot.
@@ -363,7 +585,9 @@ impl App {
         Ok(())
     }
 
-    /// Destroys a retired version's material.
+    /// Destroys a retired version's material: the state says "destroyed"
+    /// from the intent entry on (nothing may use it from then), and the
+    /// material is removed after that commit.
     pub async fn destroy_master_key(&self, ctx: &CallContext, input: Input<u32>) -> Result<bool, AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
         let mut call = self.call(ctx, Action::KeysDestroy, input.named).await;
@@ -379,20 +603,39 @@ impl App {
                 VersionState::Retired => Ok((KeyOperation::Destroy, version)),
             }
         });
-        let intent = self.key_intent(call, result).await?;
+        let staged = match &result {
+            Ok((_, version)) => {
+                let version = *version;
+                let staged = self
+                    .stage_key_state(move |next| {
+                        if let Some(i) = next.master_keys.get_mut(&version) {
+                            i.state = VersionState::Destroyed;
+                        }
+                    })
+                    .await;
+                match staged {
+                    Ok(s) => Some(s),
+                    Err(e) => return Err(call.refuse(e).await),
+                }
+            }
+            Err(_) => None,
+        };
+        let intent = self.key_intent(call, result, staged).await?;
         let (keys, version) = (self.keys.clone(), intent.version);
-        let applied = blocking(move || destroy(&keys, version)).await;
+        let applied = blocking(move || remove_material(&keys, version)).await;
         let details = applied.as_ref().map(|removed| vec![format!("material_removed={removed}")]);
-        self.key_completion(ctx, intent, details).await?;
+        self.key_completion(ctx, intent, details, None::<fn(&mut KeyState)>).await?;
         applied
     }
 
-    /// Commits a key operation's intent entry with its pending record, or
-    /// audits why it was refused.
+    /// Commits a key operation's intent entry with its pending record (and
+    /// a staged key state change, made live once committed), or audits why
+    /// it was refused.
     async fn key_intent(
         &self,
         mut call: Call<'_>,
         decided: Result<(KeyOperation, u32), AppError>,
+        staged: Option<StagedKeyState>,
     ) -> Result<Intent, AppError> {
         let (operation, version) = match decided {
             Ok(v) => v,
@@ -409,9 +652,17 @@ impl App {
         let json = serde_json::to_vec(&pending).map_err(|_| AppError::Internal)?;
         // Only one operation at a time: an unsettled one must be settled first.
         call.stage(Change::Job { name: KEY_OP, value: Some(json), expect: Expect::Absent });
+        if let Some(s) = &staged {
+            call.stage(s.change.clone());
+        }
         let template = AuditEntry { details: Vec::new(), ..call.entry.clone() };
         match call.commit(None).await {
-            Ok(_) => Ok(Intent { operation, version, template }),
+            Ok(_) => {
+                if let Some(s) = staged {
+                    self.install_key_state(s);
+                }
+                Ok(Intent { operation, version, template })
+            }
             Err(AppError::Conflict { .. }) => Err(AppError::FailedPrecondition(
                 "an earlier key operation was interrupted and is not settled yet; restart the server to settle it",
             )),
@@ -420,12 +671,14 @@ impl App {
     }
 
     /// Commits a key operation's completion entry (outcome ok, or why it
-    /// failed) and removes its pending record.
+    /// failed) and removes its pending record; with `edit`, the key state
+    /// change commits with it.
     async fn key_completion(
         &self,
         ctx: &CallContext,
         intent: Intent,
         applied: Result<Vec<String>, &AppError>,
+        edit: Option<impl Fn(&mut KeyState) + Send + Sync + Clone + 'static>,
     ) -> Result<(), AppError> {
         let action = intent.operation.completion_action();
         let (outcome, details) = match applied {
@@ -435,17 +688,25 @@ impl App {
         let entry =
             AuditEntry { action: action.as_str().into(), outcome: outcome.as_str().into(), details, ..intent.template };
         let changes = vec![Change::Job { name: KEY_OP, value: None, expect: Expect::Anything }];
-        let committed = self.store.commit(Commit { entry, write: None, changes }).await;
+        let committed = match edit {
+            Some(edit) => self.commit_key_state(entry, changes, edit).await,
+            None => {
+                self.store.commit(Commit { entry, write: None, changes }).await.map_err(super::call::audit_unavailable)
+            }
+        };
         self.log(ctx, action, outcome, committed.as_ref().ok().map(|c| c.sequence));
-        committed.map(|_| ()).map_err(super::call::audit_unavailable)
+        committed.map(|_| ())
     }
 
     /// Settles a key operation interrupted between its two entries: whether
-    /// it took effect is read from the key state (a destroy is finished), and
-    /// a completion entry says so. Called once the server runs.
+    /// it took effect is read from the key state (a rotation or retirement
+    /// takes effect with its completion entry, so it did not; a destroy did,
+    /// with its intent, and its material removal is repeated), and a
+    /// completion entry says so. Called once the server runs.
     pub(super) async fn settle_key_operation(&self) -> Result<(), AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
         let Some(pending) = self.job_state::<PendingKeyOperation>(KEY_OP).await? else { return Ok(()) };
+        self.refresh_keys().await?;
         let state = self.keys.state();
         let info = state.master_keys.get(&pending.version).map(|i| i.state);
         let mut details = vec!["settled_at_start=true".to_string(), format!("version={}", pending.version)];
@@ -456,7 +717,7 @@ impl App {
                 let destroyed = info == Some(VersionState::Destroyed);
                 if destroyed {
                     let keys = self.keys.clone();
-                    let removed = blocking(move || destroy(&keys, pending.version)).await?;
+                    let removed = blocking(move || remove_material(&keys, pending.version)).await?;
                     details.push(format!("material_removed={removed}"));
                 }
                 destroyed
@@ -498,15 +759,8 @@ struct Intent {
     template: AuditEntry,
 }
 
-/// Marks `version` destroyed (first, so a crash between the two leaves a
-/// "destroyed" version whose material removal is simply repeated), then
-/// removes its material. True if carevault removed it itself.
-fn destroy(keys: &KeyManager, version: u32) -> Result<bool, AppError> {
-    let mut next = keys.state();
-    if let Some(i) = next.master_keys.get_mut(&version) {
-        i.state = VersionState::Destroyed;
-    }
-    keys.apply(next).map_err(key_error)?;
+/// Removes a destroyed version's material. True if carevault removed it itself.
+fn remove_material(keys: &KeyManager, version: u32) -> Result<bool, AppError> {
     let removed = keys.source.destroy(version).map_err(key_error)?;
     Ok(removed == Destroyed::Removed)
 }

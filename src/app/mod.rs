@@ -201,6 +201,19 @@ impl App {
         let _ = self.blind_lock.lock().await;
     }
 
+    /// Sleeps for `d`, or until the server stops; false if it is stopping.
+    pub async fn sleep_unless_stopped(&self, d: std::time::Duration) -> bool {
+        // Registered before the flag is read, so a stop in between still wakes it.
+        let stopped = self.stopped.notified();
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        tokio::select! {
+            () = stopped => false,
+            () = tokio::time::sleep(d) => true,
+        }
+    }
+
     /// Asks background jobs to stop after their current batch (shutdown).
     pub fn stop_jobs(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -236,7 +249,15 @@ impl App {
             let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
             match self.keys.ring().unwrap_data_key(&patient.bytes(), &wrapped, &shreds) {
                 Ok(dek) => return Ok((dek, version)),
-                Err(crypto::CryptoError::UnknownErasureKey(..)) if attempts < 3 => attempts += 1,
+                // Wrapped under keys this process does not have yet: a key
+                // operation or an erasure through another process moved the
+                // key state (or, in the same bucket, an erasure here did).
+                Err(crypto::CryptoError::UnknownErasureKey(..) | crypto::CryptoError::UnknownKeyVersion(_))
+                    if attempts < 3 =>
+                {
+                    attempts += 1;
+                    self.refresh_keys().await?;
+                }
                 Err(e) => return Err(crypto_failure(e)),
             }
         }

@@ -175,6 +175,8 @@ impl App {
                 return Ok(());
             }
             let started = Instant::now();
+            self.refresh_keys().await?;
+            let guard = self.keys.raw();
             let gate = self.keys.wrap_gate.write().await;
             let batch = self.reencrypt_batch(&job).await?;
             let mut next = job.clone();
@@ -192,6 +194,7 @@ impl App {
             let finished = next.state == "completed";
             let mut changes = batch.writes;
             changes.push(job_advance(JOB, &next, read)?);
+            changes.push(Change::KeyStateIs(guard));
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysReencryptComplete } else { Action::KeysReencryptBatch }

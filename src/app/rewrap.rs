@@ -174,14 +174,12 @@ impl App {
         let app = self.clone();
         tokio::spawn(async move {
             loop {
-                // Registered before the flag is read, so a stop in between still wakes it.
-                let stopped = app.stopped.notified();
-                if app.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                if !app.sleep_unless_stopped(JOB_WATCH).await {
                     return;
                 }
-                tokio::select! {
-                    () = stopped => return,
-                    () = tokio::time::sleep(JOB_WATCH) => {}
+                // Take up a key state changed through another process, even when idle.
+                if let Err(e) = app.refresh_keys().await {
+                    tracing::warn!(error = %e, "reading the key state failed");
                 }
                 if app.rewrap_lock.try_lock().is_ok() {
                     app.resume_rewrap().await;
@@ -221,6 +219,10 @@ impl App {
             let started = Instant::now();
             // Wrapped keys are committed under the gate, so an erasure never
             // sees a key land under a bucket generation it is dropping.
+            // Keys as the store's key state has them now (another process may
+            // have changed it), checked again at commit.
+            self.refresh_keys().await?;
+            let guard = self.keys.raw();
             let gate = self.keys.wrap_gate.read().await;
             let (batch, mut next) = self.next_batch(&job).await?;
             let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
@@ -231,6 +233,7 @@ impl App {
             }
             let mut changes = batch;
             changes.push(job_advance(JOB, &next, read)?);
+            changes.push(Change::KeyStateIs(guard));
             let entry = AuditEntry {
                 actor: "carevault".into(),
                 action: if finished { Action::KeysRewrapComplete } else { Action::KeysRewrapBatch }.as_str().into(),

@@ -35,7 +35,7 @@ async fn provision(
             anyhow::bail!(keystore::KeyError::NoMasterKey(key_dir.to_path_buf()));
         }
     }
-    keystore::open_for_store(source, data_dir, has_data)?;
+    keystore::open_for_store(source, data_dir, has_data, store.writes_on_open())?;
     Ok(())
 }
 

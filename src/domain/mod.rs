@@ -131,6 +131,8 @@ pub enum Action {
     KeysRotateComplete,
     KeysRetireComplete,
     KeysDestroyComplete,
+    /// The key state recorded in the store (first start with this version).
+    KeysStateRecorded,
 }
 
 /// What kind of thing an audited action is about (`resource_type` in the entry).
@@ -211,6 +213,7 @@ impl Action {
             Action::KeysRotateComplete => "keys.rotate_complete",
             Action::KeysRetireComplete => "keys.retire_complete",
             Action::KeysDestroyComplete => "keys.destroy_complete",
+            Action::KeysStateRecorded => "keys.state_recorded",
         }
     }
 
@@ -236,6 +239,7 @@ impl Action {
             | Action::KeysRetireComplete
             | Action::KeysDestroy
             | Action::KeysDestroyComplete
+            | Action::KeysStateRecorded
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
             | Action::KeysReencryptComplete
@@ -287,6 +291,7 @@ impl Action {
             | Action::KeysRetireComplete
             | Action::KeysDestroy
             | Action::KeysDestroyComplete
+            | Action::KeysStateRecorded
             | Action::ErasureRekey
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch

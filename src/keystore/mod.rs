@@ -11,7 +11,9 @@
 //! | `issuer-ed25519.pub`  | its public key, PEM SubjectPublicKeyInfo   | 0644 |
 //!
 //! Data directory (default `~/.local/share/carevault`): `db/` (sled) and
-//! `keycheck.json`, the key state:
+//! `keycheck.json`, a copy of the key state (the store holds the key state
+//! itself, shared by every process on it; this copy lets the master keys be
+//! checked before the store is opened):
 //!
 //! ```json
 //! {"format": 2, "primary": 2, "blind_index_version": 1,
@@ -34,7 +36,8 @@
 //! The data directory also holds `erasure-keys` (mode 0600), the erasure
 //! bucket keys (format in `crypto::shred`), created with the store and
 //! rewritten whole (temporary file, fsync, rename, directory fsync) by every
-//! erasure.
+//! erasure, under an exclusive lock on `erasure-keys.lock`: processes that
+//! share a database share this directory.
 
 pub mod custody;
 
@@ -89,6 +92,22 @@ pub enum KeyError {
         "{0}: the store holds data but this data directory has no keycheck.json; refusing to guess which key protects it (a server sharing a PostgreSQL database with others needs copies of keycheck.json and erasure-keys from the first server's data directory)"
     )]
     NoKeyCheck(PathBuf),
+    /// A server joining a store that holds data has no erasure-bucket keys.
+    #[error(
+        "{0}: the store holds data but this data directory has no erasure-keys; every server on one database needs the same erasure-keys file (share the data directory, or copy erasure-keys from the first server's)"
+    )]
+    NoErasureKeys(PathBuf),
+    /// The erasure-bucket keys cannot open the store's data keys.
+    #[error(
+        "{0}: erasure-keys does not open this store's data keys (it belongs to another store, or to a server that initialized the database at the same moment as another); use the erasure-keys of the server that initialized it"
+    )]
+    ForeignErasureKeys(PathBuf),
+    /// The key state stored in the store is not valid.
+    #[error("the key state stored in the store is malformed")]
+    StoredState,
+    /// Reading or writing the key state in the store failed.
+    #[error("the key state in the store: {0}")]
+    Store(String),
     /// The key command failed.
     #[error("--master-key-command failed for version {0} (exit code {1:?})")]
     Command(u32, Option<i32>),
@@ -149,8 +168,7 @@ pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyE
 /// from the file system's namespace once this returns.
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
     let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
+    let tmp = unique_tmp(dir, name);
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -158,30 +176,93 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> R
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// A temporary file name beside `dir/name` no other writer uses (several
+/// processes may share a data directory).
+fn unique_tmp(dir: &Path, name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
 /// The erasure-keys file of a data directory.
 pub const ERASURE_KEYS_FILE: &str = "erasure-keys";
+
+/// The lock file that serializes changes of `erasure-keys` between the
+/// processes sharing a data directory.
+const ERASURE_KEYS_LOCK: &str = "erasure-keys.lock";
 
 /// Writes the erasure bucket keys (atomically, mode 0600).
 pub fn write_erasure_keys(data_dir: &Path, keys: &crypto::ShredKeys) -> Result<(), KeyError> {
     write_atomic(data_dir, ERASURE_KEYS_FILE, &keys.encode(), 0o600)
 }
 
+/// Reads the erasure bucket keys of a data directory.
+pub fn read_erasure_keys(data_dir: &Path) -> Result<crypto::ShredKeys, KeyError> {
+    let path = data_dir.join(ERASURE_KEYS_FILE);
+    if !path.exists() {
+        return Err(KeyError::NoErasureKeys(data_dir.to_path_buf()));
+    }
+    let bytes = read_private(&path)?;
+    crypto::ShredKeys::decode(&bytes).map_err(|_| KeyError::Malformed(path))
+}
+
+/// Changes the erasure bucket keys: under an exclusive lock on
+/// `erasure-keys.lock` (held by one process at a time, whichever shares the
+/// directory), reads the file as it is now, applies `change` and writes the
+/// result back atomically. Returns what was written.
+pub fn update_erasure_keys(
+    data_dir: &Path,
+    change: impl FnOnce(&crypto::ShredKeys) -> Result<crypto::ShredKeys, crypto::CryptoError>,
+) -> Result<crypto::ShredKeys, KeyError> {
+    let lock_path = data_dir.join(ERASURE_KEYS_LOCK);
+    let lock = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    let current = read_erasure_keys(data_dir)?;
+    let next = change(&current).map_err(|_| KeyError::Malformed(data_dir.join(ERASURE_KEYS_FILE)))?;
+    write_erasure_keys(data_dir, &next)?;
+    drop(lock);
+    Ok(next)
+}
+
+/// Creates `erasure-keys` with new keys unless it exists (another process
+/// sharing the directory may create it at the same moment: the first file
+/// wins and every process reads that one).
+fn create_erasure_keys(data_dir: &Path) -> Result<crypto::ShredKeys, KeyError> {
+    let path = data_dir.join(ERASURE_KEYS_FILE);
+    let keys =
+        crypto::ShredKeys::generate(crypto::shred::DEFAULT_BUCKETS).map_err(|_| KeyError::Malformed(path.clone()))?;
+    let tmp = unique_tmp(data_dir, ERASURE_KEYS_FILE);
+    write_new(&tmp, &keys.encode(), 0o600)?;
+    let linked = fs::hard_link(&tmp, &path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io(data_dir))?;
+            Ok(keys)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_erasure_keys(data_dir),
+        Err(e) => Err(KeyError::Io { path, source: e }),
+    }
+}
+
 /// Reads the erasure bucket keys, creating them for a store that has none.
 /// A store whose database predates them gets its active versions recorded in
 /// `pre_erasure_versions`.
 fn open_erasure_keys(data_dir: &Path, state: &mut KeyState) -> Result<crypto::ShredKeys, KeyError> {
-    let path = data_dir.join(ERASURE_KEYS_FILE);
-    if path.exists() {
-        let bytes = read_private(&path)?;
-        return crypto::ShredKeys::decode(&bytes).map_err(|_| KeyError::Malformed(path));
+    if data_dir.join(ERASURE_KEYS_FILE).exists() {
+        return read_erasure_keys(data_dir);
     }
-    let keys = crypto::ShredKeys::generate(crypto::shred::DEFAULT_BUCKETS).map_err(|_| KeyError::Malformed(path))?;
     if data_dir.join("db").exists() {
         state.pre_erasure_versions = state.active();
         state.write(data_dir)?;
     }
-    write_erasure_keys(data_dir, &keys)?;
-    Ok(keys)
+    create_erasure_keys(data_dir)
 }
 
 fn create_dir_private(dir: &Path) -> Result<(), KeyError> {
@@ -298,6 +379,11 @@ pub struct VersionInfo {
 pub struct KeyState {
     /// Always 2 when written.
     pub format: u32,
+    /// Counts the changes of the key state (absent: 0). Every change, an
+    /// erasure's included, moves it, so processes that share the store see
+    /// that theirs is stale.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub generation: u64,
     /// The version new data keys are wrapped with.
     pub primary: u32,
     /// The version the blind-index key is derived from.
@@ -322,6 +408,10 @@ fn is_zero(v: &u8) -> bool {
     *v == 0
 }
 
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
 #[derive(Deserialize)]
 struct KeyCheckV1 {
     master_keys: BTreeMap<String, String>,
@@ -332,6 +422,21 @@ impl KeyState {
     /// Active versions, ascending.
     pub fn active(&self) -> Vec<u32> {
         self.master_keys.iter().filter(|(_, i)| i.state == VersionState::Active).map(|(v, _)| *v).collect()
+    }
+
+    /// The bytes stored in the store: compact JSON (the same document as
+    /// `keycheck.json`, without whitespace).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses [`KeyState::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<KeyState, KeyError> {
+        let state: KeyState = serde_json::from_slice(bytes).map_err(|_| KeyError::StoredState)?;
+        if state.format != 2 || !state.master_keys.contains_key(&state.primary) {
+            return Err(KeyError::StoredState);
+        }
+        Ok(state)
     }
 
     fn read(path: &Path) -> Result<KeyState, KeyError> {
@@ -347,6 +452,7 @@ impl KeyState {
             let primary = *master_keys.keys().last().ok_or_else(|| KeyError::Malformed(path.into()))?;
             return Ok(KeyState {
                 format: 2,
+                generation: 0,
                 primary,
                 blind_index_version: v1.blind_index_version,
                 master_keys,
@@ -387,33 +493,49 @@ impl KeyState {
     }
 }
 
+/// What the data directory holds before the store is opened: the key
+/// state of `keycheck.json` (checked against the key source), if there is
+/// one, and the erasure bucket keys.
+pub struct LocalKeys {
+    /// The keyring and state of `keycheck.json`, every active version checked
+    /// against its key-check value (`None`: the state is the store's alone).
+    pub checked: Option<(Keyring, KeyState)>,
+    /// The erasure bucket keys.
+    pub shreds: crypto::ShredKeys,
+}
+
 /// Opens the keyring for a data directory, checking every active version
 /// against the directory's key-check values before anything in it is opened.
 /// On a fresh data directory, creates it with version 1 (created in the
 /// source if it is key files) and writes the key state.
-pub fn open_for_data_dir(
-    source: &KeySource,
-    data_dir: &Path,
-) -> Result<(Keyring, KeyState, crypto::ShredKeys), KeyError> {
-    open_for_store(source, data_dir, data_dir.join("db").exists())
+pub fn open_for_data_dir(source: &KeySource, data_dir: &Path) -> Result<LocalKeys, KeyError> {
+    open_for_store(source, data_dir, data_dir.join("db").exists(), true)
 }
 
 /// [`open_for_data_dir`] for a store kept elsewhere (`--store`): whether
-/// it already holds data is `store_has_data`.
+/// it already holds data is `store_has_data`. A data directory without
+/// `keycheck.json` next to a store with data is refused if
+/// `check_before_open` (the store changes files on open, so a wrong key must
+/// be caught first); otherwise the store's own key state is used, checked
+/// once it is open, and `erasure-keys` must be there.
 pub fn open_for_store(
     source: &KeySource,
     data_dir: &Path,
     store_has_data: bool,
-) -> Result<(Keyring, KeyState, crypto::ShredKeys), KeyError> {
+    check_before_open: bool,
+) -> Result<LocalKeys, KeyError> {
     let check_path = data_dir.join("keycheck.json");
     if check_path.exists() {
         let mut state = KeyState::read(&check_path)?;
         let ring = state.keyring(source)?;
         let shreds = open_erasure_keys(data_dir, &mut state)?;
-        return Ok((ring, state, shreds));
+        return Ok(LocalKeys { checked: Some((ring, state)), shreds });
     }
     if store_has_data {
-        return Err(KeyError::NoKeyCheck(data_dir.to_path_buf()));
+        if check_before_open {
+            return Err(KeyError::NoKeyCheck(data_dir.to_path_buf()));
+        }
+        return Ok(LocalKeys { checked: None, shreds: read_erasure_keys(data_dir)? });
     }
     let key = match source {
         KeySource::Files(paths) => {
@@ -430,6 +552,7 @@ pub fn open_for_store(
     let kcv = ring.key_check_value(1).ok_or(KeyError::MissingVersion(1))?;
     let state = KeyState {
         format: 2,
+        generation: 0,
         primary: 1,
         blind_index_version: 1,
         master_keys: [(1, VersionInfo { kcv, state: VersionState::Active })].into_iter().collect(),
@@ -440,8 +563,6 @@ pub fn open_for_store(
     };
     create_dir_private(data_dir)?;
     state.write(data_dir)?;
-    let shreds = crypto::ShredKeys::generate(crypto::shred::DEFAULT_BUCKETS)
-        .map_err(|_| KeyError::Malformed(data_dir.join(ERASURE_KEYS_FILE)))?;
-    write_erasure_keys(data_dir, &shreds)?;
-    Ok((ring, state, shreds))
+    let shreds = create_erasure_keys(data_dir)?;
+    Ok(LocalKeys { checked: Some((ring, state)), shreds })
 }

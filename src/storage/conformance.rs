@@ -24,6 +24,7 @@ macro_rules! every_case {
             a_patients_entries_are_found_in_order_from_any_point,
             an_entry_too_long_to_encode_fails_alone,
             an_idempotency_key_is_taken_once,
+            a_commit_goes_ahead_only_under_the_key_state_it_was_prepared_under,
         );
     };
 }
@@ -344,4 +345,39 @@ pub(crate) async fn an_idempotency_key_is_taken_once(store: &Store) {
     assert_eq!(second.outcome, CommitOutcome::Conflict { current: 0 });
     assert_eq!(store.head(RecordRef::patient([42; 16])).await.unwrap(), None, "the losing create wrote nothing");
     assert_eq!(store.idempotent(key).await.unwrap(), Some(RecordRef::patient([41; 16])));
+}
+
+pub(crate) async fn a_commit_goes_ahead_only_under_the_key_state_it_was_prepared_under(store: &Store) {
+    let is = |b: &[u8]| Change::KeyStateIs(b.to_vec());
+    // No key state stored: a check against any bytes fails.
+    let none = commit(store, "patient.read", None, vec![is(b"k1")]).await;
+    assert_eq!(none.outcome, CommitOutcome::KeyStateMoved);
+    let set = |v: &[u8], expect| Change::Job { name: JobName::KeyState, value: Some(v.to_vec()), expect };
+    assert_eq!(
+        commit(store, "keys.state_recorded", None, vec![set(b"k1", Expect::Absent)]).await.outcome,
+        CommitOutcome::Written
+    );
+    assert_eq!(store.job(JobName::KeyState).await.unwrap().as_deref(), Some(&b"k1"[..]));
+    // Under the stored state a write goes ahead; the check itself writes nothing.
+    let ok = commit(store, "patient.create", Some(write(51, 0)), vec![is(b"k1")]).await;
+    assert_eq!(ok.outcome, CommitOutcome::Written);
+    assert_eq!(store.job(JobName::KeyState).await.unwrap().as_deref(), Some(&b"k1"[..]));
+    // The state moves; a write prepared under the old one is aborted, and only its entry is committed.
+    let moved = set(b"k2", Expect::Equal(b"k1".to_vec()));
+    assert_eq!(commit(store, "keys.rotate_complete", None, vec![moved]).await.outcome, CommitOutcome::Written);
+    let stale = commit(store, "patient.create", Some(write(52, 0)), vec![is(b"k1")]).await;
+    assert_eq!(stale.outcome, CommitOutcome::KeyStateMoved);
+    assert_eq!(store.head(RecordRef::patient([52; 16])).await.unwrap(), None, "the stale write wrote nothing");
+    let entries = chain(store).await;
+    let last = AuditEntry::decode(&entries.last().unwrap().bytes).unwrap();
+    assert_eq!((last.action.as_str(), last.outcome.as_str()), ("patient.create", "aborted"));
+    // A second failed precondition does not hide that the key state moved.
+    let both = commit(store, "patient.update", Some(write(51, 0)), vec![is(b"k1")]).await;
+    assert_eq!(both.outcome, CommitOutcome::KeyStateMoved);
+    // A key state change that expects the old bytes fails like any job change.
+    let late = set(b"k3", Expect::Equal(b"k1".to_vec()));
+    assert_eq!(
+        commit(store, "keys.retire_complete", None, vec![late]).await.outcome,
+        CommitOutcome::Conflict { current: 0 }
+    );
 }

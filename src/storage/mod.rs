@@ -381,6 +381,12 @@ impl Location {
         }
     }
 
+    /// Whether opening the store changes files in place (sled writes to its
+    /// directory on every open), so a wrong key must be caught before it is opened.
+    pub fn writes_on_open(&self) -> bool {
+        matches!(self, Location::Sled(_))
+    }
+
     /// Whether a store with data is there, found without creating or changing anything.
     pub async fn has_data(&self) -> Result<bool, StorageError> {
         match self {

@@ -120,11 +120,16 @@ pub enum JobName {
     BlindIndex,
     /// A key operation between its intent and completion entries.
     KeyOperation,
+    /// The key state (JSON, see `keystore`): which master versions are
+    /// active, the primary, the blind-index slots. Shared by every process
+    /// on the store; changed only in commits with their audit entries.
+    KeyState,
 }
 
 impl JobName {
     /// Every job, in a fixed order.
-    pub const ALL: [JobName; 4] = [JobName::Rewrap, JobName::Reencrypt, JobName::BlindIndex, JobName::KeyOperation];
+    pub const ALL: [JobName; 5] =
+        [JobName::Rewrap, JobName::Reencrypt, JobName::BlindIndex, JobName::KeyOperation, JobName::KeyState];
 
     /// The name engines store it under.
     pub fn as_str(self) -> &'static str {
@@ -133,6 +138,7 @@ impl JobName {
             JobName::Reencrypt => "reencrypt",
             JobName::BlindIndex => "blind",
             JobName::KeyOperation => "keyop",
+            JobName::KeyState => "keystate",
         }
     }
 }
@@ -278,6 +284,12 @@ pub enum Change {
         /// The record the create made.
         record: RecordRef,
     },
+    /// Writes nothing: the commit goes ahead only if the stored key state
+    /// ([`JobName::KeyState`]) is exactly these bytes, the state the
+    /// request's keys came from. Otherwise its outcome is
+    /// [`crate::storage::CommitOutcome::KeyStateMoved`]: another process
+    /// changed the key state, and this one must take it up and retry.
+    KeyStateIs(Vec<u8>),
     /// Removes everything stored for a patient and its coverages: heads,
     /// every version, blind-index entries, coverage links (not the data
     /// key, the tombstones, or anything in the audit trail).

@@ -63,8 +63,9 @@ type Offline = (carevault::crypto::Keyring, carevault::crypto::ShredKeys, Store)
 
 fn open_offline(data: &Path, key_dir: &Path) -> Result<Offline, carevault::storage::StorageError> {
     let source = KeySource::Files(KeyPaths { dir: key_dir.to_path_buf() });
-    let (ring, _, shreds) = keystore::open_for_data_dir(&source, data).unwrap();
-    Ok((ring, shreds, Store::open(&data.join("db"), 8 << 20)?))
+    let local = keystore::open_for_data_dir(&source, data).unwrap();
+    let (ring, _) = local.checked.expect("keycheck.json");
+    Ok((ring, local.shreds, Store::open(&data.join("db"), 8 << 20)?))
 }
 
 fn id16(id: &str) -> [u8; 16] {
@@ -298,7 +299,7 @@ async fn an_erasure_interrupted_before_the_old_bucket_generation_was_dropped_fin
     let bucket = bucket_of(&p.id);
     let old_key = bucket_key_from_file(&data, bucket);
     let source = KeySource::Files(KeyPaths { dir: key_dir.clone() });
-    let (_, _, shreds) = keystore::open_for_data_dir(&source, &data).unwrap();
+    let shreds = keystore::open_for_data_dir(&source, &data).unwrap().shreds;
     keystore::write_erasure_keys(&data, &shreds.with_next_generation(bucket).unwrap()).unwrap();
     assert_eq!(generations_in_file(&data, bucket), 2);
 

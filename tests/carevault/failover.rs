@@ -133,3 +133,38 @@ async fn a_primary_killed_under_load_fails_over_to_its_synchronous_standby_losin
     drop(standby);
     drop(primary);
 }
+
+/// While the database is down every call fails closed and health says
+/// NOT_SERVING; once it is back, health says SERVING and calls succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_not_serving_while_the_database_is_unreachable() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let Some(cluster) = PgCluster::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::write(tmp.path().join("data.store-url"), cluster.url("postgres")).unwrap();
+    let s = TestServer::start_in(data, tmp.path().join("keys"), Arc::new(carevault::clock::SystemClock)).await;
+    let p = create(&s, patient("Health", "Probe", "1970-07-07", "HP-1")).await;
+    let status = |s: &TestServer| {
+        let mut h = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+        async move {
+            let r = tonic_health::pb::HealthCheckRequest { service: "carevault.v1.PatientService".into() };
+            h.check(r).await.unwrap().into_inner().status
+        }
+    };
+    assert_eq!(status(&s).await, ServingStatus::Serving as i32);
+    cluster.stop();
+    let down = eventually(|| async { (status(&s).await == ServingStatus::NotServing as i32).then_some(()) }).await;
+    assert!(down.is_some(), "health turned NOT_SERVING");
+    let read = s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await;
+    assert!(read.is_err(), "a read with the database down fails closed");
+    cluster.restart();
+    let up = eventually(|| async { (status(&s).await == ServingStatus::Serving as i32).then_some(()) }).await;
+    assert!(up.is_some(), "health turned SERVING again");
+    let read = eventually(|| {
+        let (mut c, r) = (s.patients(), req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin()));
+        async move { c.get_patient(r).await.ok() }
+    })
+    .await;
+    assert!(read.is_some(), "reads succeed again");
+}

@@ -190,3 +190,176 @@ async fn a_key_job_left_by_one_server_is_finished_by_the_others_counting_every_p
         assert_eq!(w.generation().unwrap(), 2, "re-encrypted exactly once");
     }
 }
+
+/// Key state is shared by the servers on one database: a rotation, a
+/// rewrap, a retirement, a blind-index rotation and an erasure made through
+/// one server take effect in the other at once, while reads and creates go
+/// on through both and none of them fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_operations_through_one_server_take_effect_in_the_other_at_once_with_reads_in_flight() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let a = TestServer::start().await;
+    let b =
+        TestServer::start_in(a.data_dir.clone(), a.key_dir.clone(), std::sync::Arc::new(carevault::clock::SystemClock))
+            .await;
+    let mut people = Vec::new();
+    for i in 0..120 {
+        let server = if i % 2 == 0 { &a } else { &b };
+        people.push(create(server, patient("Keyshare", &format!("Both{i}"), "1975-05-05", &format!("KS-{i}"))).await);
+    }
+    let keyper = a.token("keyper", "key_admin");
+    let keys = |s: &TestServer| KeyServiceClient::new(s.channel.clone());
+    let wrapped_version = |id: &str| {
+        let (data, id) = (a.data_dir.clone(), *uuid::Uuid::parse_str(id).unwrap().as_bytes());
+        async move {
+            let w = stored(&data).await.data_key(id).await.unwrap().unwrap();
+            carevault::crypto::WrappedDataKey(w).master_version().unwrap()
+        }
+    };
+
+    // Reads through both servers, all the time; every one must succeed.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (std::sync::Arc::new(AtomicU64::new(0)), std::sync::Arc::new(AtomicU64::new(0)));
+    let readers: Vec<_> = [&a, &b]
+        .iter()
+        .flat_map(|s| [(s.patients(), s.admin()), (s.patients(), s.admin())])
+        .enumerate()
+        .map(|(w, (mut c, t))| {
+            let ids: Vec<String> = people.iter().skip(1).map(|p| p.id.clone()).collect();
+            let (stop, reads, failures) = (stop.clone(), reads.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 7;
+                    match c.get_patient(req(pb::GetPatientRequest { patient_id: ids[i % ids.len()].clone() }, &t)).await
+                    {
+                        Ok(_) => reads.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            eprintln!("read failed: {e:?}");
+                            failures.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+
+    // Rotation through A: B wraps its very next new patient under v2.
+    let rotated = keys(&a).rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &keyper, None)).await.unwrap();
+    assert_eq!(rotated.into_inner().new_version, 2);
+    let after_rotation = create(&b, patient("Keyshare", "Late", "1976-06-06", "KS-LATE")).await;
+    assert_eq!(wrapped_version(&after_rotation.id).await, 2, "B wrapped with the new primary at once");
+
+    // Rewrap started through B (it runs in either); then v1 retires through A.
+    keys(&b)
+        .start_rewrap(req_for(pb::StartRewrapRequest { dry_run: false, max_per_second: 0 }, &keyper, None))
+        .await
+        .unwrap();
+    eventually(|| {
+        let mut k = keys(&a);
+        let r = req_for(pb::GetRewrapJobRequest {}, &keyper, None);
+        async move { k.get_rewrap_job(r).await.unwrap().into_inner().job.filter(|j| j.state == "completed") }
+    })
+    .await
+    .expect("the rewrap completed");
+    for p in people.iter().step_by(10) {
+        assert_eq!(wrapped_version(&p.id).await, 2);
+    }
+
+    // Blind-index rotation through A; searches through B use the new index.
+    keys(&a).rotate_blind_index_key(req_for(pb::RotateBlindIndexKeyRequest {}, &keyper, None)).await.unwrap();
+    eventually(|| {
+        let mut k = keys(&b);
+        let r = req_for(pb::GetBlindIndexJobRequest {}, &keyper, None);
+        async move { k.get_blind_index_job(r).await.unwrap().into_inner().job.filter(|j| j.state == "completed") }
+    })
+    .await
+    .expect("the blind-index rotation completed");
+    let criterion = |n: usize| {
+        pb::search_patients_request::Criterion::Identifier(pb::IdentifierQuery {
+            system: people[n].identifiers[0].system.clone(),
+            value: format!("KS-{n}"),
+        })
+    };
+    for n in [3, 50, 101] {
+        assert_eq!(search(&b, criterion(n)).await.patients.len(), 1, "B searches the new index");
+        assert_eq!(search(&a, criterion(n)).await.patients.len(), 1, "A searches the new index");
+    }
+    keys(&a).retire_master_key(req_for(pb::RetireMasterKeyRequest { version: 1 }, &keyper, None)).await.unwrap();
+    let status = keys(&b).get_key_status(req_for(pb::GetKeyStatusRequest {}, &keyper, None)).await.unwrap();
+    let status = status.into_inner();
+    let v1 = status.versions.iter().find(|v| v.version == 1).unwrap();
+    assert_eq!(v1.state, "retired", "B sees the retirement made through A: {status:?}");
+
+    // Erasure through B: A answers "erased" at once, and still reads the erased
+    // patient's bucket neighbours (rewrapped under the bucket's new key).
+    let victim = &people[0];
+    let erase = pb::ErasePatientRequest { patient_id: victim.id.clone(), reason: "patient request".into() };
+    keys(&b).erase_patient(req_for(erase, &keyper, None)).await.unwrap();
+    let gone = a.patients().get_patient(req(pb::GetPatientRequest { patient_id: victim.id.clone() }, &a.admin())).await;
+    assert_eq!(gone.unwrap_err().code(), Code::NotFound);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no read failed");
+    assert!(reads.load(Ordering::SeqCst) > 100, "reads went on throughout");
+    for p in &people[1..] {
+        a.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &a.admin())).await.unwrap();
+    }
+    // One chain, every key-state change in it.
+    let store = stored(&a.data_dir).await;
+    let entries = stored_entries(store.as_ref()).await;
+    let report = carevault::audit::verify_chain(entries.iter().cloned().map(|e| e.raw()), None);
+    assert!(report.is_ok(), "{report:?}");
+}
+
+/// A server joining a database that holds data takes the key state from the
+/// database; it needs only the master keys and the shared `erasure-keys`,
+/// and refuses to start without them, or with bucket keys of another store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_server_takes_the_stored_key_state_but_needs_the_shared_erasure_keys() {
+    let a = TestServer::start().await;
+    let p = create(&a, patient("Joiner", "Jo", "1981-01-01", "JN-1")).await;
+    let keyper = a.token("keyper", "key_admin");
+    carevault::proto::v1::key_service_client::KeyServiceClient::new(a.channel.clone())
+        .rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &keyper, None))
+        .await
+        .unwrap();
+    let joiner = a.data_dir.parent().unwrap().join("joiner");
+    let url = std::fs::read_to_string(a.data_dir.parent().unwrap().join("data.store-url")).unwrap();
+    std::fs::write(a.data_dir.parent().unwrap().join("joiner.store-url"), url).unwrap();
+    let open = |dir: std::path::PathBuf| {
+        let cfg = config(dir, a.key_dir.clone());
+        async move {
+            let options = || carevault::server::OpenOptions {
+                clock: std::sync::Arc::new(carevault::clock::SystemClock),
+                fail_syncs: None,
+            };
+            carevault::server::open(&cfg, options()).await
+        }
+    };
+    std::fs::create_dir_all(&joiner).unwrap();
+    let refused = open(joiner.clone()).await.err().expect("refused without erasure-keys").to_string();
+    assert!(refused.contains("no erasure-keys"), "{refused}");
+    // Bucket keys of another store do not open this one's data keys.
+    carevault::keystore::write_erasure_keys(
+        &joiner,
+        &carevault::crypto::ShredKeys::generate(carevault::crypto::shred::DEFAULT_BUCKETS).unwrap(),
+    )
+    .unwrap();
+    let refused = open(joiner.clone()).await.err().expect("refused with foreign erasure-keys").to_string();
+    assert!(refused.contains("does not open this store's data keys"), "{refused}");
+    // With the shared file it starts on the stored key state (v2 primary) and reads.
+    std::fs::copy(a.data_dir.join("erasure-keys"), joiner.join("erasure-keys")).unwrap();
+    let b = TestServer::start_in(joiner.clone(), a.key_dir.clone(), std::sync::Arc::new(carevault::clock::SystemClock))
+        .await;
+    let got = b.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &b.admin())).await;
+    assert_eq!(got.unwrap().into_inner().patient.unwrap().id, p.id);
+    let copy: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(joiner.join("keycheck.json")).unwrap()).unwrap();
+    assert_eq!(copy["primary"], 2, "the joiner wrote its copy of the stored key state: {copy}");
+}

@@ -159,6 +159,18 @@ impl PgCluster {
         assert!(status.success(), "kill -9 {pid}");
     }
 
+    /// Stops the server (fast shutdown: connections are cut), keeping its data.
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-m", "fast", "-w", "stop"]).unwrap();
+    }
+
+    /// Starts a server stopped with [`PgCluster::stop`] again, on the same port.
+    pub fn restart(&self) {
+        let socket = self.dir.path().display().to_string();
+        let port = self.port;
+        self.pg_start(&format!("-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c fsync=on")).unwrap();
+    }
+
     /// Promotes a standby to primary, waiting until it takes writes.
     pub fn promote(&self) {
         self.run("pg_ctl", &["-D", &self.data_dir(), "-w", "promote"]).unwrap();

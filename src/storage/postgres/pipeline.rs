@@ -323,5 +323,7 @@ fn change_ops(ch: &Change, ops: &mut Vec<Op>) {
                 ops.push(op(sql, vec![b(patient)]));
             }
         }
+        // A check only (planning dropped it).
+        Change::KeyStateIs(_) => {}
     }
 }

@@ -58,6 +58,10 @@ pub enum CommitOutcome {
     /// The patient's data key changed (re-encrypted or erased) after the
     /// write sealed with it; only the audit entry ("aborted") was committed.
     KeyChanged,
+    /// The key state is not the one the commit was prepared under (a key
+    /// operation through another process); only the audit entry
+    /// ("aborted") was committed.
+    KeyStateMoved,
 }
 
 /// A durable commit.

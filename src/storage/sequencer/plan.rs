@@ -176,7 +176,10 @@ pub fn plan(
         let mut outcome = CommitOutcome::Written;
         for ch in &c.changes {
             if !precondition_holds(ch, &ov)? {
-                outcome = CommitOutcome::Conflict { current: 0 };
+                outcome = match (ch, outcome) {
+                    (Change::KeyStateIs(_), _) | (_, CommitOutcome::KeyStateMoved) => CommitOutcome::KeyStateMoved,
+                    _ => CommitOutcome::Conflict { current: 0 },
+                };
             }
         }
         if let (Some(w), CommitOutcome::Written) = (&c.write, outcome) {
@@ -224,7 +227,12 @@ pub fn plan(
             hash,
             patients: named_patients(&entry),
             write: if written { c.write.clone() } else { None },
-            changes: if written { c.changes.clone() } else { Vec::new() },
+            // A key-state check writes nothing.
+            changes: if written {
+                c.changes.iter().filter(|ch| !matches!(ch, Change::KeyStateIs(_))).cloned().collect()
+            } else {
+                Vec::new()
+            },
         });
         prev = hash;
         results.push(Ok(Committed { sequence: seq, hash, time_micros: now, outcome }));
@@ -255,6 +263,7 @@ fn expected_key(ch: &Change) -> Vec<StateKey> {
         Change::Reseal { record, version, .. } => vec![StateKey::Version(*record, *version)],
         Change::IndexSet { record, .. } => vec![StateKey::IndexSet(*record), StateKey::Head(*record)],
         Change::Job { name, .. } => vec![StateKey::Job(*name)],
+        Change::KeyStateIs(_) => vec![StateKey::Job(JobName::KeyState)],
         Change::IdempotencyKey { key, .. } => vec![StateKey::Idempotency(*key)],
         Change::ErasePatient { patient, .. } => {
             vec![StateKey::Head(RecordRef::patient(*patient)), StateKey::Coverages(*patient)]
@@ -289,6 +298,7 @@ fn precondition_holds(ch: &Change, ov: &Overlay<'_>) -> Result<bool, StorageErro
         Change::Tombstone { record, expect, .. } => bytes_hold(expect, ov, &StateKey::Tombstone(*record)),
         Change::DataKey { patient, expect, .. } => bytes_hold(expect, ov, &StateKey::DataKey(*patient)),
         Change::Job { name, expect, .. } => bytes_hold(expect, ov, &StateKey::Job(*name)),
+        Change::KeyStateIs(bytes) => Ok(ov.bytes(&StateKey::Job(JobName::KeyState))?.as_ref() == Some(bytes)),
         Change::IdempotencyKey { key, .. } => Ok(ov.get(&StateKey::Idempotency(*key))?.is_none()),
         Change::Reseal { record, version, expect, .. } => {
             Ok(ov.bytes(&StateKey::Version(*record, *version))?.as_ref() == Some(expect))
@@ -336,7 +346,7 @@ fn apply_write(w: &RecordWrite, ov: &mut Overlay<'_>) -> Result<(), StorageError
 fn apply_change(ch: &Change, ov: &mut Overlay<'_>) -> Result<(), StorageError> {
     let bytes = |v: &Option<Vec<u8>>| v.clone().map(StateValue::Bytes);
     match ch {
-        Change::Restriction { .. } | Change::ActiveGrant { .. } => {}
+        Change::Restriction { .. } | Change::ActiveGrant { .. } | Change::KeyStateIs(_) => {}
         Change::LegalHold { patient, since, .. } => {
             ov.set(StateKey::LegalHold(*patient), since.map(StateValue::Micros));
         }

@@ -168,6 +168,8 @@ impl Builder<'_> {
                 self.set(Tree::Access, &layout::idempotency_key(key), Some(layout::head_key(*record).to_vec()))
             }
             Change::ErasePatient { patient, .. } => self.erase(patient)?,
+            // A check only (planning dropped it).
+            Change::KeyStateIs(_) => {}
         }
         Ok(())
     }
