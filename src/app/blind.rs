@@ -60,6 +60,9 @@ pub struct BlindIndexJob {
     pub finished_at: Option<i64>,
     /// Who started it.
     pub started_by: String,
+    /// The process running it, and until when (absent: nobody; see `jobs::Lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<super::jobs::Lease>,
 }
 
 /// One batch: its changes, the last record it covered (`None`: the phase
@@ -130,6 +133,7 @@ impl App {
                         started_at: now,
                         finished_at: None,
                         started_by: ctx.subject().unwrap_or_default().to_string(),
+                        lease: None,
                     };
                     (job, true)
                 }
@@ -163,6 +167,7 @@ impl App {
     pub(super) async fn resume_blind_index(&self) {
         if let Ok(Some(job)) = self.blind_index_progress().await
             && job.state != "completed"
+            && self.may_run(&job.lease)
         {
             tracing::info!(job = %job.id, state = %job.state, "resuming blind-index rotation");
             self.spawn_job("blind-index", |app| async move { app.run_blind_index().await });
@@ -173,14 +178,19 @@ impl App {
     pub async fn run_blind_index(&self) -> Result<(), AppError> {
         let _only_one = self.blind_lock.lock().await;
         loop {
-            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            let Some((job, read)) = self.job_state_read::<BlindIndexJob>(JOB).await? else { return Ok(()) };
+            if job.state == "completed" || !self.may_run(&job.lease) {
+                // Done, or another process's runner holds it.
                 return Ok(());
             }
-            let Some((job, read)) = self.job_state_read::<BlindIndexJob>(JOB).await? else { return Ok(()) };
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                self.release_job(JOB, job, read, Action::KeysBlindIndexBatch).await;
+                return Ok(());
+            }
             // The key state the batch's index keys come from, checked at commit.
             self.refresh_keys().await?;
             let guard = self.keys.raw();
-            let (action, mut changes, next) = match job.state.as_str() {
+            let (action, mut changes, mut next) = match job.state.as_str() {
                 "building" => {
                     let (changes, last, n) = self.reindex_batch(&job).await?;
                     let mut next = job.clone();
@@ -215,6 +225,7 @@ impl App {
                 }
                 _ => return Ok(()),
             };
+            next.lease = (next.state != "completed").then(|| self.lease());
             changes.push(job_advance(JOB, &next, read)?);
             let entry = job_entry(action, &next);
             let committed = if next.state == "completed" {
@@ -244,6 +255,7 @@ impl App {
         let mut next = job.clone();
         next.state = "dropping".into();
         next.cursor = None;
+        next.lease = Some(self.lease());
         let changes = vec![job_write(JOB, &next)?];
         let entry = job_entry(Action::KeysBlindIndexSwitch, &next);
         let (to, from) = (job.to, job.from);
@@ -341,7 +353,10 @@ fn job_entry(action: Action, job: &BlindIndexJob) -> AuditEntry {
             format!("total={}", job.total),
             format!("dropped={}", job.dropped),
             format!("started_by={}", job.started_by),
-        ],
+        ]
+        .into_iter()
+        .chain(job.lease.as_ref().map(|l| format!("runner={}", l.holder)))
+        .collect(),
         ..AuditEntry::default()
     }
 }

@@ -173,6 +173,8 @@ pub struct App {
     refusals: Arc<refusals::Refusals>,
     /// Held by rotate, retire and destroy from their intent to their completion.
     key_op_lock: Arc<tokio::sync::Mutex<()>>,
+    /// This process's id among the processes on one store (job leases).
+    process_id: Arc<String>,
 }
 
 impl App {
@@ -191,6 +193,7 @@ impl App {
             stopped: Arc::new(tokio::sync::Notify::new()),
             refusals: Arc::new(refusals::Refusals::default()),
             key_op_lock: Arc::new(tokio::sync::Mutex::new(())),
+            process_id: Arc::new(uuid::Uuid::new_v4().to_string()),
         }
     }
 

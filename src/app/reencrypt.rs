@@ -59,6 +59,9 @@ pub struct ReencryptJob {
     pub finished_at: Option<i64>,
     /// Who started it.
     pub started_by: String,
+    /// The process running it, and until when (absent: nobody; see `jobs::Lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<super::jobs::Lease>,
 }
 
 impl ReencryptJob {
@@ -121,6 +124,7 @@ impl App {
                         started_at: now,
                         finished_at: None,
                         started_by: ctx.subject().unwrap_or_default().to_string(),
+                        lease: None,
                     };
                     (job, true)
                 }
@@ -157,6 +161,7 @@ impl App {
     pub(super) async fn resume_reencrypt(&self) {
         if let Ok(Some(job)) = self.reencrypt_progress().await
             && job.state == "running"
+            && self.may_run(&job.lease)
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming re-encryption job");
             self.spawn_job("reencrypt", |app| async move { app.run_reencrypt().await });
@@ -167,11 +172,13 @@ impl App {
     pub async fn run_reencrypt(&self) -> Result<(), AppError> {
         let _only_one = self.reencrypt_lock.lock().await;
         loop {
-            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            let Some((job, read)) = self.job_state_read::<ReencryptJob>(JOB).await? else { return Ok(()) };
+            if job.state != "running" || !self.may_run(&job.lease) {
+                // Done, or another process's runner holds it.
                 return Ok(());
             }
-            let Some((job, read)) = self.job_state_read::<ReencryptJob>(JOB).await? else { return Ok(()) };
-            if job.state != "running" {
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                self.release_job(JOB, job, read, Action::KeysReencryptBatch).await;
                 return Ok(());
             }
             let started = Instant::now();
@@ -192,6 +199,7 @@ impl App {
                 }
             }
             let finished = next.state == "completed";
+            next.lease = (!finished).then(|| self.lease());
             let mut changes = batch.writes;
             changes.push(job_advance(JOB, &next, read)?);
             changes.push(Change::KeyStateIs(guard));
@@ -212,6 +220,7 @@ impl App {
                     format!("total={}", next.total),
                     format!("state={}", next.state),
                     format!("started_by={}", next.started_by),
+                    format!("runner={}", self.process_id),
                 ],
                 ..AuditEntry::default()
             };

@@ -55,6 +55,9 @@ pub struct RewrapJob {
     pub finished_at: Option<i64>,
     /// Who started it.
     pub started_by: String,
+    /// The process running it, and until when (absent: nobody; see `jobs::Lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<super::jobs::Lease>,
 }
 
 impl RewrapJob {
@@ -114,6 +117,7 @@ impl App {
                         started_at: now,
                         finished_at: req.dry_run.then_some(now),
                         started_by: ctx.subject().unwrap_or_default().to_string(),
+                        lease: None,
                     };
                     (job, !req.dry_run)
                 }
@@ -198,6 +202,7 @@ impl App {
     async fn resume_rewrap(&self) {
         if let Ok(Some(job)) = self.rewrap_progress().await
             && job.state == "running"
+            && self.may_run(&job.lease)
         {
             tracing::info!(job = %job.id, done = job.done, total = job.total, "resuming rewrap job");
             self.spawn_job("rewrap", |app| async move { app.run_rewrap().await });
@@ -209,11 +214,13 @@ impl App {
     pub async fn run_rewrap(&self) -> Result<(), AppError> {
         let _only_one = self.rewrap_lock.lock().await;
         loop {
-            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            let Some((job, read)) = self.job_state_read::<RewrapJob>(JOB).await? else { return Ok(()) };
+            if job.state != "running" || !self.may_run(&job.lease) {
+                // Done, or another process's runner holds it.
                 return Ok(());
             }
-            let Some((job, read)) = self.job_state_read::<RewrapJob>(JOB).await? else { return Ok(()) };
-            if job.state != "running" {
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                self.release_job(JOB, job, read, Action::KeysRewrapBatch).await;
                 return Ok(());
             }
             let started = Instant::now();
@@ -231,6 +238,7 @@ impl App {
             if finished {
                 next.finished_at = Some(self.now());
             }
+            next.lease = (!finished).then(|| self.lease());
             let mut changes = batch;
             changes.push(job_advance(JOB, &next, read)?);
             changes.push(Change::KeyStateIs(guard));
@@ -246,6 +254,7 @@ impl App {
                     format!("done={}", next.done),
                     format!("total={}", next.total),
                     format!("started_by={}", next.started_by),
+                    format!("runner={}", self.process_id),
                 ],
                 ..AuditEntry::default()
             };

@@ -177,6 +177,12 @@ pub trait Backend: Send + Sync {
         limit: usize,
     ) -> Result<Vec<u64>, StorageError>;
 
+    /// Whether the store is this process's alone while it is open (sled
+    /// locks its directory); false where several processes share it.
+    fn exclusive(&self) -> bool {
+        false
+    }
+
     /// After an erasure: lets the engine reclaim the space of what was
     /// removed (PostgreSQL: VACUUM, in the background). Nothing to do by default.
     async fn reclaim_erased(&self) {}
@@ -295,6 +301,9 @@ impl Backend for sled::SledStore {
         limit: usize,
     ) -> Result<Vec<u64>, StorageError> {
         sled::SledStore::audit_seqs_for_patient(self, &patient, from, limit)
+    }
+    fn exclusive(&self) -> bool {
+        true
     }
 }
 

@@ -182,6 +182,22 @@ async fn a_key_job_left_by_one_server_is_finished_by_the_others_counting_every_p
     .await
     .expect("the re-encryption completed");
     assert_eq!((done.done, done.total), (200, 200), "every patient counted once: {done:?}");
+    // The stopped server let go of the job, and from then on one runner held it.
+    let store = stored(&data_dir).await;
+    let entries: Vec<_> = stored_entries(store.as_ref())
+        .await
+        .into_iter()
+        .map(|e| carevault::audit::AuditEntry::decode(&e.bytes).unwrap())
+        .filter(|e| e.action.starts_with("keys.reencrypt_"))
+        .collect();
+    let released = entries.iter().position(|e| e.details.iter().any(|d| d == "lease_released=true"));
+    let released = released.expect("the stopping server released its lease");
+    let runners: std::collections::HashSet<_> = entries[released + 1..]
+        .iter()
+        .filter(|e| e.outcome == "ok")
+        .filter_map(|e| e.details.iter().find(|d| d.starts_with("runner=")).cloned())
+        .collect();
+    assert_eq!(runners.len(), 1, "one runner after the hand-over: {runners:?}");
     assert_eq!(done.record_versions, 200, "every record version re-sealed once: {done:?}");
     let store = stored(&data_dir).await;
     for id in &ids {
@@ -362,4 +378,51 @@ async fn a_joining_server_takes_the_stored_key_state_but_needs_the_shared_erasur
     let copy: serde_json::Value =
         serde_json::from_slice(&std::fs::read(joiner.join("keycheck.json")).unwrap()).unwrap();
     assert_eq!(copy["primary"], 2, "the joiner wrote its copy of the stored key state: {copy}");
+}
+
+/// A key job whose server died (kill -9) holding its lease is taken up by
+/// another server once the lease runs out, and finishes, every patient
+/// counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_job_of_a_killed_server_is_taken_up_when_its_lease_runs_out() {
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, keys) = (tmp.path().join("data"), tmp.path().join("keys"));
+    let (mut a, addr_a) = spawn_binary_server(&data, &keys);
+    let der = std::fs::read(keys.join("issuer-ed25519.pk8")).unwrap();
+    let token = mint(&der, "lease-test", "front_desk key_admin");
+    let mut c = client(&addr_a).await;
+    for i in 0..150 {
+        let p = patient("Lease", &format!("L{i}"), "1980", &format!("LE-{i}"));
+        c.create_patient(req(pb::CreatePatientRequest { patient: Some(p) }, &token)).await.unwrap();
+    }
+    let channel = Channel::from_shared(format!("http://{addr_a}")).unwrap().connect().await.unwrap();
+    let start = pb::StartReencryptRequest { patient_id: String::new(), max_per_second: 40 };
+    KeyServiceClient::new(channel.clone()).start_reencrypt(req_for(start, &token, None)).await.unwrap();
+    let progress = |channel: Channel| {
+        let t = token.clone();
+        async move {
+            let r = req_for(pb::GetReencryptJobRequest {}, &t, None);
+            KeyServiceClient::new(channel).get_reencrypt_job(r).await.unwrap().into_inner().job.unwrap()
+        }
+    };
+    eventually(|| async { (progress(channel.clone()).await.done > 0).then_some(()) }).await.expect("started");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let killed_at = Instant::now();
+    let b = TestServer::start_in(data.clone(), keys.clone(), std::sync::Arc::new(carevault::clock::SystemClock)).await;
+    let left = progress(b.channel.clone()).await;
+    assert!(left.state == "running" && left.done < 150, "left mid-job: {left:?}");
+    let mut done = None;
+    for _ in 0..60 {
+        let j = progress(b.channel.clone()).await;
+        if j.state == "completed" {
+            done = Some(j);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let done = done.expect("the job completed after the lease ran out");
+    assert_eq!((done.done, done.total), (150, 150), "every patient counted once: {done:?}");
+    assert!(killed_at.elapsed() >= Duration::from_secs(5), "taken up only after the lease ran out");
 }

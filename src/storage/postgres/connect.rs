@@ -11,6 +11,9 @@
 //! - `sslmode=verify-full` and `verify-ca`, both meaning `require` here:
 //!   rustls always checks the certificate chain and the host name.
 //!
+//! and one of carevault's own: `pool_max_conns=N` (1-1024, default 16, the
+//! name pgx's pool uses), the most connections one process opens.
+//!
 //! `sslmode=prefer` (tokio-postgres's default) uses TLS where the server
 //! offers it, and then the certificate must verify; `require` refuses a
 //! server without TLS; `disable` never uses it.
@@ -21,8 +24,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use crate::storage::StorageError;
 
-/// Most connections one process opens (reads share them; the commit
-/// pipeline takes one per batch).
+/// Most connections one process opens by default (reads share them; the
+/// commit pipeline takes one per batch); `pool_max_conns` changes it.
 pub const POOL_SIZE: usize = 16;
 
 /// A store URL split into what tokio-postgres parses and what carevault does.
@@ -32,6 +35,8 @@ pub struct ParsedUrl {
     pub url: String,
     /// `sslrootcert`, if given.
     pub root_cert: Option<std::path::PathBuf>,
+    /// `pool_max_conns` (default [`POOL_SIZE`]).
+    pub pool_size: usize,
 }
 
 /// Whether `s` is a PostgreSQL URL.
@@ -51,16 +56,22 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, StorageError> {
     };
     let mut kept = Vec::new();
     let mut root_cert = None;
+    let mut pool_size = POOL_SIZE;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "sslrootcert" => root_cert = Some(std::path::PathBuf::from(v)),
+            "pool_max_conns" => {
+                pool_size = v.parse().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(|| {
+                    StorageError::BadLocation(format!("pool_max_conns={v:?}: must be a number from 1 to 1024"))
+                })?;
+            }
             "sslmode" if v == "verify-full" || v == "verify-ca" => kept.push("sslmode=require".to_string()),
             _ => kept.push(pair.to_string()),
         }
     }
     let url = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
-    Ok(ParsedUrl { url, root_cert })
+    Ok(ParsedUrl { url, root_cert, pool_size })
 }
 
 /// The URL with any password replaced, for messages and logs.
@@ -145,7 +156,7 @@ pub fn pool(url: &str, read_only: bool) -> Result<Pool, StorageError> {
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(parsed.root_cert.as_deref())?);
     let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
-        .max_size(POOL_SIZE)
+        .max_size(parsed.pool_size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| StorageError::Io(format!("postgresql connection pool: {e}")))
@@ -162,6 +173,13 @@ mod tests {
                 .unwrap();
         assert_eq!(p.url, "postgres://u@h1,h2/db?sslmode=require&target_session_attrs=read-write");
         assert_eq!(p.root_cert.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(p.pool_size, POOL_SIZE);
+        let sized = parse_url("postgres://h/db?pool_max_conns=4&application_name=x").unwrap();
+        assert_eq!((sized.url.as_str(), sized.pool_size), ("postgres://h/db?application_name=x", 4));
+        for bad in ["0", "1025", "many", ""] {
+            let e = parse_url(&format!("postgres://h/db?pool_max_conns={bad}")).unwrap_err().to_string();
+            assert!(e.contains("pool_max_conns"), "{e}");
+        }
         assert!(tokio_postgres::Config::from_str(&p.url).is_ok());
         assert_eq!(parse_url("postgresql://h/db").unwrap().url, "postgresql://h/db");
         assert!(parse_url("sled:/x").is_err());

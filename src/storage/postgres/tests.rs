@@ -188,3 +188,22 @@ async fn tls_to_the_database_verifies_the_server_certificate() {
     let e = PgStore::open(&wrong, 1_000).await.err().expect("a certificate from another CA is refused");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }
+
+/// `pool_max_conns` bounds the connections; with a single one, commits and
+/// reads take turns on it and all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pooled_connection_serves_concurrent_commits_and_reads() {
+    let Some(url) = database() else { return };
+    let (store, task) = open(&format!("{url}?pool_max_conns=1")).await;
+    suite::concurrent_commits_are_gapless_and_share_syncs(&store).await;
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.audit_head().await.unwrap() })
+        })
+        .collect();
+    for r in reads {
+        assert!(r.await.unwrap().is_some());
+    }
+    stop(store, task).await;
+}
