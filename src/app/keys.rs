@@ -78,8 +78,8 @@ impl KeyManager {
     ) -> Result<KeyManager, KeyError> {
         let storage = |e: StorageError| KeyError::Store(e.to_string());
         let shreds = Arc::new(local.shreds);
-        let mine = local.checked.as_ref().map(|(_, state)| state.clone());
-        let mut local_ring = local.checked.map(|(ring, _)| ring);
+        let mine = local.state;
+        let mut local_ring = local.ring;
         for _ in 0..3 {
             if let Some(raw) = store.job(KEY_STATE).await.map_err(storage)? {
                 let state = KeyState::from_bytes(&raw)?;
@@ -103,8 +103,15 @@ impl KeyManager {
                 let live = Live { state, raw, ring: Arc::new(ring), shreds };
                 return Ok(KeyManager::new(source, data_dir, live));
             }
-            let (Some(state), Some(ring)) = (&mine, local_ring.take()) else {
-                return Err(KeyError::NoKeyCheck(data_dir));
+            let Some(state) = &mine else { return Err(KeyError::NoKeyCheck(data_dir)) };
+            let ring = match local_ring.take() {
+                Some(ring) => ring,
+                None => {
+                    let (state, source) = (state.clone(), source.clone());
+                    tokio::task::spawn_blocking(move || state.keyring(&source))
+                        .await
+                        .map_err(|_| KeyError::StoredState)??
+                }
             };
             let raw = state.to_bytes();
             let entry = AuditEntry {
@@ -410,7 +417,15 @@ pub struct PendingKeyOperation {
     pub started_by: String,
     /// When the intent was recorded (µs).
     pub started_at: i64,
+    /// The process that recorded it (absent in records written before processes shared a store).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process: String,
 }
+
+/// How long a key operation may sit between its two entries before another
+/// process on the store settles it as interrupted (the operation itself
+/// takes milliseconds; its own process settles it at once after a crash).
+const KEY_OP_GRACE_MICROS: i64 = 15_000_000;
 
 pub(super) fn key_error(e: KeyError) -> AppError {
     tracing::error!(error = %e, "key operation failed");
@@ -648,6 +663,7 @@ impl App {
             request_id: call.ctx.request_id.clone(),
             started_by: call.entry.actor.clone(),
             started_at: self.now(),
+            process: self.process_id.to_string(),
         };
         let json = serde_json::to_vec(&pending).map_err(|_| AppError::Internal)?;
         // Only one operation at a time: an unsettled one must be settled first.
@@ -664,7 +680,7 @@ impl App {
                 Ok(Intent { operation, version, template })
             }
             Err(AppError::Conflict { .. }) => Err(AppError::FailedPrecondition(
-                "an earlier key operation was interrupted and is not settled yet; restart the server to settle it",
+                "another key operation is in progress, or was interrupted and is not settled yet (it is settled within 15 s); retry later",
             )),
             Err(e) => Err(e),
         }
@@ -702,10 +718,17 @@ impl App {
     /// it took effect is read from the key state (a rotation or retirement
     /// takes effect with its completion entry, so it did not; a destroy did,
     /// with its intent, and its material removal is repeated), and a
-    /// completion entry says so. Called once the server runs.
+    /// completion entry says so. Called once the server runs, and every few
+    /// seconds after: an operation another process recorded is left to it
+    /// for 15 s (it may still be running), unless the store is this
+    /// process's alone.
     pub(super) async fn settle_key_operation(&self) -> Result<(), AppError> {
         let _one_at_a_time = self.key_op_lock.lock().await;
         let Some(pending) = self.job_state::<PendingKeyOperation>(KEY_OP).await? else { return Ok(()) };
+        let others = !pending.process.is_empty() && pending.process != *self.process_id;
+        if others && !self.store.exclusive() && self.now() - pending.started_at < KEY_OP_GRACE_MICROS {
+            return Ok(());
+        }
         self.refresh_keys().await?;
         let state = self.keys.state();
         let info = state.master_keys.get(&pending.version).map(|i| i.state);

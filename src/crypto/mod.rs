@@ -3,8 +3,8 @@
 //! * [`keyring`]: master key versions, the keys derived from them (key-encryption
 //!   keys, blind-index key, key-check value) and per-patient data keys.
 //! * [`envelope`]: AES-256-GCM sealing with a one-time key per seal.
-//! * this file: SHA-256, HMAC, random bytes and Ed25519 key generation for the
-//!   dev token issuer.
+//! * this file: SHA-256, HMAC, random bytes, Ed25519 key generation for the
+//!   dev token issuer, and Ed25519 signing and verification (signed notes).
 
 pub mod envelope;
 pub mod keyring;
@@ -81,6 +81,49 @@ pub fn issuer_public_key(pkcs8_der: &[u8]) -> Result<[u8; 32], CryptoError> {
     let mut public_key = [0u8; 32];
     public_key.copy_from_slice(pair.public_key().as_ref());
     Ok(public_key)
+}
+
+/// An Ed25519 signing key (signed notes: checkpoints, cosignatures). No `Debug`.
+pub struct SigningKey {
+    pair: ring::signature::Ed25519KeyPair,
+}
+
+impl SigningKey {
+    /// From a PKCS#8 private key (as [`generate_issuer_key`] makes).
+    pub fn from_pkcs8(pkcs8_der: &[u8]) -> Result<SigningKey, CryptoError> {
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8_der)
+            .map_err(|_| CryptoError::BadKey("not an Ed25519 PKCS#8 private key"))?;
+        Ok(SigningKey { pair })
+    }
+
+    /// From a raw 32-byte seed (RFC 8032 private key).
+    pub fn from_seed(seed: &[u8]) -> Result<SigningKey, CryptoError> {
+        use ring::signature::KeyPair;
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
+            .map_err(|_| CryptoError::BadKey("not a 32-byte Ed25519 seed"))?;
+        let _ = pair.public_key();
+        Ok(SigningKey { pair })
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        use ring::signature::KeyPair;
+        let mut k = [0u8; 32];
+        k.copy_from_slice(self.pair.public_key().as_ref());
+        k
+    }
+
+    /// The signature of `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        let mut s = [0u8; 64];
+        s.copy_from_slice(self.pair.sign(message).as_ref());
+        s
+    }
+}
+
+/// Whether `signature` is `public_key`'s Ed25519 signature of `message`.
+pub fn ed25519_verify(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key).verify(message, signature).is_ok()
 }
 
 pub(crate) struct Len(pub usize);

@@ -497,9 +497,11 @@ impl KeyState {
 /// state of `keycheck.json` (checked against the key source), if there is
 /// one, and the erasure bucket keys.
 pub struct LocalKeys {
-    /// The keyring and state of `keycheck.json`, every active version checked
-    /// against its key-check value (`None`: the state is the store's alone).
-    pub checked: Option<(Keyring, KeyState)>,
+    /// The key state of `keycheck.json`, if there is one.
+    pub state: Option<KeyState>,
+    /// Its keyring, every active version checked against its key-check value,
+    /// if it was checked before the store is opened (see [`open_for_store`]).
+    pub ring: Option<Keyring>,
     /// The erasure bucket keys.
     pub shreds: crypto::ShredKeys,
 }
@@ -517,7 +519,10 @@ pub fn open_for_data_dir(source: &KeySource, data_dir: &Path) -> Result<LocalKey
 /// `keycheck.json` next to a store with data is refused if
 /// `check_before_open` (the store changes files on open, so a wrong key must
 /// be caught first); otherwise the store's own key state is used, checked
-/// once it is open, and `erasure-keys` must be there.
+/// once it is open, and `erasure-keys` must be there. Without
+/// `check_before_open`, a `keycheck.json` beside a store with data is not
+/// checked either (it may be older than the store's key state, which is what
+/// counts): the store's state is, once it is open.
 pub fn open_for_store(
     source: &KeySource,
     data_dir: &Path,
@@ -527,15 +532,15 @@ pub fn open_for_store(
     let check_path = data_dir.join("keycheck.json");
     if check_path.exists() {
         let mut state = KeyState::read(&check_path)?;
-        let ring = state.keyring(source)?;
+        let ring = if check_before_open || !store_has_data { Some(state.keyring(source)?) } else { None };
         let shreds = open_erasure_keys(data_dir, &mut state)?;
-        return Ok(LocalKeys { checked: Some((ring, state)), shreds });
+        return Ok(LocalKeys { state: Some(state), ring, shreds });
     }
     if store_has_data {
         if check_before_open {
             return Err(KeyError::NoKeyCheck(data_dir.to_path_buf()));
         }
-        return Ok(LocalKeys { checked: None, shreds: read_erasure_keys(data_dir)? });
+        return Ok(LocalKeys { state: None, ring: None, shreds: read_erasure_keys(data_dir)? });
     }
     let key = match source {
         KeySource::Files(paths) => {
@@ -564,5 +569,5 @@ pub fn open_for_store(
     create_dir_private(data_dir)?;
     state.write(data_dir)?;
     let shreds = create_erasure_keys(data_dir)?;
-    Ok(LocalKeys { checked: Some((ring, state)), shreds })
+    Ok(LocalKeys { state: Some(state), ring: Some(ring), shreds })
 }

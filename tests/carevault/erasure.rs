@@ -64,7 +64,7 @@ type Offline = (carevault::crypto::Keyring, carevault::crypto::ShredKeys, Store)
 fn open_offline(data: &Path, key_dir: &Path) -> Result<Offline, carevault::storage::StorageError> {
     let source = KeySource::Files(KeyPaths { dir: key_dir.to_path_buf() });
     let local = keystore::open_for_data_dir(&source, data).unwrap();
-    let (ring, _) = local.checked.expect("keycheck.json");
+    let ring = local.ring.expect("keycheck.json");
     Ok((ring, local.shreds, Store::open(&data.join("db"), 8 << 20)?))
 }
 

@@ -426,3 +426,40 @@ async fn a_key_job_of_a_killed_server_is_taken_up_when_its_lease_runs_out() {
     assert_eq!((done.done, done.total), (150, 150), "every patient counted once: {done:?}");
     assert!(killed_at.elapsed() >= Duration::from_secs(5), "taken up only after the lease ran out");
 }
+
+/// A key operation recorded by another process is left to it while it may
+/// still be running, and settled as interrupted once it is a minute old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_operation_of_another_process_is_settled_only_once_it_is_abandoned() {
+    use carevault::proto::v1::key_service_client::KeyServiceClient;
+    let s = TestServer::start().await;
+    let carevault::storage::Location::Postgres(url) = store_for(&s.data_dir) else { return };
+    let db = sql(&url).await;
+    let now = carevault::clock::Clock::now_micros(&carevault::clock::SystemClock);
+    let pending = |started_at: i64| {
+        format!(
+            r#"{{"operation":"rotate","version":2,"request_id":"elsewhere","started_by":"ops","started_at":{started_at},"process":"another-process"}}"#
+        )
+        .into_bytes()
+    };
+    db.execute("INSERT INTO jobs (name, state_json) VALUES ('keyop', $1)", &[&pending(now)]).await.unwrap();
+    let keyper = s.token("keyper", "key_admin");
+    let mut keys = KeyServiceClient::new(s.channel.clone());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let busy = keys.rotate_master_key(req_for(pb::RotateMasterKeyRequest {}, &keyper, None)).await.unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "a live operation elsewhere is left alone: {busy:?}");
+    // Two minutes old: abandoned; the watcher settles it and the next rotation goes ahead.
+    db.execute("UPDATE jobs SET state_json = $1 WHERE name = 'keyop'", &[&pending(now - 120_000_000)]).await.unwrap();
+    let rotated = eventually(|| {
+        let (mut k, r) = (keys.clone(), req_for(pb::RotateMasterKeyRequest {}, &keyper, None));
+        async move { k.rotate_master_key(r).await.ok() }
+    })
+    .await;
+    assert_eq!(rotated.expect("rotated once the old operation was settled").into_inner().new_version, 2);
+    let entries = stored_entries(stored(&s.data_dir).await.as_ref()).await;
+    let settled = entries
+        .iter()
+        .map(|e| carevault::audit::AuditEntry::decode(&e.bytes).unwrap())
+        .find(|e| e.request_id == "elsewhere" && e.details.iter().any(|d| d == "applied=false"));
+    assert!(settled.is_some(), "the abandoned operation was settled as not applied");
+}

@@ -30,8 +30,8 @@ use super::{PgStore, encode_index_set, hash32, i64_of, kind_tag, pg_error, pool_
 use crate::audit::AuditEntry;
 use crate::clock::Clock;
 use crate::storage::StorageError;
-use crate::storage::model::{Change, Head, IndexKey, RecordRef, RecordWrite};
-use crate::storage::sequencer::plan::{Planned, PlannedCommit, keys_read, plan};
+use crate::storage::model::{Change, Head, IndexKey, JobName, RecordRef, RecordWrite};
+use crate::storage::sequencer::plan::{Planned, PlannedCommit, StateKey, StateValue, keys_read, plan};
 use crate::storage::sequencer::{Pending, Queue, drain, refuse};
 
 type Param = Box<dyn ToSql + Sync + Send>;
@@ -130,11 +130,12 @@ pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syn
     // Unlike sled's, this pipeline never fails for good: a failed batch left
     // nothing behind in memory, and the next one starts from the database's head.
     let Queue { mut rx, head, .. } = queue;
+    let mut key_state = KeyStateCache::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         drain(&mut rx, &mut batch);
         let started = std::time::Instant::now();
-        match commit_batch(&store, &batch, clock.now_micros()).await {
+        match commit_batch(&store, &batch, clock.now_micros(), &mut key_state).await {
             Ok((planned, committed)) => {
                 if committed {
                     syncs.fetch_add(1, Ordering::Relaxed);
@@ -175,19 +176,63 @@ impl From<StorageError> for BatchError {
     }
 }
 
+/// The key state as this pipeline last saw it, and the chain head it was
+/// current at. Nearly every commit checks the key state; as long as the head
+/// under the lock is still the one this pipeline left (no other process
+/// committed since), nothing in the database changed, so the key state need
+/// not be fetched again.
+#[derive(Default)]
+struct KeyStateCache(Option<(u64, Option<StateValue>)>);
+
+impl KeyStateCache {
+    /// The cached key state, if it is current at head `seq`.
+    fn at(&self, seq: u64) -> Option<Option<StateValue>> {
+        self.0.as_ref().filter(|(s, _)| *s == seq).map(|(_, v)| v.clone())
+    }
+}
+
 /// One batch, one transaction. Returns the plan, and whether anything was committed.
-async fn commit_batch(store: &PgStore, batch: &[Pending], now: i64) -> Result<(Planned, bool), BatchError> {
+async fn commit_batch(
+    store: &PgStore,
+    batch: &[Pending],
+    now: i64,
+    cache: &mut KeyStateCache,
+) -> Result<(Planned, bool), BatchError> {
+    let known = std::mem::take(cache);
     let mut client = store.pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
     let Some((seq, hash, last_time)) = lock_head(&tx).await? else {
         return Err(StorageError::Corrupt("the chain has no genesis entry").into());
     };
-    let snapshot = super::prefetch::fetch(&tx, keys_read(batch)).await?;
+    let key_state = StateKey::Job(JobName::KeyState);
+    let mut keys = keys_read(batch);
+    let cached = known.at(seq).filter(|_| keys.contains(&key_state));
+    if cached.is_some() {
+        keys.retain(|k| *k != key_state);
+    }
+    let mut snapshot = super::prefetch::fetch(&tx, keys).await?;
+    if let Some(v) = cached {
+        snapshot.known(key_state.clone(), v);
+    }
+    let stored_key_state = snapshot.value(&key_state).cloned();
     // Clocks of several processes disagree a little: an entry's time never
     // goes before the previous entry's.
     let planned = plan(&snapshot, batch, (seq, hash), now.max(last_time))?;
+    // The key state once this batch commits: its last change of it, or as read.
+    let mut after = stored_key_state;
+    for c in &planned.commits {
+        for ch in &c.changes {
+            if let Change::Job { name: JobName::KeyState, value, .. } = ch {
+                after = value.clone().map(StateValue::Bytes);
+            }
+        }
+    }
+    let read = snapshot.read(&key_state);
     if planned.commits.is_empty() {
         tx.rollback().await.map_err(pg_error)?;
+        if read {
+            *cache = KeyStateCache(Some((seq, after)));
+        }
         return Ok((planned, false));
     }
     let mut ops = vec![op("SET LOCAL synchronous_commit = on", Vec::new())];
@@ -205,6 +250,9 @@ async fn commit_batch(store: &PgStore, batch: &[Pending], now: i64) -> Result<(P
     // Sent together, executed in order.
     super::pipelined(ops.iter().zip(&params).map(|(o, p)| tx.execute(&statements[o.sql], p)).collect()).await?;
     tx.commit().await.map_err(|e| BatchError::AtCommit(pg_error(e)))?;
+    if read {
+        *cache = KeyStateCache(Some((planned.head.0, after)));
+    }
     Ok((planned, true))
 }
 

@@ -21,6 +21,26 @@ pub(super) struct Fetched {
     values: HashMap<StateKey, StateValue>,
 }
 
+impl Fetched {
+    /// Adds a value known without asking the database (see `pipeline::KeyStateCache`).
+    pub(super) fn known(&mut self, key: StateKey, value: Option<StateValue>) {
+        if let Some(v) = value {
+            self.values.insert(key.clone(), v);
+        }
+        self.fetched.insert(key);
+    }
+
+    /// Whether `key` was fetched (or known).
+    pub(super) fn read(&self, key: &StateKey) -> bool {
+        self.fetched.contains(key)
+    }
+
+    /// A fetched value (`None`: absent, or not fetched).
+    pub(super) fn value(&self, key: &StateKey) -> Option<&StateValue> {
+        self.values.get(key)
+    }
+}
+
 impl Snapshot for Fetched {
     fn get(&self, key: &StateKey) -> Result<Option<StateValue>, StorageError> {
         if !self.fetched.contains(key) {

@@ -207,3 +207,33 @@ async fn one_pooled_connection_serves_concurrent_commits_and_reads() {
     }
     stop(store, task).await;
 }
+
+/// A pipeline that last saw the key state takes a commit by another
+/// process's pipeline into account: the check fails once the other changed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_state_changed_by_another_pipeline_is_seen_at_the_next_commit() {
+    use crate::storage::model::{Change, Expect, JobName};
+    let Some(url) = database() else { return };
+    let (a, task_a) = open(&url).await;
+    let (b, task_b) = open(&url).await;
+    let commit = |s: &Store, changes: Vec<Change>| {
+        let s = s.clone();
+        async move { s.commit(Commit { entry: suite::entry("keys.test"), write: None, changes }).await.unwrap().outcome }
+    };
+    let set = |v: &[u8], expect| Change::Job { name: JobName::KeyState, value: Some(v.to_vec()), expect };
+    let is = |v: &[u8]| Change::KeyStateIs(v.to_vec());
+    assert_eq!(commit(&a, vec![set(b"k1", Expect::Absent)]).await, CommitOutcome::Written);
+    // A has seen k1 (its own change) and checks against it without reading it again.
+    assert_eq!(commit(&a, vec![is(b"k1")]).await, CommitOutcome::Written);
+    assert_eq!(commit(&a, vec![is(b"k1")]).await, CommitOutcome::Written);
+    // B moves it; A's next check sees that.
+    assert_eq!(commit(&b, vec![is(b"k1"), set(b"k2", Expect::Equal(b"k1".to_vec()))]).await, CommitOutcome::Written);
+    assert_eq!(commit(&a, vec![is(b"k1")]).await, CommitOutcome::KeyStateMoved);
+    assert_eq!(commit(&a, vec![is(b"k2")]).await, CommitOutcome::Written);
+    // A batch with nothing to check leaves the next one to read it again, and right.
+    assert_eq!(commit(&a, vec![]).await, CommitOutcome::Written);
+    assert_eq!(commit(&b, vec![set(b"k3", Expect::Equal(b"k2".to_vec()))]).await, CommitOutcome::Written);
+    assert_eq!(commit(&a, vec![is(b"k2")]).await, CommitOutcome::KeyStateMoved);
+    stop(a, task_a).await;
+    stop(b, task_b).await;
+}
