@@ -322,6 +322,7 @@ async fn key_operations_through_one_server_take_effect_in_the_other_at_once_with
         r.await.unwrap();
     }
     assert_eq!(failures.load(Ordering::SeqCst), 0, "no read failed");
+    eprintln!("reads during the key operations: {}", reads.load(Ordering::SeqCst));
     assert!(reads.load(Ordering::SeqCst) > 100, "reads went on throughout");
     for p in &people[1..] {
         a.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &a.admin())).await.unwrap();
