@@ -136,11 +136,16 @@ pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syn
         drain(&mut rx, &mut batch);
         let started = std::time::Instant::now();
         match commit_batch(&store, &batch, clock.now_micros(), &mut key_state).await {
-            Ok((planned, committed)) => {
+            Ok((planned, committed, lock_wait)) => {
                 if committed {
                     syncs.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::debug!(batch = batch.len(), commit_us = started.elapsed().as_micros(), "batch committed");
+                tracing::debug!(
+                    batch = batch.len(),
+                    commit_us = started.elapsed().as_micros(),
+                    lock_wait_us = lock_wait.as_micros(),
+                    "batch committed"
+                );
                 *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
                 for (p, result) in batch.into_iter().zip(planned.results) {
                     if let Err(e) = &result {
@@ -191,17 +196,21 @@ impl KeyStateCache {
     }
 }
 
-/// One batch, one transaction. Returns the plan, and whether anything was committed.
+/// One batch, one transaction. Returns the plan, whether anything was
+/// committed, and how long taking the chain head's lock took.
 async fn commit_batch(
     store: &PgStore,
     batch: &[Pending],
     now: i64,
     cache: &mut KeyStateCache,
-) -> Result<(Planned, bool), BatchError> {
+) -> Result<(Planned, bool, std::time::Duration), BatchError> {
     let known = std::mem::take(cache);
     let mut client = store.pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
-    let Some((seq, hash, last_time)) = lock_head(&tx).await? else {
+    let locking = std::time::Instant::now();
+    let head = lock_head(&tx).await?;
+    let lock_wait = locking.elapsed();
+    let Some((seq, hash, last_time)) = head else {
         return Err(StorageError::Corrupt("the chain has no genesis entry").into());
     };
     let key_state = StateKey::Job(JobName::KeyState);
@@ -233,7 +242,7 @@ async fn commit_batch(
         if read {
             *cache = KeyStateCache(Some((seq, after)));
         }
-        return Ok((planned, false));
+        return Ok((planned, false, lock_wait));
     }
     let mut ops = vec![op("SET LOCAL synchronous_commit = on", Vec::new())];
     ops.extend(batch_ops(&planned.commits));
@@ -253,7 +262,7 @@ async fn commit_batch(
     if read {
         *cache = KeyStateCache(Some((planned.head.0, after)));
     }
-    Ok((planned, true))
+    Ok((planned, true, lock_wait))
 }
 
 /// Every statement of a batch, in an order that gives the planned result:
