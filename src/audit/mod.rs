@@ -14,12 +14,15 @@ pub mod merkle;
 pub mod note;
 pub mod verify;
 
-/// `../shared/vectors` beside the project: known-answer vectors from outside
-/// (RFC 6962 roots and proofs, a C2SP signed note). A test that needs them
-/// fails without them.
+/// Known-answer vectors from outside (RFC 6962 roots and proofs, a C2SP
+/// signed note): `$CAREVAULT_VECTORS`, or `../shared/vectors` beside the
+/// project. A test that needs them fails without them.
 #[cfg(test)]
 pub(crate) fn vectors() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors");
+    let dir = match std::env::var_os("CAREVAULT_VECTORS") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors"),
+    };
     assert!(dir.is_dir(), "the known-answer vectors are missing: {}", dir.display());
     dir
 }
