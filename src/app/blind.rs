@@ -236,14 +236,12 @@ impl App {
                 self.store.commit(Commit { entry, write: None, changes }).await.map_err(internal)?
             };
             match committed.outcome {
-                CommitOutcome::KeyStateMoved => {
-                    self.refresh_keys().await?;
-                }
                 CommitOutcome::Written if next.state == "completed" => {
                     tracing::info!(job = %next.id, "blind-index rotation completed");
                     return Ok(());
                 }
-                // A record changed under the batch: read it again.
+                // A record changed under the batch, or the key state did
+                // (taken up at the top): read it again.
                 _ => continue,
             }
         }

@@ -282,27 +282,14 @@ impl App {
                 break;
             }
             let n = super::count(batch.len());
-            let entry = AuditEntry {
-                actor: "carevault".into(),
-                action: Action::ErasureRekey.as_str().into(),
-                resource_type: Action::ErasureRekey.resource_type().as_str().into(),
-                outcome: Outcome::Ok.as_str().into(),
-                details: vec![
-                    format!("erasure_bucket={bucket}"),
-                    format!("bucket_generation={target}"),
-                    format!("batch={n}"),
-                ],
-                ..AuditEntry::default()
-            };
+            let entry = rekey_entry(bucket, target, format!("batch={n}"));
             let mut batch = batch;
             batch.push(Change::KeyStateIs(guard));
             let committed = self.store.commit(Commit { entry, write: None, changes: batch }).await;
             match committed {
                 Ok(c) if c.outcome == CommitOutcome::Written => moved += n,
-                Ok(c) if c.outcome == CommitOutcome::KeyStateMoved => {
-                    self.refresh_keys().await?;
-                }
-                // A key changed under the batch (a rewrap or a write); read again.
+                // A key changed under the batch (a rewrap or a write), or the
+                // key state did (taken up at the top): read again.
                 Ok(_) => {}
                 Err(e) => return Err(super::call::audit_unavailable(e)),
             }
@@ -316,18 +303,7 @@ impl App {
         })
         .await?;
         // Every process drops the old generation once this commits.
-        let entry = AuditEntry {
-            actor: "carevault".into(),
-            action: Action::ErasureRekey.as_str().into(),
-            resource_type: Action::ErasureRekey.resource_type().as_str().into(),
-            outcome: Outcome::Ok.as_str().into(),
-            details: vec![
-                format!("erasure_bucket={bucket}"),
-                format!("bucket_generation={target}"),
-                "previous_generation_dropped=true".into(),
-            ],
-            ..AuditEntry::default()
-        };
+        let entry = rekey_entry(bucket, target, "previous_generation_dropped=true".into());
         self.commit_key_state(entry, Vec::new(), |_| {}).await?;
         Ok(moved)
     }
@@ -359,5 +335,17 @@ impl App {
         })
         .await?;
         Ok(out)
+    }
+}
+
+/// A `keys.erasure_rekey` entry for `bucket` moving to generation `target`.
+fn rekey_entry(bucket: u16, target: u32, detail: String) -> AuditEntry {
+    AuditEntry {
+        actor: "carevault".into(),
+        action: Action::ErasureRekey.as_str().into(),
+        resource_type: Action::ErasureRekey.resource_type().as_str().into(),
+        outcome: Outcome::Ok.as_str().into(),
+        details: vec![format!("erasure_bucket={bucket}"), format!("bucket_generation={target}"), detail],
+        ..AuditEntry::default()
     }
 }

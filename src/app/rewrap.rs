@@ -185,8 +185,9 @@ impl App {
                 if let Err(e) = app.refresh_keys().await {
                     tracing::warn!(error = %e, "reading the key state failed");
                 }
-                // A key operation abandoned by a process that died.
-                if let Err(e) = app.settle_key_operation().await {
+                // A key operation abandoned by a process that died (not while one runs here).
+                let idle = app.key_op_lock.try_lock().is_ok();
+                if idle && let Err(e) = app.settle_key_operation().await {
                     tracing::warn!(error = %e, "settling an interrupted key operation failed");
                 }
                 if app.rewrap_lock.try_lock().is_ok() {
