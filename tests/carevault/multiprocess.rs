@@ -464,3 +464,31 @@ async fn a_key_operation_of_another_process_is_settled_only_once_it_is_abandoned
         .find(|e| e.request_id == "elsewhere" && e.details.iter().any(|d| d == "applied=false"));
     assert!(settled.is_some(), "the abandoned operation was settled as not applied");
 }
+
+/// A store from before the key state was stored (no `keystate` row) gets it
+/// from `keycheck.json` at its next start, with a `keys.state_recorded` entry,
+/// and serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_a_stored_key_state_records_it_from_keycheck_json_at_start() {
+    let s = TestServer::start().await;
+    let p = create(&s, patient("Older", "Store", "1960-06-06", "OS-1")).await;
+    let carevault::storage::Location::Postgres(url) = store_for(&s.data_dir) else { return };
+    let (data, keys, guard) = s.stop_keep().await;
+    sql(&url).await.execute("DELETE FROM jobs WHERE name = 'keystate'", &[]).await.unwrap();
+    let s = TestServer::start_in(data.clone(), keys, std::sync::Arc::new(carevault::clock::SystemClock)).await;
+    let got = s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await;
+    assert_eq!(got.unwrap().into_inner().patient.unwrap().id, p.id);
+    let store = stored(&data).await;
+    let recorded: Vec<_> = stored_entries(store.as_ref())
+        .await
+        .into_iter()
+        .map(|e| carevault::audit::AuditEntry::decode(&e.bytes).unwrap())
+        .filter(|e| e.action == "keys.state_recorded")
+        .collect();
+    assert_eq!(recorded.len(), 2, "recorded at the first start, and again after it was gone");
+    let stored_state = store.job(carevault::storage::JobName::KeyState).await.unwrap().expect("recorded again");
+    let copy: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("keycheck.json")).unwrap()).unwrap();
+    let stored_state: serde_json::Value = serde_json::from_slice(&stored_state).unwrap();
+    assert_eq!(stored_state["master_keys"], copy["master_keys"]);
+    drop(guard);
+}
