@@ -14,7 +14,9 @@
 //! proofs of the wrong length, indexes or sizes out of range, and any
 //! consistency proof from the empty tree.
 
-use crate::crypto::sha256;
+use std::ops::Range;
+
+use crate::crypto::{sha256, sha256_parts};
 
 /// A SHA-256 hash.
 pub type Hash = [u8; 32];
@@ -38,10 +40,7 @@ pub enum ProofError {
 
 /// The leaf hash of an entry's canonical bytes.
 pub fn leaf_hash(entry: &[u8]) -> Hash {
-    let mut b = Vec::with_capacity(entry.len() + 1);
-    b.push(0);
-    b.extend_from_slice(entry);
-    sha256(&b)
+    sha256_parts(&[&[0], entry])
 }
 
 /// An interior node's hash.
@@ -59,9 +58,9 @@ pub fn empty_root() -> Hash {
 }
 
 /// The largest power of two strictly below `n` (`n >= 2`).
-fn split(n: usize) -> usize {
+fn split(n: u64) -> u64 {
     debug_assert!(n >= 2);
-    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+    1 << (u64::BITS - 1 - (n - 1).leading_zeros())
 }
 
 /// The root (MTH) of a tree with these leaf hashes.
@@ -70,65 +69,148 @@ pub fn root(leaves: &[Hash]) -> Hash {
         0 => empty_root(),
         1 => leaves[0],
         n => {
-            let k = split(n);
+            let k = split(n as u64) as usize;
             node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
         }
     }
 }
 
-/// The inclusion proof (RFC 9162 PATH) of leaf `index` in the tree of these
-/// leaves, or `None` if the index is out of range.
-pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
-    if index >= leaves.len() {
+/// A complete subtree: the `index`-th run of `2^level` leaves (level 0:
+/// the leaf itself). What a log stores to answer proofs without its leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    /// Height: the subtree has `2^level` leaves.
+    pub level: u8,
+    /// Position among the subtrees of that height, from 0.
+    pub index: u64,
+}
+
+impl NodeId {
+    /// The leaves it covers.
+    pub fn leaves(&self) -> Range<u64> {
+        let start = self.index << self.level;
+        start..start + (1u64 << self.level)
+    }
+}
+
+/// The complete subtrees that make up leaves `lo..hi`, largest first: at each
+/// position the largest aligned subtree that fits. For the ranges proofs name
+/// (see [`inclusion_ranges`]) their roots fold, right to left, into the
+/// range's MTH; for `0..n` they are the tree's peaks.
+pub fn range_nodes(range: Range<u64>) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        let align = if at == 0 { 63 } else { at.trailing_zeros() };
+        let fits = 63 - (range.end - at).leading_zeros();
+        let level = align.min(fits);
+        out.push(NodeId { level: level as u8, index: at >> level });
+        at += 1u64 << level;
+    }
+    out
+}
+
+/// The MTH of a range from its [`range_nodes`]' hashes, in that order.
+pub fn fold_nodes(hashes: &[Hash]) -> Hash {
+    let mut it = hashes.iter().rev();
+    match it.next() {
+        None => empty_root(),
+        Some(last) => it.fold(*last, |acc, left| node_hash(left, &acc)),
+    }
+}
+
+/// The leaf ranges whose MTHs make up the inclusion proof (RFC 9162 PATH)
+/// of leaf `index` in a tree of `size` leaves, in proof order, or `None` if
+/// the index is out of range.
+pub fn inclusion_ranges(index: u64, size: u64) -> Option<Vec<Range<u64>>> {
+    if index >= size {
         return None;
     }
     let mut out = Vec::new();
-    path(leaves, index, &mut out);
+    path(0..size, index, &mut out);
     Some(out)
 }
 
-fn path(leaves: &[Hash], m: usize, out: &mut Vec<Hash>) {
-    let n = leaves.len();
+fn path(r: Range<u64>, m: u64, out: &mut Vec<Range<u64>>) {
+    let n = r.end - r.start;
     if n <= 1 {
         return;
     }
     let k = split(n);
+    let mid = r.start + k;
     if m < k {
-        path(&leaves[..k], m, out);
-        out.push(root(&leaves[k..]));
+        path(r.start..mid, m, out);
+        out.push(mid..r.end);
     } else {
-        path(&leaves[k..], m - k, out);
-        out.push(root(&leaves[..k]));
+        path(mid..r.end, m - k, out);
+        out.push(r.start..mid);
     }
+}
+
+/// The leaf ranges whose MTHs make up the consistency proof (RFC 9162
+/// PROOF) of the tree of `old` leaves with the tree of `size`, in proof
+/// order, or `None` unless `0 < old <= size`.
+pub fn consistency_ranges(old: u64, size: u64) -> Option<Vec<Range<u64>>> {
+    if old == 0 || old > size {
+        return None;
+    }
+    let mut out = Vec::new();
+    subproof(0..size, old, true, &mut out);
+    Some(out)
+}
+
+fn subproof(r: Range<u64>, m: u64, complete: bool, out: &mut Vec<Range<u64>>) {
+    let n = r.end - r.start;
+    if m == n {
+        if !complete {
+            out.push(r);
+        }
+        return;
+    }
+    let k = split(n);
+    let mid = r.start + k;
+    if m <= k {
+        subproof(r.start..mid, m, complete, out);
+        out.push(mid..r.end);
+    } else {
+        subproof(mid..r.end, m - k, false, out);
+        out.push(r.start..mid);
+    }
+}
+
+/// Every stored subtree that proofs over `ranges` need, sorted, once each.
+pub fn nodes_needed<'a>(ranges: impl IntoIterator<Item = &'a Range<u64>>) -> Vec<NodeId> {
+    let mut out: Vec<NodeId> = ranges.into_iter().flat_map(|r| range_nodes(r.clone())).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// A proof's hashes from the stored subtrees `lookup` finds; `None` if one is missing.
+pub fn assemble(ranges: &[Range<u64>], lookup: impl Fn(NodeId) -> Option<Hash>) -> Option<Vec<Hash>> {
+    ranges
+        .iter()
+        .map(|r| range_nodes(r.clone()).into_iter().map(&lookup).collect::<Option<Vec<_>>>().map(|h| fold_nodes(&h)))
+        .collect()
+}
+
+/// The MTH of leaves `lo..hi` of `leaves`.
+fn range_root(leaves: &[Hash], r: &Range<u64>) -> Hash {
+    root(&leaves[r.start as usize..r.end as usize])
+}
+
+/// The inclusion proof (RFC 9162 PATH) of leaf `index` in the tree of these
+/// leaves, or `None` if the index is out of range.
+pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
+    let ranges = inclusion_ranges(index as u64, leaves.len() as u64)?;
+    Some(ranges.iter().map(|r| range_root(leaves, r)).collect())
 }
 
 /// The consistency proof (RFC 9162 PROOF) of the tree of the first `old`
 /// leaves with the tree of all of them, or `None` unless `0 < old <= n`.
 pub fn consistency_proof(leaves: &[Hash], old: usize) -> Option<Vec<Hash>> {
-    if old == 0 || old > leaves.len() {
-        return None;
-    }
-    let mut out = Vec::new();
-    subproof(leaves, old, true, &mut out);
-    Some(out)
-}
-
-fn subproof(leaves: &[Hash], m: usize, complete: bool, out: &mut Vec<Hash>) {
-    let n = leaves.len();
-    if m == n {
-        if !complete {
-            out.push(root(leaves));
-        }
-        return;
-    }
-    let k = split(n);
-    if m <= k {
-        subproof(&leaves[..k], m, complete, out);
-        out.push(root(&leaves[k..]));
-    } else {
-        subproof(&leaves[k..], m - k, false, out);
-        out.push(root(&leaves[..k]));
-    }
+    let ranges = consistency_ranges(old as u64, leaves.len() as u64)?;
+    Some(ranges.iter().map(|r| range_root(leaves, r)).collect())
 }
 
 fn hash_of(b: &[u8]) -> Result<Hash, ProofError> {
@@ -267,13 +349,24 @@ impl CompactRange {
 
     /// Appends a leaf hash.
     pub fn append(&mut self, leaf: Hash) {
+        self.append_with(leaf, |_, _| {});
+    }
+
+    /// Appends a leaf hash, calling `completed` for each subtree it completes:
+    /// the leaf itself first, then each larger one, smallest first.
+    pub fn append_with(&mut self, leaf: Hash, mut completed: impl FnMut(NodeId, Hash)) {
+        let index = self.size;
         let mut h = leaf;
+        completed(NodeId { level: 0, index }, h);
         let mut size = self.size;
+        let mut level = 0u8;
         // Each trailing one bit is a complete subtree the new one merges with.
         while size & 1 == 1 {
             let left = self.peaks.pop().unwrap_or(h);
             h = node_hash(&left, &h);
             size >>= 1;
+            level += 1;
+            completed(NodeId { level, index: index >> level }, h);
         }
         self.peaks.push(h);
         self.size += 1;
@@ -281,11 +374,7 @@ impl CompactRange {
 
     /// The tree's root.
     pub fn root(&self) -> Hash {
-        let mut it = self.peaks.iter().rev();
-        match it.next() {
-            None => empty_root(),
-            Some(last) => it.fold(*last, |acc, left| node_hash(left, &acc)),
-        }
+        fold_nodes(&self.peaks)
     }
 }
 
@@ -311,6 +400,52 @@ mod tests {
         let again = CompactRange::from_parts(range.size(), range.peaks().to_vec()).unwrap();
         assert_eq!(again, range);
         assert!(CompactRange::from_parts(3, vec![[0; 32]]).is_none());
+    }
+
+    #[test]
+    fn proofs_assembled_from_the_subtrees_a_log_stores_equal_proofs_from_the_leaves() {
+        let all = leaves(45);
+        let mut stored = std::collections::HashMap::new();
+        let mut range = CompactRange::new();
+        for l in &all {
+            range.append_with(*l, |id, h| {
+                assert!(stored.insert(id, h).is_none(), "{id:?} completed twice");
+            });
+        }
+        for (id, h) in &stored {
+            let r = id.leaves();
+            assert_eq!(*h, root(&all[r.start as usize..r.end as usize]), "{id:?}");
+        }
+        let lookup = |id: NodeId| stored.get(&id).copied();
+        for n in 1..=all.len() as u64 {
+            let peaks = assemble(&[0..n], lookup).unwrap();
+            assert_eq!(peaks, vec![root(&all[..n as usize])]);
+            assert_eq!(range_nodes(0..n).len(), n.count_ones() as usize);
+            for i in 0..n {
+                let ranges = inclusion_ranges(i, n).unwrap();
+                assert!(nodes_needed(&ranges).len() <= 2 * 64);
+                assert_eq!(assemble(&ranges, lookup), inclusion_proof(&all[..n as usize], i as usize));
+            }
+            for m in 1..=n {
+                let ranges = consistency_ranges(m, n).unwrap();
+                assert_eq!(assemble(&ranges, lookup), consistency_proof(&all[..n as usize], m as usize));
+            }
+        }
+        assert_eq!(assemble(&[0..46], lookup), None, "a missing subtree is reported, never guessed");
+        assert_eq!(inclusion_ranges(5, 5), None);
+        assert_eq!(consistency_ranges(0, 5), None);
+        assert_eq!(consistency_ranges(6, 5), None);
+    }
+
+    #[test]
+    fn a_proof_at_ten_million_leaves_needs_few_stored_subtrees() {
+        let n = 10_000_000u64;
+        for i in [0, 1, 4_999_999, 9_999_998, 9_999_999] {
+            let needed = nodes_needed(&inclusion_ranges(i, n).unwrap());
+            assert!(needed.len() <= 2 * 24 + 1, "{i}: {}", needed.len());
+        }
+        let needed = nodes_needed(&consistency_ranges(1_234_567, n).unwrap());
+        assert!(needed.len() <= 3 * 24, "{}", needed.len());
     }
 
     #[test]

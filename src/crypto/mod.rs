@@ -48,6 +48,17 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// SHA-256 of the concatenation of `parts`, without copying them together.
+pub fn sha256_parts(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// Fills `buf` from the operating system's CSPRNG.
 pub fn random_fill(buf: &mut [u8]) -> Result<(), CryptoError> {
     ring::rand::SystemRandom::new().fill(buf).map_err(|_| CryptoError::Random)
