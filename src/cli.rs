@@ -213,6 +213,16 @@ pub struct ServeArgs {
     /// How long a break-glass grant lasts.
     #[arg(long, env = "CAREVAULT_BREAK_GLASS_TTL", default_value = "60m", value_parser = humantime::parse_duration)]
     pub break_glass_ttl: std::time::Duration,
+    /// The audit log's origin, named in its checkpoints and by its log key
+    /// (used when the log key is created; default: carevault.local/audit/<id of this log>).
+    #[arg(long, env = "CAREVAULT_LOG_ORIGIN")]
+    pub log_origin: Option<String>,
+    /// Sign a checkpoint once this many audit entries were added since the last one.
+    #[arg(long, env = "CAREVAULT_CHECKPOINT_EVERY", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
+    /// And at least this often while entries are added.
+    #[arg(long, env = "CAREVAULT_CHECKPOINT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub checkpoint_interval: std::time::Duration,
 }
 
 /// `keys` options. Give --server (with --token and TLS options) for a running

@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     pub limits: LimitSettings,
     /// How long a break-glass grant lasts, seconds.
     pub break_glass_secs: u64,
+    /// When the audit log's checkpoints are signed, and the log's origin.
+    pub checkpoints: crate::app::checkpoints::CheckpointPolicy,
 }
 
 /// Why a configuration is refused.
@@ -48,6 +50,9 @@ pub enum ConfigError {
         "refusing to serve plaintext on non-loopback address {0}: configure --tls-cert/--tls-key, or pass --insecure-plaintext if something else encrypts the traffic"
     )]
     PlaintextOnNetwork(SocketAddr),
+    /// A log origin that cannot name a log.
+    #[error("--log-origin must be 1 to 255 characters without whitespace or '+' (e.g. carevault.clinic.example/audit)")]
+    BadOrigin,
 }
 
 impl ServiceConfig {
@@ -75,6 +80,7 @@ impl ServiceConfig {
             policy_file: None,
             limits: LimitSettings::default(),
             break_glass_secs: 3600,
+            checkpoints: crate::app::checkpoints::CheckpointPolicy::default(),
         }
     }
 
@@ -82,6 +88,9 @@ impl ServiceConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.insecure_plaintext {
             return Err(ConfigError::PlaintextOnNetwork(self.listen));
+        }
+        if self.checkpoints.origin.as_deref().is_some_and(|o| !crate::app::checkpoints::valid_origin(o)) {
+            return Err(ConfigError::BadOrigin);
         }
         Ok(())
     }

@@ -152,7 +152,7 @@ pub async fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOp
         break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
     };
     let keys = KeyManager::load(&store, source, config.data_dir.clone(), local).await?;
-    let app = App::new(store, keys, options.clock.clone(), access);
+    let app = App::new(store, keys, options.clock.clone(), access).with_checkpoint_policy(config.checkpoints.clone());
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);
     Ok(Service { edge, sequencer, tls, pipeline })
@@ -233,6 +233,12 @@ pub async fn run(
     // A rewrap job interrupted by a stop or a crash continues now.
     edge.app().resume_jobs();
     edge.app().watch_jobs();
+    // The log key exists before the first call is served, so the chain's
+    // first entries are the same on every start.
+    match edge.app().ensure_log_key().await {
+        Ok(()) => edge.app().watch_checkpoints(),
+        Err(e) => tracing::error!(error = %e, "cannot create the audit log key: no checkpoints are signed"),
+    }
     // Every request's metadata up to this size reaches carevault, so an
     // over-long token is refused (and audited) by carevault, not by HTTP/2.
     let mut builder = tonic::transport::Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);

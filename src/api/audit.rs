@@ -36,6 +36,10 @@ impl Methods for AuditService {
                 Method { action: Action::AuditExport, handler: Handler::ServerStreaming(export_audit_events) }
             }
             "GetAuditHead" => unary!(Action::AuditHead, get_audit_head),
+            "GetCheckpoint" => unary!(Action::AuditCheckpoint, get_checkpoint),
+            "GetInclusionProof" => unary!(Action::AuditProof, get_inclusion_proof),
+            "GetConsistencyProof" => unary!(Action::AuditProof, get_consistency_proof),
+            "AddCosignature" => unary!(Action::AuditCosign, add_cosignature),
             _ => return None,
         })
     }
@@ -127,4 +131,79 @@ async fn get_audit_head(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<p
     let input = edge.read(ctx, &body, |_, _: &pb::GetAuditHeadRequest| (Named::default(), Some(())));
     let (sequence, hash) = edge.app.audit_head(ctx, input).await?;
     Ok(pb::GetAuditHeadResponse { sequence, hash: hash.to_vec() })
+}
+
+fn checkpoint_pb(c: crate::app::checkpoints::ServedCheckpoint) -> pb::SignedCheckpoint {
+    pb::SignedCheckpoint {
+        note: c.note,
+        origin: c.checkpoint.origin,
+        tree_size: c.checkpoint.size,
+        root_hash: c.checkpoint.root.to_vec(),
+        signed_at: Some(super::convert::timestamp(c.signed_micros)),
+        cosignatures: u32::try_from(c.cosignatures).unwrap_or(u32::MAX),
+    }
+}
+
+async fn get_checkpoint(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::GetCheckpointResponse, AppError> {
+    let input = edge.read(ctx, &body, |_, r: &pb::GetCheckpointRequest| {
+        (Named::default(), Some((r.tree_size != 0).then_some(r.tree_size)))
+    });
+    let c = edge.app.get_checkpoint(ctx, input).await?;
+    Ok(pb::GetCheckpointResponse { checkpoint: Some(checkpoint_pb(c)) })
+}
+
+async fn get_inclusion_proof(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::GetInclusionProofResponse, AppError> {
+    let input = edge
+        .read(ctx, &body, |_, r: &pb::GetInclusionProofRequest| (Named::default(), Some((r.sequence, r.tree_size))));
+    let sequence = input.parsed.as_ref().map_or(0, |(s, _)| *s);
+    let p = edge.app.inclusion_proof(ctx, input).await?;
+    Ok(pb::GetInclusionProofResponse {
+        sequence,
+        tree_size: p.tree_size,
+        hashes: p.hashes.iter().map(|h| h.to_vec()).collect(),
+        entry: p.entry.unwrap_or_default(),
+        checkpoint: p.checkpoint.map(checkpoint_pb),
+    })
+}
+
+async fn get_consistency_proof(
+    edge: &Edge,
+    ctx: &CallContext,
+    body: Bytes,
+) -> Result<pb::GetConsistencyProofResponse, AppError> {
+    let input = edge
+        .read(ctx, &body, |_, r: &pb::GetConsistencyProofRequest| (Named::default(), Some((r.old_size, r.tree_size))));
+    let old_size = input.parsed.as_ref().map_or(0, |(s, _)| *s);
+    let p = edge.app.consistency_proof(ctx, input).await?;
+    Ok(pb::GetConsistencyProofResponse {
+        old_size,
+        tree_size: p.tree_size,
+        hashes: p.hashes.iter().map(|h| h.to_vec()).collect(),
+        checkpoint: p.checkpoint.map(checkpoint_pb),
+    })
+}
+
+async fn add_cosignature(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::AddCosignatureResponse, AppError> {
+    let input = edge.read(ctx, &body, |c, r: &pb::AddCosignatureRequest| {
+        if r.note.is_empty() {
+            c.bad("note", "is required");
+        } else if r.note.len() > 8192 {
+            c.bad("note", crate::error::Description::TooLarge(8192));
+        }
+        let note = r.note.clone();
+        let key = match crate::audit::note::Verifier::parse(&r.witness_key) {
+            Ok(k) if k.alg == crate::audit::note::COSIGNATURE_V1 => Some(k),
+            _ => {
+                c.bad("witness_key", "must be a cosigner verifier key: name+keyid+base64(0x04 || Ed25519 key)");
+                None
+            }
+        };
+        (Named::default(), key.map(|k| (note, k)))
+    });
+    let c = edge.app.add_cosignature(ctx, input).await?;
+    Ok(pb::AddCosignatureResponse { checkpoint: Some(checkpoint_pb(c)) })
 }

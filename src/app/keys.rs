@@ -53,8 +53,8 @@ pub(super) struct Live {
 /// change commits, so the next start can check the master keys before the
 /// store is opened.
 pub struct KeyManager {
-    source: KeySource,
-    data_dir: PathBuf,
+    pub(super) source: KeySource,
+    pub(super) data_dir: PathBuf,
     live: RwLock<Arc<Live>>,
     /// One refresh at a time.
     refreshing: tokio::sync::Mutex<()>,

@@ -9,6 +9,7 @@ mod access;
 mod audit_log;
 mod blind;
 mod call;
+pub mod checkpoints;
 mod coverages;
 mod erasure;
 mod jobs;
@@ -175,6 +176,8 @@ pub struct App {
     key_op_lock: Arc<tokio::sync::Mutex<()>>,
     /// This process's id among the processes on one store (job leases).
     process_id: Arc<String>,
+    /// Signs the audit log's checkpoints.
+    checkpoints: Arc<checkpoints::Checkpointer>,
 }
 
 impl App {
@@ -193,8 +196,15 @@ impl App {
             stopped: Arc::new(tokio::sync::Notify::new()),
             refusals: Arc::new(refusals::Refusals::default()),
             key_op_lock: Arc::new(tokio::sync::Mutex::new(())),
+            checkpoints: Arc::new(checkpoints::Checkpointer::new(checkpoints::CheckpointPolicy::default())),
             process_id: Arc::new(uuid::Uuid::new_v4().to_string()),
         }
+    }
+
+    /// Signs checkpoints by `policy` (instead of the default: every 1,000 entries or second).
+    pub fn with_checkpoint_policy(mut self, policy: checkpoints::CheckpointPolicy) -> Self {
+        self.checkpoints = Arc::new(checkpoints::Checkpointer::new(policy));
+        self
     }
 
     /// Waits until no background job runs (after [`App::stop_jobs`]).

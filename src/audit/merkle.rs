@@ -418,7 +418,8 @@ mod tests {
         }
         let lookup = |id: NodeId| stored.get(&id).copied();
         for n in 1..=all.len() as u64 {
-            let peaks = assemble(&[0..n], lookup).unwrap();
+            let whole = vec![Range { start: 0, end: n }];
+            let peaks = assemble(&whole, lookup).unwrap();
             assert_eq!(peaks, vec![root(&all[..n as usize])]);
             assert_eq!(range_nodes(0..n).len(), n.count_ones() as usize);
             for i in 0..n {
@@ -431,7 +432,8 @@ mod tests {
                 assert_eq!(assemble(&ranges, lookup), consistency_proof(&all[..n as usize], m as usize));
             }
         }
-        assert_eq!(assemble(&[0..46], lookup), None, "a missing subtree is reported, never guessed");
+        let beyond = vec![Range { start: 0, end: 46 }];
+        assert_eq!(assemble(&beyond, lookup), None, "a missing subtree is reported, never guessed");
         assert_eq!(inclusion_ranges(5, 5), None);
         assert_eq!(consistency_ranges(0, 5), None);
         assert_eq!(consistency_ranges(6, 5), None);

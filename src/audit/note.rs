@@ -48,15 +48,49 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c == '+')
 }
 
+/// The signature type of C2SP tlog-cosignature/v1 (Ed25519 over a timestamped message).
+pub const COSIGNATURE_V1: u8 = 0x04;
+
 /// The id of an Ed25519 note key.
 pub fn key_id(name: &str, public_key: &[u8; 32]) -> [u8; 4] {
+    typed_key_id(name, ED25519, public_key)
+}
+
+fn typed_key_id(name: &str, alg: u8, public_key: &[u8; 32]) -> [u8; 4] {
     let mut b = Vec::with_capacity(name.len() + 34);
     b.extend_from_slice(name.as_bytes());
     b.push(b'\n');
-    b.push(ED25519);
+    b.push(alg);
     b.extend_from_slice(public_key);
     let h = sha256(&b);
     [h[0], h[1], h[2], h[3]]
+}
+
+/// The message a tlog-cosignature/v1 signs: `cosignature/v1`, the time, and the checkpoint body.
+fn cosigned_message(timestamp: u64, body: &str) -> String {
+    format!("cosignature/v1\ntime {timestamp}\n{body}")
+}
+
+/// A witness's C2SP tlog-cosignature/v1 of a checkpoint body, at `timestamp` (seconds since the epoch).
+pub fn cosign(body: &str, name: &str, key: &SigningKey, timestamp: u64) -> Result<Signature, NoteError> {
+    if !valid_name(name) {
+        return Err(NoteError::BadKey("the name is empty or holds whitespace or '+'"));
+    }
+    let id = typed_key_id(name, COSIGNATURE_V1, &key.public_key());
+    let mut signature = timestamp.to_be_bytes().to_vec();
+    signature.extend_from_slice(&key.sign(cosigned_message(timestamp, body).as_bytes()));
+    Ok(Signature { name: name.to_string(), id, signature })
+}
+
+/// Whether `sig` is `witness`'s (a cosigner key) valid cosignature of `body`;
+/// returns its timestamp.
+pub fn verify_cosignature(witness: &Verifier, body: &str, sig: &Signature) -> Option<u64> {
+    if witness.alg != COSIGNATURE_V1 || sig.name != witness.name || sig.id != witness.id || sig.signature.len() != 72 {
+        return None;
+    }
+    let timestamp = u64::from_be_bytes(sig.signature[..8].try_into().ok()?);
+    ed25519_verify(&witness.public_key, cosigned_message(timestamp, body).as_bytes(), &sig.signature[8..])
+        .then_some(timestamp)
 }
 
 /// A key that verifies notes.
@@ -68,18 +102,29 @@ pub struct Verifier {
     pub id: [u8; 4],
     /// The Ed25519 public key.
     pub public_key: [u8; 32],
+    /// Its signature type: 0x01 (note signatures) or [`COSIGNATURE_V1`].
+    pub alg: u8,
 }
 
 impl Verifier {
     /// The verifier of `public_key` named `name`.
     pub fn new(name: &str, public_key: [u8; 32]) -> Result<Verifier, NoteError> {
+        Verifier::typed(name, ED25519, public_key)
+    }
+
+    /// A witness's cosigner key (tlog-cosignature/v1) named `name`.
+    pub fn cosigner(name: &str, public_key: [u8; 32]) -> Result<Verifier, NoteError> {
+        Verifier::typed(name, COSIGNATURE_V1, public_key)
+    }
+
+    fn typed(name: &str, alg: u8, public_key: [u8; 32]) -> Result<Verifier, NoteError> {
         if !valid_name(name) {
             return Err(NoteError::BadKey("the name is empty or holds whitespace or '+'"));
         }
-        Ok(Verifier { name: name.to_string(), id: key_id(name, &public_key), public_key })
+        Ok(Verifier { name: name.to_string(), id: typed_key_id(name, alg, &public_key), public_key, alg })
     }
 
-    /// Parses `<name>+<hex id>+<base64(0x01 ‖ key)>`, checking the id.
+    /// Parses `<name>+<hex id>+<base64(type ‖ key)>` (type 0x01 or 0x04), checking the id.
     pub fn parse(vkey: &str) -> Result<Verifier, NoteError> {
         let mut parts = vkey.trim().splitn(3, '+');
         let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
@@ -87,12 +132,12 @@ impl Verifier {
         };
         let id = hex::decode(id).map_err(|_| NoteError::BadKey("the key id is not hex"))?;
         let key = b64().decode(key).map_err(|_| NoteError::BadKey("the key is not base64"))?;
-        if key.len() != 33 || key[0] != ED25519 {
+        if key.len() != 33 || (key[0] != ED25519 && key[0] != COSIGNATURE_V1) {
             return Err(NoteError::BadKey("not an Ed25519 key"));
         }
         let mut public_key = [0u8; 32];
         public_key.copy_from_slice(&key[1..]);
-        let v = Verifier::new(name, public_key)?;
+        let v = Verifier::typed(name, key[0], public_key)?;
         if id != v.id {
             return Err(NoteError::BadKey("the key id does not match the name and key"));
         }
@@ -101,7 +146,7 @@ impl Verifier {
 
     /// The `vkey` form.
     pub fn to_vkey(&self) -> String {
-        let mut key = vec![ED25519];
+        let mut key = vec![self.alg];
         key.extend_from_slice(&self.public_key);
         format!("{}+{}+{}", self.name, hex::encode(self.id), b64().encode(key))
     }
@@ -119,6 +164,22 @@ pub struct Signature {
 }
 
 impl Signature {
+    /// Parses one signature line (`— name base64(id ‖ signature)`, without its newline).
+    pub fn parse_line(line: &str) -> Result<Signature, NoteError> {
+        let rest =
+            line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed("a signature line starts with an em dash"))?;
+        let (name, b) =
+            rest.split_once(' ').ok_or(NoteError::Malformed("a signature line has a name and a signature"))?;
+        if !valid_name(name) {
+            return Err(NoteError::Malformed("bad signer name"));
+        }
+        let raw = b64().decode(b).map_err(|_| NoteError::Malformed("the signature is not base64"))?;
+        if raw.len() < 5 {
+            return Err(NoteError::Malformed("the signature is too short"));
+        }
+        Ok(Signature { name: name.to_string(), id: [raw[0], raw[1], raw[2], raw[3]], signature: raw[4..].to_vec() })
+    }
+
     /// The line, without its newline.
     pub fn line(&self) -> String {
         let mut b = self.id.to_vec();
@@ -181,7 +242,9 @@ impl Note {
     pub fn verify(&self, verifiers: &[Verifier]) -> Result<Vec<String>, NoteError> {
         let mut signed = Vec::new();
         for s in &self.signatures {
-            let Some(v) = verifiers.iter().find(|v| v.name == s.name && v.id == s.id) else { continue };
+            let Some(v) = verifiers.iter().find(|v| v.alg == ED25519 && v.name == s.name && v.id == s.id) else {
+                continue;
+            };
             if !ed25519_verify(&v.public_key, self.text.as_bytes(), &s.signature) {
                 return Err(NoteError::BadSignature(s.name.clone()));
             }

@@ -101,6 +101,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrent: args.max_concurrent,
         },
         break_glass_secs: args.break_glass_ttl.as_secs(),
+        checkpoints: carevault::app::checkpoints::CheckpointPolicy {
+            origin: args.log_origin,
+            every_entries: args.checkpoint_every,
+            interval: args.checkpoint_interval,
+        },
     };
     let loaded = server::load(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {

@@ -133,6 +133,14 @@ pub enum Action {
     KeysDestroyComplete,
     /// The key state recorded in the store (first start with this version).
     KeysStateRecorded,
+    /// A signed checkpoint of the audit log read.
+    AuditCheckpoint,
+    /// An inclusion or consistency proof read.
+    AuditProof,
+    /// A witness's cosignature of a checkpoint added.
+    AuditCosign,
+    /// A log key (signing checkpoints) created.
+    KeysLogKeyCreated,
 }
 
 /// What kind of thing an audited action is about (`resource_type` in the entry).
@@ -214,6 +222,10 @@ impl Action {
             Action::KeysRetireComplete => "keys.retire_complete",
             Action::KeysDestroyComplete => "keys.destroy_complete",
             Action::KeysStateRecorded => "keys.state_recorded",
+            Action::AuditCheckpoint => "audit.checkpoint",
+            Action::AuditProof => "audit.proof",
+            Action::AuditCosign => "audit.cosign",
+            Action::KeysLogKeyCreated => "keys.log_key_created",
         }
     }
 
@@ -226,7 +238,12 @@ impl Action {
             Action::PatientCreate | Action::PatientUpdate | Action::PatientDelete => Permission::PatientsWrite,
             Action::CoverageRead | Action::CoverageList | Action::CoverageActive => Permission::CoverageRead,
             Action::CoverageCreate | Action::CoverageUpdate | Action::CoverageDelete => Permission::CoverageWrite,
-            Action::AuditList | Action::AuditExport | Action::AuditHead => Permission::AuditRead,
+            Action::AuditList
+            | Action::AuditExport
+            | Action::AuditHead
+            | Action::AuditCheckpoint
+            | Action::AuditProof
+            | Action::AuditCosign => Permission::AuditRead,
             Action::AccessRestrict => Permission::PatientsRestrict,
             Action::BreakGlassList | Action::BreakGlassReview => Permission::AuditReview,
             Action::KeysStatus
@@ -240,6 +257,7 @@ impl Action {
             | Action::KeysDestroy
             | Action::KeysDestroyComplete
             | Action::KeysStateRecorded
+            | Action::KeysLogKeyCreated
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
             | Action::KeysReencryptComplete
@@ -277,7 +295,12 @@ impl Action {
             | Action::CoverageDelete
             | Action::CoverageList
             | Action::CoverageActive => ResourceType::Coverage,
-            Action::AuditList | Action::AuditExport | Action::AuditHead => ResourceType::Audit,
+            Action::AuditList
+            | Action::AuditExport
+            | Action::AuditHead
+            | Action::AuditCheckpoint
+            | Action::AuditProof
+            | Action::AuditCosign => ResourceType::Audit,
             Action::AccessRestrict | Action::AccessLegalHold => ResourceType::Access,
             Action::AccessRefused => ResourceType::None,
             Action::BreakGlassList | Action::BreakGlassReview => ResourceType::Grant,
@@ -292,6 +315,7 @@ impl Action {
             | Action::KeysDestroy
             | Action::KeysDestroyComplete
             | Action::KeysStateRecorded
+            | Action::KeysLogKeyCreated
             | Action::ErasureRekey
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch

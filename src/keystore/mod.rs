@@ -132,6 +132,10 @@ impl KeyPaths {
     pub fn master(&self, version: u32) -> PathBuf {
         self.dir.join(format!("master-{version}.key"))
     }
+    /// The log key file for a version.
+    pub fn log(&self, version: u32) -> PathBuf {
+        self.dir.join(format!("log-{version}.key"))
+    }
     /// The dev issuer private key.
     pub fn issuer_private(&self) -> PathBuf {
         self.dir.join("issuer-ed25519.pk8")
@@ -402,6 +406,33 @@ pub struct KeyState {
     /// The previous blind index's version while its entries are being dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blind_index_previous: Option<u32>,
+    /// The audit log's origin: the first line of its checkpoints and the
+    /// name of its log keys (absent until the first log key exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_origin: Option<String>,
+    /// Every log key version: its public key and state. The newest active
+    /// one signs checkpoints; retired ones still verify older checkpoints.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub log_keys: BTreeMap<u32, LogKeyInfo>,
+}
+
+/// One log key version's record in the key state (the private key is kept
+/// by the key source, never here or in the store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogKeyInfo {
+    /// The Ed25519 public key, base64.
+    pub public_key: String,
+    /// Active (signs, if newest) or retired (verifies only).
+    pub state: VersionState,
+    /// When it was created (µs since the epoch).
+    pub created_micros: i64,
+}
+
+impl LogKeyInfo {
+    /// The raw public key.
+    pub fn public(&self) -> Option<[u8; 32]> {
+        base64::engine::general_purpose::STANDARD.decode(&self.public_key).ok()?.try_into().ok()
+    }
 }
 
 fn is_zero(v: &u8) -> bool {
@@ -419,6 +450,11 @@ struct KeyCheckV1 {
 }
 
 impl KeyState {
+    /// The log key that signs: the newest active version.
+    pub fn signing_log_key(&self) -> Option<(u32, &LogKeyInfo)> {
+        self.log_keys.iter().rev().find(|(_, k)| k.state == VersionState::Active).map(|(v, k)| (*v, k))
+    }
+
     /// Active versions, ascending.
     pub fn active(&self) -> Vec<u32> {
         self.master_keys.iter().filter(|(_, i)| i.state == VersionState::Active).map(|(v, _)| *v).collect()
@@ -460,6 +496,8 @@ impl KeyState {
                 blind_index_slot: 0,
                 blind_index_next: None,
                 blind_index_previous: None,
+                log_origin: None,
+                log_keys: BTreeMap::new(),
             });
         }
         serde_json::from_value(value).map_err(|_| KeyError::Malformed(path.into()))
@@ -565,9 +603,80 @@ pub fn open_for_store(
         blind_index_slot: 0,
         blind_index_next: None,
         blind_index_previous: None,
+        log_origin: None,
+        log_keys: BTreeMap::new(),
     };
     create_dir_private(data_dir)?;
     state.write(data_dir)?;
     let shreds = create_erasure_keys(data_dir)?;
     Ok(LocalKeys { state: Some(state), ring: Some(ring), shreds })
+}
+
+/// The checkpoint this data directory's log key signed last (`checkpoint-state`).
+pub const SIGNED_HEAD_FILE: &str = "checkpoint-state";
+
+/// The lock serializing changes of [`SIGNED_HEAD_FILE`] between processes.
+const SIGNED_HEAD_LOCK: &str = "checkpoint-state.lock";
+
+/// The newest checkpoint signed from this data directory: its size and
+/// root. Kept beside the keys, not in the store, so a store rewritten behind
+/// carevault's back cannot make it sign a checkpoint inconsistent with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedHead {
+    /// Tree size.
+    pub size: u64,
+    /// Root hash.
+    pub root: [u8; 32],
+}
+
+/// Reads [`SIGNED_HEAD_FILE`] (`carevault checkpoint-state v1`, size, base64 root; one per line).
+pub fn read_signed_head(data_dir: &Path) -> Result<Option<SignedHead>, KeyError> {
+    let path = data_dir.join(SIGNED_HEAD_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KeyError::Io { path, source: e }),
+    };
+    let bad = || KeyError::Malformed(path.clone());
+    let mut lines = text.lines();
+    if lines.next() != Some("carevault checkpoint-state v1") {
+        return Err(bad());
+    }
+    let size = lines.next().and_then(|l| l.parse().ok()).ok_or_else(bad)?;
+    let root = lines
+        .next()
+        .and_then(|l| base64::engine::general_purpose::STANDARD.decode(l).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    Ok(Some(SignedHead { size, root }))
+}
+
+/// Records `next` as the newest signed checkpoint, under the lock, if the
+/// file still holds `seen` (else returns what it holds now, unchanged).
+pub fn advance_signed_head(
+    data_dir: &Path,
+    seen: Option<SignedHead>,
+    next: SignedHead,
+) -> Result<Result<(), Option<SignedHead>>, KeyError> {
+    let lock_path = data_dir.join(SIGNED_HEAD_LOCK);
+    let lock = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    let now = read_signed_head(data_dir)?;
+    if now != seen {
+        return Ok(Err(now));
+    }
+    let text = format!(
+        "carevault checkpoint-state v1\n{}\n{}\n",
+        next.size,
+        base64::engine::general_purpose::STANDARD.encode(next.root)
+    );
+    write_atomic(data_dir, SIGNED_HEAD_FILE, text.as_bytes(), 0o600)?;
+    drop(lock);
+    Ok(Ok(()))
 }

@@ -25,6 +25,7 @@ macro_rules! every_case {
             an_entry_too_long_to_encode_fails_alone,
             an_idempotency_key_is_taken_once,
             a_commit_goes_ahead_only_under_the_key_state_it_was_prepared_under,
+            the_merkle_tree_grows_with_the_chain_and_proves_every_entry,
         );
     };
 }
@@ -380,4 +381,42 @@ pub(crate) async fn a_commit_goes_ahead_only_under_the_key_state_it_was_prepared
         commit(store, "keys.retire_complete", None, vec![late]).await.outcome,
         CommitOutcome::Conflict { current: 0 }
     );
+}
+
+/// The tree covers every committed entry; its root and proofs, read from the
+/// stored subtrees, equal those computed from the entries themselves.
+pub(crate) async fn the_merkle_tree_grows_with_the_chain_and_proves_every_entry(store: &Store) {
+    use crate::audit::merkle;
+    use crate::storage::tree;
+    let mut sizes = Vec::new();
+    for round in 0..5u8 {
+        let tasks: Vec<_> = (0..(7 + 13 * usize::from(round)))
+            .map(|_| {
+                let s = store.clone();
+                tokio::spawn(async move { s.commit(Commit::entry(entry("patient.read"))).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        sizes.push(store.tree_size().await.unwrap());
+    }
+    let entries = chain(store).await;
+    let leaves: Vec<merkle::Hash> = entries.iter().map(|e| merkle::leaf_hash(&e.bytes)).collect();
+    let n = leaves.len() as u64;
+    assert_eq!(*sizes.last().unwrap(), n, "the tree covers every entry");
+    assert_eq!(store.audit_head().await.unwrap().unwrap().0 + 1, n);
+    for size in sizes.iter().copied().chain([1, 2, 15, 16, 17, 33]).filter(|s| *s <= n) {
+        let want = merkle::root(&leaves[..size as usize]);
+        assert_eq!(tree::root(&**store, size).await.unwrap(), want, "root at {size}");
+        for i in (0..size).step_by(5).chain([size - 1]) {
+            let proof = tree::proof(&**store, &merkle::inclusion_ranges(i, size).unwrap()).await.unwrap();
+            merkle::verify_inclusion(i, size, &leaves[i as usize], &proof, &want).unwrap();
+        }
+        for old in [1, size / 2 + 1, size] {
+            let proof = tree::proof(&**store, &merkle::consistency_ranges(old, size).unwrap()).await.unwrap();
+            let old_root = merkle::root(&leaves[..old as usize]);
+            merkle::verify_consistency(old, size, &old_root, &want, &proof).unwrap();
+        }
+    }
 }

@@ -25,12 +25,16 @@ pub mod model;
 pub mod postgres;
 pub mod sequencer;
 pub mod sled;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-pub use model::{Change, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry};
+pub use model::{
+    Change, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry,
+    StoredCheckpoint,
+};
 pub use sequencer::{Commit, CommitOutcome, Committed, Sequencer};
 pub use sled::Recovery;
 
@@ -177,6 +181,32 @@ pub trait Backend: Send + Sync {
         limit: usize,
     ) -> Result<Vec<u64>, StorageError>;
 
+    /// The Merkle tree's size: the number of entries whose subtrees are
+    /// stored (every committed entry's; see [`tree`]).
+    async fn tree_size(&self) -> Result<u64, StorageError>;
+    /// Stored subtree hashes (each of height [`tree::STORED_FROM_LEVEL`] or
+    /// more), in the order asked; `None` for one not stored.
+    async fn tree_nodes(&self, ids: &[crate::audit::merkle::NodeId]) -> Result<Vec<Option<[u8; 32]>>, StorageError>;
+
+    /// The checkpoint of `size`, or the latest (largest) one.
+    async fn checkpoint(&self, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StorageError>;
+    /// Up to `limit` checkpoints of sizes above `after`, by size.
+    async fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<StoredCheckpoint>, StorageError>;
+    /// Stores a signed checkpoint durably, unless one of its size is stored
+    /// (then false). Checkpoints are written beside the chain, not through
+    /// the sequencer: they change nothing, they sign what it holds.
+    async fn save_checkpoint(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError>;
+    /// Stores a witness's cosignature line of the checkpoint of `size`
+    /// durably, replacing that witness key's earlier one for that size.
+    async fn save_cosignature(
+        &self,
+        size: u64,
+        witness: &str,
+        key_id: [u8; 4],
+        line: &str,
+        now_micros: i64,
+    ) -> Result<(), StorageError>;
+
     /// Whether the store is this process's alone while it is open (sled
     /// locks its directory); false where several processes share it.
     fn exclusive(&self) -> bool {
@@ -301,6 +331,37 @@ impl Backend for sled::SledStore {
         limit: usize,
     ) -> Result<Vec<u64>, StorageError> {
         sled::SledStore::audit_seqs_for_patient(self, &patient, from, limit)
+    }
+    async fn tree_size(&self) -> Result<u64, StorageError> {
+        Ok(self.tree_size_sync())
+    }
+    async fn tree_nodes(&self, ids: &[crate::audit::merkle::NodeId]) -> Result<Vec<Option<[u8; 32]>>, StorageError> {
+        self.tree_nodes_sync(ids)
+    }
+    async fn checkpoint(&self, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StorageError> {
+        self.checkpoint_sync(size)
+    }
+    async fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<StoredCheckpoint>, StorageError> {
+        self.checkpoints_after_sync(after, limit)
+    }
+    async fn save_checkpoint(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError> {
+        let (me, note) = (self.clone(), note.to_vec());
+        tokio::task::spawn_blocking(move || me.save_checkpoint_sync(size, &note, signed_micros))
+            .await
+            .map_err(|_| StorageError::Io("checkpoint writer stopped".into()))?
+    }
+    async fn save_cosignature(
+        &self,
+        size: u64,
+        witness: &str,
+        key_id: [u8; 4],
+        line: &str,
+        now_micros: i64,
+    ) -> Result<(), StorageError> {
+        let (me, witness, line) = (self.clone(), witness.to_string(), line.to_string());
+        tokio::task::spawn_blocking(move || me.save_cosignature_sync(size, &witness, key_id, &line, now_micros))
+            .await
+            .map_err(|_| StorageError::Io("checkpoint writer stopped".into()))?
     }
     fn exclusive(&self) -> bool {
         true

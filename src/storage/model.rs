@@ -349,3 +349,18 @@ mod tests {
         assert_eq!(v, [RecordRef::patient([2; 16]), RecordRef::patient([9; 16]), RecordRef::coverage([1; 16])]);
     }
 }
+
+/// A signed checkpoint of the audit log as stored: its tree size, the signed
+/// note (C2SP tlog-checkpoint body and the log's signature), when it was
+/// signed, and the witnesses' cosignature lines given for it since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// The tree size it commits to.
+    pub size: u64,
+    /// The signed note's bytes.
+    pub note: Vec<u8>,
+    /// When it was signed (µs).
+    pub signed_micros: i64,
+    /// Cosignature lines (`— name base64`), by witness name then key id.
+    pub cosignatures: Vec<String>,
+}

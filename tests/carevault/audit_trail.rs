@@ -12,13 +12,13 @@ async fn every_call_appends_one_entry_with_identifiers_and_no_phi() {
     r.metadata_mut().insert("x-request-id", "rq-1".parse().unwrap());
     s.patients().get_patient(r).await.unwrap();
     let events = s.all_events().await;
-    // genesis, the key state, create, read (the list call that fetched them is appended after its scan)
+    // genesis, the key state, the log key, create, read (the list call that fetched them is appended after its scan)
     assert_eq!(
         events.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
-        vec!["audit.genesis", "keys.state_recorded", "patient.create", "patient.read"]
+        vec!["audit.genesis", "keys.state_recorded", "keys.log_key_created", "patient.create", "patient.read"]
     );
-    let read = &events[3];
-    assert_eq!(read.sequence, 3);
+    let read = &events[4];
+    assert_eq!(read.sequence, 4);
     assert_eq!(read.actor, "desk-7");
     assert_eq!(read.scopes, vec!["patients.read"]);
     assert_eq!(read.request_id, "rq-1");
@@ -29,7 +29,7 @@ async fn every_call_appends_one_entry_with_identifiers_and_no_phi() {
     assert_eq!(read.key_version, 1);
     assert_eq!(read.outcome, pb::AuditOutcome::Ok as i32);
     assert!(read.client_address.starts_with("127.0.0.1:"));
-    assert_eq!(read.previous_hash, events[2].hash);
+    assert_eq!(read.previous_hash, events[3].hash);
     let dump = format!("{events:?}");
     // The phone number, whole and as digits ("555" alone is also in some port numbers).
     for phi in ["Phiname", "Secretgiven", "1966-06-06", "MRN-PHI-123", "Elm Street", "010-0199", "5550100199"] {
@@ -121,8 +121,8 @@ async fn export_streams_the_exact_hashed_bytes_and_they_verify_to_the_head() {
     while let Some(msg) = stream.message().await.unwrap() {
         entries.extend(msg.entries);
     }
-    // genesis + the key state + 20 creates + head + the export itself
-    assert_eq!(entries.len(), 24);
+    // genesis + the key state + the log key + 20 creates + head + the export itself
+    assert_eq!(entries.len(), 25);
     assert_eq!(entries.last().map(|e| AuditEntry::decode(&e.entry).unwrap().action), Some("audit.export".to_string()));
     let head_entry = &entries[usize::try_from(head_before.sequence).unwrap()];
     assert_eq!(carevault::crypto::sha256(&head_entry.entry).to_vec(), head_before.hash);
@@ -137,7 +137,7 @@ async fn export_streams_the_exact_hashed_bytes_and_they_verify_to_the_head() {
     };
     let report = verify_chain(raw, Some(expect));
     assert!(report.is_ok(), "{report:?}");
-    assert_eq!(report.entries_checked, 24);
+    assert_eq!(report.entries_checked, 25);
 }
 
 #[tokio::test]

@@ -24,7 +24,7 @@ async fn verify_against_a_live_server_streams_the_export_and_passes() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
-    assert_eq!(v["entries_checked"], 13); // genesis, the key state, 10 creates, the export
+    assert_eq!(v["entries_checked"], 14); // genesis, the key state, the log key, 10 creates, the export
     // Without audit.read the export is refused: exit 2.
     let url = format!("http://{}", s.addr);
     let token = s.token("desk", "patients.read");
@@ -89,7 +89,7 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
     assert_eq!(found["patients"][0]["id"], created["patient"]["id"]);
     let out = bin().args(["client", "--server", &url, "--token", &token, "audit-head"]).output().unwrap();
     let head = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(head.starts_with("4:"), "{head}");
+    assert!(head.starts_with("5:"), "{head}");
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
@@ -104,7 +104,7 @@ fn serve_starts_from_nothing_serves_the_cli_client_and_stops_cleanly_on_sigterm(
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: 5 entries verified"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: 6 entries verified"));
 }
 
 /// Every file under `dir` with the SHA-256 of its bytes, in path order.

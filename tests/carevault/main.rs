@@ -14,6 +14,7 @@ mod helpers;
 
 mod audit_trail;
 mod auth;
+mod checkpoints;
 mod cli;
 mod coverage;
 mod crash;

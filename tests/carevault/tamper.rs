@@ -50,7 +50,7 @@ async fn an_untouched_chain_verifies_with_its_recorded_head() {
     let (code, v) = verify(&dir, Some(&head));
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["ok"], true);
-    assert_eq!(v["entries_checked"], 8);
+    assert_eq!(v["entries_checked"], 9);
 }
 
 #[tokio::test]
@@ -102,7 +102,7 @@ async fn an_entry_moved_under_another_stored_sequence_is_content_altered() {
 async fn truncation_below_a_recorded_head_is_caught_only_with_that_head() {
     let (dir, _g, head) = chain_of(5).await;
     with_store(&dir, |s| {
-        for seq in 5..=7 {
+        for seq in 6..=8 {
             s.danger_put_audit_raw(seq, None).unwrap();
         }
     });
@@ -110,7 +110,7 @@ async fn truncation_below_a_recorded_head_is_caught_only_with_that_head() {
     assert_eq!(verify(&dir, None).0, 0);
     let (code, v) = verify(&dir, Some(&head));
     assert_eq!(code, 1);
-    assert_eq!(failure(&v), (7, "recorded_head_missing".into()));
+    assert_eq!(failure(&v), (8, "recorded_head_missing".into()));
 }
 
 #[tokio::test]

@@ -113,7 +113,7 @@ async fn the_cli_client_and_verify_speak_mutual_tls() {
     head.push("audit-head".into());
     let out = run(head).await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("2:"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("3:"));
 
     let mut verify = vec!["verify".to_string(), "--server".into(), url.clone(), "--token".into(), token.clone()];
     verify.extend(tls.clone());

@@ -24,6 +24,8 @@ pub const ENGINE: helpers::Engine = helpers::Engine::Postgres;
 mod audit_trail;
 #[path = "../carevault/auth.rs"]
 mod auth;
+#[path = "../carevault/checkpoints.rs"]
+mod checkpoints;
 #[path = "../carevault/cli.rs"]
 mod cli;
 #[path = "../carevault/coverage.rs"]

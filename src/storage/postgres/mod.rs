@@ -17,13 +17,14 @@ mod prefetch;
 pub mod schema;
 #[cfg(test)]
 mod tests;
+mod tree;
 
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
-use super::model::{Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry};
+use super::model::{Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry, StoredCheckpoint};
 use super::sequencer::{self, Sequencer};
 use super::{Backend, StorageError};
 use crate::audit::AuditEntry;
@@ -196,6 +197,7 @@ impl PgStore {
     /// chain first (exactly once per database, whichever process gets there first).
     pub async fn start(&self, clock: Arc<dyn Clock>) -> Result<(Sequencer, tokio::task::JoinHandle<()>), StorageError> {
         let head = pipeline::ensure_genesis(self, &AuditEntry::genesis(clock.now_micros())).await?;
+        tree::build(self).await?;
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (sequencer, queue) = sequencer::channel(head, syncs.clone());
         let task = tokio::spawn(pipeline::run(self.clone(), clock, queue, syncs));
@@ -423,6 +425,73 @@ impl Backend for PgStore {
         self.bytes("SELECT state_json FROM jobs WHERE name = $1", &[&name.as_str()]).await
     }
 
+    async fn checkpoint(&self, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StorageError> {
+        let client = self.client().await?;
+        let rows = match size {
+            Some(n) => client
+                .query("SELECT size, note, signed_micros FROM audit_checkpoints WHERE size = $1", &[&i64_of(n)])
+                .await
+                .map_err(pg_error)?,
+            None => client
+                .query("SELECT size, note, signed_micros FROM audit_checkpoints ORDER BY size DESC LIMIT 1", &[])
+                .await
+                .map_err(pg_error)?,
+        };
+        Ok(tree::checkpoints_of(&client, rows).await?.into_iter().next())
+    }
+    async fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<StoredCheckpoint>, StorageError> {
+        let client = self.client().await?;
+        let after = after.map_or(-1, i64_of);
+        let rows = client
+            .query(
+                "SELECT size, note, signed_micros FROM audit_checkpoints WHERE size > $1 ORDER BY size LIMIT $2",
+                &[&after, &limit_of(limit)],
+            )
+            .await
+            .map_err(pg_error)?;
+        tree::checkpoints_of(&client, rows).await
+    }
+    async fn save_checkpoint(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError> {
+        let client = self.client().await?;
+        client.batch_execute("SET synchronous_commit = on").await.map_err(pg_error)?;
+        let n = client
+            .execute(
+                "INSERT INTO audit_checkpoints (size, note, signed_micros) VALUES ($1, $2, $3) ON CONFLICT (size) DO NOTHING",
+                &[&i64_of(size), &note, &signed_micros],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(n == 1)
+    }
+    async fn save_cosignature(
+        &self,
+        size: u64,
+        witness: &str,
+        key_id: [u8; 4],
+        line: &str,
+        now_micros: i64,
+    ) -> Result<(), StorageError> {
+        let client = self.client().await?;
+        client.batch_execute("SET synchronous_commit = on").await.map_err(pg_error)?;
+        client
+            .execute(
+                "INSERT INTO audit_cosignatures (size, witness, key_id, line, added_micros) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (size, witness, key_id) DO UPDATE SET line = EXCLUDED.line, added_micros = EXCLUDED.added_micros",
+                &[&i64_of(size), &witness, &key_id.as_slice(), &line, &now_micros],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+    async fn tree_size(&self) -> Result<u64, StorageError> {
+        let row = self.opt_row("SELECT tree_size FROM chain_head WHERE id = 1", &[]).await?;
+        row.map_or(Ok(0), |r| u64_of(&r, 0))
+    }
+    async fn tree_nodes(&self, ids: &[crate::audit::merkle::NodeId]) -> Result<Vec<Option<[u8; 32]>>, StorageError> {
+        let client = self.client().await?;
+        let found = tree::stored_nodes(&client, ids).await?;
+        Ok(ids.iter().map(|id| found.get(id).copied()).collect())
+    }
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StorageError> {
         let row = self.opt_row("SELECT seq, hash FROM chain_head WHERE id = 1 AND seq IS NOT NULL", &[]).await?;
         row.map(|r| Ok((u64_of(&r, 0)?, hash32(&r, 1)?))).transpose()

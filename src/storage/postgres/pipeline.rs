@@ -28,6 +28,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{PgStore, encode_index_set, hash32, i64_of, kind_tag, pg_error, pool_error, u64_of};
 use crate::audit::AuditEntry;
+use crate::audit::merkle::CompactRange;
 use crate::clock::Clock;
 use crate::storage::StorageError;
 use crate::storage::model::{Change, Head, IndexKey, JobName, RecordRef, RecordWrite};
@@ -50,8 +51,8 @@ fn b(v: &[u8]) -> Param {
     Box::new(v.to_vec())
 }
 
-const LOCK_HEAD: &str = "SELECT seq, hash, time_micros FROM chain_head WHERE id = 1 FOR UPDATE";
-const MOVE_HEAD: &str = "UPDATE chain_head SET seq = $1, hash = $2, time_micros = $3 WHERE id = 1";
+const LOCK_HEAD: &str = "SELECT seq, hash, time_micros, tree_size FROM chain_head WHERE id = 1 FOR UPDATE";
+const MOVE_HEAD: &str = "UPDATE chain_head SET seq = $1, hash = $2, time_micros = $3, tree_size = $4 WHERE id = 1";
 const INSERT_ENTRIES: &str =
     "INSERT INTO audit_entries (seq, entry, hash) SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[])";
 const INSERT_AUDIT_PATIENTS: &str =
@@ -93,8 +94,9 @@ const ERASE_INDEX_SETS: &str = "DELETE FROM index_sets s USING records r \
      WHERE r.patient = $1 AND s.kind = r.kind AND s.id = r.id";
 const ERASE_RECORDS: &str = "DELETE FROM records WHERE patient = $1";
 
-/// The chain head as stored: sequence, hash, time of the newest entry.
-type ChainHead = (u64, [u8; 32], i64);
+/// The chain head as stored: sequence, hash, time of the newest entry, and
+/// how many entries the Merkle tree's stored subtrees cover.
+type ChainHead = (u64, [u8; 32], i64, u64);
 
 async fn lock_head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<ChainHead>, StorageError> {
     let row = tx.query_one(LOCK_HEAD, &[]).await.map_err(pg_error)?;
@@ -102,7 +104,12 @@ async fn lock_head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Cha
     if seq.is_none() {
         return Ok(None);
     }
-    Ok(Some((u64_of(&row, 0)?, hash32(&row, 1)?, row.try_get::<_, Option<i64>>(2).map_err(pg_error)?.unwrap_or(0))))
+    Ok(Some((
+        u64_of(&row, 0)?,
+        hash32(&row, 1)?,
+        row.try_get::<_, Option<i64>>(2).map_err(pg_error)?.unwrap_or(0),
+        u64_of(&row, 3)?,
+    )))
 }
 
 /// Writes the genesis entry if the chain is empty (once per database, under
@@ -110,7 +117,7 @@ async fn lock_head(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<Cha
 pub(super) async fn ensure_genesis(store: &PgStore, genesis: &AuditEntry) -> Result<(u64, [u8; 32]), StorageError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await.map_err(pg_error)?;
-    if let Some((seq, hash, _)) = lock_head(&tx).await? {
+    if let Some((seq, hash, _, _)) = lock_head(&tx).await? {
         tx.rollback().await.map_err(pg_error)?;
         return Ok((seq, hash));
     }
@@ -120,7 +127,7 @@ pub(super) async fn ensure_genesis(store: &PgStore, genesis: &AuditEntry) -> Res
     tx.execute("INSERT INTO audit_entries (seq, entry, hash) VALUES (0, $1, $2)", &[&bytes, &hash.as_slice()])
         .await
         .map_err(pg_error)?;
-    tx.execute(MOVE_HEAD, &[&0i64, &hash.as_slice(), &genesis.time_micros]).await.map_err(pg_error)?;
+    tx.execute(MOVE_HEAD, &[&0i64, &hash.as_slice(), &genesis.time_micros, &1i64]).await.map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
     Ok((0, hash))
 }
@@ -131,11 +138,12 @@ pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syn
     // nothing behind in memory, and the next one starts from the database's head.
     let Queue { mut rx, head, .. } = queue;
     let mut key_state = KeyStateCache::default();
+    let mut tree = TreeCache::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         drain(&mut rx, &mut batch);
         let started = std::time::Instant::now();
-        match commit_batch(&store, &batch, clock.now_micros(), &mut key_state).await {
+        match commit_batch(&store, &batch, clock.now_micros(), &mut key_state, &mut tree).await {
             Ok((planned, committed, lock_wait)) => {
                 if committed {
                     syncs.fetch_add(1, Ordering::Relaxed);
@@ -196,6 +204,12 @@ impl KeyStateCache {
     }
 }
 
+/// The Merkle tree's right edge as this pipeline last left it, and the head
+/// it belongs to: loaded again (O(log n) rows) only after another process
+/// committed.
+#[derive(Default)]
+struct TreeCache(Option<((u64, [u8; 32]), CompactRange)>);
+
 /// One batch, one transaction. Returns the plan, whether anything was
 /// committed, and how long taking the chain head's lock took.
 async fn commit_batch(
@@ -203,15 +217,24 @@ async fn commit_batch(
     batch: &[Pending],
     now: i64,
     cache: &mut KeyStateCache,
+    trees: &mut TreeCache,
 ) -> Result<(Planned, bool, std::time::Duration), BatchError> {
     let known = std::mem::take(cache);
+    let known_tree = std::mem::take(trees);
     let mut client = store.pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
     let locking = std::time::Instant::now();
     let head = lock_head(&tx).await?;
     let lock_wait = locking.elapsed();
-    let Some((seq, hash, last_time)) = head else {
+    let Some((seq, hash, last_time, tree_size)) = head else {
         return Err(StorageError::Corrupt("the chain has no genesis entry").into());
+    };
+    if tree_size != seq + 1 {
+        return Err(StorageError::Corrupt("the Merkle tree does not cover the chain").into());
+    }
+    let tree = match known_tree.0 {
+        Some((at, tree)) if at == (seq, hash) => tree,
+        _ => super::tree::compact_range(&tx, seq + 1).await?,
     };
     let key_state = StateKey::Job(JobName::KeyState);
     let mut keys = keys_read(batch);
@@ -226,7 +249,7 @@ async fn commit_batch(
     let stored_key_state = snapshot.value(&key_state).cloned();
     // Clocks of several processes disagree a little: an entry's time never
     // goes before the previous entry's.
-    let planned = plan(&snapshot, batch, (seq, hash), now.max(last_time))?;
+    let planned = plan(&snapshot, batch, (seq, hash), &tree, now.max(last_time))?;
     // The key state once this batch commits: its last change of it, or as read.
     let mut after = stored_key_state;
     for c in &planned.commits {
@@ -239,6 +262,7 @@ async fn commit_batch(
     let read = snapshot.read(&key_state);
     if planned.commits.is_empty() {
         tx.rollback().await.map_err(pg_error)?;
+        *trees = TreeCache(Some(((seq, hash), tree)));
         if read {
             *cache = KeyStateCache(Some((seq, after)));
         }
@@ -246,8 +270,20 @@ async fn commit_batch(
     }
     let mut ops = vec![op("SET LOCAL synchronous_commit = on", Vec::new())];
     ops.extend(batch_ops(&planned.commits));
+    if !planned.nodes.is_empty() {
+        let (levels, idx, hashes) = super::tree::node_columns(&planned.nodes);
+        ops.push(op(super::tree::INSERT_NODES, vec![Box::new(levels), Box::new(idx), Box::new(hashes)]));
+    }
     let time = planned.results.iter().flatten().map(|c| c.time_micros).max().unwrap_or(now);
-    ops.push(op(MOVE_HEAD, vec![Box::new(i64_of(planned.head.0)), b(&planned.head.1), Box::new(time)]));
+    ops.push(op(
+        MOVE_HEAD,
+        vec![
+            Box::new(i64_of(planned.head.0)),
+            b(&planned.head.1),
+            Box::new(time),
+            Box::new(i64_of(planned.tree.size())),
+        ],
+    ));
     let mut statements = std::collections::HashMap::new();
     for o in &ops {
         if !statements.contains_key(o.sql) {
@@ -262,6 +298,7 @@ async fn commit_batch(
     if read {
         *cache = KeyStateCache(Some((planned.head.0, after)));
     }
+    *trees = TreeCache(Some((planned.head, planned.tree.clone())));
     Ok((planned, true, lock_wait))
 }
 

@@ -118,6 +118,32 @@ CREATE TABLE idempotency_keys (
     id bytea NOT NULL
 );
 "#,
+    // 3: the Merkle tree's stored subtrees, signed checkpoints and their cosignatures.
+    r#"
+ALTER TABLE chain_head ADD COLUMN tree_size bigint NOT NULL DEFAULT 0;
+
+CREATE TABLE audit_tree (
+    level smallint NOT NULL,
+    idx bigint NOT NULL,
+    hash bytea NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+
+CREATE TABLE audit_checkpoints (
+    size bigint PRIMARY KEY,
+    note bytea NOT NULL,
+    signed_micros bigint NOT NULL
+);
+
+CREATE TABLE audit_cosignatures (
+    size bigint NOT NULL REFERENCES audit_checkpoints (size),
+    witness text NOT NULL,
+    key_id bytea NOT NULL,
+    line text NOT NULL,
+    added_micros bigint NOT NULL,
+    PRIMARY KEY (size, witness, key_id)
+);
+"#,
 ];
 
 /// The schema version this binary writes.

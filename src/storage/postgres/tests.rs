@@ -237,3 +237,35 @@ async fn a_key_state_changed_by_another_pipeline_is_seen_at_the_next_commit() {
     stop(a, task_a).await;
     stop(b, task_b).await;
 }
+
+/// A database from before the tree (entries, no subtrees) gets them when a
+/// server starts; two pipelines then grow one tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merkle_tree_is_built_for_a_chain_from_before_it() {
+    use crate::audit::merkle;
+    let Some(url) = database() else { return };
+    let (store, task) = open(&url).await;
+    for _ in 0..70 {
+        store.commit(Commit::entry(suite::entry("patient.read"))).await.unwrap();
+    }
+    stop(store, task).await;
+    let pg = PgStore::open(&url, 2_000).await.unwrap();
+    let client = pg.client().await.unwrap();
+    client.batch_execute("DELETE FROM audit_tree; UPDATE chain_head SET tree_size = 0").await.unwrap();
+    drop(client);
+    let (a, ta) = open(&url).await;
+    let (b, tb) = open(&url).await;
+    assert_eq!(a.tree_size().await.unwrap(), 71);
+    for i in 0..30 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        s.commit(Commit::entry(suite::entry("patient.read"))).await.unwrap();
+    }
+    let entries = a.audit_entries(0, 100, 1000).await.unwrap();
+    let leaves: Vec<_> = entries.iter().map(|e| merkle::leaf_hash(&e.bytes)).collect();
+    assert_eq!(leaves.len(), 101);
+    for size in [71, 101] {
+        assert_eq!(crate::storage::tree::root(&*b, size).await.unwrap(), merkle::root(&leaves[..size as usize]));
+    }
+    stop(a, ta).await;
+    stop(b, tb).await;
+}

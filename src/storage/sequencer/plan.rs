@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use super::{CommitOutcome, Committed, Pending};
 use crate::audit::AuditEntry;
+use crate::audit::merkle::{CompactRange, Hash, NodeId, leaf_hash};
 use crate::crypto::WrappedDataKey;
 use crate::domain::PatientId;
 use crate::storage::StorageError;
@@ -148,7 +149,8 @@ impl PlannedCommit {
 }
 
 /// What a batch does: the commits that go ahead (in sequence order), each
-/// commit's result (in batch order), and the new chain head.
+/// commit's result (in batch order), the new chain head, and the Merkle
+/// tree's growth.
 #[derive(Debug)]
 pub struct Planned {
     /// The commits that go ahead.
@@ -157,16 +159,28 @@ pub struct Planned {
     pub results: Vec<Result<Committed, StorageError>>,
     /// The newest entry after the batch.
     pub head: (u64, [u8; 32]),
+    /// The tree's right edge after the batch.
+    pub tree: CompactRange,
+    /// Every subtree the batch's entries completed that engines store (see
+    /// `storage::tree`), in the order they completed.
+    pub nodes: Vec<(NodeId, Hash)>,
 }
 
 /// Decides every commit of `batch` against `snapshot`, chaining entries
-/// after `start` with time `now`.
+/// after `start` with time `now`, and growing `tree` (the tree of every
+/// entry through `start`) by their leaves.
 pub fn plan(
     snapshot: &dyn Snapshot,
     batch: &[Pending],
     start: (u64, [u8; 32]),
+    tree: &CompactRange,
     now: i64,
 ) -> Result<Planned, StorageError> {
+    if tree.size() != start.0 + 1 {
+        return Err(StorageError::Corrupt("the Merkle tree's size is not the chain's length"));
+    }
+    let mut tree = tree.clone();
+    let mut nodes = Vec::with_capacity(batch.len() * 2 + 8);
     let mut ov = Overlay { store: snapshot, changed: HashMap::new() };
     let mut results = Vec::with_capacity(batch.len());
     let (mut seq, mut prev) = start;
@@ -221,6 +235,11 @@ pub fn plan(
         }
         seq += 1;
         let hash = crate::crypto::sha256(&bytes);
+        tree.append_with(leaf_hash(&bytes), |id, h| {
+            if crate::storage::tree::stored(id) {
+                nodes.push((id, h))
+            }
+        });
         commits.push(PlannedCommit {
             sequence: seq,
             entry: bytes,
@@ -237,7 +256,7 @@ pub fn plan(
         prev = hash;
         results.push(Ok(Committed { sequence: seq, hash, time_micros: now, outcome }));
     }
-    Ok(Planned { commits, results, head: (seq, prev) })
+    Ok(Planned { commits, results, head: (seq, prev), tree, nodes })
 }
 
 /// The patients an entry names: its patient and every patient it returned.

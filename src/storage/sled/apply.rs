@@ -12,7 +12,9 @@
 //! 2. for each block of entries (consecutive commits, see `audit_blocks`): the
 //!    block, then for each of its commits in sequence order its
 //!    `audit_by_patient_epoch` keys, then its data changes;
-//! 3. the removal of the redo record.
+//! 3. the Merkle subtrees the batch completed (`merkle_tree`: derived from
+//!    the entries, rebuilt from them at start if a crash cut them short);
+//! 4. the removal of the redo record.
 //!
 //! So after a crash: every durable entry but possibly those of the newest
 //! block has its index keys; a redo record present means its batch may be
@@ -36,6 +38,8 @@ use std::collections::HashMap;
 use super::SledStore;
 use super::audit_blocks::{block_len, encode_block};
 use super::layout::{self, Tree};
+use super::merkle_tree::node_key;
+use crate::audit::merkle::{Hash, NodeId};
 use crate::storage::StorageError;
 use crate::storage::model::{Change, Head, IndexKey, RecordRef, RecordWrite};
 use crate::storage::sequencer::plan::PlannedCommit;
@@ -56,6 +60,7 @@ pub(super) struct Op {
 pub(super) struct Writes {
     commits: Vec<CommitWrites>,
     blocks: Vec<(u64, Vec<u8>, std::ops::Range<usize>)>,
+    nodes: Vec<([u8; 9], Hash)>,
     pub(super) redo: Option<Vec<u8>>,
 }
 
@@ -201,7 +206,11 @@ impl Builder<'_> {
 
 /// Translates a planned batch into sled writes (reading what replacing
 /// index sets and erasing need), encodes its blocks and redo record.
-pub(super) fn translate(store: &SledStore, commits: &[PlannedCommit]) -> Result<Writes, StorageError> {
+pub(super) fn translate(
+    store: &SledStore,
+    commits: &[PlannedCommit],
+    nodes: &[(NodeId, Hash)],
+) -> Result<Writes, StorageError> {
     let mut b = Builder { store, changed: HashMap::new(), ops: Vec::new() };
     let mut out = Vec::with_capacity(commits.len());
     for c in commits {
@@ -232,7 +241,8 @@ pub(super) fn translate(store: &SledStore, commits: &[PlannedCommit]) -> Result<
         blocks.push((first.sequence, encode_block(entries)?, at..at + n));
         at += n;
     }
-    Ok(Writes { commits: out, blocks, redo })
+    let nodes = nodes.iter().map(|(id, h)| (node_key(*id), *h)).collect();
+    Ok(Writes { commits: out, blocks, nodes, redo })
 }
 
 /// Writes a translated batch in the order the module docs justify.
@@ -248,6 +258,9 @@ pub(super) fn write(store: &SledStore, w: &Writes) -> Result<(), StorageError> {
             }
             apply_ops(store, &c.ops)?;
         }
+    }
+    for (k, h) in &w.nodes {
+        store.merkle.insert(k, h)?;
     }
     if w.redo.is_some() {
         store.pending.remove(PENDING_KEY)?;

@@ -12,6 +12,7 @@ mod apply;
 mod audit_blocks;
 pub mod durability;
 mod layout;
+mod merkle_tree;
 mod pipeline;
 mod recovery;
 pub mod snapshot;
@@ -20,7 +21,7 @@ mod tests;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 pub use audit_blocks::AuditIter;
 pub use recovery::Recovery;
@@ -48,6 +49,12 @@ pub struct SledStore {
     audit_by_patient: sled::Tree,
     access: sled::Tree,
     pending: sled::Tree,
+    merkle: sled::Tree,
+    checkpoints: sled::Tree,
+    /// The pipeline's durable sync, shared with checkpoint writes once started.
+    durability: Arc<std::sync::OnceLock<Arc<std::sync::Mutex<durability::Durability>>>>,
+    /// The Merkle tree's size (see `merkle_tree`).
+    tree_size: Arc<AtomicU64>,
     /// What opening the store had to repair.
     recovered: Recovery,
 }
@@ -85,6 +92,10 @@ impl SledStore {
             audit_by_patient: db.open_tree(AUDIT_INDEX_TREE)?,
             access: db.open_tree("access")?,
             pending: db.open_tree("pending")?,
+            merkle: db.open_tree("merkle")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            durability: Arc::new(std::sync::OnceLock::new()),
+            tree_size: Arc::new(AtomicU64::new(0)),
             recovered: Recovery::default(),
             db,
         };
@@ -131,8 +142,12 @@ impl SledStore {
                 (0, hash)
             }
         };
+        let tree = self.repair_tree()?;
+        durability.sync(&self.db)?;
         let (sequencer, queue) = sequencer::channel(head, durability.sync_counter());
-        let thread = pipeline::start(self.clone(), clock, durability, queue)?;
+        let durability = Arc::new(std::sync::Mutex::new(durability));
+        let _ = self.durability.set(durability.clone());
+        let thread = pipeline::start(self.clone(), clock, durability, queue, tree)?;
         Ok((sequencer, thread))
     }
 

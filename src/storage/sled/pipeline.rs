@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use super::SledStore;
 use super::apply;
 use super::durability::Durability;
+use crate::audit::merkle::CompactRange;
 use crate::clock::Clock;
 use crate::storage::StorageError;
 use crate::storage::sequencer::plan::plan;
@@ -36,20 +37,24 @@ type Written = Vec<(oneshot::Sender<Result<Committed, StorageError>>, Committed)
 pub(super) fn start(
     store: SledStore,
     clock: Arc<dyn Clock>,
-    durability: Durability,
+    durability: SharedDurability,
     queue: Queue,
+    tree: CompactRange,
 ) -> Result<std::thread::JoinHandle<()>, StorageError> {
     let span = tracing::info_span!("audit_sequencer");
     std::thread::Builder::new()
         .name("carevault-sequencer".into())
         .spawn(move || {
             let _enter = span.enter();
-            run(store, clock, durability, queue)
+            run(store, clock, durability, queue, tree)
         })
         .map_err(StorageError::from)
 }
 
-fn run(store: SledStore, clock: Arc<dyn Clock>, durability: Durability, queue: Queue) {
+/// The sync shared by the sync thread and checkpoint writes.
+type SharedDurability = Arc<std::sync::Mutex<Durability>>;
+
+fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, queue: Queue, mut tree: CompactRange) {
     let Queue { mut rx, head, failed } = queue;
     let (to_sync, synced_rx) = std::sync::mpsc::channel::<Written>();
     let db = store.db.clone();
@@ -79,8 +84,8 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: Durability, queue: Q
         let started = std::time::Instant::now();
         // Planning and translating only read: if they fail, nothing was
         // written and the sequencer goes on with the next batch.
-        let prepared = plan(&store, &batch, current, clock.now_micros())
-            .and_then(|planned| apply::translate(&store, &planned.commits).map(|w| (planned, w)));
+        let prepared = plan(&store, &batch, current, &tree, clock.now_micros())
+            .and_then(|planned| apply::translate(&store, &planned.commits, &planned.nodes).map(|w| (planned, w)));
         let (planned, writes) = match prepared {
             Ok(v) => v,
             Err(e) => {
@@ -104,6 +109,8 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: Durability, queue: Q
         // The batch is in sled (in memory) whatever the sync does next, so the
         // chain continues from it.
         current = planned.head;
+        tree = planned.tree;
+        store.publish_tree_size(tree.size());
         *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
         let mut replies = Vec::with_capacity(batch.len());
         for (p, result) in batch.into_iter().zip(planned.results) {
@@ -136,7 +143,7 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: Durability, queue: Q
 /// After a failed fdatasync the kernel may have dropped the dirty pages, so
 /// nothing may be chained to what it covered: the store is marked failed and
 /// every later batch is refused without a sync.
-fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Receiver<Written>, failed: Failed) {
+fn sync_loop(db: sled::Db, durability: SharedDurability, rx: std::sync::mpsc::Receiver<Written>, failed: Failed) {
     let mut average = 1.0f64;
     while let Ok(first) = rx.recv() {
         let mut waiting = first;
@@ -161,7 +168,7 @@ fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Rece
         }
         average = 0.8 * average + 0.2 * waiting.len() as f64;
         let started = std::time::Instant::now();
-        let synced = durability.sync(&db);
+        let synced = durability.lock().unwrap_or_else(|p| p.into_inner()).sync(&db);
         tracing::debug!(commits = waiting.len(), sync_us = started.elapsed().as_micros(), "batch synced");
         match synced {
             Ok(()) => {
@@ -179,7 +186,7 @@ fn sync_loop(db: sled::Db, mut durability: Durability, rx: std::sync::mpsc::Rece
         }
     }
     if !failed.get()
-        && let Err(e) = durability.sync(&db)
+        && let Err(e) = durability.lock().unwrap_or_else(|p| p.into_inner()).sync(&db)
     {
         tracing::error!(error = %e, "final sync at shutdown failed");
     }

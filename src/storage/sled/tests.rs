@@ -84,6 +84,11 @@ fn created(id: u8) -> Pending {
     Pending { commit: Commit { entry: e, write: Some(write(id, 0)), changes: vec![] }, reply }
 }
 
+/// The tree of a chain holding only its first entry.
+fn one_leaf() -> crate::audit::merkle::CompactRange {
+    crate::audit::merkle::CompactRange::from_parts(1, vec![[0; 32]]).unwrap()
+}
+
 /// The audit value of a planned commit: its entry followed by its hash.
 fn value(c: &crate::storage::sequencer::plan::PlannedCommit) -> Vec<u8> {
     let mut v = c.entry.clone();
@@ -96,8 +101,8 @@ fn an_interrupted_batch_is_replayed_if_its_entry_is_durable_and_dropped_if_not()
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&dir.path().join("db"), 8 << 20).unwrap();
     let batch = vec![created(1), created(2)];
-    let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
-    let writes = apply::translate(&store, &planned.commits).unwrap();
+    let planned = plan(&store, &batch, (0, [0; 32]), &one_leaf(), 5).unwrap();
+    let writes = apply::translate(&store, &planned.commits, &planned.nodes).unwrap();
     // The entries went into two blocks (as larger entries would), and the
     // crash came after the redo record and the first block, before any
     // index key or data.
@@ -124,8 +129,8 @@ fn every_entry_of_a_durable_block_is_replayed_and_indexed() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&dir.path().join("db"), 8 << 20).unwrap();
     let batch = vec![created(1), created(2), created(3)];
-    let planned = plan(&store, &batch, (0, [0; 32]), 5).unwrap();
-    let writes = apply::translate(&store, &planned.commits).unwrap();
+    let planned = plan(&store, &batch, (0, [0; 32]), &one_leaf(), 5).unwrap();
+    let writes = apply::translate(&store, &planned.commits, &planned.nodes).unwrap();
     // The crash came after the block, before any index key or data.
     store.pending.insert(PENDING_KEY, writes.redo.clone().unwrap()).unwrap();
     let values: Vec<Vec<u8>> = planned.commits.iter().map(value).collect();
@@ -195,4 +200,59 @@ fn an_index_written_before_epochs_is_moved_once_when_the_store_opens() {
         }
     };
     assert_eq!(seqs_of(&store, 1, 0), vec![1, epoch + 3], "opening again changes nothing");
+}
+
+/// Commits `n` reads and returns the tree's root at the end, computed from the entries.
+async fn reads_and_root(store: &Store, n: usize) -> crate::audit::merkle::Hash {
+    for _ in 0..n {
+        store.commit(Commit::entry(suite::entry("patient.read"))).await.unwrap();
+    }
+    let head = store.audit_head().await.unwrap().unwrap().0;
+    let leaves: Vec<_> = store
+        .audit_entries(0, head, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| crate::audit::merkle::leaf_hash(&e.bytes))
+        .collect();
+    crate::audit::merkle::root(&leaves)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merkle_tree_is_rebuilt_at_start_where_a_crash_cut_it_short_or_it_never_was() {
+    let (store, sled, thread, dir) = open();
+    let want = reads_and_root(&store, 100).await;
+    stop(store, thread);
+    let path = dir.path().join("db");
+    let all: Vec<_> = sled.merkle.iter().map(|kv| kv.unwrap()).collect();
+    assert!(all.len() >= 6, "{} stored subtrees for 101 entries", all.len());
+    let restart = |sled: SledStore| {
+        let (sequencer, thread) = sled.start(&path, Arc::new(FixedClock::new(1_000)), None).unwrap();
+        (Store::new(Arc::new(sled), sequencer, Recovery::default()), thread)
+    };
+    // A crash after the entries, before their last subtrees (the newest
+    // height-4 one and everything completed after it).
+    for (k, _) in &all {
+        let id = crate::audit::merkle::NodeId { level: k[0], index: u64::from_be_bytes(k[1..9].try_into().unwrap()) };
+        if id.leaves().end > 80 {
+            sled.merkle.remove(k).unwrap();
+        }
+    }
+    drop(sled);
+    let sled = SledStore::open(&path, 8 << 20).unwrap();
+    let (store, thread) = restart(sled.clone());
+    assert_eq!(store.tree_size().await.unwrap(), 101);
+    assert_eq!(crate::storage::tree::root(&*store, 101).await.unwrap(), want);
+    let stored_again: Vec<_> = sled.merkle.iter().map(|kv| kv.unwrap()).collect();
+    assert_eq!(stored_again, all, "the same subtrees, rebuilt");
+    stop(store, thread);
+    // A store from before the tree: none stored.
+    sled.merkle.clear().unwrap();
+    drop(sled);
+    let sled = SledStore::open(&path, 8 << 20).unwrap();
+    let (store, thread) = restart(sled.clone());
+    assert_eq!(crate::storage::tree::root(&*store, 101).await.unwrap(), want);
+    let want = reads_and_root(&store, 40).await;
+    assert_eq!(crate::storage::tree::root(&*store, 141).await.unwrap(), want, "and it grows on from there");
+    stop(store, thread);
 }

@@ -1,0 +1,160 @@
+//! Signed checkpoints, proofs and cosignatures through AuditService, on
+//! every engine: what a compliance officer or a witness checks from outside.
+
+use carevault::audit::merkle;
+use carevault::audit::note::{self, Checkpoint, Note, Verifier};
+use carevault::proto::v1 as pb;
+
+use crate::helpers::*;
+
+/// The log's verifier key, from its key file and the checkpoint's origin.
+fn log_verifier(s: &TestServer, origin: &str) -> Verifier {
+    let seed = hex::decode(std::fs::read_to_string(s.key_dir.join("log-1.key")).unwrap().trim()).unwrap();
+    let key = carevault::crypto::SigningKey::from_seed(&seed).unwrap();
+    Verifier::new(origin, key.public_key()).unwrap()
+}
+
+async fn checkpoint(s: &TestServer, size: u64) -> pb::SignedCheckpoint {
+    let r = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: size }, &s.admin())).await;
+    r.unwrap().into_inner().checkpoint.unwrap()
+}
+
+#[tokio::test]
+async fn checkpoints_are_signed_and_every_entry_is_proved_against_them() {
+    let mut s = TestServer::start().await;
+    for i in 0..12 {
+        create(&s, patient("Merkle", &format!("E{i}"), "1980", &format!("MK-{i}"))).await;
+    }
+    let first = checkpoint(&s, 0).await;
+    let v = log_verifier(&s, &first.origin);
+    let n = Note::parse(&first.note).unwrap();
+    assert_eq!(n.verify(std::slice::from_ref(&v)).unwrap(), vec![first.origin.clone()]);
+    let c = Checkpoint::parse(&n.text).unwrap();
+    assert_eq!((c.size, c.root.to_vec()), (first.tree_size, first.root_hash.clone()));
+    assert!(first.tree_size >= 15, "genesis, key state, log key, 12 creates: {}", first.tree_size);
+
+    // Every entry is in the tree the checkpoint signs.
+    for seq in 0..first.tree_size {
+        let p = s
+            .audit()
+            .get_inclusion_proof(req(pb::GetInclusionProofRequest { sequence: seq, tree_size: 0 }, &s.admin()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(p.tree_size, first.tree_size);
+        let leaf = merkle::leaf_hash(&p.entry);
+        merkle::verify_inclusion(seq, p.tree_size, &leaf, &p.hashes, &first.root_hash).unwrap();
+        assert_eq!(p.checkpoint.unwrap().note, first.note);
+    }
+
+    // More entries, a newer checkpoint, consistent with the first.
+    for i in 0..5 {
+        create(&s, patient("Merkle", &format!("F{i}"), "1981", &format!("MF-{i}"))).await;
+    }
+    let later = loop {
+        let c = checkpoint(&s, 0).await;
+        if c.tree_size > first.tree_size + 5 {
+            break c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    Note::parse(&later.note).unwrap().verify(std::slice::from_ref(&v)).unwrap();
+    let p = s
+        .audit()
+        .get_consistency_proof(req(
+            pb::GetConsistencyProofRequest { old_size: first.tree_size, tree_size: later.tree_size },
+            &s.admin(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    merkle::verify_consistency(first.tree_size, later.tree_size, &first.root_hash, &later.root_hash, &p.hashes)
+        .unwrap();
+    assert_eq!(checkpoint(&s, first.tree_size).await.note, first.note, "an older checkpoint is still served");
+
+    // A witness cosigns; the checkpoint is served with the cosignature.
+    let wkey = carevault::crypto::SigningKey::from_seed(&[7; 32]).unwrap();
+    let witness = Verifier::cosigner("witness.example/w1", wkey.public_key()).unwrap();
+    let text = Note::parse(&later.note).unwrap().text;
+    let mut cosigned = Note::parse(&later.note).unwrap();
+    cosigned.signatures = vec![note::cosign(&text, &witness.name, &wkey, 1_700_000_000).unwrap()];
+    let added = s
+        .audit()
+        .add_cosignature(req(
+            pb::AddCosignatureRequest { note: cosigned.encode(), witness_key: witness.to_vkey() },
+            &s.admin(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    assert_eq!(added.cosignatures, 1);
+    let served = Note::parse(&checkpoint(&s, later.tree_size).await.note).unwrap();
+    assert_eq!(served.signatures.len(), 2);
+    assert_eq!(note::verify_cosignature(&witness, &served.text, &served.signatures[1]), Some(1_700_000_000));
+    served.verify(std::slice::from_ref(&v)).unwrap();
+
+    // A forged cosignature, a wrong key and nonsense are refused.
+    let mut forged = cosigned.clone();
+    forged.signatures[0].signature[20] ^= 1;
+    let e = s
+        .audit()
+        .add_cosignature(req(
+            pb::AddCosignatureRequest { note: forged.encode(), witness_key: witness.to_vkey() },
+            &s.admin(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = s
+        .audit()
+        .add_cosignature(req(
+            pb::AddCosignatureRequest { note: cosigned.encode(), witness_key: v.to_vkey() },
+            &s.admin(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(bad_fields(&e).contains(&"witness_key".to_string()), "{e:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn proofs_need_audit_read_and_sizes_in_range_and_are_audited() {
+    let mut s = TestServer::start().await;
+    let desk = s.token("desk-1", "patients.read patients.write");
+    let e = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0 }, &desk)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = s
+        .audit()
+        .get_inclusion_proof(req(pb::GetInclusionProofRequest { sequence: 0, tree_size: 1 << 40 }, &s.admin()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(bad_fields(&e), vec!["tree_size".to_string()]);
+    let e = s
+        .audit()
+        .get_inclusion_proof(req(pb::GetInclusionProofRequest { sequence: 99, tree_size: 2 }, &s.admin()))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["sequence".to_string()]);
+    let e = s
+        .audit()
+        .get_consistency_proof(req(pb::GetConsistencyProofRequest { old_size: 0, tree_size: 2 }, &s.admin()))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["old_size".to_string()]);
+    let e = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 2 }, &s.admin())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let events = s.all_events().await;
+    let actions: Vec<(&str, i32)> = events.iter().map(|e| (e.action.as_str(), e.outcome)).collect();
+    for want in [
+        ("audit.checkpoint", pb::AuditOutcome::PermissionDenied as i32),
+        ("audit.proof", pb::AuditOutcome::InvalidArgument as i32),
+        ("audit.checkpoint", pb::AuditOutcome::Ok as i32),
+    ] {
+        assert!(actions.contains(&want), "{want:?} in {actions:?}");
+    }
+    s.stop().await;
+}
