@@ -367,6 +367,15 @@ pub struct VerifyArgs {
     /// entry after SEQ must link to HASH. Without it, verification starts at genesis.
     #[arg(long, value_name = "SEQ:HASH")]
     pub from: Option<ExpectedHead>,
+    /// A signed checkpoint saved earlier (a file holding its note): the log
+    /// must contain it and have only grown since. May be repeated.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Vec<PathBuf>,
+    /// The log's verifier key (`origin+keyid+base64`, as `keys log-key` prints
+    /// it) to check checkpoints with. Offline, the key state's keys are used
+    /// if none is given; with --server it is needed to check signatures. May be repeated.
+    #[arg(long, value_name = "VKEY")]
+    pub log_key: Vec<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,

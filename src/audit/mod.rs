@@ -28,4 +28,4 @@ pub(crate) fn vectors() -> std::path::PathBuf {
 }
 
 pub use entry::{AuditEntry, DecodeError, EncodeError, GENESIS_PREVIOUS_HASH, MAX_ENTRY_BYTES};
-pub use verify::{ExpectedHead, Failure, FailureClass, RawEntry, Report, verify_chain, verify_from};
+pub use verify::{Claim, ExpectedHead, Failure, FailureClass, RawEntry, Report, verify_chain, verify_from, verify_log};

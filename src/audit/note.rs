@@ -315,6 +315,18 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint note checked: signed by one of `verifiers` (matched by its
+/// name, the origin, and key id), and its body a well-formed checkpoint.
+pub fn open_checkpoint(note: &str, verifiers: &[Verifier]) -> Result<Checkpoint, NoteError> {
+    let n = Note::parse(note)?;
+    n.verify(verifiers)?;
+    let c = Checkpoint::parse(&n.text)?;
+    if !verifiers.iter().any(|v| v.name == c.origin) {
+        return Err(NoteError::BadCheckpoint("the checkpoint's origin is not the log key's name"));
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

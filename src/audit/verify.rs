@@ -32,6 +32,7 @@
 use std::iter::Peekable;
 
 use super::entry::{AuditEntry, DecodeError, GENESIS_PREVIOUS_HASH};
+use super::merkle::{CompactRange, leaf_hash};
 use crate::crypto::sha256;
 
 /// One entry as stored or exported: its canonical bytes and, if known, the
@@ -93,6 +94,14 @@ pub enum FailureClass {
     HeadDifferent,
     /// The chain is empty or does not start with a genesis entry at 0.
     NoGenesis,
+    /// A checkpoint's signature does not verify with the log's key.
+    BadCheckpointSignature,
+    /// The log's own checkpoint names a root the entries do not have at its size.
+    RootMismatch,
+    /// The log is smaller than a checkpoint of it (entries were cut off).
+    SizeRegression,
+    /// The log at a saved checkpoint's size has another root: its history was rewritten (a fork).
+    Inconsistent,
 }
 
 impl FailureClass {
@@ -107,6 +116,10 @@ impl FailureClass {
             FailureClass::HeadMissing => "recorded_head_missing",
             FailureClass::HeadDifferent => "recorded_head_different",
             FailureClass::NoGenesis => "no_genesis",
+            FailureClass::BadCheckpointSignature => "bad_checkpoint_signature",
+            FailureClass::RootMismatch => "root_mismatch",
+            FailureClass::SizeRegression => "size_regression",
+            FailureClass::Inconsistent => "inconsistent",
         }
     }
 
@@ -121,6 +134,10 @@ impl FailureClass {
             FailureClass::HeadMissing => "recorded head missing (truncated)",
             FailureClass::HeadDifferent => "recorded head different (rewritten)",
             FailureClass::NoGenesis => "no genesis entry",
+            FailureClass::BadCheckpointSignature => "checkpoint signature does not verify",
+            FailureClass::RootMismatch => "the log's checkpoint does not match its entries",
+            FailureClass::SizeRegression => "the log is smaller than a checkpoint of it (truncated)",
+            FailureClass::Inconsistent => "the log is not consistent with a saved checkpoint (forked or rewritten)",
         }
     }
 }
@@ -147,6 +164,23 @@ pub struct Report {
     pub time_warnings: Vec<u64>,
     /// The first failure, if any.
     pub failure: Option<Failure>,
+    /// The Merkle tree recomputed over every entry verified (size and root),
+    /// when verification started at genesis.
+    pub tree: Option<(u64, [u8; 32])>,
+    /// The checkpoints whose roots were found in the tree, by size.
+    pub checkpoints_checked: Vec<u64>,
+}
+
+/// A checkpoint to hold the log to (its signature checked by the caller,
+/// see `note`): the tree size and root it names, and whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Tree size.
+    pub size: u64,
+    /// Root hash at that size.
+    pub root: [u8; 32],
+    /// The log's own (stored) checkpoint, or one saved earlier by whoever verifies.
+    pub saved: bool,
 }
 
 impl Report {
@@ -172,6 +206,26 @@ pub fn verify_from<I>(entries: I, anchor: Option<ExpectedHead>, expect_head: Opt
 where
     I: IntoIterator<Item = RawEntry>,
 {
+    verify_log(entries, anchor, expect_head, &[])
+}
+
+/// [`verify_from`], and from genesis also the Merkle tree: it is recomputed
+/// over the entries and every claim must name the root the entries have at
+/// its size. A claim beyond the log is `SizeRegression`; a stored one with
+/// another root is `RootMismatch`, a saved one `Inconsistent`. After an
+/// anchor the tree cannot be recomputed and claims are not checked. Pure.
+pub fn verify_log<I>(
+    entries: I,
+    anchor: Option<ExpectedHead>,
+    expect_head: Option<ExpectedHead>,
+    claims: &[Claim],
+) -> Report
+where
+    I: IntoIterator<Item = RawEntry>,
+{
+    let mut claims: Vec<Claim> = if anchor.is_none() { claims.to_vec() } else { Vec::new() };
+    claims.sort_by_key(|c| c.size);
+    let mut tree = anchor.is_none().then(CompactRange::new);
     let mut it = entries
         .into_iter()
         .map(|raw| {
@@ -189,15 +243,23 @@ where
         head: anchor.map(|a| (a.sequence, a.hash)),
         time_warnings: Vec::new(),
         failure: None,
+        tree: None,
+        checkpoints_checked: Vec::new(),
     };
     let mut head_hash: Option<[u8; 32]> = match (anchor, expect_head) {
         (Some(a), Some(h)) if a.sequence == h.sequence => Some(a.hash),
         _ => None,
     };
-    if let Some(failure) = walk(&mut it, &mut report, start, expect_head.map(|h| h.sequence), &mut head_hash) {
+    let mut trees = Trees { range: tree.as_mut(), claims: &claims, next: 0 };
+    let walked = walk(&mut it, &mut report, start, expect_head.map(|h| h.sequence), &mut head_hash, &mut trees);
+    if let Some(range) = &tree {
+        report.tree = Some((range.size(), range.root()));
+    }
+    if let Some(failure) = walked {
         report.failure = Some(failure);
         return report;
     }
+
     if report.head.is_none() {
         report.failure = Some(Failure { sequence: 0, class: FailureClass::NoGenesis });
         return report;
@@ -211,10 +273,43 @@ where
             Some(_) => {}
         }
     }
+    if let Some(range) = &tree
+        && report.failure.is_none()
+        && claims.iter().any(|c| c.size > range.size())
+    {
+        report.failure = Some(Failure { sequence: range.size(), class: FailureClass::SizeRegression });
+    }
     report
 }
 
 type Item = (RawEntry, [u8; 32], Result<AuditEntry, DecodeError>);
+
+/// The tree being recomputed during a walk, and the claims to check on the way.
+struct Trees<'a> {
+    range: Option<&'a mut CompactRange>,
+    claims: &'a [Claim],
+    next: usize,
+}
+
+impl Trees<'_> {
+    /// Adds an entry's leaf; a claim at the new size must name its root.
+    fn append(&mut self, bytes: &[u8], checked: &mut Vec<u64>) -> Option<FailureClass> {
+        let range = self.range.as_mut()?;
+        range.append(leaf_hash(bytes));
+        while let Some(c) = self.claims.get(self.next).filter(|c| c.size <= range.size()) {
+            self.next += 1;
+            if c.size < range.size() {
+                // A claim of size 0 names no tree; claims are sorted, so nothing else is skipped.
+                continue;
+            }
+            if c.root != range.root() {
+                return Some(if c.saved { FailureClass::Inconsistent } else { FailureClass::RootMismatch });
+            }
+            checked.push(c.size);
+        }
+        None
+    }
+}
 
 /// Where the walk is: the sequence it expects next and the hash that entry must link to.
 #[derive(Clone, Copy)]
@@ -229,6 +324,7 @@ fn walk<I: Iterator<Item = Item>>(
     start: Position,
     remember: Option<u64>,
     head_hash: &mut Option<[u8; 32]>,
+    trees: &mut Trees<'_>,
 ) -> Option<Failure> {
     let Position { expected: mut expected_seq, previous: mut prev_hash } = start;
     let mut prev_time: Option<i64> = None;
@@ -271,6 +367,9 @@ fn walk<I: Iterator<Item = Item>>(
             report.time_warnings.push(entry.sequence);
         }
         prev_time = Some(entry.time_micros);
+        if let Some(class) = trees.append(&raw.bytes, &mut report.checkpoints_checked) {
+            return Some(Failure { sequence: entry.sequence, class });
+        }
         prev_hash = hash;
         report.entries_checked += 1;
         report.head = Some((entry.sequence, hash));
@@ -497,5 +596,45 @@ mod tests {
         assert_eq!(h.sequence, 12);
         assert!("12".parse::<ExpectedHead>().is_err());
         assert!("x:00".parse::<ExpectedHead>().is_err());
+    }
+
+    fn root_of(c: &[RawEntry]) -> [u8; 32] {
+        crate::audit::merkle::root(&c.iter().map(|e| leaf_hash(&e.bytes)).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn the_tree_is_recomputed_and_checkpoints_hold_the_log_to_what_it_signed() {
+        let c = chain(40);
+        let claim = |n: usize, saved| Claim { size: n as u64, root: root_of(&c[..n]), saved };
+        let r = verify_log(chain(40), None, None, &[claim(17, false), claim(40, true), claim(1, true)]);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.tree, Some((40, root_of(&c))));
+        assert_eq!(r.checkpoints_checked, vec![1, 17, 40]);
+
+        // Truncated below a checkpoint: the chain alone is fine, the checkpoint is not.
+        let short: Vec<RawEntry> = chain(40).into_iter().take(30).collect();
+        assert!(verify_chain(short.clone(), None).is_ok());
+        let r = verify_log(short, None, None, &[claim(40, true)]);
+        assert_eq!(class(&r), Some((30, FailureClass::SizeRegression)));
+
+        // Recomputed from genesis with other content: consistent in itself, not with what was signed.
+        let mut other = Vec::new();
+        let mut prev = GENESIS_PREVIOUS_HASH;
+        for (i, e) in chain(40).into_iter().enumerate() {
+            let mut d = AuditEntry::decode(&e.bytes).unwrap();
+            if i == 12 {
+                d.actor = "someone-else".into();
+            }
+            d.previous_hash = prev;
+            let bytes = d.encode().unwrap();
+            prev = sha256(&bytes);
+            other.push(RawEntry { bytes, stored_hash: Some(prev), stored_sequence: Some(i as u64) });
+        }
+        assert!(verify_chain(other.clone(), None).is_ok(), "a recomputed chain passes the chain checks");
+        let r = verify_log(other.clone(), None, None, &[claim(20, true)]);
+        assert_eq!(class(&r), Some((19, FailureClass::Inconsistent)));
+        let r = verify_log(other.clone(), None, None, &[claim(20, false)]);
+        assert_eq!(class(&r), Some((19, FailureClass::RootMismatch)));
+        assert!(verify_log(other, None, None, &[claim(12, true)]).is_ok(), "the history before the change is the same");
     }
 }

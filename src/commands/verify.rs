@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use carevault::audit::{RawEntry, Report, verify_from};
+use carevault::audit::note::{self, Verifier};
+use carevault::audit::{Claim, Failure, FailureClass, RawEntry, Report, verify_log};
 use carevault::cli::VerifyArgs;
 use carevault::proto::v1::ExportAuditEventsRequest;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
@@ -41,6 +42,101 @@ pub fn note_copy(copy: &snapshot::Copy, took: std::time::Duration, recovery: Rec
     }
 }
 
+/// What the log's checkpoints say, gathered before the walk: the claims to
+/// hold the entries to, and a checkpoint whose signature failed.
+#[derive(Default)]
+struct Checkpoints {
+    /// Verifier keys: `--log-key`, else the key state's.
+    verifiers: Vec<Verifier>,
+    claims: Vec<Claim>,
+    /// The size of a checkpoint whose signature did not verify.
+    bad_signature: Option<u64>,
+    /// Said on stderr.
+    notes: Vec<String>,
+}
+
+impl Checkpoints {
+    /// From `--log-key` (falling back to `stored_keys`) and `--checkpoint` files.
+    fn new(args: &VerifyArgs, stored_keys: Vec<Verifier>) -> anyhow::Result<Checkpoints> {
+        let mut verifiers = Vec::new();
+        for k in &args.log_key {
+            verifiers.push(Verifier::parse(k).map_err(|e| anyhow::anyhow!("--log-key: {e}"))?);
+        }
+        let mut out = Checkpoints { verifiers, ..Checkpoints::default() };
+        if out.verifiers.is_empty() {
+            if !stored_keys.is_empty() {
+                out.notes.push(
+                    "checking checkpoints with the log keys the store's key state records (pin them with --log-key)"
+                        .into(),
+                );
+            }
+            out.verifiers = stored_keys;
+        }
+        for path in &args.checkpoint {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            if out.verifiers.is_empty() {
+                bail!("--checkpoint needs the log's key: give --log-key");
+            }
+            match note::open_checkpoint(&text, &out.verifiers) {
+                Ok(c) => out.claims.push(Claim { size: c.size, root: c.root, saved: true }),
+                Err(note::NoteError::BadSignature(_)) | Err(note::NoteError::Unsigned) => {
+                    let size = note::Note::parse(&text)
+                        .ok()
+                        .and_then(|n| note::Checkpoint::parse(&n.text).ok())
+                        .map_or(0, |c| c.size);
+                    out.bad_signature.get_or_insert(size);
+                }
+                Err(e) => bail!("{}: {e}", path.display()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The log's own newest checkpoint (its note).
+    fn stored(&mut self, note_bytes: Option<Vec<u8>>) {
+        let Some(bytes) = note_bytes else {
+            self.notes.push("the log has no signed checkpoint yet".into());
+            return;
+        };
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let parsed = note::Note::parse(&text).ok().and_then(|n| note::Checkpoint::parse(&n.text).ok());
+        let Some(c) = parsed else {
+            self.bad_signature.get_or_insert(0);
+            return;
+        };
+        if self.verifiers.is_empty() {
+            self.notes.push(format!(
+                "the checkpoint at size {} is checked against the entries, not its signature (give --log-key)",
+                c.size
+            ));
+            self.claims.push(Claim { size: c.size, root: c.root, saved: false });
+            return;
+        }
+        match note::open_checkpoint(&text, &self.verifiers) {
+            Ok(c) => self.claims.push(Claim { size: c.size, root: c.root, saved: false }),
+            Err(_) => {
+                self.bad_signature.get_or_insert(c.size);
+            }
+        }
+    }
+
+    /// The report, with a bad signature as its failure if nothing failed before.
+    fn finish(&self, mut report: Report) -> Report {
+        if report.failure.is_none()
+            && let Some(size) = self.bad_signature
+        {
+            report.failure =
+                Some(Failure { sequence: size.saturating_sub(1), class: FailureClass::BadCheckpointSignature });
+        }
+        report
+    }
+}
+
+/// The log verifier keys a stored key state records.
+fn stored_log_keys(raw: Option<Vec<u8>>) -> Vec<Verifier> {
+    raw.and_then(|r| carevault::keystore::KeyState::from_bytes(&r).ok()).map(|s| s.log_verifiers()).unwrap_or_default()
+}
+
 /// Returns the exit code: 0 verified, 1 failed verification.
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     let mut started = Instant::now();
@@ -50,12 +146,15 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
         (None, Some(dir)) => Some(Location::default_for(dir)),
         (None, None) => None,
     };
-    let report = match (location, &args.server) {
+    let (report, cps) = match (location, &args.server) {
         (Some(Location::Postgres(url)), None) => {
             let store = PgStore::open_existing_read_only(&url).await.map_err(open_error)?;
+            let keys = store.job(carevault::storage::JobName::KeyState).await.map_err(open_error)?;
+            let mut cps = Checkpoints::new(&args, stored_log_keys(keys))?;
+            cps.stored(store.checkpoint(None).await.map_err(open_error)?.map(|c| c.note));
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
-            let (expect, from) = (args.expect_head, args.from);
-            let verifier = tokio::task::spawn_blocking(move || verify_from(rx, from, expect));
+            let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
+            let verifier = tokio::task::spawn_blocking(move || verify_log(rx, from, expect, &claims));
             let mut next = from.map_or(0, |a| a.sequence.saturating_add(1));
             'pages: loop {
                 match store.audit_entries(next, u64::MAX >> 1, 10_000).await {
@@ -75,7 +174,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
                 }
             }
             drop(tx);
-            verifier.await?
+            (verifier.await?, cps)
         }
         (Some(Location::Sled(db)), None) => {
             let (Some(dir), Some(name)) = (db.parent(), db.file_name().and_then(|n| n.to_str())) else {
@@ -89,9 +188,12 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let copied = started.elapsed();
             let store = SledStore::open(&copy.path().join(name), 64 * 1024 * 1024).map_err(open_error)?;
             note_copy(&copy, copied, store.recovery());
+            let keys = store.job(carevault::storage::JobName::KeyState).map_err(open_error)?;
+            let mut cps = Checkpoints::new(&args, stored_log_keys(keys))?;
+            cps.stored(store.checkpoint_sync(None).map_err(open_error)?.map(|c| c.note));
             // The rate reported is the verifier's, not the copy's.
             started = Instant::now();
-            let (expect, from) = (args.expect_head, args.from);
+            let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
             let errors = read_error.clone();
             tokio::task::spawn_blocking(move || {
                 let first = from.map_or(0, |a| a.sequence.saturating_add(1));
@@ -102,23 +204,31 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
                         None
                     }
                 });
-                let report = verify_from(entries, from, expect);
+                let report = verify_log(entries, from, expect, &claims);
                 drop(copy);
                 report
             })
-            .await?
+            .await
+            .map(|r| (r, cps))?
         }
         (None, Some(url)) => {
             let token = args.token.clone().context("--server needs --token (or CAREVAULT_TOKEN) with audit.read")?;
             let channel = super::connect(url, &args.tls).await?;
             let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+            let mut cps = Checkpoints::new(&args, Vec::new())?;
+            let mut req = tonic::Request::new(carevault::proto::v1::GetCheckpointRequest { tree_size: 0 });
+            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+            match client.get_checkpoint(req).await {
+                Ok(r) => cps.stored(r.into_inner().checkpoint.map(|c| c.note.into_bytes())),
+                Err(s) => cps.notes.push(format!("the server gave no checkpoint: {}", s.message())),
+            }
             let start_sequence = args.from.map_or(0, |a| a.sequence.saturating_add(1));
             let mut req = tonic::Request::new(ExportAuditEventsRequest { start_sequence });
             req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
             let mut stream = client.export_audit_events(req).await.context("export refused")?.into_inner();
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
-            let (expect, from) = (args.expect_head, args.from);
-            let verifier = tokio::task::spawn_blocking(move || verify_from(rx, from, expect));
+            let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
+            let verifier = tokio::task::spawn_blocking(move || verify_log(rx, from, expect, &claims));
             loop {
                 match stream.message().await {
                     Ok(Some(msg)) => {
@@ -139,12 +249,19 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
                 }
             }
             drop(tx);
-            verifier.await?
+            (verifier.await?, cps)
         }
         _ => bail!("give exactly one of --data-dir (or --store) or --server"),
     };
     if let Some(err) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         bail!("could not read the whole chain: {err}");
+    }
+    let report = cps.finish(report);
+    for n in &cps.notes {
+        eprintln!("note: {n}");
+    }
+    if args.from.is_some() && !cps.claims.is_empty() {
+        eprintln!("note: with --from the Merkle tree is not recomputed, so checkpoints are not checked");
     }
     print_report(&report, started.elapsed().as_secs_f64(), args.json);
     Ok(if report.is_ok() { 0 } else { 1 })
@@ -160,6 +277,9 @@ fn print_report(r: &Report, secs: f64, json: bool) {
             "head": head,
             "entries_per_second": rate.round(),
             "time_warnings": r.time_warnings,
+            "tree_size": r.tree.map(|t| t.0),
+            "tree_root": r.tree.map(|t| b64(&t.1)),
+            "checkpoints_checked": r.checkpoints_checked,
             "failure": r.failure.as_ref().map(|f| serde_json::json!({"sequence": f.sequence, "class": f.class.as_str()})),
         });
         println!("{v}");
@@ -169,12 +289,20 @@ fn print_report(r: &Report, secs: f64, json: bool) {
         println!("warning: entry {seq} has a time earlier than the entry before it");
     }
     match &r.failure {
-        None => println!(
-            "OK: {} entries verified; head {}; {:.0} entries/s",
-            r.entries_checked,
-            head.unwrap_or_default(),
-            rate
-        ),
+        None => {
+            println!(
+                "OK: {} entries verified; head {}; {:.0} entries/s",
+                r.entries_checked,
+                head.unwrap_or_default(),
+                rate
+            );
+            if let Some((size, root)) = r.tree {
+                println!("tree: size {size}, root {}", b64(&root));
+            }
+            for size in &r.checkpoints_checked {
+                println!("checkpoint at size {size}: signature and root verified");
+            }
+        }
         Some(f) => println!(
             "FAILED at sequence {}: {} ({}); {} entries verified before it",
             f.sequence,
@@ -183,4 +311,9 @@ fn print_report(r: &Report, secs: f64, json: bool) {
             r.entries_checked
         ),
     }
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

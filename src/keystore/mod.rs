@@ -450,6 +450,12 @@ struct KeyCheckV1 {
 }
 
 impl KeyState {
+    /// Verifier keys of every log key version (none before the first).
+    pub fn log_verifiers(&self) -> Vec<crate::audit::note::Verifier> {
+        let Some(origin) = &self.log_origin else { return Vec::new() };
+        self.log_keys.values().filter_map(|k| crate::audit::note::Verifier::new(origin, k.public()?).ok()).collect()
+    }
+
     /// The log key that signs: the newest active version.
     pub fn signing_log_key(&self) -> Option<(u32, &LogKeyInfo)> {
         self.log_keys.iter().rev().find(|(_, k)| k.state == VersionState::Active).map(|(v, k)| (*v, k))

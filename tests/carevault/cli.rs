@@ -24,7 +24,7 @@ async fn verify_against_a_live_server_streams_the_export_and_passes() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
-    assert_eq!(v["entries_checked"], 14); // genesis, the key state, the log key, 10 creates, the export
+    assert_eq!(v["entries_checked"], 15); // genesis, the key state, the log key, 10 creates, the checkpoint read, the export
     // Without audit.read the export is refused: exit 2.
     let url = format!("http://{}", s.addr);
     let token = s.token("desk", "patients.read");

@@ -106,8 +106,11 @@ async fn truncation_below_a_recorded_head_is_caught_only_with_that_head() {
             s.danger_put_audit_raw(seq, None).unwrap();
         }
     });
-    // Without a recorded head the shorter chain is self-consistent:
-    assert_eq!(verify(&dir, None).0, 0);
+    // The chain alone is self-consistent; the log's own checkpoint (signed
+    // at shutdown, of every entry) says it was longer:
+    let (code, v) = verify(&dir, None);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(failure(&v), (6, "size_regression".into()));
     let (code, v) = verify(&dir, Some(&head));
     assert_eq!(code, 1);
     assert_eq!(failure(&v), (8, "recorded_head_missing".into()));
@@ -149,13 +152,13 @@ async fn verify_from_a_recorded_head_checks_only_what_came_after_it() {
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["entries_checked"], 5, "four creates and the export itself");
+    assert_eq!(v["entries_checked"], 6, "four creates, the checkpoint read and the export itself");
     drop(s.stop_keep().await);
     // Offline, the same; and an anchor that is not on the chain breaks the first link.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
     let out = cmd.arg("verify").arg("--data-dir").arg(&dir).args(["--json", "--from", &head]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((out.status.code(), v["entries_checked"].as_u64()), (Some(0), Some(5)));
+    assert_eq!((out.status.code(), v["entries_checked"].as_u64()), (Some(0), Some(6)));
     let seq: u64 = head.split(':').next().unwrap().parse().unwrap();
     let forged = format!("{seq}:{}", "11".repeat(32));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
@@ -163,4 +166,100 @@ async fn verify_from_a_recorded_head_checks_only_what_came_after_it() {
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(failure(&v), (seq + 1, "link_broken".into()));
+}
+
+/// Rewrites entry `at` (another actor) and recomputes every hash after it,
+/// as someone with write access to the store could.
+fn recompute_from_genesis(s: &Store, at: u64) {
+    let mut prev = carevault::audit::GENESIS_PREVIOUS_HASH;
+    let mut seq = 0;
+    while let Some(raw) = s.audit_raw(seq).unwrap() {
+        let mut e = carevault::audit::AuditEntry::decode(&raw[..raw.len() - 32]).unwrap();
+        if seq == at {
+            e.actor = "nobody".into();
+        }
+        e.previous_hash = prev;
+        let mut bytes = e.encode().unwrap();
+        prev = carevault::crypto::sha256(&bytes);
+        bytes.extend_from_slice(&prev);
+        s.danger_put_audit_raw(seq, Some(bytes)).unwrap();
+        seq += 1;
+    }
+}
+
+/// The log's newest checkpoint, saved to a file as compliance staff would.
+async fn saved_checkpoint(s: &TestServer, dir: &Path) -> std::path::PathBuf {
+    let c = s
+        .audit()
+        .get_checkpoint(req(carevault::proto::v1::GetCheckpointRequest { tree_size: 0 }, &s.admin()))
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    let path = dir.join("saved-checkpoint");
+    std::fs::write(&path, c.note).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_chain_recomputed_from_genesis_is_caught_by_checkpoints() {
+    let s = TestServer::start().await;
+    for i in 0..6 {
+        create(&s, patient("Fork", &format!("E{i}"), "1980", &format!("FK-{i}"))).await;
+    }
+    let saved_dir = tempfile::tempdir().unwrap();
+    let saved = saved_checkpoint(&s, saved_dir.path()).await;
+    let (dir, _keys, _g) = s.stop_keep().await;
+    with_store(&dir, |s| recompute_from_genesis(s, 4));
+    // The log's own checkpoint no longer matches its entries.
+    let (code, v) = verify(&dir, None);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(failure(&v).1, "root_mismatch");
+    // Someone who can rewrite the chain can remove the checkpoints too: the
+    // chain checks pass, a checkpoint saved elsewhere does not.
+    with_store(&dir, |s| s.danger_clear_checkpoints().unwrap());
+    assert_eq!(verify(&dir, None).0, 0, "a recomputed chain is consistent in itself");
+    let out = Command::new(env!("CARGO_BIN_EXE_carevault"))
+        .arg("verify")
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--json")
+        .arg("--checkpoint")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    let (seq, class) = failure(&v);
+    assert_eq!(class, "inconsistent");
+    assert!(seq >= 4, "{seq}");
+}
+
+#[tokio::test]
+async fn a_saved_checkpoint_with_a_forged_signature_is_refused() {
+    let s = TestServer::start().await;
+    create(&s, patient("Sig", "E", "1980", "SG-1")).await;
+    let saved_dir = tempfile::tempdir().unwrap();
+    let saved = saved_checkpoint(&s, saved_dir.path()).await;
+    let (dir, _keys, _g) = s.stop_keep().await;
+    let text = std::fs::read_to_string(&saved).unwrap();
+    let mut n = carevault::audit::note::Note::parse(&text).unwrap();
+    n.signatures[0].signature[3] ^= 1;
+    std::fs::write(&saved, n.encode()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_carevault"))
+        .args(["verify", "--json", "--data-dir"])
+        .arg(&dir)
+        .arg("--checkpoint")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(failure(&v).1, "bad_checkpoint_signature");
+    // And the untouched log verifies, its tree and its checkpoint included.
+    let (code, v) = verify(&dir, None);
+    assert_eq!(code, 0, "{v}");
+    assert!(!v["checkpoints_checked"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["tree_size"], v["entries_checked"]);
 }

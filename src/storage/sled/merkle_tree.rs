@@ -107,6 +107,14 @@ impl SledStore {
         durability.lock().unwrap_or_else(|p| p.into_inner()).sync(&self.db).map_err(StorageError::from)
     }
 
+    /// Raw access for tamper tests: removes every stored checkpoint and
+    /// cosignature. Named `danger_` because it bypasses the checkpointer.
+    pub fn danger_clear_checkpoints(&self) -> Result<(), StorageError> {
+        self.checkpoints.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// See the `Backend` method of the same name.
     pub fn save_checkpoint_sync(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError> {
         let mut value = signed_micros.to_be_bytes().to_vec();
