@@ -52,6 +52,108 @@ pub enum Command {
     Client(ClientArgs),
     /// Measure throughput and latency of audited operations (see BENCHMARKS.md).
     Bench(BenchArgs),
+    /// The audit log's proofs: `audit prove SEQ` prints an entry with its inclusion proof.
+    Audit(AuditArgs),
+    /// Check an inclusion proof document (from `audit prove`) offline, with the log's key only.
+    VerifyProof(VerifyProofArgs),
+    /// Witness a carevault log: accept only checkpoints consistent with the last one accepted, and cosign them.
+    #[command(subcommand)]
+    Witness(WitnessCommand),
+}
+
+/// `witness` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WitnessCommand {
+    /// Create a witness key (a new file, mode 0600) and print its cosigner verifier key.
+    Init {
+        /// Where to write the key (64 hex digits: an Ed25519 seed).
+        #[arg(long)]
+        key: PathBuf,
+        /// The witness's name (e.g. witness.compliance.example/w1).
+        #[arg(long)]
+        name: String,
+    },
+    /// Fetch the newest checkpoint and a consistency proof from the one accepted last, check both,
+    /// record the new one (atomically) and cosign it. Exit 1 with a class on a refusal.
+    Run(Box<WitnessRunArgs>),
+}
+
+/// `witness run` options.
+#[derive(Debug, Args)]
+pub struct WitnessRunArgs {
+    /// The log's server.
+    #[arg(long)]
+    pub server: String,
+    /// Bearer token with audit.read.
+    #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// TLS for --server.
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
+    /// The log's verifier key (as `keys log-key` prints it).
+    #[arg(long, value_name = "VKEY")]
+    pub log_key: String,
+    /// The witness key (from `witness init`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The witness's name (as given to `witness init`).
+    #[arg(long)]
+    pub name: String,
+    /// The witness's state: the checkpoint it accepted last (created on the first run).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// Keep witnessing, once per interval, until stopped (default: once).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<std::time::Duration>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `audit` options.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// A running server's URL.
+    #[arg(long, global = true)]
+    pub server: Option<String>,
+    /// Bearer token with audit.read.
+    #[arg(long, env = "CAREVAULT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// TLS for --server.
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print entry SEQ, its inclusion proof and the signed checkpoint it is
+    /// proved against, as one self-contained JSON document.
+    Prove {
+        /// The entry's sequence.
+        #[arg(value_name = "SEQ")]
+        sequence: u64,
+        /// Prove against the checkpoint of this tree size (default: the newest).
+        #[arg(long, default_value_t = 0)]
+        tree_size: u64,
+    },
+}
+
+/// `verify-proof` options.
+#[derive(Debug, Args)]
+pub struct VerifyProofArgs {
+    /// The proof document (`-` for standard input).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// The log's verifier key (as `keys log-key` prints it). May be repeated.
+    #[arg(long, value_name = "VKEY", required = true)]
+    pub log_key: Vec<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `backup` options.
@@ -258,6 +360,9 @@ pub struct KeysArgs {
 pub enum KeysCommand {
     /// Versions, primary, what depends on each version, the rewrap job.
     Status,
+    /// Print the audit log's verifier key (vkey: origin+keyid+base64), for
+    /// `verify --log-key`, `verify-proof` and witnesses (offline: from keycheck.json).
+    LogKey,
     /// Add a master key version and make it primary.
     Rotate,
     /// Rewrap every data key and note onto the primary version (background job; shows progress).

@@ -61,6 +61,9 @@ fn main() {
             Command::Client(args) => commands::client::run(args).await.map(|()| 0),
             Command::Backup(args) => commands::backup::run(args).map(|()| 0),
             Command::Bench(args) => commands::bench::run(args).await.map(|()| 0),
+            Command::Audit(args) => commands::proof::audit(args).await,
+            Command::VerifyProof(args) => commands::proof::verify_proof(args),
+            Command::Witness(cmd) => commands::witness::run(cmd).await,
         }
     });
     // Queued log lines go out before the error line and before exit (which

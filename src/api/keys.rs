@@ -103,6 +103,7 @@ pub fn status_pb(s: &KeyStatus, now: i64) -> pb::GetKeyStatusResponse {
             started_by: p.started_by.clone(),
             start_time: Some(timestamp(p.started_at)),
         }),
+        log_keys: s.log_keys.clone(),
     }
 }
 

@@ -367,6 +367,8 @@ pub struct KeyStatus {
     /// A rotate, retire or destroy whose intent is recorded but whose
     /// completion is not (it was interrupted; the next start settles it).
     pub pending: Option<PendingKeyOperation>,
+    /// The audit log's verifier keys (vkeys), oldest first.
+    pub log_keys: Vec<String>,
 }
 
 /// Which key operation changes key material or key state.
@@ -507,6 +509,7 @@ impl App {
             reencrypt_job: self.reencrypt_progress().await?,
             blind_index_job: self.blind_index_progress().await?,
             pending: self.job_state(KEY_OP).await?,
+            log_keys: state.log_verifiers().iter().map(|v| v.to_vkey()).collect(),
         })
     }
 

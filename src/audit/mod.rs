@@ -12,7 +12,9 @@
 pub mod entry;
 pub mod merkle;
 pub mod note;
+pub mod proof;
 pub mod verify;
+pub mod witness;
 
 /// Known-answer vectors from outside (RFC 6962 roots and proofs, a C2SP
 /// signed note): `$CAREVAULT_VECTORS`, or `../shared/vectors` beside the

@@ -137,6 +137,10 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
             let s = client.get_key_status(req!(pb::GetKeyStatusRequest {})).await.map_err(status)?.into_inner();
             print(args.json, &s, || human_status(&s))
         }
+        KeysCommand::LogKey => {
+            let s = client.get_key_status(req!(pb::GetKeyStatusRequest {})).await.map_err(status)?.into_inner();
+            print_log_keys(args.json, &s.log_keys)
+        }
         KeysCommand::Rotate => {
             let r = client.rotate_master_key(req!(pb::RotateMasterKeyRequest {})).await.map_err(status)?.into_inner();
             print(args.json, &r, || {
@@ -241,6 +245,11 @@ async fn offline(args: &KeysArgs) -> anyhow::Result<()> {
     if !data_dir.join("keycheck.json").exists() {
         anyhow::bail!("{} is not a carevault data directory (no keycheck.json)", data_dir.display());
     }
+    if matches!(args.command, KeysCommand::LogKey) {
+        let state = carevault::keystore::KeyState::load(&data_dir)?;
+        let keys: Vec<String> = state.log_verifiers().iter().map(|v| v.to_vkey()).collect();
+        return print_log_keys(args.json, &keys);
+    }
     let source = super::key_source(&args.custody, &key_dir)?;
     let store = super::store(args.dirs.store.as_deref(), &data_dir)?;
     if matches!(args.command, KeysCommand::Status) {
@@ -294,7 +303,7 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
     let now = SystemClock.now_micros();
     match &args.command {
         // `offline` sends status to `offline_status`, which reads a copy.
-        KeysCommand::Status => anyhow::bail!("offline status reads a copy of the data directory"),
+        KeysCommand::Status | KeysCommand::LogKey => anyhow::bail!("offline status reads a copy of the data directory"),
         KeysCommand::Rotate => {
             let (new_version, previous_primary) =
                 app.rotate_master_key(&ctx, Input::ok(())).await.map_err(app_error)?;
@@ -381,4 +390,18 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             }
         }
     }
+}
+
+/// Prints the log's verifier keys: the signing one (the last), or with
+/// `--json` all of them, oldest first.
+fn print_log_keys(json: bool, keys: &[String]) -> anyhow::Result<()> {
+    let Some(signing) = keys.last() else {
+        anyhow::bail!("the log has no log key yet (a server creates it at its first start)")
+    };
+    if json {
+        println!("{}", serde_json::json!({ "log_key": signing, "all": keys }));
+    } else {
+        println!("{signing}");
+    }
+    Ok(())
 }

@@ -6,9 +6,11 @@ pub mod certs;
 pub mod client;
 pub mod keys;
 pub mod output;
+pub mod proof;
 pub mod serve;
 pub mod token;
 pub mod verify;
+pub mod witness;
 
 use std::path::PathBuf;
 

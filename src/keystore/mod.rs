@@ -481,6 +481,11 @@ impl KeyState {
         Ok(state)
     }
 
+    /// Reads `keycheck.json` of a data directory.
+    pub fn load(data_dir: &Path) -> Result<KeyState, KeyError> {
+        KeyState::read(&data_dir.join("keycheck.json"))
+    }
+
     fn read(path: &Path) -> Result<KeyState, KeyError> {
         let text = fs::read_to_string(path).map_err(io(path))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|_| KeyError::Malformed(path.into()))?;

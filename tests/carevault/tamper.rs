@@ -263,3 +263,157 @@ async fn a_saved_checkpoint_with_a_forged_signature_is_refused() {
     assert!(!v["checkpoints_checked"].as_array().unwrap().is_empty(), "{v}");
     assert_eq!(v["tree_size"], v["entries_checked"]);
 }
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_carevault"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a blocking command off the runtime (the server it calls runs on it).
+async fn off(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
+async fn newest(s: &TestServer) -> carevault::proto::v1::SignedCheckpoint {
+    s.audit()
+        .get_checkpoint(req(carevault::proto::v1::GetCheckpointRequest { tree_size: 0 }, &s.admin()))
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_is_refused() {
+    let s = TestServer::start().await;
+    for i in 0..5 {
+        create(&s, patient("Witness", &format!("E{i}"), "1980", &format!("WI-{i}"))).await;
+    }
+    let (url, token) = (format!("http://{}", s.addr), s.token("witness-1", "audit.read"));
+    let vkey = run_ok(bin().args(["keys", "log-key", "--data-dir"]).arg(&s.data_dir).arg("--key-dir").arg(&s.key_dir))
+        .trim()
+        .to_string();
+    let w = tempfile::tempdir().unwrap();
+    let (wkey, wstate) = (w.path().join("witness.key"), w.path().join("witness.state"));
+    let wvkey = run_ok(bin().args(["witness", "init", "--name", "witness.example/w1", "--key"]).arg(&wkey));
+    assert!(wvkey.starts_with("witness.example/w1+"), "{wvkey}");
+    let witness = |extra: &[&str]| {
+        let mut c = bin();
+        c.args(["witness", "run", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
+        c.args(["--name", "witness.example/w1", "--key"]).arg(&wkey).arg("--state").arg(&wstate).args(extra);
+        c
+    };
+    let out = off(witness(&[])).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(first["ok"], true);
+    assert!(newest(&s).await.cosignatures >= 1);
+
+    // The log grows; the witness follows it through a consistency proof.
+    for i in 0..3 {
+        create(&s, patient("Witness", &format!("F{i}"), "1981", &format!("WF-{i}"))).await;
+    }
+    while newest(&s).await.tree_size <= first["tree_size"].as_u64().unwrap() + 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = off(witness(&[])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(second["tree_size"].as_u64() > first["tree_size"].as_u64(), "{second}");
+
+    // A compliance officer's proof of entry 4, checked offline with the log key only.
+    let mut prove = bin();
+    prove.args(["audit", "prove", "4", "--server", &url, "--token", &token]);
+    let doc = off(prove).await;
+    assert_eq!(doc.status.code(), Some(0), "{}", String::from_utf8_lossy(&doc.stderr));
+    let file = w.path().join("proof.json");
+    std::fs::write(&file, &doc.stdout).unwrap();
+    let ok = run_ok(bin().args(["verify-proof", "--json", "--log-key", &vkey]).arg(&file));
+    let ok: serde_json::Value = serde_json::from_str(&ok).unwrap();
+    assert_eq!((ok["ok"].as_bool(), ok["sequence"].as_u64()), (Some(true), Some(4)));
+    let mut changed: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
+    let e =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, changed["entry"].as_str().unwrap()).unwrap();
+    let mut entry = carevault::audit::AuditEntry::decode(&e).unwrap();
+    entry.actor = "someone-else".into();
+    changed["entry"] =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, entry.encode().unwrap()).into();
+    std::fs::write(&file, changed.to_string()).unwrap();
+    let out = bin().args(["verify-proof", "--json", "--log-key", &vkey]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["class"], "not_included");
+
+    // Someone with write access to everything rewrites history from genesis,
+    // removes the tree, the checkpoints and carevault's checkpoint-state, and
+    // restarts: the log signs the new history; the witness refuses it.
+    let state_before = std::fs::read(&wstate).unwrap();
+    let (dir, keys, _g) = s.stop_keep().await;
+    with_store(&dir, |st| {
+        recompute_from_genesis(st, 3);
+        st.danger_clear_checkpoints().unwrap();
+        st.danger_clear_tree().unwrap();
+    });
+    std::fs::remove_file(dir.join("checkpoint-state")).unwrap();
+    let s = TestServer::start_in(dir.clone(), keys, std::sync::Arc::new(carevault::clock::SystemClock)).await;
+    let (url, token) = (format!("http://{}", s.addr), s.token("witness-1", "audit.read"));
+    let mut c = bin();
+    c.args(["witness", "run", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
+    c.args(["--name", "witness.example/w1", "--key"]).arg(&wkey).arg("--state").arg(&wstate);
+    let out = off(c).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["class"], "inconsistent", "{v}");
+    assert_eq!(std::fs::read(&wstate).unwrap(), state_before, "the witness's state never moves");
+    drop(s.stop_keep().await);
+
+    // Cut back below what the witness saw: a rollback.
+    with_store(&dir, |st| {
+        let head = st.audit_head_sync().unwrap().unwrap().0;
+        for seq in 8..=head {
+            st.danger_put_audit_raw(seq, None).unwrap();
+        }
+        st.danger_clear_checkpoints().unwrap();
+        st.danger_clear_tree().unwrap();
+    });
+    std::fs::remove_file(dir.join("checkpoint-state")).unwrap();
+    let s = TestServer::start_in(
+        dir.clone(),
+        dir.parent().unwrap().join("keys"),
+        std::sync::Arc::new(carevault::clock::SystemClock),
+    )
+    .await;
+    let (url, token) = (format!("http://{}", s.addr), s.token("witness-1", "audit.read"));
+    let mut c = bin();
+    c.args(["witness", "run", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
+    c.args(["--name", "witness.example/w1", "--key"]).arg(&wkey).arg("--state").arg(&wstate);
+    let out = off(c).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["class"], "rollback", "{v}");
+    drop(s.stop_keep().await);
+}

@@ -115,6 +115,14 @@ impl SledStore {
         Ok(())
     }
 
+    /// Raw access for tamper tests: removes every stored Merkle subtree (the
+    /// next start rebuilds them from the entries as they are then).
+    pub fn danger_clear_tree(&self) -> Result<(), StorageError> {
+        self.merkle.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// See the `Backend` method of the same name.
     pub fn save_checkpoint_sync(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError> {
         let mut value = signed_micros.to_be_bytes().to_vec();
