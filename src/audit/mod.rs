@@ -9,6 +9,8 @@
 //! * [`note`]: C2SP signed notes and tlog checkpoints (Ed25519), signed and
 //!   verified as pure functions.
 
+#[cfg(test)]
+mod differential;
 pub mod entry;
 pub mod merkle;
 pub mod note;

@@ -31,6 +31,12 @@ async fn checkpoints_are_signed_and_every_entry_is_proved_against_them() {
     assert_eq!(n.verify(std::slice::from_ref(&v)).unwrap(), vec![first.origin.clone()]);
     let c = Checkpoint::parse(&n.text).unwrap();
     assert_eq!((c.size, c.root.to_vec()), (first.tree_size, first.root_hash.clone()));
+    // An independent implementation (Cloudflare's signed_note, tlog_tiles) agrees.
+    let theirs = signed_note::StandardVerifier::new(&v.to_vkey()).unwrap();
+    let list = signed_note::VerifierList::new(vec![Box::new(theirs)]);
+    signed_note::Note::from_bytes(first.note.as_bytes()).unwrap().verify(&list).unwrap();
+    let tc = tlog_tiles::Checkpoint::from_bytes(n.text.as_bytes()).unwrap();
+    assert_eq!((tc.size(), tc.hash().0.to_vec()), (first.tree_size, first.root_hash.clone()));
     assert!(first.tree_size >= 15, "genesis, key state, log key, 12 creates: {}", first.tree_size);
 
     // Every entry is in the tree the checkpoint signs.
@@ -53,6 +59,10 @@ async fn checkpoints_are_signed_and_every_entry_is_proved_against_them() {
         }
         assert_eq!(p.tree_size, first.tree_size);
         merkle::verify_inclusion(seq, p.tree_size, &leaf, &p.hashes, &first.root_hash).unwrap();
+        let proof: Vec<tlog_tiles::Hash> =
+            p.hashes.iter().map(|h| tlog_tiles::Hash(h.as_slice().try_into().unwrap())).collect();
+        let root = tlog_tiles::Hash(first.root_hash.as_slice().try_into().unwrap());
+        tlog_tiles::check_record(&proof, p.tree_size, root, seq, tlog_tiles::Hash(leaf)).unwrap();
         assert_eq!(p.checkpoint.unwrap().note, first.note);
     }
 
