@@ -58,11 +58,57 @@ async fn load(addr: String, token: String, acked: Arc<Mutex<Acked>>, worker: usi
     }
 }
 
+/// Reads the log's newest checkpoint over and over, keeping every note seen.
+async fn watch_checkpoints(addr: String, token: String, seen: Arc<Mutex<Vec<String>>>, stop: Instant) {
+    let Ok(channel) = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await else { return };
+    let mut c = carevault::proto::v1::audit_service_client::AuditServiceClient::new(channel);
+    while Instant::now() < stop {
+        match c.get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0 }, &token)).await {
+            Ok(r) => seen.lock().unwrap().extend(r.into_inner().checkpoint.map(|c| c.note)),
+            Err(_) => return, // the server died
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
+/// Every checkpoint anyone saw, and every one stored, names the root the
+/// recovered log has at its size (a checkpoint is durable before it is
+/// seen, and never signs what a crash could take back).
+async fn checkpoints_hold(
+    store: &dyn carevault::storage::Backend,
+    entries: &[carevault::storage::StoredAuditEntry],
+    seen: &[String],
+    log_key: &carevault::audit::note::Verifier,
+) -> usize {
+    use carevault::audit::{merkle, note};
+    let leaves: Vec<merkle::Hash> = entries.iter().map(|e| merkle::leaf_hash(&e.bytes)).collect();
+    let mut notes: Vec<String> = seen.to_vec();
+    let mut after = None;
+    loop {
+        let page = store.checkpoints_after(after, 1000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.size);
+        notes.extend(page.into_iter().map(|c| String::from_utf8(c.note).unwrap()));
+    }
+    for n in &notes {
+        let c = note::open_checkpoint(n, std::slice::from_ref(log_key)).unwrap();
+        assert!(c.size as usize <= leaves.len(), "a checkpoint of {} entries, the log has {}", c.size, leaves.len());
+        assert_eq!(c.root, merkle::root(&leaves[..c.size as usize]), "checkpoint at {} is not the log's", c.size);
+    }
+    notes.len()
+}
+
 async fn crash_once(seed: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let keys = tmp.path().join("keys");
-    let (mut child, addr) = spawn_binary_server(&data, &keys);
+    // Checkpoints signed as often as they can be, so the kill lands among them.
+    let (mut child, addr, _) = spawn_binary_server_logging(
+        &data,
+        &keys,
+        "warn,carevault::commands=info",
+        &["--checkpoint-every", "5", "--checkpoint-interval", "20ms"],
+    );
     let der = std::fs::read(keys.join("issuer-ed25519.pk8")).unwrap();
     // The binary runs the embedded default policy: built-in roles from the token's roles claim.
     let token = mint(&der, "crash-test", "front_desk compliance");
@@ -70,8 +116,10 @@ async fn crash_once(seed: u64) {
     // Kill somewhere between 300 and 1300 ms into the load.
     let kill_after = Duration::from_millis(300 + seed % 1000);
     let stop = Instant::now() + kill_after + Duration::from_secs(2);
-    let workers: Vec<_> =
+    let mut workers: Vec<_> =
         (0..12).map(|w| tokio::spawn(load(addr.clone(), token.clone(), acked.clone(), w, stop))).collect();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    workers.push(tokio::spawn(watch_checkpoints(addr.clone(), token.clone(), seen.clone(), stop)));
     tokio::time::sleep(kill_after).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -103,6 +151,12 @@ async fn crash_once(seed: u64) {
             assert!(head.version >= 1);
         }
         assert_eq!(records, write_entries.len(), "every ok write entry has its record");
+        let state = carevault::keystore::KeyState::load(&data).unwrap();
+        let log_key = state.log_verifiers().pop().expect("a log key");
+        let all = stored_entries(store.as_ref()).await;
+        let seen = seen.lock().unwrap().clone();
+        let checked = checkpoints_hold(store.as_ref(), &all, &seen, &log_key).await;
+        assert!(checked > 0, "no checkpoint was signed before the kill");
     }
 
     // Restart: everything acknowledged reads back through the real server.
@@ -112,6 +166,10 @@ async fn crash_once(seed: u64) {
             s.patients().get_patient(req(pb::GetPatientRequest { patient_id: id.clone() }, &s.admin())).await.unwrap();
         assert!(u64::try_from(got.into_inner().patient.unwrap().version).unwrap() >= *version);
     }
+    // The restarted server signs on: it refuses to sign anything inconsistent
+    // with what was signed before the kill, so a checkpoint now proves it is not.
+    let after = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0 }, &s.admin())).await;
+    assert!(after.unwrap().into_inner().checkpoint.is_some());
     drop(tmp);
 }
 
