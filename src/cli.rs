@@ -90,9 +90,9 @@ pub struct WitnessRunArgs {
     /// TLS for --server.
     #[command(flatten)]
     pub tls: TlsClientArgs,
-    /// The log's verifier key (as `keys log-key` prints it).
-    #[arg(long, value_name = "VKEY")]
-    pub log_key: String,
+    /// The log's verifier key (as `keys log-key` prints it); repeat it across a log key rotation.
+    #[arg(long, value_name = "VKEY", required = true)]
+    pub log_key: Vec<String>,
     /// The witness key (from `witness init`).
     #[arg(long)]
     pub key: PathBuf,
@@ -208,6 +208,10 @@ pub struct BenchArgs {
     /// Also time `verify` over a synthetic chain of this many entries (0 = skip).
     #[arg(long, default_value_t = 0)]
     pub verify_entries: u64,
+    /// Also build a sled store of this many audit entries through the sequencer and time
+    /// inclusion proofs in it, as the server computes them (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    pub proof_entries: u64,
     /// Serve the in-process server over mutual TLS (a development CA, server and client
     /// certificates generated into the temporary directory), as a production deployment would.
     #[arg(long, conflicts_with = "server")]
@@ -365,6 +369,8 @@ pub enum KeysCommand {
     LogKey,
     /// Add a master key version and make it primary.
     Rotate,
+    /// Add an audit log key version and make it the one that signs checkpoints (older ones still verify theirs).
+    RotateLogKey,
     /// Rewrap every data key and note onto the primary version (background job; shows progress).
     Rewrap {
         /// Count only.

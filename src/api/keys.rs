@@ -125,6 +125,7 @@ impl Methods for KeyService {
         Some(match name {
             "GetKeyStatus" => unary!(Action::KeysStatus, get_key_status),
             "RotateMasterKey" => unary!(Action::KeysRotate, rotate_master_key),
+            "RotateLogKey" => unary!(Action::KeysLogKeyRotate, rotate_log_key),
             "StartRewrap" => unary!(Action::KeysRewrap, start_rewrap),
             "GetRewrapJob" => unary!(Action::KeysStatus, get_rewrap_job),
             "RetireMasterKey" => unary!(Action::KeysRetire, retire_master_key),
@@ -159,6 +160,12 @@ async fn rotate_master_key(
     let input = empty::<pb::RotateMasterKeyRequest>(edge, ctx, &body);
     let (new_version, previous_primary) = edge.app.rotate_master_key(ctx, input).await?;
     Ok(pb::RotateMasterKeyResponse { new_version, previous_primary })
+}
+
+async fn rotate_log_key(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::RotateLogKeyResponse, AppError> {
+    let input = empty::<pb::RotateLogKeyRequest>(edge, ctx, &body);
+    let (version, log_key) = edge.app.rotate_log_key(ctx, input).await?;
+    Ok(pb::RotateLogKeyResponse { version, log_key })
 }
 
 async fn start_rewrap(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::StartRewrapResponse, AppError> {

@@ -170,6 +170,51 @@ impl App {
         Ok(())
     }
 
+    /// Adds log key version N+1 (from the key source) and makes it the one
+    /// that signs; older versions are retired (they still verify what they
+    /// signed). The key state commits with the `keys.log_key_rotate` entry.
+    pub async fn rotate_log_key(&self, ctx: &CallContext, input: Input<()>) -> Result<(u32, String), AppError> {
+        let _one = self.key_op_lock.lock().await;
+        let mut call = self.call(ctx, Action::KeysLogKeyRotate, input.named).await;
+        let mut staged = None;
+        let result = async {
+            call.accept(input.parsed)?;
+            self.refresh_keys().await?;
+            let state = self.keys.state();
+            let origin = state.log_origin.clone().ok_or(AppError::FailedPrecondition("the log has no log key yet"))?;
+            let previous = state.signing_log_key().map_or(0, |(v, _)| v);
+            let version = state.log_keys.keys().last().copied().unwrap_or(0) + 1;
+            call.entry.details =
+                vec![format!("log_key_version={version}"), format!("previous_log_key_version={previous}")];
+            let keys = self.keys.clone();
+            let signer = blocking(move || keys.source.create_log(version).map_err(super::keys::key_error)).await?;
+            let verifier = Verifier::new(&origin, signer.public_key()).map_err(|_| AppError::Internal)?;
+            let info = LogKeyInfo {
+                public_key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, signer.public_key()),
+                state: VersionState::Active,
+                created_micros: self.clock.now_micros(),
+            };
+            let next = self
+                .stage_key_state(move |s| {
+                    for k in s.log_keys.values_mut() {
+                        k.state = VersionState::Retired;
+                    }
+                    s.log_keys.insert(version, info);
+                })
+                .await?;
+            call.stage(next.change.clone());
+            staged = Some(next);
+            call.entry.details.push(format!("log_key={}", verifier.to_vkey()));
+            Ok((version, verifier.to_vkey()))
+        }
+        .await;
+        let committed = call.finish(result).await;
+        if let (Ok(_), Some(staged)) = (&committed, staged) {
+            self.install_key_state(staged);
+        }
+        committed
+    }
+
     /// The signing log key, checked against the public key the key state records.
     async fn log_signer(
         &self,

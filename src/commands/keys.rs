@@ -141,6 +141,10 @@ async fn online(url: &str, args: &KeysArgs) -> anyhow::Result<()> {
             let s = client.get_key_status(req!(pb::GetKeyStatusRequest {})).await.map_err(status)?.into_inner();
             print_log_keys(args.json, &s.log_keys)
         }
+        KeysCommand::RotateLogKey => {
+            let r = client.rotate_log_key(req!(pb::RotateLogKeyRequest {})).await.map_err(status)?.into_inner();
+            print(args.json, &r, || format!("log key v{} signs from now on: {}", r.version, r.log_key))
+        }
         KeysCommand::Rotate => {
             let r = client.rotate_master_key(req!(pb::RotateMasterKeyRequest {})).await.map_err(status)?.into_inner();
             print(args.json, &r, || {
@@ -311,6 +315,11 @@ async fn offline_command(app: &App, user: &str, args: &KeysArgs) -> anyhow::Resu
             print(args.json, &r, || {
                 format!("v{new_version} is primary (was v{previous_primary}); run `keys rewrap` next")
             })
+        }
+        KeysCommand::RotateLogKey => {
+            let (version, log_key) = app.rotate_log_key(&ctx, Input::ok(())).await.map_err(app_error)?;
+            let r = pb::RotateLogKeyResponse { version, log_key };
+            print(args.json, &r, || format!("log key v{} signs from now on: {}", r.version, r.log_key))
         }
         KeysCommand::Retire { key_version: version } => {
             app.retire_master_key(&ctx, Input::ok(*version)).await.map_err(app_error)?;

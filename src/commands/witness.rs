@@ -109,7 +109,11 @@ fn refused(args: &WitnessRunArgs, r: Refusal, size: u64) -> i32 {
 }
 
 async fn once(args: &WitnessRunArgs) -> anyhow::Result<i32> {
-    let log = Verifier::parse(&args.log_key).map_err(|e| anyhow::anyhow!("--log-key: {e}"))?;
+    let logs = args
+        .log_key
+        .iter()
+        .map(|k| Verifier::parse(k).map_err(|e| anyhow::anyhow!("--log-key: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let key = read_key(&args.key)?;
     let me = Verifier::cosigner(&args.name, key.public_key()).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     let last = read_state(&args.state)?;
@@ -122,7 +126,7 @@ async fn once(args: &WitnessRunArgs) -> anyhow::Result<i32> {
         .into_inner()
         .checkpoint
         .context("the server sent no checkpoint")?;
-    let c = match note::open_checkpoint(&got.note, std::slice::from_ref(&log)) {
+    let c = match note::open_checkpoint(&got.note, &logs) {
         Ok(c) => c,
         Err(_) => return Ok(refused(args, Refusal::BadCheckpointSignature, got.tree_size)),
     };

@@ -141,6 +141,8 @@ pub enum Action {
     AuditCosign,
     /// A log key (signing checkpoints) created.
     KeysLogKeyCreated,
+    /// A new log key version made the signing one.
+    KeysLogKeyRotate,
 }
 
 /// What kind of thing an audited action is about (`resource_type` in the entry).
@@ -226,6 +228,7 @@ impl Action {
             Action::AuditProof => "audit.proof",
             Action::AuditCosign => "audit.cosign",
             Action::KeysLogKeyCreated => "keys.log_key_created",
+            Action::KeysLogKeyRotate => "keys.log_key_rotate",
         }
     }
 
@@ -258,6 +261,7 @@ impl Action {
             | Action::KeysDestroyComplete
             | Action::KeysStateRecorded
             | Action::KeysLogKeyCreated
+            | Action::KeysLogKeyRotate
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch
             | Action::KeysReencryptComplete
@@ -316,6 +320,7 @@ impl Action {
             | Action::KeysDestroyComplete
             | Action::KeysStateRecorded
             | Action::KeysLogKeyCreated
+            | Action::KeysLogKeyRotate
             | Action::ErasureRekey
             | Action::KeysReencrypt
             | Action::KeysReencryptBatch

@@ -177,3 +177,49 @@ async fn proofs_need_audit_read_and_sizes_in_range_and_are_audited() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_log_key_rotates_with_an_audited_entry_and_older_checkpoints_still_verify() {
+    let mut s = TestServer::start().await;
+    create(&s, patient("Rotate", "Log", "1980", "RL-1")).await;
+    let before = checkpoint(&s, 0).await;
+    let old = log_verifier(&s, &before.origin);
+    let admin = s.token("keyper", "key_admin");
+    let mut keys = pb::key_service_client::KeyServiceClient::new(s.channel.clone());
+    let r = keys.rotate_log_key(req_for(pb::RotateLogKeyRequest {}, &admin, None)).await.unwrap().into_inner();
+    assert_eq!(r.version, 2);
+    let new = Verifier::parse(&r.log_key).unwrap();
+    assert_ne!(new.id, old.id);
+    create(&s, patient("Rotate", "Log", "1981", "RL-2")).await;
+    let after = loop {
+        let c = checkpoint(&s, 0).await;
+        if c.tree_size > before.tree_size + 1 {
+            break c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let n = Note::parse(&after.note).unwrap();
+    n.verify(std::slice::from_ref(&new)).unwrap();
+    assert!(n.verify(std::slice::from_ref(&old)).is_err(), "the retired key signs no more");
+    Note::parse(&checkpoint(&s, before.tree_size).await.note).unwrap().verify(std::slice::from_ref(&old)).unwrap();
+    let p = s
+        .audit()
+        .get_consistency_proof(req(
+            pb::GetConsistencyProofRequest { old_size: before.tree_size, tree_size: after.tree_size },
+            &s.admin(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    merkle::verify_consistency(before.tree_size, after.tree_size, &before.root_hash, &after.root_hash, &p.hashes)
+        .unwrap();
+    let status = keys.get_key_status(req_for(pb::GetKeyStatusRequest {}, &admin, None)).await.unwrap().into_inner();
+    assert_eq!(status.log_keys, vec![old.to_vkey(), new.to_vkey()]);
+    let events = s.all_events().await;
+    let rotated = events.iter().find(|e| e.action == "keys.log_key_rotate").expect("audited");
+    assert_eq!(rotated.outcome, pb::AuditOutcome::Ok as i32);
+    // Without key_admin it is refused, and audited.
+    let e = keys.rotate_log_key(req_for(pb::RotateLogKeyRequest {}, &s.admin(), None)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    s.stop().await;
+}
