@@ -70,9 +70,11 @@ impl SledStore {
 
     /// See the `Backend` method of the same name.
     pub fn checkpoint_sync(&self, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StorageError> {
+        let visible = self.visible_checkpoint();
         let found = match size {
+            Some(n) if n > visible => None,
             Some(n) => self.checkpoints.get(checkpoint_key(n))?.map(|v| (checkpoint_key(n).to_vec().into(), v)),
-            None => self.checkpoints.scan_prefix(b"N").next_back().transpose()?,
+            None => self.checkpoints.range(checkpoint_key(0)..=checkpoint_key(visible)).next_back().transpose()?,
         };
         found.map(|(k, v)| self.checkpoint_of(&k, &v)).transpose()
     }
@@ -93,7 +95,7 @@ impl SledStore {
         let mut out = Vec::new();
         for kv in self.checkpoints.range(start..) {
             let (k, v) = kv?;
-            if k.first() != Some(&b'N') || out.len() == limit {
+            if k.first() != Some(&b'N') || out.len() == limit || u64_at(&k, 1)? > self.visible_checkpoint() {
                 break;
             }
             out.push(self.checkpoint_of(&k, &v)?);
@@ -111,6 +113,7 @@ impl SledStore {
     /// cosignature. Named `danger_` because it bypasses the checkpointer.
     pub fn danger_clear_checkpoints(&self) -> Result<(), StorageError> {
         self.checkpoints.clear()?;
+        self.visible_checkpoint.store(0, Ordering::Release);
         self.db.flush()?;
         Ok(())
     }
@@ -129,6 +132,7 @@ impl SledStore {
         value.extend_from_slice(note);
         let swapped = self.checkpoints.compare_and_swap(checkpoint_key(size), None as Option<&[u8]>, Some(value))?;
         self.sync_now()?;
+        self.visible_checkpoint.fetch_max(size, Ordering::AcqRel);
         Ok(swapped.is_ok())
     }
 
@@ -180,14 +184,32 @@ impl SledStore {
         tree::resolve(ids, &nodes, &leaves)
     }
 
-    /// The tree's size as the pipeline last published it.
+    /// The tree's durable size: the entries the sync thread has made durable
+    /// (only those may be signed or proved; a crash could take back the rest).
     pub fn tree_size_sync(&self) -> u64 {
         self.tree_size.load(Ordering::Acquire)
     }
 
-    /// Called by the pipeline once a batch's subtrees are written.
+    /// Called by the sync thread once a batch (and its subtrees) is durable.
     pub(super) fn publish_tree_size(&self, size: u64) {
-        self.tree_size.store(size, Ordering::Release);
+        self.tree_size.fetch_max(size, Ordering::AcqRel);
+    }
+
+    /// At open: every checkpoint stored is durable (what survived a crash is:
+    /// sled recovers a prefix of its log), so all may be read.
+    pub(super) fn open_checkpoints(&self) -> Result<(), StorageError> {
+        let newest = match self.checkpoints.scan_prefix(b"N").next_back() {
+            Some(kv) => u64_at(&kv?.0, 1)?,
+            None => 0,
+        };
+        self.visible_checkpoint.store(newest, Ordering::Release);
+        Ok(())
+    }
+
+    /// The newest checkpoint that may be read: one is readable only once its
+    /// write is durable.
+    fn visible_checkpoint(&self) -> u64 {
+        self.visible_checkpoint.load(Ordering::Acquire)
     }
 
     /// Brings the stored subtrees level with the entries (see the module

@@ -53,8 +53,10 @@ pub struct SledStore {
     checkpoints: sled::Tree,
     /// The pipeline's durable sync, shared with checkpoint writes once started.
     durability: Arc<std::sync::OnceLock<Arc<std::sync::Mutex<durability::Durability>>>>,
-    /// The Merkle tree's size (see `merkle_tree`).
+    /// The Merkle tree's durable size (see `merkle_tree`).
     tree_size: Arc<AtomicU64>,
+    /// The newest checkpoint that is durable, so readable.
+    visible_checkpoint: Arc<AtomicU64>,
     /// What opening the store had to repair.
     recovered: Recovery,
 }
@@ -96,6 +98,7 @@ impl SledStore {
             checkpoints: db.open_tree("checkpoints")?,
             durability: Arc::new(std::sync::OnceLock::new()),
             tree_size: Arc::new(AtomicU64::new(0)),
+            visible_checkpoint: Arc::new(AtomicU64::new(0)),
             recovered: Recovery::default(),
             db,
         };
@@ -109,6 +112,7 @@ impl SledStore {
             );
         }
         store.recovered = recovered;
+        store.open_checkpoints()?;
         Ok(store)
     }
 

@@ -30,8 +30,8 @@ const MAX_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
 const LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// A batch written to sled and waiting for its sync: the replies to send
-/// once the sync succeeds.
-type Written = Vec<(oneshot::Sender<Result<Committed, StorageError>>, Committed)>;
+/// once the sync succeeds, and the Merkle tree's size after it.
+type Written = (Vec<(oneshot::Sender<Result<Committed, StorageError>>, Committed)>, u64);
 
 /// Starts the sequencer thread (and, from it, the sync thread) over `queue`.
 pub(super) fn start(
@@ -59,9 +59,10 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, qu
     let (to_sync, synced_rx) = std::sync::mpsc::channel::<Written>();
     let db = store.db.clone();
     let sync_failed = failed.clone();
+    let durable_tree = store.clone();
     let syncer = std::thread::Builder::new()
         .name("carevault-sync".into())
-        .spawn(move || sync_loop(db, durability, synced_rx, sync_failed));
+        .spawn(move || sync_loop(db, durability, synced_rx, sync_failed, durable_tree));
     let syncer = match syncer {
         Ok(h) => h,
         Err(e) => {
@@ -110,7 +111,6 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, qu
         // chain continues from it.
         current = planned.head;
         tree = planned.tree;
-        store.publish_tree_size(tree.size());
         *head.lock().unwrap_or_else(|p| p.into_inner()) = planned.head;
         let mut replies = Vec::with_capacity(batch.len());
         for (p, result) in batch.into_iter().zip(planned.results) {
@@ -122,7 +122,7 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, qu
                 }
             }
         }
-        if let Err(std::sync::mpsc::SendError(replies)) = to_sync.send(replies) {
+        if let Err(std::sync::mpsc::SendError((replies, _))) = to_sync.send((replies, tree.size())) {
             for (reply, _) in replies {
                 let _ = reply.send(Err(StorageError::Io("sync thread unavailable".into())));
             }
@@ -143,12 +143,19 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, qu
 /// After a failed fdatasync the kernel may have dropped the dirty pages, so
 /// nothing may be chained to what it covered: the store is marked failed and
 /// every later batch is refused without a sync.
-fn sync_loop(db: sled::Db, durability: SharedDurability, rx: std::sync::mpsc::Receiver<Written>, failed: Failed) {
+fn sync_loop(
+    db: sled::Db,
+    durability: SharedDurability,
+    rx: std::sync::mpsc::Receiver<Written>,
+    failed: Failed,
+    store: SledStore,
+) {
     let mut average = 1.0f64;
-    while let Ok(first) = rx.recv() {
+    while let Ok((first, mut size)) = rx.recv() {
         let mut waiting = first;
-        while let Ok(more) = rx.try_recv() {
+        while let Ok((more, s)) = rx.try_recv() {
             waiting.extend(more);
+            size = size.max(s);
         }
         if failed.get() {
             for (reply, _) in waiting {
@@ -160,7 +167,10 @@ fn sync_loop(db: sled::Db, durability: SharedDurability, rx: std::sync::mpsc::Re
             let deadline = std::time::Instant::now() + MAX_LINGER;
             while std::time::Instant::now() < deadline && (waiting.len() as f64) < average {
                 match rx.recv_timeout(LINGER_STEP) {
-                    Ok(more) => waiting.extend(more),
+                    Ok((more, s)) => {
+                        waiting.extend(more);
+                        size = size.max(s);
+                    }
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 }
@@ -172,6 +182,8 @@ fn sync_loop(db: sled::Db, durability: SharedDurability, rx: std::sync::mpsc::Re
         tracing::debug!(commits = waiting.len(), sync_us = started.elapsed().as_micros(), "batch synced");
         match synced {
             Ok(()) => {
+                // Durable now: the tree may be signed and proved at this size.
+                store.publish_tree_size(size);
                 for (reply, committed) in waiting {
                     let _ = reply.send(Ok(committed));
                 }
