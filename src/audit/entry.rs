@@ -207,6 +207,54 @@ impl AuditEntry {
     }
 
     /// Parses a canonical encoding; rejects anything that does not re-encode identically.
+    /// What the verifier needs of an entry, checked exactly as [`AuditEntry::decode`]
+    /// checks it (the same errors for the same bytes) but without copying its
+    /// strings: the verifier's hot path.
+    pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader<'_>, DecodeError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let format = match r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? {
+            t if t == TAG_V1 => 1,
+            t if t == TAG_V2 => 2,
+            _ => return Err(DecodeError::UnknownFormat),
+        };
+        let sequence = r.u64()?;
+        let mut previous_hash = [0u8; 32];
+        previous_hash.copy_from_slice(r.take(32)?);
+        let time_micros = i64::from_be_bytes(r.array8()?);
+        r.str()?; // actor
+        r.skip_list()?; // scopes
+        r.str()?; // client address
+        r.str()?; // request id
+        let action = r.str()?;
+        for _ in 0..3 {
+            r.str()?; // resource type, resource id, patient id
+        }
+        r.u64()?; // record version
+        r.str()?; // outcome
+        r.u32()?; // key version
+        match r.take(1)?[0] {
+            0 => {}
+            1 => {
+                r.u64()?;
+            }
+            _ => return Err(DecodeError::Malformed),
+        }
+        r.skip_list()?; // returned patient ids
+        if format == 2 {
+            r.str()?;
+            r.skip_list()?;
+            r.str()?;
+            r.skip_list()?;
+            r.str()?;
+            r.skip_list()?;
+        }
+        if r.pos != bytes.len() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(EntryHeader { format, sequence, previous_hash, time_micros, action })
+    }
+
+    /// Decodes canonical entry bytes.
     pub fn decode(bytes: &[u8]) -> Result<AuditEntry, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let format = match r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? {
@@ -309,6 +357,21 @@ struct Reader<'a> {
     pos: usize,
 }
 
+/// The fields of an entry the chain verifier checks (see [`AuditEntry::decode_header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHeader<'a> {
+    /// Format version (1 or 2).
+    pub format: u8,
+    /// Sequence.
+    pub sequence: u64,
+    /// The previous entry's hash.
+    pub previous_hash: [u8; 32],
+    /// Time (µs).
+    pub time_micros: i64,
+    /// Action.
+    pub action: &'a str,
+}
+
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
@@ -328,6 +391,22 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 4];
         a.copy_from_slice(self.take(4)?);
         Ok(u32::from_be_bytes(a))
+    }
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let len = usize::try_from(self.u32()?).map_err(|_| DecodeError::Malformed)?;
+        let raw = self.take(len)?;
+        std::str::from_utf8(raw).map_err(|_| DecodeError::Malformed)
+    }
+    fn skip_list(&mut self) -> Result<(), DecodeError> {
+        let count = self.u32()?;
+        let remaining = self.bytes.len() - self.pos;
+        if u64::from(count) * 4 > u64::try_from(remaining).unwrap_or(u64::MAX) {
+            return Err(DecodeError::Truncated);
+        }
+        for _ in 0..count {
+            self.str()?;
+        }
+        Ok(())
     }
     fn string(&mut self) -> Result<String, DecodeError> {
         let len = usize::try_from(self.u32()?).map_err(|_| DecodeError::Malformed)?;
@@ -472,5 +551,35 @@ mod tests {
         );
         let just_fits = AuditEntry { actor: "a".repeat(MAX_ENTRY_BYTES - 400), ..sample_v2() };
         assert!(just_fits.encode().unwrap().len() <= MAX_ENTRY_BYTES);
+    }
+
+    #[test]
+    fn the_verifiers_header_decode_accepts_and_refuses_exactly_what_decode_does() {
+        let mut v2 = sample();
+        v2.format = 2;
+        v2.details = vec!["a=1".into()];
+        v2.returned_patient_ids = vec!["x".into(), "y".into()];
+        v2.result_count = Some(2);
+        for e in [sample(), v2] {
+            let bytes = e.encode().unwrap();
+            let h = AuditEntry::decode_header(&bytes).unwrap();
+            assert_eq!(
+                (h.format, h.sequence, h.previous_hash, h.time_micros, h.action),
+                (e.format, e.sequence, e.previous_hash, e.time_micros, e.action.as_str())
+            );
+            for i in 0..bytes.len() {
+                for change in [0x01u8, 0x80, 0xff] {
+                    let mut b = bytes.clone();
+                    b[i] ^= change;
+                    assert_eq!(
+                        AuditEntry::decode(&b).err(),
+                        AuditEntry::decode_header(&b).err(),
+                        "byte {i} ^ {change:#x}"
+                    );
+                }
+                let cut = &bytes[..i];
+                assert_eq!(AuditEntry::decode(cut).err(), AuditEntry::decode_header(cut).err(), "cut at {i}");
+            }
+        }
     }
 }

@@ -230,7 +230,13 @@ where
         .into_iter()
         .map(|raw| {
             let hash = sha256(&raw.bytes);
-            let decoded = AuditEntry::decode(&raw.bytes);
+            let decoded = AuditEntry::decode_header(&raw.bytes).map(|h| Header {
+                format: h.format,
+                sequence: h.sequence,
+                previous_hash: h.previous_hash,
+                time_micros: h.time_micros,
+                genesis: h.action == "audit.genesis",
+            });
             (raw, hash, decoded)
         })
         .peekable();
@@ -282,7 +288,16 @@ where
     report
 }
 
-type Item = (RawEntry, [u8; 32], Result<AuditEntry, DecodeError>);
+/// What the walk checks of an entry (decoded without copying its strings).
+struct Header {
+    format: u8,
+    sequence: u64,
+    previous_hash: [u8; 32],
+    time_micros: i64,
+    genesis: bool,
+}
+
+type Item = (RawEntry, [u8; 32], Result<Header, DecodeError>);
 
 /// The tree being recomputed during a walk, and the claims to check on the way.
 struct Trees<'a> {
@@ -355,7 +370,7 @@ fn walk<I: Iterator<Item = Item>>(
                 it.peek().and_then(|(_, _, d)| d.as_ref().ok()).is_some_and(|n| n.sequence < entry.sequence);
             return fail(if next_is_behind { FailureClass::OutOfOrder } else { FailureClass::Gap });
         }
-        if entry.sequence == 0 && entry.action != "audit.genesis" {
+        if entry.sequence == 0 && !entry.genesis {
             return fail(FailureClass::NoGenesis);
         }
         if entry.previous_hash != prev_hash {

@@ -1,4 +1,6 @@
-//! All cryptography in carevault, and the only module that imports `ring`.
+//! All cryptography in carevault, and the only module that imports `ring`
+//! (and `sha2`, which hashes faster here than ring: SHA-256 is the audit
+//! chain's and the Merkle tree's hot path, see BENCHMARKS.md).
 //!
 //! * [`keyring`]: master key versions, the keys derived from them (key-encryption
 //!   keys, blind-index key, key-check value) and per-patient data keys.
@@ -42,21 +44,18 @@ pub enum CryptoError {
 
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
 }
 
 /// SHA-256 of the concatenation of `parts`, without copying them together.
 pub fn sha256_parts(parts: &[&[u8]]) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
     for p in parts {
-        ctx.update(p);
+        h.update(p);
     }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
+    h.finalize().into()
 }
 
 /// Fills `buf` from the operating system's CSPRNG.
