@@ -212,15 +212,7 @@ impl AuditEntry {
     /// strings: the verifier's hot path.
     pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader<'_>, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
-        let format = match r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? {
-            t if t == TAG_V1 => 1,
-            t if t == TAG_V2 => 2,
-            _ => return Err(DecodeError::UnknownFormat),
-        };
-        let sequence = r.u64()?;
-        let mut previous_hash = [0u8; 32];
-        previous_hash.copy_from_slice(r.take(32)?);
-        let time_micros = i64::from_be_bytes(r.array8()?);
+        let (format, sequence, previous_hash, time_micros) = r.head()?;
         r.str()?; // actor
         r.skip_list()?; // scopes
         r.str()?; // client address
@@ -257,15 +249,7 @@ impl AuditEntry {
     /// Decodes canonical entry bytes.
     pub fn decode(bytes: &[u8]) -> Result<AuditEntry, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
-        let format = match r.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? {
-            t if t == TAG_V1 => 1,
-            t if t == TAG_V2 => 2,
-            _ => return Err(DecodeError::UnknownFormat),
-        };
-        let sequence = r.u64()?;
-        let mut previous_hash = [0u8; 32];
-        previous_hash.copy_from_slice(r.take(32)?);
-        let time_micros = i64::from_be_bytes(r.array8()?);
+        let (format, sequence, previous_hash, time_micros) = r.head()?;
         let actor = r.string()?;
         let scopes = r.list()?;
         let client_address = r.string()?;
@@ -373,6 +357,19 @@ pub struct EntryHeader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// The fixed fields every entry starts with: format tag, sequence,
+    /// previous hash, time.
+    fn head(&mut self) -> Result<(u8, u64, [u8; 32], i64), DecodeError> {
+        let format = match self.take(TAG_V1.len()).map_err(|_| DecodeError::UnknownFormat)? {
+            t if t == TAG_V1 => 1,
+            t if t == TAG_V2 => 2,
+            _ => return Err(DecodeError::UnknownFormat),
+        };
+        let sequence = self.u64()?;
+        let mut previous_hash = [0u8; 32];
+        previous_hash.copy_from_slice(self.take(32)?);
+        Ok((format, sequence, previous_hash, i64::from_be_bytes(self.array8()?)))
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
         let s = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated)?;

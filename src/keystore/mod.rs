@@ -218,20 +218,22 @@ pub fn update_erasure_keys(
     data_dir: &Path,
     change: impl FnOnce(&crypto::ShredKeys) -> Result<crypto::ShredKeys, crypto::CryptoError>,
 ) -> Result<crypto::ShredKeys, KeyError> {
-    let lock_path = data_dir.join(ERASURE_KEYS_LOCK);
-    let lock = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io(&lock_path))?;
-    lock.lock().map_err(io(&lock_path))?;
+    let lock = lock_exclusive(&data_dir.join(ERASURE_KEYS_LOCK))?;
     let current = read_erasure_keys(data_dir)?;
     let next = change(&current).map_err(|_| KeyError::Malformed(data_dir.join(ERASURE_KEYS_FILE)))?;
     write_erasure_keys(data_dir, &next)?;
     drop(lock);
     Ok(next)
+}
+
+/// Takes an exclusive `flock` on the lock file at `path` (created if
+/// absent), held until the returned file is dropped: how the processes
+/// sharing a data directory take turns changing a file in it.
+fn lock_exclusive(path: &Path) -> Result<fs::File, KeyError> {
+    let lock =
+        fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io(path))?;
+    lock.lock().map_err(io(path))?;
+    Ok(lock)
 }
 
 /// Creates `erasure-keys` with new keys unless it exists (another process
@@ -669,15 +671,7 @@ pub fn advance_signed_head(
     seen: Option<SignedHead>,
     next: SignedHead,
 ) -> Result<Result<(), Option<SignedHead>>, KeyError> {
-    let lock_path = data_dir.join(SIGNED_HEAD_LOCK);
-    let lock = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io(&lock_path))?;
-    lock.lock().map_err(io(&lock_path))?;
+    let lock = lock_exclusive(&data_dir.join(SIGNED_HEAD_LOCK))?;
     let now = read_signed_head(data_dir)?;
     if now != seen {
         return Ok(Err(now));

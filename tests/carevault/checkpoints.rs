@@ -14,7 +14,8 @@ fn log_verifier(s: &TestServer, origin: &str) -> Verifier {
     Verifier::new(origin, key.public_key()).unwrap()
 }
 
-async fn checkpoint(s: &TestServer, size: u64) -> pb::SignedCheckpoint {
+/// The checkpoint of `size` (0: the newest).
+pub async fn checkpoint(s: &TestServer, size: u64) -> pb::SignedCheckpoint {
     let r = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: size }, &s.admin())).await;
     r.unwrap().into_inner().checkpoint.unwrap()
 }
@@ -221,5 +222,83 @@ async fn the_log_key_rotates_with_an_audited_entry_and_older_checkpoints_still_v
     // Without key_admin it is refused, and audited.
     let e = keys.rotate_log_key(req_for(pb::RotateLogKeyRequest {}, &s.admin(), None)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    s.stop().await;
+}
+
+/// The binary, for the outside tools (keys log-key, witness, audit prove, verify-proof).
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
+}
+
+/// Runs `cmd`, which must succeed; its standard output.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a blocking command off the runtime (the server it calls runs on it).
+pub async fn off(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
+/// `witness run` against `url` as witness `witness.example/w1`.
+pub fn witness_run(
+    url: &str,
+    token: &str,
+    log_key: &str,
+    key: &std::path::Path,
+    state: &std::path::Path,
+) -> std::process::Command {
+    let mut c = bin();
+    c.args(["witness", "run", "--json", "--server", url, "--token", token, "--log-key", log_key]);
+    c.args(["--name", "witness.example/w1", "--key"]).arg(key).arg("--state").arg(state);
+    c
+}
+
+#[tokio::test]
+async fn a_witness_follows_the_log_and_a_proof_document_verifies_offline() {
+    let mut s = TestServer::start().await;
+    for i in 0..4 {
+        create(&s, patient("Witness", &format!("E{i}"), "1980", &format!("WO-{i}"))).await;
+    }
+    let (url, token) = (format!("http://{}", s.addr), s.token("witness-2", "audit.read"));
+    let vkey = run_ok(bin().args(["keys", "log-key", "--data-dir"]).arg(&s.data_dir).arg("--key-dir").arg(&s.key_dir))
+        .trim()
+        .to_string();
+    let w = tempfile::tempdir().unwrap();
+    let (wkey, wstate) = (w.path().join("witness.key"), w.path().join("witness.state"));
+    run_ok(bin().args(["witness", "init", "--name", "witness.example/w1", "--key"]).arg(&wkey));
+    let out = off(witness_run(&url, &token, &vkey, &wkey, &wstate)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    create(&s, patient("Witness", "F", "1981", "WO-F")).await;
+    while checkpoint(&s, 0).await.tree_size <= first["tree_size"].as_u64().unwrap() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = off(witness_run(&url, &token, &vkey, &wkey, &wstate)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(second["tree_size"].as_u64() > first["tree_size"].as_u64(), "{second}");
+    assert_eq!(
+        checkpoint(&s, second["tree_size"].as_u64().unwrap()).await.cosignatures,
+        1,
+        "the log keeps the cosignature"
+    );
+    let mut prove = bin();
+    prove.args(["audit", "prove", "5", "--server", &url, "--token", &token]);
+    let doc = off(prove).await;
+    assert_eq!(doc.status.code(), Some(0), "{}", String::from_utf8_lossy(&doc.stderr));
+    let file = w.path().join("proof.json");
+    std::fs::write(&file, &doc.stdout).unwrap();
+    let ok: serde_json::Value =
+        serde_json::from_str(&run_ok(bin().args(["verify-proof", "--json", "--log-key", &vkey]).arg(&file))).unwrap();
+    assert_eq!((ok["ok"].as_bool(), ok["sequence"].as_u64()), (Some(true), Some(5)));
     s.stop().await;
 }

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use carevault::storage::sled::SledStore as Store;
 
+use crate::checkpoints::{bin, checkpoint, off, run_ok, witness_run};
 use crate::helpers::*;
 
 async fn chain_of(n: usize) -> (std::path::PathBuf, Option<tempfile::TempDir>, String) {
@@ -264,37 +265,6 @@ async fn a_saved_checkpoint_with_a_forged_signature_is_refused() {
     assert_eq!(v["tree_size"], v["entries_checked"]);
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_carevault"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a blocking command off the runtime (the server it calls runs on it).
-async fn off(mut cmd: Command) -> std::process::Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
-}
-
-async fn newest(s: &TestServer) -> carevault::proto::v1::SignedCheckpoint {
-    s.audit()
-        .get_checkpoint(req(carevault::proto::v1::GetCheckpointRequest { tree_size: 0 }, &s.admin()))
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_is_refused() {
     let s = TestServer::start().await;
@@ -309,13 +279,8 @@ async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_
     let (wkey, wstate) = (w.path().join("witness.key"), w.path().join("witness.state"));
     let wvkey = run_ok(bin().args(["witness", "init", "--name", "witness.example/w1", "--key"]).arg(&wkey));
     assert!(wvkey.starts_with("witness.example/w1+"), "{wvkey}");
-    let witness = |extra: &[&str]| {
-        let mut c = bin();
-        c.args(["witness", "run", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
-        c.args(["--name", "witness.example/w1", "--key"]).arg(&wkey).arg("--state").arg(&wstate).args(extra);
-        c
-    };
-    let out = off(witness(&[])).await;
+    let witness = || witness_run(&url, &token, &vkey, &wkey, &wstate);
+    let out = off(witness()).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -325,16 +290,16 @@ async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_
     );
     let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(first["ok"], true);
-    assert!(newest(&s).await.cosignatures >= 1);
+    assert!(checkpoint(&s, 0).await.cosignatures >= 1);
 
     // The log grows; the witness follows it through a consistency proof.
     for i in 0..3 {
         create(&s, patient("Witness", &format!("F{i}"), "1981", &format!("WF-{i}"))).await;
     }
-    while newest(&s).await.tree_size <= first["tree_size"].as_u64().unwrap() + 3 {
+    while checkpoint(&s, 0).await.tree_size <= first["tree_size"].as_u64().unwrap() + 3 {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let out = off(witness(&[])).await;
+    let out = off(witness()).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(second["tree_size"].as_u64() > first["tree_size"].as_u64(), "{second}");
@@ -375,10 +340,7 @@ async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_
     std::fs::remove_file(dir.join("checkpoint-state")).unwrap();
     let s = TestServer::start_in(dir.clone(), keys, std::sync::Arc::new(carevault::clock::SystemClock)).await;
     let (url, token) = (format!("http://{}", s.addr), s.token("witness-1", "audit.read"));
-    let mut c = bin();
-    c.args(["witness", "run", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
-    c.args(["--name", "witness.example/w1", "--key"]).arg(&wkey).arg("--state").arg(&wstate);
-    let out = off(c).await;
+    let out = off(witness_run(&url, &token, &vkey, &wkey, &wstate)).await;
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -408,10 +370,7 @@ async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_
     )
     .await;
     let (url, token) = (format!("http://{}", s.addr), s.token("witness-1", "audit.read"));
-    let mut c = bin();
-    c.args(["witness", "run", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
-    c.args(["--name", "witness.example/w1", "--key"]).arg(&wkey).arg("--state").arg(&wstate);
-    let out = off(c).await;
+    let out = off(witness_run(&url, &token, &vkey, &wkey, &wstate)).await;
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["class"], "rollback", "{v}");
