@@ -186,11 +186,17 @@ pub struct BenchArgs {
     /// HTTP/2 connections the requests are spread over.
     #[arg(long, default_value_t = 4)]
     pub channels: usize,
-    /// Workloads to run, in order. Key jobs (not in the default list) run while the read workload
+    /// Workloads to run, in order. `baseline` is the health check; `echo` is the bench's own
+    /// floor service (the same token and a stored patient's message, no storage, crypto or audit),
+    /// which the `x echo` ratios are taken against. Key jobs (not in the default list) run while the read workload
     /// runs and report their own rate: `rewrap` rotates the master key and rewraps every data key,
     /// `reencrypt` gives every patient a new data key and re-seals every record version,
     /// `blind-index` rotates the blind-index key (rotating the master key first if needed).
-    #[arg(long, value_delimiter = ',', default_value = "baseline,read,create,update,search,active-coverage,mixed")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,echo,read,create,update,search,active-coverage,mixed"
+    )]
     pub workloads: Vec<String>,
     /// sled cache for the in-process server, MiB.
     #[arg(long, default_value_t = 256)]

@@ -198,6 +198,17 @@ pub async fn run(
     service: Service,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    run_with(listener, service, |routes| routes, shutdown).await
+}
+
+/// [`run`], with services `extend` adds beside carevault's on the same
+/// server (`carevault bench` adds its echo floor this way; `serve` adds none).
+pub async fn run_with(
+    listener: TcpListener,
+    service: Service,
+    extend: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
         health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
@@ -245,15 +256,16 @@ pub async fn run(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    let result = builder
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(GrpcService::<PatientService>::new(edge.clone()))
         .add_service(GrpcService::<CoverageService>::new(edge.clone()))
         .add_service(GrpcService::<AuditService>::new(edge.clone()))
         .add_service(GrpcService::<AccessService>::new(edge.clone()))
-        .add_service(GrpcService::<KeyService>::new(edge.clone()))
+        .add_service(GrpcService::<KeyService>::new(edge.clone()));
+    let result = builder
+        .add_routes(extend(routes))
         // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies
         // written in more than one segment.
         .serve_with_incoming_shutdown(

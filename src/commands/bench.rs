@@ -197,6 +197,7 @@ fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
 #[derive(Clone, Copy)]
 enum Op {
     Baseline,
+    Echo,
     Read,
     Create,
     Update,
@@ -212,6 +213,13 @@ async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(),
         Op::Baseline => {
             let mut c = tonic_health::pb::health_client::HealthClient::new(ch.clone());
             c.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await
+                .map(drop)
+                .map_err(|s| s.code())
+        }
+        Op::Echo => {
+            let id = pick(rng).0.clone();
+            super::echo::get_patient(ch, authed(pb::GetPatientRequest { patient_id: id }, t))
                 .await
                 .map(drop)
                 .map_err(|s| s.code())
@@ -272,6 +280,7 @@ async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(),
 fn choose(workload: &str, rng: &mut Rng) -> Option<Op> {
     Some(match workload {
         "baseline" => Op::Baseline,
+        "echo" => Op::Echo,
         "read" => Op::Read,
         "create" => Op::Create,
         "update" => Op::Update,
@@ -494,6 +503,8 @@ struct Local {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), carevault::server::ServerError>>,
     syncs: Arc<AtomicU64>,
+    /// The echo floor served beside carevault's services.
+    echo: super::echo::Echo,
 }
 
 /// Starts the in-process server (plaintext on loopback, or mutual TLS with
@@ -535,7 +546,9 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server::run(listener, service, async {
+    let echo = super::echo::Echo::default();
+    let served = echo.clone();
+    let task = tokio::spawn(server::run_with(listener, service, move |routes| routes.add_service(served), async {
         let _ = stop_rx.await;
     }));
     let der = keystore::read_private(&key_paths.issuer_private())?;
@@ -546,7 +559,7 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
     };
     let token = token::issue(&der, &spec, now)?;
     let url = if args.tls { format!("https://localhost:{}", addr.port()) } else { format!("http://{addr}") };
-    Ok((Local { tmp, stop, task, syncs }, url, client_tls, token))
+    Ok((Local { tmp, stop, task, syncs, echo }, url, client_tls, token))
 }
 
 /// Runs the benchmark and prints the report.
@@ -561,8 +574,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (Some(local), url, tls, token)
         }
     };
+    if local.is_none() && args.workloads.iter().any(|w| w == "echo") {
+        anyhow::bail!("the echo workload needs the in-process server: it is the bench's own service, not carevault's");
+    }
     // Without an in-process server the syncs are not visible; they are reported as unknown.
     let syncs = local.as_ref().map(|l| l.syncs.clone());
+    let echo = local.as_ref().map(|l| l.echo.clone());
     let mut channels = Vec::new();
     for _ in 0..args.channels.max(1) {
         channels.push(super::connect(&url, &client_tls).await?);
@@ -575,6 +592,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for w in 0..args.concurrency.max(1) {
         let ch = channels[w % channels.len()].clone();
         let token = token.clone();
+        let echo = echo.clone();
         let start = w * per_worker;
         let end = ((w + 1) * per_worker).min(args.patients);
         tasks.push(tokio::spawn(async move {
@@ -586,7 +604,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let p = synthetic_patient(&mut rng, i);
                 let created =
                     pc.create_patient(authed(pb::CreatePatientRequest { patient: Some(p.clone()) }, &token)).await?;
-                let id = created.into_inner().patient.map(|p| p.id).unwrap_or_default();
+                let stored = created.into_inner().patient.unwrap_or_default();
+                let id = stored.id.clone();
+                if let Some(echo) = &echo {
+                    echo.keep(stored);
+                }
                 for order in 1..=(1 + rng.below(3) as i32) {
                     let c = synthetic_coverage(&mut rng, &id, order, &format!("M{i:07}{order}"));
                     cc.create_coverage(authed(pb::CreateCoverageRequest { coverage: Some(c) }, &token)).await?;
@@ -769,6 +791,9 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
     let baseline = results.iter().find(|r| r.name == "baseline");
     let base_rate = baseline.map(Outcome::rate);
     let base_p99 = baseline.map(|b| b.pct(0.99));
+    let echo = results.iter().find(|r| r.name == "echo");
+    let echo_rate = echo.map(Outcome::rate);
+    let echo_p99 = echo.map(|e| e.pct(0.99));
     if args.json {
         let rows: Vec<_> = results
             .iter()
@@ -782,6 +807,8 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
                     "error_codes": r.error_codes,
                     "ratio_to_baseline": base_rate.map(|b| r.rate() / b),
                     "p99_ratio_to_baseline": base_p99.map(|b| r.pct(0.99) / b),
+                    "ratio_to_echo": echo_rate.map(|e| r.rate() / e),
+                    "p99_ratio_to_echo": echo_p99.map(|e| r.pct(0.99) / e),
                     "audit_entries": r.audit_entries,
                     "syncs": r.syncs,
                     "syncs_per_op": r.syncs_per_op(),
@@ -808,7 +835,7 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
         args.patients, preload_secs, args.concurrency, args.channels, args.duration
     );
     println!(
-        "{:<16} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{:<16} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
         "workload",
         "ops/s",
         "p50 ms",
@@ -818,13 +845,15 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
         "errors",
         "x base",
         "p99 x",
+        "x echo",
+        "p99 xe",
         "audit",
         "syncs",
         "sync/op"
     );
     for r in results {
         println!(
-            "{:<16} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9}",
+            "{:<16} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
             r.name,
             r.rate(),
             r.pct(0.50),
@@ -834,6 +863,8 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
             r.errors,
             base_rate.map(|b| format!("{:.2}", r.rate() / b)).unwrap_or_default(),
             base_p99.map(|b| format!("{:.1}", r.pct(0.99) / b)).unwrap_or_default(),
+            echo_rate.map(|e| format!("{:.2}", r.rate() / e)).unwrap_or_default(),
+            echo_p99.map(|e| format!("{:.1}", r.pct(0.99) / e)).unwrap_or_default(),
             r.audit_entries,
             r.syncs.map_or("-".to_string(), |n| n.to_string()),
             r.syncs_per_op().map_or("-".to_string(), |x| format!("{x:.4}")),

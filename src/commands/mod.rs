@@ -4,6 +4,7 @@ pub mod backup;
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod echo;
 pub mod keys;
 pub mod output;
 pub mod proof;

@@ -393,3 +393,47 @@ fn errors_name_each_cause_once_and_token_issue_warns_about_tokens_a_server_would
     assert!(warn.contains("--ttl 8h is longer than") && warn.contains("\"schedulr\" is not a built-in role"), "{warn}");
     assert!(!warn.contains("\"front_desk\""), "{warn}");
 }
+
+#[test]
+fn bench_runs_every_workload_and_takes_its_ratios_against_its_echo_floor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bench");
+    let workloads = "baseline,echo,read,create,update,search,active-coverage,mixed";
+    let out = bin()
+        .args(["bench", "--patients", "12", "--duration", "300ms", "--concurrency", "4", "--channels", "2"])
+        .args(["--json", "--workloads", workloads, "--data-dir"])
+        .arg(&data)
+        .args(store_args(&data))
+        .env("CAREVAULT_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["workloads"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["workload"].as_str().unwrap()).collect();
+    assert_eq!(names, workloads.split(',').collect::<Vec<_>>());
+    for r in rows {
+        let name = r["workload"].as_str().unwrap();
+        assert!(r["ops"].as_u64().unwrap() > 0, "{name}: {r}");
+        assert_eq!(r["errors"], 0, "{name}: {r}");
+        assert!(r["ratio_to_echo"].as_f64().unwrap() > 0.0, "{name}: {r}");
+        assert!(r["p99_ratio_to_echo"].as_f64().unwrap() > 0.0, "{name}: {r}");
+        let (ops, audited) = (r["ops"].as_u64().unwrap(), r["audit_entries"].as_u64().unwrap());
+        match name {
+            // The floors touch no storage: nothing is audited.
+            "baseline" | "echo" => assert_eq!(audited, 0, "{name}: {r}"),
+            // Every record call is audited (an update is a read and a write).
+            _ => assert!(audited >= ops, "{name}: {ops} operations, {audited} audit entries"),
+        }
+    }
+    let echo = rows.iter().find(|r| r["workload"] == "echo").unwrap();
+    assert_eq!(echo["ratio_to_echo"], 1.0);
+
+    // The echo floor is the bench's own service: a remote server has none.
+    let out = bin()
+        .args(["bench", "--server", "http://127.0.0.1:9", "--token", "t", "--workloads", "echo"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("echo workload needs the in-process server"));
+}
