@@ -211,6 +211,13 @@ pub struct BenchArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// The in-process server signs a checkpoint once this many audit entries were added since
+    /// the last one (as `serve --checkpoint-every`), so that the cost of a policy can be measured.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
+    /// And at least this often while entries are added (as `serve --checkpoint-interval`).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub checkpoint_interval: std::time::Duration,
     /// Also time `verify` over a synthetic chain of this many entries (0 = skip).
     #[arg(long, default_value_t = 0)]
     pub verify_entries: u64,

@@ -519,6 +519,8 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
     config.store = super::store(args.store.as_deref(), &data_dir)?;
     config.tokens.max_lifetime_secs = 24 * 3600;
     config.cache_bytes = args.cache_mb.saturating_mul(1024 * 1024);
+    config.checkpoints.every_entries = args.checkpoint_every;
+    config.checkpoints.interval = args.checkpoint_interval;
     // One principal drives the whole load, so the per-principal rate limit is off.
     config.limits = LimitSettings { per_principal_per_sec: 0, burst: 0, max_concurrent: 4096 };
     let mut client_tls = TlsClientArgs::default();
