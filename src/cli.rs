@@ -500,6 +500,14 @@ pub struct VerifyArgs {
     /// if none is given; with --server it is needed to check signatures. May be repeated.
     #[arg(long, value_name = "VKEY")]
     pub log_key: Vec<String>,
+    /// A witness's cosigner key (as `witness init` prints it). With it, the newest checkpoint
+    /// of the log cosigned by --min-witnesses of these witnesses is found and the log held to it
+    /// like a saved checkpoint; none found fails as `unwitnessed`. May be repeated.
+    #[arg(long, value_name = "VKEY")]
+    pub witness_key: Vec<String>,
+    /// How many of the --witness-key witnesses must have cosigned that checkpoint.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..), requires = "witness_key")]
+    pub min_witnesses: u64,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,

@@ -8,6 +8,7 @@ use super::convert::{audit_event_pb, micros, outcome, patient_id};
 use super::grpc::{Handler, HandlerFuture, Method, Methods, ReplyStream, unary};
 use super::validate::Checker;
 use super::{Edge, page_size};
+use crate::app::checkpoints::CheckpointQuery;
 use crate::app::{AuditFilter, CallContext, Input, Named};
 use crate::domain::Action;
 use crate::error::{AppError, to_status};
@@ -146,7 +147,9 @@ fn checkpoint_pb(c: crate::app::checkpoints::ServedCheckpoint) -> pb::SignedChec
 
 async fn get_checkpoint(edge: &Edge, ctx: &CallContext, body: Bytes) -> Result<pb::GetCheckpointResponse, AppError> {
     let input = edge.read(ctx, &body, |_, r: &pb::GetCheckpointRequest| {
-        (Named::default(), Some((r.tree_size != 0).then_some(r.tree_size)))
+        let size = (r.tree_size != 0).then_some(r.tree_size);
+        let query = if r.cosigned { CheckpointQuery::CosignedBelow(size) } else { CheckpointQuery::At(size) };
+        (Named::default(), Some(query))
     });
     let c = edge.app.get_checkpoint(ctx, input).await?;
     Ok(pb::GetCheckpointResponse { checkpoint: Some(checkpoint_pb(c)) })

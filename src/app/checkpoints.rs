@@ -36,6 +36,15 @@ pub struct CheckpointPolicy {
     pub interval: Duration,
 }
 
+/// Which checkpoint `GetCheckpoint` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointQuery {
+    /// The one of this size, or the newest.
+    At(Option<u64>),
+    /// The newest with at least one cosignature, of a size below this one (or any).
+    CosignedBelow(Option<u64>),
+}
+
 impl Default for CheckpointPolicy {
     fn default() -> Self {
         CheckpointPolicy { origin: None, every_entries: 1000, interval: Duration::from_secs(1) }
@@ -362,18 +371,30 @@ impl App {
         });
     }
 
-    /// The checkpoint of `size` (or the newest), with its cosignatures. Audited.
+    /// The checkpoint asked for, with its cosignatures. Audited.
     pub async fn get_checkpoint(
         &self,
         ctx: &CallContext,
-        input: Input<Option<u64>>,
+        input: Input<CheckpointQuery>,
     ) -> Result<ServedCheckpoint, AppError> {
         let mut call = self.call(ctx, Action::AuditCheckpoint, input.named).await;
-        let size = match call.accept(input.parsed) {
-            Ok(s) => s,
+        let query = match call.accept(input.parsed) {
+            Ok(q) => q,
             Err(e) => return Err(call.refuse(e).await),
         };
-        call.entry.details = vec![format!("tree_size={}", size.map_or("latest".into(), |s| s.to_string()))];
+        let shown = |s: Option<u64>| s.map_or("latest".into(), |s| s.to_string());
+        let size = match query {
+            CheckpointQuery::At(size) => {
+                call.entry.details = vec![format!("tree_size={}", shown(size))];
+                size
+            }
+            CheckpointQuery::CosignedBelow(below) => {
+                call.entry.details = vec![format!("cosigned_below={}", shown(below))];
+                call.commit(None).await?;
+                let found = self.store.cosigned_checkpoints(below, 1).await.map_err(internal)?;
+                return served(found.first().ok_or(AppError::NotFound("checkpoint"))?);
+            }
+        };
         call.commit(None).await?;
         let stored = self.store.checkpoint(size).await.map_err(internal)?;
         let stored = match stored {

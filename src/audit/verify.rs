@@ -102,6 +102,8 @@ pub enum FailureClass {
     SizeRegression,
     /// The log at a saved checkpoint's size has another root: its history was rewritten (a fork).
     Inconsistent,
+    /// No checkpoint of the log carries cosignatures of as many of the given witnesses as required.
+    Unwitnessed,
 }
 
 impl FailureClass {
@@ -120,6 +122,7 @@ impl FailureClass {
             FailureClass::RootMismatch => "root_mismatch",
             FailureClass::SizeRegression => "size_regression",
             FailureClass::Inconsistent => "inconsistent",
+            FailureClass::Unwitnessed => "unwitnessed",
         }
     }
 
@@ -138,6 +141,7 @@ impl FailureClass {
             FailureClass::RootMismatch => "the log's checkpoint does not match its entries",
             FailureClass::SizeRegression => "the log is smaller than a checkpoint of it (truncated)",
             FailureClass::Inconsistent => "the log is not consistent with a saved checkpoint (forked or rewritten)",
+            FailureClass::Unwitnessed => "no checkpoint of the log is cosigned by enough of the given witnesses",
         }
     }
 }

@@ -5,7 +5,7 @@
 //! proof that fails (a fork).
 
 use super::merkle::{self, Hash};
-use super::note::Checkpoint;
+use super::note::{Checkpoint, Note, Verifier, verify_cosignature};
 
 /// What a witness last accepted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,6 +45,22 @@ impl Refusal {
             Refusal::Inconsistent => "inconsistent",
         }
     }
+}
+
+/// How many of `witnesses` cosigned `note`: those with a C2SP
+/// tlog-cosignature/v1 line among its signatures that verifies over its
+/// body. A witness given twice counts once. Pure.
+pub fn count_cosigners(note: &Note, witnesses: &[Verifier]) -> usize {
+    let mut seen: Vec<(&str, [u8; 4])> = Vec::new();
+    for w in witnesses {
+        if seen.contains(&(w.name.as_str(), w.id)) {
+            continue;
+        }
+        if note.signatures.iter().any(|s| verify_cosignature(w, &note.text, s).is_some()) {
+            seen.push((w.name.as_str(), w.id));
+        }
+    }
+    seen.len()
 }
 
 /// Whether `new` (its signature already checked) may be accepted after
@@ -92,5 +108,33 @@ mod tests {
         let mut other = cp(20);
         other.origin = "another".into();
         assert_eq!(accept(last(12), &other, &proof), Err(Refusal::WrongOrigin));
+    }
+
+    #[test]
+    fn cosigners_are_counted_once_each_and_only_with_a_valid_cosignature() {
+        use crate::audit::note::{self, cosign};
+        use crate::crypto::SigningKey;
+        let key = || SigningKey::from_pkcs8(&crate::crypto::generate_issuer_key().unwrap().pkcs8_der).unwrap();
+        let (log, w1, w2, w3) = (key(), key(), key(), key());
+        let cp = Checkpoint { origin: "log.example/a".into(), size: 5, root: [3; 32], extensions: vec![] };
+        let mut n = note::sign(&cp.body(), "log.example/a", &log).unwrap();
+        let v = |name: &str, k: &SigningKey| Verifier::cosigner(name, k.public_key()).unwrap();
+        let (v1, v2, v3) = (v("w1.example", &w1), v("w2.example", &w2), v("w3.example", &w3));
+        assert_eq!(count_cosigners(&n, &[v1.clone(), v2.clone()]), 0);
+        n.signatures.push(cosign(&n.text, "w1.example", &w1, 1_700_000_000).unwrap());
+        n.signatures.push(cosign(&n.text, "w2.example", &w2, 1_700_000_001).unwrap());
+        // w3's name on a cosignature made with w2's key does not count for w3.
+        n.signatures.push(cosign(&n.text, "w3.example", &w2, 1_700_000_002).unwrap());
+        assert_eq!(count_cosigners(&n, &[v1.clone(), v2.clone(), v3.clone()]), 2);
+        assert_eq!(count_cosigners(&n, &[v1.clone(), v1.clone()]), 1);
+        assert_eq!(count_cosigners(&n, &[v3]), 0);
+        // A cosignature of another body does not count.
+        let other = Checkpoint { size: 6, ..cp };
+        let mut m = note::sign(&other.body(), "log.example/a", &log).unwrap();
+        m.signatures.push(n.signatures[1].clone());
+        assert_eq!(count_cosigners(&m, &[v1]), 0);
+        // The log's own signature is not a cosignature.
+        let as_witness = Verifier::cosigner("log.example/a", log.public_key()).unwrap();
+        assert_eq!(count_cosigners(&n, &[as_witness, v2]), 1);
     }
 }

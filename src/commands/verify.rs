@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use carevault::audit::note::{self, Verifier};
+use carevault::audit::witness;
 use carevault::audit::{Claim, Failure, FailureClass, RawEntry, Report, verify_log};
 use carevault::cli::VerifyArgs;
 use carevault::proto::v1::ExportAuditEventsRequest;
 use carevault::proto::v1::audit_service_client::AuditServiceClient;
 use carevault::storage::postgres::PgStore;
 use carevault::storage::sled::{SledStore, snapshot};
-use carevault::storage::{Backend, Location, Recovery, StorageError};
+use carevault::storage::{Backend, Location, Recovery, StorageError, StoredCheckpoint};
 
 /// A failure to open a stopped data directory, said so a person can act on it.
 pub fn open_error(e: StorageError) -> anyhow::Error {
@@ -53,6 +54,25 @@ struct Checkpoints {
     bad_signature: Option<u64>,
     /// Said on stderr.
     notes: Vec<String>,
+    /// `--witness-key`: witnesses whose cosignatures are required.
+    witnesses: Vec<Verifier>,
+    /// `--min-witnesses`.
+    min_witnesses: usize,
+    /// The newest checkpoint cosigned by enough of them: its size and how many.
+    witnessed: Option<(u64, usize)>,
+    /// Witnesses were required and no checkpoint had enough.
+    unwitnessed: bool,
+}
+
+/// Cosigned checkpoints read per page while looking for a witnessed one.
+const COSIGNED_PAGE: usize = 100;
+
+/// A stored checkpoint as served: its note with the cosignature lines added.
+fn served_text(c: &StoredCheckpoint) -> String {
+    let text = String::from_utf8_lossy(&c.note).into_owned();
+    let Ok(mut n) = note::Note::parse(&text) else { return text };
+    n.signatures.extend(c.cosignatures.iter().filter_map(|l| note::Signature::parse_line(l).ok()));
+    n.encode()
 }
 
 impl Checkpoints {
@@ -62,7 +82,12 @@ impl Checkpoints {
         for k in &args.log_key {
             verifiers.push(Verifier::parse(k).map_err(|e| anyhow::anyhow!("--log-key: {e}"))?);
         }
-        let mut out = Checkpoints { verifiers, ..Checkpoints::default() };
+        let mut witnesses = Vec::new();
+        for k in &args.witness_key {
+            witnesses.push(Verifier::parse(k).map_err(|e| anyhow::anyhow!("--witness-key: {e}"))?);
+        }
+        let min_witnesses = usize::try_from(args.min_witnesses).unwrap_or(usize::MAX);
+        let mut out = Checkpoints { verifiers, witnesses, min_witnesses, ..Checkpoints::default() };
         if out.verifiers.is_empty() {
             if !stored_keys.is_empty() {
                 out.notes.push(
@@ -71,6 +96,12 @@ impl Checkpoints {
                 );
             }
             out.verifiers = stored_keys;
+        }
+        if !out.witnesses.is_empty() && out.verifiers.is_empty() {
+            bail!("--witness-key needs the log's key too: give --log-key");
+        }
+        if out.min_witnesses > out.witnesses.len() {
+            bail!("--min-witnesses {} is more than the {} --witness-key given", out.min_witnesses, out.witnesses.len());
         }
         for path in &args.checkpoint {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -120,13 +151,53 @@ impl Checkpoints {
         }
     }
 
-    /// The report, with a bad signature as its failure if nothing failed before.
+    /// Whether cosigned checkpoints are to be looked through.
+    fn wants_witnesses(&self) -> bool {
+        !self.witnesses.is_empty()
+    }
+
+    /// One cosigned checkpoint (as served: its note with the cosignature
+    /// lines), newest first; true once the search is over. The first whose
+    /// log signature verifies and that enough of the witnesses cosigned is
+    /// held to the log like a saved checkpoint; a log signature that does not
+    /// verify ends the search as a failure.
+    fn consider_cosigned(&mut self, text: &str) -> bool {
+        let parsed = note::Note::parse(text).ok().and_then(|n| note::Checkpoint::parse(&n.text).ok().map(|c| (n, c)));
+        let Some((n, c)) = parsed else {
+            self.bad_signature.get_or_insert(0);
+            return true;
+        };
+        if note::open_checkpoint(text, &self.verifiers).is_err() {
+            self.bad_signature.get_or_insert(c.size);
+            return true;
+        }
+        let count = witness::count_cosigners(&n, &self.witnesses);
+        if count < self.min_witnesses {
+            return false;
+        }
+        self.claims.push(Claim { size: c.size, root: c.root, saved: true });
+        self.witnessed = Some((c.size, count));
+        true
+    }
+
+    /// After the search: none found is `unwitnessed`.
+    fn searched(&mut self) {
+        if self.witnessed.is_none() && self.bad_signature.is_none() {
+            self.unwitnessed = true;
+        }
+    }
+
+    /// The report, with a bad signature (or no witnessed checkpoint) as its
+    /// failure if nothing failed before.
     fn finish(&self, mut report: Report) -> Report {
         if report.failure.is_none()
             && let Some(size) = self.bad_signature
         {
             report.failure =
                 Some(Failure { sequence: size.saturating_sub(1), class: FailureClass::BadCheckpointSignature });
+        }
+        if report.failure.is_none() && self.unwitnessed {
+            report.failure = Some(Failure { sequence: report.entries_checked, class: FailureClass::Unwitnessed });
         }
         report
     }
@@ -152,6 +223,22 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let keys = store.job(carevault::storage::JobName::KeyState).await.map_err(open_error)?;
             let mut cps = Checkpoints::new(&args, stored_log_keys(keys))?;
             cps.stored(store.checkpoint(None).await.map_err(open_error)?.map(|c| c.note));
+            if cps.wants_witnesses() {
+                let mut before = None;
+                'search: loop {
+                    let page = store.cosigned_checkpoints(before, COSIGNED_PAGE).await.map_err(open_error)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    for c in &page {
+                        before = Some(c.size);
+                        if cps.consider_cosigned(&served_text(c)) {
+                            break 'search;
+                        }
+                    }
+                }
+                cps.searched();
+            }
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
             let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
             let verifier = tokio::task::spawn_blocking(move || verify_log(rx, from, expect, &claims));
@@ -191,6 +278,22 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let keys = store.job(carevault::storage::JobName::KeyState).map_err(open_error)?;
             let mut cps = Checkpoints::new(&args, stored_log_keys(keys))?;
             cps.stored(store.checkpoint_sync(None).map_err(open_error)?.map(|c| c.note));
+            if cps.wants_witnesses() {
+                let mut before = None;
+                'search: loop {
+                    let page = store.cosigned_checkpoints_sync(before, COSIGNED_PAGE).map_err(open_error)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    for c in &page {
+                        before = Some(c.size);
+                        if cps.consider_cosigned(&served_text(c)) {
+                            break 'search;
+                        }
+                    }
+                }
+                cps.searched();
+            }
             // The rate reported is the verifier's, not the copy's.
             started = Instant::now();
             let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
@@ -216,11 +319,32 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let channel = super::connect(url, &args.tls).await?;
             let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
             let mut cps = Checkpoints::new(&args, Vec::new())?;
-            let mut req = tonic::Request::new(carevault::proto::v1::GetCheckpointRequest { tree_size: 0 });
+            let mut req =
+                tonic::Request::new(carevault::proto::v1::GetCheckpointRequest { tree_size: 0, cosigned: false });
             req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
             match client.get_checkpoint(req).await {
                 Ok(r) => cps.stored(r.into_inner().checkpoint.map(|c| c.note.into_bytes())),
                 Err(s) => cps.notes.push(format!("the server gave no checkpoint: {}", s.message())),
+            }
+            if cps.wants_witnesses() {
+                let mut before = 0;
+                loop {
+                    let mut req = tonic::Request::new(carevault::proto::v1::GetCheckpointRequest {
+                        tree_size: before,
+                        cosigned: true,
+                    });
+                    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+                    let c = match client.get_checkpoint(req).await {
+                        Ok(r) => r.into_inner().checkpoint.context("the server answered without a checkpoint")?,
+                        Err(s) if s.code() == tonic::Code::NotFound => break,
+                        Err(s) => bail!("the server refused to list cosigned checkpoints: {}", s.message()),
+                    };
+                    before = c.tree_size;
+                    if cps.consider_cosigned(&c.note) || before <= 1 {
+                        break;
+                    }
+                }
+                cps.searched();
             }
             let start_sequence = args.from.map_or(0, |a| a.sequence.saturating_add(1));
             let mut req = tonic::Request::new(ExportAuditEventsRequest { start_sequence });
@@ -263,11 +387,11 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     if args.from.is_some() && !cps.claims.is_empty() {
         eprintln!("note: with --from the Merkle tree is not recomputed, so checkpoints are not checked");
     }
-    print_report(&report, started.elapsed().as_secs_f64(), args.json);
+    print_report(&report, cps.witnessed, started.elapsed().as_secs_f64(), args.json);
     Ok(if report.is_ok() { 0 } else { 1 })
 }
 
-fn print_report(r: &Report, secs: f64, json: bool) {
+fn print_report(r: &Report, witnessed: Option<(u64, usize)>, secs: f64, json: bool) {
     let rate = if secs > 0.0 { r.entries_checked as f64 / secs } else { 0.0 };
     let head = r.head.map(|(s, h)| format!("{s}:{}", hex::encode(h)));
     if json {
@@ -280,6 +404,7 @@ fn print_report(r: &Report, secs: f64, json: bool) {
             "tree_size": r.tree.map(|t| t.0),
             "tree_root": r.tree.map(|t| b64(&t.1)),
             "checkpoints_checked": r.checkpoints_checked,
+            "witnessed": witnessed.map(|(size, n)| serde_json::json!({"tree_size": size, "witnesses": n})),
             "failure": r.failure.as_ref().map(|f| serde_json::json!({"sequence": f.sequence, "class": f.class.as_str()})),
         });
         println!("{v}");
@@ -301,6 +426,9 @@ fn print_report(r: &Report, secs: f64, json: bool) {
             }
             for size in &r.checkpoints_checked {
                 println!("checkpoint at size {size}: signature and root verified");
+            }
+            if let Some((size, n)) = witnessed {
+                println!("checkpoint at size {size}: cosigned by {n} of the given witnesses");
             }
         }
         Some(f) => println!(

@@ -120,7 +120,7 @@ async fn once(args: &WitnessRunArgs) -> anyhow::Result<i32> {
     let mut client: AuditServiceClient<Channel> =
         AuditServiceClient::new(super::connect(&args.server, &args.tls).await?);
     let got = client
-        .get_checkpoint(request(pb::GetCheckpointRequest { tree_size: 0 }, &args.token)?)
+        .get_checkpoint(request(pb::GetCheckpointRequest { tree_size: 0, cosigned: false }, &args.token)?)
         .await
         .map_err(|s| anyhow::anyhow!("checkpoint refused: {:?}: {}", s.code(), s.message()))?
         .into_inner()

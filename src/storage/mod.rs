@@ -192,6 +192,14 @@ pub trait Backend: Send + Sync {
     async fn checkpoint(&self, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StorageError>;
     /// Up to `limit` checkpoints of sizes above `after`, by size.
     async fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<StoredCheckpoint>, StorageError>;
+    /// Up to `limit` checkpoints that carry at least one cosignature, of
+    /// sizes below `before` (any size if `None`), newest first: where a reader
+    /// that requires witnesses looks.
+    async fn cosigned_checkpoints(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredCheckpoint>, StorageError>;
     /// Stores a signed checkpoint durably, unless one of its size is stored
     /// (then false). Checkpoints are written beside the chain, not through
     /// the sequencer: they change nothing, they sign what it holds.
@@ -343,6 +351,13 @@ impl Backend for sled::SledStore {
     }
     async fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<StoredCheckpoint>, StorageError> {
         self.checkpoints_after_sync(after, limit)
+    }
+    async fn cosigned_checkpoints(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredCheckpoint>, StorageError> {
+        self.cosigned_checkpoints_sync(before, limit)
     }
     async fn save_checkpoint(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError> {
         let (me, note) = (self.clone(), note.to_vec());

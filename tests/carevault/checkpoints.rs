@@ -16,7 +16,8 @@ fn log_verifier(s: &TestServer, origin: &str) -> Verifier {
 
 /// The checkpoint of `size` (0: the newest).
 pub async fn checkpoint(s: &TestServer, size: u64) -> pb::SignedCheckpoint {
-    let r = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: size }, &s.admin())).await;
+    let r =
+        s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: size, cosigned: false }, &s.admin())).await;
     r.unwrap().into_inner().checkpoint.unwrap()
 }
 
@@ -144,7 +145,11 @@ async fn checkpoints_are_signed_and_every_entry_is_proved_against_them() {
 async fn proofs_need_audit_read_and_sizes_in_range_and_are_audited() {
     let mut s = TestServer::start().await;
     let desk = s.token("desk-1", "patients.read patients.write");
-    let e = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0 }, &desk)).await.unwrap_err();
+    let e = s
+        .audit()
+        .get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0, cosigned: false }, &desk))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let e = s
         .audit()
@@ -165,7 +170,11 @@ async fn proofs_need_audit_read_and_sizes_in_range_and_are_audited() {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&e), vec!["old_size".to_string()]);
-    let e = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 2 }, &s.admin())).await.unwrap_err();
+    let e = s
+        .audit()
+        .get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 2, cosigned: false }, &s.admin()))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let events = s.all_events().await;
     let actions: Vec<(&str, i32)> = events.iter().map(|e| (e.action.as_str(), e.outcome)).collect();
@@ -274,7 +283,12 @@ async fn a_witness_follows_the_log_and_a_proof_document_verifies_offline() {
         .to_string();
     let w = tempfile::tempdir().unwrap();
     let (wkey, wstate) = (w.path().join("witness.key"), w.path().join("witness.state"));
-    run_ok(bin().args(["witness", "init", "--name", "witness.example/w1", "--key"]).arg(&wkey));
+    let wvkey = run_ok(bin().args(["witness", "init", "--name", "witness.example/w1", "--key"]).arg(&wkey));
+    let wvkey = wvkey.trim().to_string();
+    // Nothing is cosigned yet.
+    let none =
+        s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0, cosigned: true }, &s.admin())).await;
+    assert_eq!(none.unwrap_err().code(), tonic::Code::NotFound);
     let out = off(witness_run(&url, &token, &vkey, &wkey, &wstate)).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -291,6 +305,22 @@ async fn a_witness_follows_the_log_and_a_proof_document_verifies_offline() {
         1,
         "the log keeps the cosignature"
     );
+    // The newest cosigned checkpoint, then the one before it, then none.
+    let cosigned = |below: u64| {
+        let audit = s.audit();
+        let admin = s.admin();
+        async move {
+            let mut a = audit;
+            a.get_checkpoint(req(pb::GetCheckpointRequest { tree_size: below, cosigned: true }, &admin))
+                .await
+                .map(|r| r.into_inner().checkpoint.unwrap().tree_size)
+                .map_err(|e| e.code())
+        }
+    };
+    let (newest, older) = (second["tree_size"].as_u64().unwrap(), first["tree_size"].as_u64().unwrap());
+    assert_eq!(cosigned(0).await, Ok(newest));
+    assert_eq!(cosigned(newest).await, Ok(older));
+    assert_eq!(cosigned(older).await, Err(tonic::Code::NotFound));
     let mut prove = bin();
     prove.args(["audit", "prove", "5", "--server", &url, "--token", &token]);
     let doc = off(prove).await;
@@ -300,5 +330,45 @@ async fn a_witness_follows_the_log_and_a_proof_document_verifies_offline() {
     let ok: serde_json::Value =
         serde_json::from_str(&run_ok(bin().args(["verify-proof", "--json", "--log-key", &vkey]).arg(&file))).unwrap();
     assert_eq!((ok["ok"].as_bool(), ok["sequence"].as_u64()), (Some(true), Some(5)));
+
+    // A reader that requires the witness finds the newest checkpoint it cosigned and holds the log to it.
+    let witnessed = second["tree_size"].as_u64().unwrap();
+    let verify = |extra: &[&str]| {
+        let mut c = bin();
+        c.args(["verify", "--json", "--log-key", &vkey, "--witness-key", &wvkey]).args(extra);
+        c
+    };
+    let out = off(verify(&["--server", &url, "--token", &token])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["witnessed"]["tree_size"].as_u64(), v["witnessed"]["witnesses"].as_u64()),
+        (Some(witnessed), Some(1))
+    );
+    assert!(v["checkpoints_checked"].as_array().unwrap().contains(&witnessed.into()), "{v}");
+    // Requiring a second witness, which never cosigned: no checkpoint has enough.
+    let w2 = w.path().join("w2.key");
+    let w2vkey = run_ok(bin().args(["witness", "init", "--name", "witness.example/w2", "--key"]).arg(&w2));
+    let two = ["--witness-key", w2vkey.trim(), "--min-witnesses", "2"];
+    let out = off(verify(&[&["--server", &url, "--token", &token][..], &two[..]].concat())).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failure"]["class"], "unwitnessed", "{v}");
+    // More witnesses required than given is a usage error.
+    let out = off(verify(&["--server", &url, "--token", &token, "--min-witnesses", "2"])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     s.stop().await;
+
+    // Offline, over the stopped store: the same.
+    let data = s.data_dir.to_str().unwrap().to_string();
+    let store = store_args(&s.data_dir);
+    let store: Vec<&str> = store.iter().map(String::as_str).collect();
+    let out = off(verify(&[&["--data-dir", &data][..], &store[..]].concat())).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["witnessed"]["tree_size"].as_u64(), Some(witnessed), "{v}");
+    let out = off(verify(&[&["--data-dir", &data][..], &store[..], &two[..]].concat())).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failure"]["class"], "unwitnessed", "{v}");
 }

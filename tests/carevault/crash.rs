@@ -63,7 +63,7 @@ async fn watch_checkpoints(addr: String, token: String, seen: Arc<Mutex<Vec<Stri
     let Ok(channel) = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await else { return };
     let mut c = carevault::proto::v1::audit_service_client::AuditServiceClient::new(channel);
     while Instant::now() < stop {
-        match c.get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0 }, &token)).await {
+        match c.get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0, cosigned: false }, &token)).await {
             Ok(r) => seen.lock().unwrap().extend(r.into_inner().checkpoint.map(|c| c.note)),
             Err(_) => return, // the server died
         }
@@ -168,7 +168,8 @@ async fn crash_once(seed: u64) {
     }
     // The restarted server signs on: it refuses to sign anything inconsistent
     // with what was signed before the kill, so a checkpoint now proves it is not.
-    let after = s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0 }, &s.admin())).await;
+    let after =
+        s.audit().get_checkpoint(req(pb::GetCheckpointRequest { tree_size: 0, cosigned: false }, &s.admin())).await;
     assert!(after.unwrap().into_inner().checkpoint.is_some());
     drop(tmp);
 }

@@ -192,7 +192,7 @@ fn recompute_from_genesis(s: &Store, at: u64) {
 async fn saved_checkpoint(s: &TestServer, dir: &Path) -> std::path::PathBuf {
     let c = s
         .audit()
-        .get_checkpoint(req(carevault::proto::v1::GetCheckpointRequest { tree_size: 0 }, &s.admin()))
+        .get_checkpoint(req(carevault::proto::v1::GetCheckpointRequest { tree_size: 0, cosigned: false }, &s.admin()))
         .await
         .unwrap()
         .into_inner()

@@ -451,6 +451,23 @@ impl Backend for PgStore {
             .map_err(pg_error)?;
         tree::checkpoints_of(&client, rows).await
     }
+    async fn cosigned_checkpoints(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredCheckpoint>, StorageError> {
+        let client = self.client().await?;
+        let before = before.map_or(i64::MAX, i64_of);
+        let rows = client
+            .query(
+                "SELECT size, note, signed_micros FROM audit_checkpoints c WHERE size < $1 \
+                 AND EXISTS (SELECT 1 FROM audit_cosignatures s WHERE s.size = c.size) ORDER BY size DESC LIMIT $2",
+                &[&before, &limit_of(limit)],
+            )
+            .await
+            .map_err(pg_error)?;
+        tree::checkpoints_of(&client, rows).await
+    }
     async fn save_checkpoint(&self, size: u64, note: &[u8], signed_micros: i64) -> Result<bool, StorageError> {
         let client = self.client().await?;
         client.batch_execute("SET synchronous_commit = on").await.map_err(pg_error)?;

@@ -103,6 +103,34 @@ impl SledStore {
         Ok(out)
     }
 
+    /// See the `Backend` method of the same name. Cosignature keys sort by
+    /// tree size, so this walks them backwards from `before`.
+    pub fn cosigned_checkpoints_sync(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredCheckpoint>, StorageError> {
+        let end = match before {
+            Some(n) => cosignature_prefix(n).to_vec(),
+            None => vec![b'D'],
+        };
+        let mut out: Vec<StoredCheckpoint> = Vec::new();
+        for kv in self.checkpoints.range(cosignature_prefix(0).to_vec()..end).rev() {
+            let (k, _) = kv?;
+            let size = u64_at(&k, 1)?;
+            if out.last().is_some_and(|c| c.size == size) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            if let Some(c) = self.checkpoint_sync(Some(size))? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes what sled holds durable, through the pipeline's [`Durability`](super::durability::Durability).
     fn sync_now(&self) -> Result<(), StorageError> {
         let durability = self.durability.get().ok_or(StorageError::SequencerGone)?;
