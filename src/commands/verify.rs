@@ -100,7 +100,7 @@ impl Checkpoints {
         if !out.witnesses.is_empty() && out.verifiers.is_empty() {
             bail!("--witness-key needs the log's key too: give --log-key");
         }
-        if out.min_witnesses > out.witnesses.len() {
+        if !out.witnesses.is_empty() && out.min_witnesses > out.witnesses.len() {
             bail!("--min-witnesses {} is more than the {} --witness-key given", out.min_witnesses, out.witnesses.len());
         }
         for path in &args.checkpoint {

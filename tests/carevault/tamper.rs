@@ -351,6 +351,19 @@ async fn a_witness_cosigns_growth_proofs_verify_offline_and_a_rewritten_history_
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["class"], "inconsistent", "{v}");
     assert_eq!(std::fs::read(&wstate).unwrap(), state_before, "the witness's state never moves");
+    // The rewritten log verifies in itself, and against its own new checkpoints; a reader that
+    // requires the witness finds nothing the witness cosigned.
+    let mut plain = bin();
+    plain.args(["verify", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
+    let out = off(plain).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let mut witnessed = bin();
+    witnessed.args(["verify", "--json", "--server", &url, "--token", &token, "--log-key", &vkey]);
+    witnessed.args(["--witness-key", wvkey.trim()]);
+    let out = off(witnessed).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failure"]["class"], "unwitnessed", "{v}");
     drop(s.stop_keep().await);
 
     // Cut back below what the witness saw: a rollback.
