@@ -188,7 +188,8 @@ pub struct BenchArgs {
     pub channels: usize,
     /// Workloads to run, in order. `baseline` is the health check; `echo` is the bench's own
     /// floor service (the same token and a stored patient's message, no storage, crypto or audit),
-    /// which the `x echo` ratios are taken against. Key jobs (not in the default list) run while the read workload
+    /// which the `x echo` ratios are taken against; `echo-bare` (not in the default list) is the
+    /// same call without the bearer token, to measure what carrying it costs. Key jobs (not in the default list) run while the read workload
     /// runs and report their own rate: `rewrap` rotates the master key and rewraps every data key,
     /// `reencrypt` gives every patient a new data key and re-seals every record version,
     /// `blind-index` rotates the blind-index key (rotating the master key first if needed).

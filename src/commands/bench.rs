@@ -198,6 +198,7 @@ fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
 enum Op {
     Baseline,
     Echo,
+    EchoBare,
     Read,
     Create,
     Update,
@@ -219,10 +220,16 @@ async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(),
         }
         Op::Echo => {
             let id = pick(rng).0.clone();
-            super::echo::get_patient(ch, authed(pb::GetPatientRequest { patient_id: id }, t))
+            super::echo::get_patient(ch, authed(pb::GetPatientRequest { patient_id: id }, t), false)
                 .await
                 .map(drop)
                 .map_err(|s| s.code())
+        }
+        Op::EchoBare => {
+            let id = pick(rng).0.clone();
+            let mut r = tonic::Request::new(pb::GetPatientRequest { patient_id: id });
+            r.metadata_mut().insert("x-purpose-of-use", tonic::metadata::MetadataValue::from_static("TREAT"));
+            super::echo::get_patient(ch, r, true).await.map(drop).map_err(|s| s.code())
         }
         Op::Read => {
             let id = pick(rng).0.clone();
@@ -281,6 +288,7 @@ fn choose(workload: &str, rng: &mut Rng) -> Option<Op> {
     Some(match workload {
         "baseline" => Op::Baseline,
         "echo" => Op::Echo,
+        "echo-bare" => Op::EchoBare,
         "read" => Op::Read,
         "create" => Op::Create,
         "update" => Op::Update,
@@ -576,7 +584,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (Some(local), url, tls, token)
         }
     };
-    if local.is_none() && args.workloads.iter().any(|w| w == "echo") {
+    if local.is_none() && args.workloads.iter().any(|w| w.starts_with("echo")) {
         anyhow::bail!("the echo workload needs the in-process server: it is the bench's own service, not carevault's");
     }
     // Without an in-process server the syncs are not visible; they are reported as unknown.

@@ -10,7 +10,10 @@
 //! encodes the reply with prost through tonic's framing, as every carevault
 //! call does, and nothing else: no token check beyond its presence, no
 //! storage, no crypto, no audit. What it costs is the floor any
-//! authenticated, record-sized RPC pays on this machine.
+//! authenticated, record-sized RPC pays on this machine. `GetPatientBare` is
+//! the same call sent without the bearer token (the `echo-bare` workload):
+//! the difference is what carrying the token costs, which a caller
+//! identified by its client certificate alone would not pay.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -25,8 +28,11 @@ use tonic::{Request, Response, Status};
 
 /// The service's full name.
 pub const NAME: &str = "carevault.bench.v1.EchoService";
-/// Its one method's path.
+/// Its method's path.
 const PATH: &str = "/carevault.bench.v1.EchoService/GetPatient";
+/// The same method without a token: what a caller identified by its client
+/// certificate alone would send (the `echo-bare` workload).
+const BARE_PATH: &str = "/carevault.bench.v1.EchoService/GetPatientBare";
 /// How many stored patients' messages the echo keeps to reply with.
 pub const SAMPLE: usize = 1024;
 
@@ -79,17 +85,25 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let me = self.clone();
         Box::pin(async move {
-            if req.uri().path() != PATH {
-                return Ok(Status::unimplemented("no such method").into_http());
-            }
+            let bare = match req.uri().path() {
+                PATH => false,
+                BARE_PATH => true,
+                _ => return Ok(Status::unimplemented("no such method").into_http()),
+            };
             let mut grpc =
                 Grpc::new(tonic_prost::ProstCodec::<pb::GetPatientResponse, pb::GetPatientRequest>::default());
-            Ok(grpc.unary(me, req).await)
+            Ok(grpc.unary(Method { echo: me, bare }, req).await)
         })
     }
 }
 
-impl UnaryService<pb::GetPatientRequest> for Echo {
+/// One call of a method: with a token required, or bare.
+struct Method {
+    echo: Echo,
+    bare: bool,
+}
+
+impl UnaryService<pb::GetPatientRequest> for Method {
     type Response = pb::GetPatientResponse;
     type Future = std::future::Ready<Result<Response<pb::GetPatientResponse>, Status>>;
 
@@ -99,8 +113,8 @@ impl UnaryService<pb::GetPatientRequest> for Echo {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("Bearer "));
-        let result = if bearer {
-            self.reply(request.into_inner().patient_id).map(Response::new)
+        let result = if bearer || self.bare {
+            self.echo.reply(request.into_inner().patient_id).map(Response::new)
         } else {
             Err(Status::unauthenticated("a bearer token is required"))
         };
@@ -108,15 +122,17 @@ impl UnaryService<pb::GetPatientRequest> for Echo {
     }
 }
 
-/// Calls the echo's GetPatient over `ch`.
+/// Calls the echo's GetPatient over `ch` (`bare`: GetPatientBare, which needs no token).
 pub async fn get_patient(
     ch: &Channel,
     request: Request<pb::GetPatientRequest>,
+    bare: bool,
 ) -> Result<Response<pb::GetPatientResponse>, Status> {
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready().await.map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
     let codec = tonic_prost::ProstCodec::<pb::GetPatientRequest, pb::GetPatientResponse>::default();
-    grpc.unary(request, http::uri::PathAndQuery::from_static(PATH), codec).await
+    let path = http::uri::PathAndQuery::from_static(if bare { BARE_PATH } else { PATH });
+    grpc.unary(request, path, codec).await
 }
 
 #[cfg(test)]
@@ -136,5 +152,24 @@ mod tests {
         assert_eq!(got.birth_date, "1980-01-02");
         let again = echo.reply("0190c2a0-0000-7000-8000-000000000001".into()).unwrap();
         assert_eq!(again.patient.unwrap(), got);
+    }
+
+    #[tokio::test]
+    async fn get_patient_needs_a_bearer_token_and_get_patient_bare_does_not() {
+        let echo = Echo::default();
+        echo.keep(pb::Patient { id: "p".into(), ..Default::default() });
+        let ask = |token: Option<&str>| {
+            let mut r = Request::new(pb::GetPatientRequest { patient_id: "q".into() });
+            if let Some(t) = token {
+                r.metadata_mut().insert("authorization", t.parse().unwrap());
+            }
+            r
+        };
+        let mut with = Method { echo: echo.clone(), bare: false };
+        let mut bare = Method { echo, bare: true };
+        assert_eq!(with.call(ask(None)).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(with.call(ask(Some("Basic x"))).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(with.call(ask(Some("Bearer t"))).await.unwrap().into_inner().patient.unwrap().id, "q");
+        assert_eq!(bare.call(ask(None)).await.unwrap().into_inner().patient.unwrap().id, "q");
     }
 }
