@@ -180,6 +180,33 @@ impl Checkpoints {
         true
     }
 
+    /// With `--witness-key`: looks through a store's cosigned checkpoints,
+    /// newest first, a page (`page(before)`) at a time.
+    async fn search_store<F, Fut>(&mut self, mut page: F) -> anyhow::Result<()>
+    where
+        F: FnMut(Option<u64>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<StoredCheckpoint>, StorageError>>,
+    {
+        if !self.wants_witnesses() {
+            return Ok(());
+        }
+        let mut before = None;
+        'search: loop {
+            let found = page(before).await.map_err(open_error)?;
+            if found.is_empty() {
+                break;
+            }
+            for c in &found {
+                before = Some(c.size);
+                if self.consider_cosigned(&served_text(c)) {
+                    break 'search;
+                }
+            }
+        }
+        self.searched();
+        Ok(())
+    }
+
     /// After the search: none found is `unwitnessed`.
     fn searched(&mut self) {
         if self.witnessed.is_none() && self.bad_signature.is_none() {
@@ -223,22 +250,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let keys = store.job(carevault::storage::JobName::KeyState).await.map_err(open_error)?;
             let mut cps = Checkpoints::new(&args, stored_log_keys(keys))?;
             cps.stored(store.checkpoint(None).await.map_err(open_error)?.map(|c| c.note));
-            if cps.wants_witnesses() {
-                let mut before = None;
-                'search: loop {
-                    let page = store.cosigned_checkpoints(before, COSIGNED_PAGE).await.map_err(open_error)?;
-                    if page.is_empty() {
-                        break;
-                    }
-                    for c in &page {
-                        before = Some(c.size);
-                        if cps.consider_cosigned(&served_text(c)) {
-                            break 'search;
-                        }
-                    }
-                }
-                cps.searched();
-            }
+            cps.search_store(|before| store.cosigned_checkpoints(before, COSIGNED_PAGE)).await?;
             let (tx, rx) = std::sync::mpsc::sync_channel::<RawEntry>(8192);
             let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
             let verifier = tokio::task::spawn_blocking(move || verify_log(rx, from, expect, &claims));
@@ -278,22 +290,8 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
             let keys = store.job(carevault::storage::JobName::KeyState).map_err(open_error)?;
             let mut cps = Checkpoints::new(&args, stored_log_keys(keys))?;
             cps.stored(store.checkpoint_sync(None).map_err(open_error)?.map(|c| c.note));
-            if cps.wants_witnesses() {
-                let mut before = None;
-                'search: loop {
-                    let page = store.cosigned_checkpoints_sync(before, COSIGNED_PAGE).map_err(open_error)?;
-                    if page.is_empty() {
-                        break;
-                    }
-                    for c in &page {
-                        before = Some(c.size);
-                        if cps.consider_cosigned(&served_text(c)) {
-                            break 'search;
-                        }
-                    }
-                }
-                cps.searched();
-            }
+            cps.search_store(|before| std::future::ready(store.cosigned_checkpoints_sync(before, COSIGNED_PAGE)))
+                .await?;
             // The rate reported is the verifier's, not the copy's.
             started = Instant::now();
             let (expect, from, claims) = (args.expect_head, args.from, cps.claims.clone());
