@@ -183,7 +183,16 @@ struct Target {
     token: String,
     /// (patient id, family, birth date, mrn)
     patients: Vec<(String, String, String, String)>,
+    /// Per worker, its copies of the patients it edits (see [`EDIT_COPIES`]).
+    copies: Vec<std::sync::Mutex<Vec<pb::Patient>>>,
 }
+
+/// How many patients each worker edits in the `update` workload: the first
+/// this many its preload created. It keeps the message the last reply gave
+/// it for each, as a desk app keeps the record on screen, and updates from
+/// that copy: one UpdatePatient per update, at the version it last saw. No
+/// two workers edit the same patient, so a conflict means another client.
+const EDIT_COPIES: usize = 256;
 
 fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -207,7 +216,7 @@ enum Op {
 }
 
 /// One operation; the error is the failing call's status code.
-async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(), tonic::Code> {
+async fn one(target: &Target, w: usize, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(), tonic::Code> {
     let t = &target.token;
     let pick = |rng: &mut Rng| &target.patients[rng.below(target.patients.len() as u64) as usize];
     match op {
@@ -249,17 +258,33 @@ async fn one(target: &Target, ch: &Channel, op: Op, rng: &mut Rng) -> Result<(),
                 .map_err(|s| s.code())
         }
         Op::Update => {
-            let id = pick(rng).0.clone();
-            let mut c = PatientServiceClient::new(ch.clone());
-            let got = c.get_patient(authed(pb::GetPatientRequest { patient_id: id }, t)).await.map_err(|s| s.code())?;
-            let Some(mut p) = got.into_inner().patient else { return Err(tonic::Code::Internal) };
+            let copies = target.copies.get(w % target.copies.len().max(1)).ok_or(tonic::Code::FailedPrecondition)?;
+            let lock = || copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (at, mut p) = {
+                let mine = lock();
+                if mine.is_empty() {
+                    return Err(tonic::Code::FailedPrecondition);
+                }
+                let at = rng.below(mine.len() as u64) as usize;
+                (at, mine[at].clone())
+            };
             p.preferred_language = if p.preferred_language == "en" { "es".into() } else { "en".into() };
-            match c.update_patient(authed(pb::UpdatePatientRequest { patient: Some(p) }, t)).await {
-                Ok(_) => Ok(()),
-                // A concurrent update of the same patient is an expected outcome, not an error.
-                Err(s) if s.code() == tonic::Code::Aborted => Ok(()),
-                Err(s) => Err(s.code()),
-            }
+            let mut c = PatientServiceClient::new(ch.clone());
+            let id = p.id.clone();
+            let stored = match c.update_patient(authed(pb::UpdatePatientRequest { patient: Some(p) }, t)).await {
+                Ok(r) => r.into_inner().patient,
+                // Someone else changed it: read the current version, as a desk app would.
+                Err(s) if s.code() == tonic::Code::Aborted => {
+                    c.get_patient(authed(pb::GetPatientRequest { patient_id: id }, t))
+                        .await
+                        .map_err(|s| s.code())?
+                        .into_inner()
+                        .patient
+                }
+                Err(s) => return Err(s.code()),
+            };
+            lock()[at] = stored.ok_or(tonic::Code::Internal)?;
+            Ok(())
         }
         Op::Search => {
             use pb::search_patients_request::Criterion;
@@ -365,7 +390,7 @@ async fn run_workload(
             while Instant::now() < deadline {
                 let Some(op) = choose(&name, &mut rng) else { break };
                 let t0 = Instant::now();
-                let result = one(&target, &ch, op, &mut rng).await;
+                let result = one(&target, w, &ch, op, &mut rng).await;
                 lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
                 if let Err(code) = result {
                     *errors.entry(format!("{code:?}")).or_default() += 1;
@@ -608,6 +633,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0xC0FF_EE00 + w as u64);
             let mut out = Vec::new();
+            let mut copies = Vec::new();
             let mut pc = PatientServiceClient::new(ch.clone());
             let mut cc = CoverageServiceClient::new(ch);
             for i in start..end {
@@ -616,6 +642,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     pc.create_patient(authed(pb::CreatePatientRequest { patient: Some(p.clone()) }, &token)).await?;
                 let stored = created.into_inner().patient.unwrap_or_default();
                 let id = stored.id.clone();
+                if copies.len() < EDIT_COPIES {
+                    copies.push(stored.clone());
+                }
                 if let Some(echo) = &echo {
                     echo.keep(stored);
                 }
@@ -625,15 +654,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 out.push((id, p.names[0].family.clone(), p.birth_date.clone(), p.identifiers[0].value.clone()));
             }
-            Ok::<_, tonic::Status>(out)
+            Ok::<_, tonic::Status>((out, copies))
         }));
     }
     let mut patients = Vec::with_capacity(args.patients);
+    let mut copies = Vec::new();
     for t in tasks {
-        patients.extend(t.await?.map_err(|s| anyhow::anyhow!("preload failed: {}", s.message()))?);
+        let (made, kept) = t.await?.map_err(|s| anyhow::anyhow!("preload failed: {}", s.message()))?;
+        patients.extend(made);
+        // Fewer patients than workers: workers share the slices there are.
+        if !kept.is_empty() {
+            copies.push(std::sync::Mutex::new(kept));
+        }
     }
     let preload_secs = t0.elapsed().as_secs_f64();
-    let target = Arc::new(Target { channels, token, patients });
+    let target = Arc::new(Target { channels, token, patients, copies });
 
     let mut results = Vec::new();
     let mut job_lines = Vec::new();
