@@ -35,7 +35,7 @@ pub use model::{
     Change, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry,
     StoredCheckpoint,
 };
-pub use sequencer::{Commit, CommitOutcome, Committed, Sequencer};
+pub use sequencer::{Commit, CommitOutcome, Committed, Expected, Sequencer};
 pub use sled::Recovery;
 
 use crate::clock::Clock;
@@ -406,6 +406,19 @@ impl Store {
     /// Commits an entry (with its write and changes) durably.
     pub async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
         self.sequencer.commit(commit).await
+    }
+
+    /// Counts a commit as on its way (see [`Sequencer::expect`]).
+    pub fn expect_commit(&self) -> Expected {
+        self.sequencer.expect()
+    }
+
+    /// Commits, as [`Store::commit`], a commit `expected` already counts.
+    pub async fn commit_expected(&self, commit: Commit, expected: Option<Expected>) -> Result<Committed, StorageError> {
+        match expected {
+            Some(e) => self.sequencer.commit_expected(commit, e).await,
+            None => self.sequencer.commit(commit).await,
+        }
     }
 
     /// The commit pipeline (sync counts, failure state).

@@ -159,7 +159,7 @@ pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syn
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "an audit entry could not be encoded; its call failed, nothing of it was written");
                     }
-                    let _ = p.reply.send(result);
+                    p.reply.send(result);
                 }
             }
             Err(BatchError::Before(e)) => {
@@ -169,7 +169,7 @@ pub(super) async fn run(store: PgStore, clock: Arc<dyn Clock>, queue: Queue, syn
             Err(BatchError::AtCommit(e)) => {
                 tracing::error!(error = %e, "the database did not confirm a commit; its outcome is unknown");
                 for p in batch {
-                    let _ = p.reply.send(Err(StorageError::OutcomeUnknown));
+                    p.reply.send(Err(StorageError::OutcomeUnknown));
                 }
             }
         }

@@ -11,8 +11,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
-
 use super::SledStore;
 use super::apply;
 use super::durability::Durability;
@@ -20,18 +18,22 @@ use crate::audit::merkle::CompactRange;
 use crate::clock::Clock;
 use crate::storage::StorageError;
 use crate::storage::sequencer::plan::plan;
-use crate::storage::sequencer::{Committed, Failed, Queue, drain, refuse};
+use crate::storage::sequencer::{Committed, Failed, InFlight, Queue, Reply, drain, refuse};
 
-/// Longest the sync thread waits for more commits when far fewer are
-/// waiting than recent syncs carried (see [`sync_loop`]).
-const MAX_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+/// The group a sync aims for: at least this many commits share it when
+/// they come fast enough (see [`linger`]).
+const GROUP: usize = 24;
 
-/// How long the sync thread waits for each further batch while it lingers.
-const LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(50);
+/// Longest the sync thread waits for a group to fill.
+const MAX_LINGER: std::time::Duration = std::time::Duration::from_millis(3);
+
+/// While lingering, how long without a new commit (and with none on its
+/// way) means every commit that was coming is in hand.
+const IDLE_GAP: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// A batch written to sled and waiting for its sync: the replies to send
 /// once the sync succeeds, and the Merkle tree's size after it.
-type Written = (Vec<(oneshot::Sender<Result<Committed, StorageError>>, Committed)>, u64);
+type Written = (Vec<(Reply, Committed)>, u64);
 
 /// Starts the sequencer thread (and, from it, the sync thread) over `queue`.
 pub(super) fn start(
@@ -55,14 +57,14 @@ pub(super) fn start(
 type SharedDurability = Arc<std::sync::Mutex<Durability>>;
 
 fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, queue: Queue, mut tree: CompactRange) {
-    let Queue { mut rx, head, failed } = queue;
+    let Queue { mut rx, head, failed, in_flight } = queue;
     let (to_sync, synced_rx) = std::sync::mpsc::channel::<Written>();
     let db = store.db.clone();
     let sync_failed = failed.clone();
     let durable_tree = store.clone();
     let syncer = std::thread::Builder::new()
         .name("carevault-sync".into())
-        .spawn(move || sync_loop(db, durability, synced_rx, sync_failed, durable_tree));
+        .spawn(move || sync_loop(db, durability, synced_rx, sync_failed, durable_tree, in_flight));
     let syncer = match syncer {
         Ok(h) => h,
         Err(e) => {
@@ -118,13 +120,13 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, qu
                 Ok(committed) => replies.push((p.reply, committed)),
                 Err(e) => {
                     tracing::error!(error = %e, "an audit entry could not be encoded; its call failed, nothing of it was written");
-                    let _ = p.reply.send(Err(e));
+                    p.reply.send(Err(e));
                 }
             }
         }
         if let Err(std::sync::mpsc::SendError((replies, _))) = to_sync.send((replies, tree.size())) {
             for (reply, _) in replies {
-                let _ = reply.send(Err(StorageError::Io("sync thread unavailable".into())));
+                reply.send(Err(StorageError::Io("sync thread unavailable".into())));
             }
         }
     }
@@ -135,10 +137,7 @@ fn run(store: SledStore, clock: Arc<dyn Clock>, durability: SharedDurability, qu
 /// The sync thread: wait for a written batch, take every other one written
 /// meanwhile, make them all durable with one sync, then answer them.
 ///
-/// If far fewer commits are waiting than recent syncs carried (requests
-/// answered together tend to come back together, a little spread out), it
-/// waits up to [`MAX_LINGER`] for the rest, so they share this sync instead of
-/// each group paying for its own. A lone client (recent groups near 1) never waits.
+/// Before syncing it may wait for more commits to share the sync (see [`linger`]).
 ///
 /// After a failed fdatasync the kernel may have dropped the dirty pages, so
 /// nothing may be chained to what it covered: the store is marked failed and
@@ -149,8 +148,11 @@ fn sync_loop(
     rx: std::sync::mpsc::Receiver<Written>,
     failed: Failed,
     store: SledStore,
+    in_flight: InFlight,
 ) {
-    let mut average = 1.0f64;
+    // Commits answered per second, recently.
+    let mut rate = 0.0f64;
+    let mut last_sync = std::time::Instant::now();
     while let Ok((first, mut size)) = rx.recv() {
         let mut waiting = first;
         while let Ok((more, s)) = rx.try_recv() {
@@ -159,24 +161,15 @@ fn sync_loop(
         }
         if failed.get() {
             for (reply, _) in waiting {
-                let _ = reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
+                reply.send(Err(StorageError::Io("storage failed earlier; restart required".into())));
             }
             continue;
         }
-        if average >= 4.0 && (waiting.len() as f64) < average / 2.0 {
-            let deadline = std::time::Instant::now() + MAX_LINGER;
-            while std::time::Instant::now() < deadline && (waiting.len() as f64) < average {
-                match rx.recv_timeout(LINGER_STEP) {
-                    Ok((more, s)) => {
-                        waiting.extend(more);
-                        size = size.max(s);
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
-        }
-        average = 0.8 * average + 0.2 * waiting.len() as f64;
+        linger(&rx, &mut waiting, &mut size, rate, &in_flight);
+        let now = std::time::Instant::now();
+        let since = now.duration_since(last_sync).as_secs_f64().max(1e-6);
+        last_sync = now;
+        rate = 0.7 * rate + 0.3 * (waiting.len() as f64 / since);
         let started = std::time::Instant::now();
         let synced = durability.lock().unwrap_or_else(|p| p.into_inner()).sync(&db);
         tracing::debug!(commits = waiting.len(), sync_us = started.elapsed().as_micros(), "batch synced");
@@ -185,14 +178,14 @@ fn sync_loop(
                 // Durable now: the tree may be signed and proved at this size.
                 store.publish_tree_size(size);
                 for (reply, committed) in waiting {
-                    let _ = reply.send(Ok(committed));
+                    reply.send(Ok(committed));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit sync failed; refusing every commit until restart");
                 failed.set();
                 for (reply, _) in waiting {
-                    let _ = reply.send(Err(StorageError::Io("sync failed".into())));
+                    reply.send(Err(StorageError::Io("sync failed".into())));
                 }
             }
         }
@@ -201,5 +194,47 @@ fn sync_loop(
         && let Err(e) = durability.lock().unwrap_or_else(|p| p.into_inner()).sync(&db)
     {
         tracing::error!(error = %e, "final sync at shutdown failed");
+    }
+}
+
+/// Waits for more written batches to join `waiting` before its sync, so
+/// that a sync carries [`GROUP`] commits when they come fast enough.
+///
+/// At the recent `rate` (commits per second), the rest of the group would
+/// take `(GROUP - waiting) / rate`: if that is within [`MAX_LINGER`], it
+/// waits that long, and stops early once the group is full, or once
+/// [`IDLE_GAP`] passed without a new batch while no commit is on its way
+/// (every call in progress is in hand: nothing more is coming soon). A lone
+/// client, whose rate is one call's round trip, never waits; neither does a
+/// group that is full.
+fn linger(
+    rx: &std::sync::mpsc::Receiver<Written>,
+    waiting: &mut Vec<(Reply, Committed)>,
+    size: &mut u64,
+    rate: f64,
+    in_flight: &InFlight,
+) {
+    let missing = GROUP.saturating_sub(waiting.len());
+    if missing == 0 || rate <= 0.0 {
+        return;
+    }
+    let need = missing as f64 / rate;
+    if need > MAX_LINGER.as_secs_f64() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(need);
+    while waiting.len() < GROUP {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match rx.recv_timeout(left.min(IDLE_GAP)) {
+            Ok((more, s)) => {
+                waiting.extend(more);
+                *size = (*size).max(s);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if in_flight.count() > waiting.len() => {}
+            Err(_) => return,
+        }
     }
 }

@@ -78,7 +78,7 @@ async fn entries_are_stored_in_blocks_several_to_a_value() {
 
 /// A queued create of patient `[id; 16]`, audited under that patient.
 fn created(id: u8) -> Pending {
-    let (reply, _) = tokio::sync::oneshot::channel();
+    let reply = crate::storage::sequencer::Reply::nobody();
     let mut e = suite::entry("patient.create");
     e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
     Pending { commit: Commit { entry: e, write: Some(write(id, 0)), changes: vec![] }, reply }
