@@ -214,15 +214,8 @@ fn linger(
     rate: f64,
     in_flight: &InFlight,
 ) {
-    let missing = GROUP.saturating_sub(waiting.len());
-    if missing == 0 || rate <= 0.0 {
-        return;
-    }
-    let need = missing as f64 / rate;
-    if need > MAX_LINGER.as_secs_f64() {
-        return;
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(need);
+    let Some(wait) = group_wait(waiting.len(), rate) else { return };
+    let deadline = std::time::Instant::now() + wait;
     while waiting.len() < GROUP {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
@@ -236,5 +229,37 @@ fn linger(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if in_flight.count() > waiting.len() => {}
             Err(_) => return,
         }
+    }
+}
+
+/// How long the rest of a group of [`GROUP`] takes to come at `rate`
+/// commits a second, when `in_hand` are waiting: `None` if the group is
+/// full, nothing has come yet, or it would take longer than [`MAX_LINGER`].
+fn group_wait(in_hand: usize, rate: f64) -> Option<std::time::Duration> {
+    let missing = GROUP.saturating_sub(in_hand);
+    if missing == 0 || !rate.is_finite() || rate <= 0.0 {
+        return None;
+    }
+    let need = std::time::Duration::try_from_secs_f64(missing as f64 / rate).ok()?;
+    (need <= MAX_LINGER).then_some(need)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_waits_only_for_a_group_that_fills_soon() {
+        // 10k commits a second: the 14 missing of 24 take 1.4 ms.
+        let wait = group_wait(10, 10_000.0).unwrap();
+        assert!((wait.as_secs_f64() - 0.0014).abs() < 1e-9, "{wait:?}");
+        assert_eq!(group_wait(GROUP, 10_000.0), None, "a full group syncs at once");
+        assert_eq!(group_wait(GROUP + 5, 10_000.0), None);
+        // A lone client at 2k calls a second would need 11.5 ms for the rest: it never waits.
+        assert_eq!(group_wait(1, 2_000.0), None);
+        assert_eq!(group_wait(1, 0.0), None, "no rate yet");
+        assert_eq!(group_wait(1, f64::NAN), None);
+        assert_eq!(group_wait(1, f64::INFINITY), None);
+        assert!(group_wait(1, 23.0 / MAX_LINGER.as_secs_f64()).is_some(), "at the limit it still waits");
     }
 }
