@@ -91,7 +91,7 @@ pub(super) struct Call<'a> {
     key_state: Vec<u8>,
     /// Counts the call's commit as on its way from its start, so that the
     /// pipeline can wait for it to share a sync (see `sequencer::InFlight`).
-    expected: Option<crate::storage::Expected>,
+    expected: crate::storage::Expected,
 }
 
 impl App {
@@ -116,7 +116,7 @@ impl App {
             coverage_patient: None,
             staged: Vec::new(),
             key_state: self.keys.raw(),
-            expected: Some(self.store.expect_commit()),
+            expected: self.store.expect_commit(),
         };
         if let Some(c) = named.coverage {
             call.name_coverage(c).await;
@@ -250,7 +250,7 @@ impl Call<'_> {
         let mut changes = std::mem::take(&mut self.staged);
         changes.push(Change::KeyStateIs(std::mem::take(&mut self.key_state)));
         let commit = Commit { entry: self.entry, write, changes };
-        let committed = self.app.store.commit_expected(commit, self.expected.take()).await;
+        let committed = self.app.store.commit_expected(commit, self.expected).await;
         let ctx = self.ctx;
         match committed {
             Ok(c) => match c.outcome {
@@ -300,7 +300,7 @@ impl Call<'_> {
                 }
             };
         }
-        let committed = self.app.store.commit_expected(Commit::entry(self.entry), self.expected.take()).await;
+        let committed = self.app.store.commit_expected(Commit::entry(self.entry), self.expected).await;
         self.app.log(self.ctx, self.action, outcome, committed.as_ref().ok().map(|c| c.sequence));
         match committed {
             Ok(_) => e,

@@ -261,10 +261,8 @@ async fn one(target: &Target, w: usize, ch: &Channel, op: Op, rng: &mut Rng) -> 
             let copies = target.copies.get(w % target.copies.len().max(1)).ok_or(tonic::Code::FailedPrecondition)?;
             let lock = || copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let (at, mut p) = {
+                // Never empty: only non-empty slices are kept.
                 let mine = lock();
-                if mine.is_empty() {
-                    return Err(tonic::Code::FailedPrecondition);
-                }
                 let at = rng.below(mine.len() as u64) as usize;
                 (at, mine[at].clone())
             };

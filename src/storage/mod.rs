@@ -414,11 +414,8 @@ impl Store {
     }
 
     /// Commits, as [`Store::commit`], a commit `expected` already counts.
-    pub async fn commit_expected(&self, commit: Commit, expected: Option<Expected>) -> Result<Committed, StorageError> {
-        match expected {
-            Some(e) => self.sequencer.commit_expected(commit, e).await,
-            None => self.sequencer.commit(commit).await,
-        }
+    pub async fn commit_expected(&self, commit: Commit, expected: Expected) -> Result<Committed, StorageError> {
+        self.sequencer.commit_expected(commit, expected).await
     }
 
     /// The commit pipeline (sync counts, failure state).

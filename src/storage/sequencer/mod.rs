@@ -128,7 +128,7 @@ impl Drop for Expected {
 pub struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
-    /// Commits submitted and not answered.
+    /// Commits on their way and not answered.
     pub fn count(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
