@@ -303,6 +303,9 @@ pub struct ServeArgs {
     /// sled page cache size in MiB (bounds memory).
     #[arg(long, env = "CAREVAULT_CACHE_MB", default_value_t = 256)]
     pub cache_mb: u64,
+    /// How many unwrapped data keys to keep in memory (about 200 bytes each; 0 keeps none).
+    #[arg(long, env = "CAREVAULT_KEY_CACHE", default_value_t = crate::app::DEFAULT_KEY_CACHE)]
+    pub key_cache: usize,
     /// Server certificate chain (PEM). With --tls-key, serves TLS 1.2+ only.
     #[arg(long, env = "CAREVAULT_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -28,6 +28,8 @@ pub struct ServiceConfig {
     pub tokens: TokenRules,
     /// sled page cache size, bytes.
     pub cache_bytes: u64,
+    /// How many unwrapped data keys to keep in memory (0: none; see `crypto::key_cache`).
+    pub key_cache: usize,
     /// TLS (and mutual TLS); `None` serves plaintext.
     pub tls: Option<ServerTls>,
     /// Allow plaintext on a non-loopback address (`--insecure-plaintext`).
@@ -58,7 +60,7 @@ pub enum ConfigError {
 impl ServiceConfig {
     /// A configuration over these directories with the defaults `serve` uses:
     /// key files, 127.0.0.1:0, the dev issuer and audience, one-hour tokens
-    /// with 30 s skew, a 256 MiB cache, plaintext on loopback, the embedded
+    /// with 30 s skew, a 256 MiB cache, 16,384 cached data keys, plaintext on loopback, the embedded
     /// policy, default limits, one-hour break-glass grants.
     pub fn new(data_dir: PathBuf, key_dir: PathBuf) -> ServiceConfig {
         ServiceConfig {
@@ -75,6 +77,7 @@ impl ServiceConfig {
                 audience: crate::auth::token::DEFAULT_AUDIENCE.into(),
             },
             cache_bytes: 256 << 20,
+            key_cache: crate::app::DEFAULT_KEY_CACHE,
             tls: None,
             insecure_plaintext: false,
             policy_file: None,

@@ -151,7 +151,7 @@ pub async fn open_loaded(config: &ServiceConfig, loaded: Loaded, options: OpenOp
         limits: Limits::new(config.limits),
         break_glass_micros: i64::try_from(config.break_glass_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
     };
-    let keys = KeyManager::load(&store, source, config.data_dir.clone(), local).await?;
+    let keys = KeyManager::load(&store, source, config.data_dir.clone(), local).await?.with_key_cache(config.key_cache);
     let app = App::new(store, keys, options.clock.clone(), access).with_checkpoint_policy(config.checkpoints.clone());
     let auth = Authenticator::new(issuer, &config.tokens);
     let edge = Edge::new(app, Arc::new(auth), options.clock);

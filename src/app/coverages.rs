@@ -59,12 +59,8 @@ impl App {
     }
 
     async fn load_coverage_once(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        let record = RecordRef::coverage(id.bytes());
-        let head = self.existing(record).await?;
+        let (head, sealed, dek, key_version) = self.current(RecordRef::coverage(id.bytes())).await?;
         let patient = PatientId::from_bytes(head.patient_id);
-        let sealed =
-            self.store.record_version(record, head.version).await.map_err(internal)?.ok_or(AppError::DataLoss)?;
-        let (dek, key_version) = self.data_key(patient).await?;
         let record: Coverage = self.open(&dek, &coverage_aad(id, patient, head.version), &sealed)?;
         Ok(Opened { record, patient, dek, key_version })
     }

@@ -28,6 +28,10 @@ const KEY_OP: JobName = JobName::KeyOperation;
 /// Where the key state is stored.
 const KEY_STATE: JobName = JobName::KeyState;
 
+/// How many unwrapped data keys a process keeps by default (about 200
+/// bytes each).
+pub const DEFAULT_KEY_CACHE: usize = 16_384;
+
 /// The keys a process works with, all from one key state: the state, its
 /// stored bytes, the keyring built from it and the erasure bucket keys.
 pub(super) struct Live {
@@ -63,6 +67,8 @@ pub struct KeyManager {
     /// exclusively by an erasure while it moves a bucket to a new generation,
     /// so no key is committed under a generation that is being dropped.
     pub(super) wrap_gate: tokio::sync::RwLock<()>,
+    /// Data keys unwrapped recently; emptied whenever other keys are installed.
+    pub(super) data_keys: crate::crypto::DataKeyCache,
 }
 
 impl KeyManager {
@@ -143,7 +149,14 @@ impl KeyManager {
             live: RwLock::new(Arc::new(live)),
             refreshing: tokio::sync::Mutex::new(()),
             wrap_gate: tokio::sync::RwLock::new(()),
+            data_keys: crate::crypto::DataKeyCache::new(DEFAULT_KEY_CACHE),
         }
+    }
+
+    /// Keeps at most `entries` unwrapped data keys (0: none).
+    pub fn with_key_cache(mut self, entries: usize) -> KeyManager {
+        self.data_keys = crate::crypto::DataKeyCache::new(entries);
+        self
     }
 
     /// The data directory (`keycheck.json`, `erasure-keys`).
@@ -157,6 +170,7 @@ impl KeyManager {
 
     fn install(&self, live: Live) {
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        self.data_keys.clear();
     }
 
     /// The current keyring.

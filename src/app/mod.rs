@@ -28,7 +28,9 @@ pub use blind::BlindIndexJob;
 pub use call::{Input, Named, Parsed};
 pub use coverages::{CoverageCreate, CoverageUpdate};
 pub use erasure::{EraseRequest, Erasure};
-pub use keys::{KeyManager, KeyOperation, KeyStatus, PendingKeyOperation, VersionStatus, VersionUse};
+pub use keys::{
+    DEFAULT_KEY_CACHE, KeyManager, KeyOperation, KeyStatus, PendingKeyOperation, VersionStatus, VersionUse,
+};
 pub use patients::{PageRequest, PatientPage, PatientUpdate, SearchCriterion, SearchRequest, SearchResult};
 pub use reencrypt::{ReencryptJob, ReencryptRequest};
 pub use rewrap::{RewrapJob, RewrapRequest};
@@ -254,25 +256,71 @@ impl App {
             // The bucket keys are taken before the wrapped key is read: an
             // erasure in the same bucket may move the key to a newer
             // generation in between, which a second read then finds.
-            let shreds = self.keys.shreds();
+            let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
             let wrapped = match self.store.data_key(patient.bytes()).await.map_err(internal)? {
                 Some(w) => WrappedDataKey(w),
                 None => return Err(self.missing(RecordRef::patient(patient.bytes())).await),
             };
-            let version = wrapped.master_version().map_err(|_| AppError::DataLoss)?;
-            match self.keys.ring().unwrap_data_key(&patient.bytes(), &wrapped, &shreds) {
-                Ok(dek) => return Ok((dek, version)),
-                // Wrapped under keys this process does not have yet: a key
-                // operation or an erasure through another process moved the
-                // key state (or, in the same bucket, an erasure here did).
-                Err(crypto::CryptoError::UnknownErasureKey(..) | crypto::CryptoError::UnknownKeyVersion(_))
-                    if attempts < 3 =>
-                {
-                    attempts += 1;
-                    self.refresh_keys().await?;
-                }
-                Err(e) => return Err(crypto_failure(e)),
+            match self.unwrap_key(epoch, &shreds, patient.bytes(), &wrapped) {
+                Err(e) => self.unwrap_failed(e, &mut attempts).await?,
+                Ok(key) => return Ok(key),
             }
+        }
+    }
+
+    /// A record's current version, sealed, with its patient's data key: one
+    /// store lookup (see `Backend::current`), and no unwrap if the key is cached.
+    async fn current(&self, record: RecordRef) -> Result<(Head, Vec<u8>, DataKey, u32), AppError> {
+        let mut attempts = 0;
+        loop {
+            // Taken before the read, as in `data_key`.
+            let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
+            let Some(now) = self.store.current(record).await.map_err(internal)? else {
+                return Err(self.missing(record).await);
+            };
+            let sealed = now.sealed.ok_or(AppError::DataLoss)?;
+            let patient = now.head.patient_id;
+            let Some(wrapped) = now.wrapped_key.map(WrappedDataKey) else {
+                return Err(self.missing(RecordRef::patient(patient)).await);
+            };
+            match self.unwrap_key(epoch, &shreds, patient, &wrapped) {
+                Err(e) => self.unwrap_failed(e, &mut attempts).await?,
+                Ok((dek, version)) => return Ok((now.head, sealed, dek, version)),
+            }
+        }
+    }
+
+    /// A patient's data key from the cache, or unwrapped (and cached), with
+    /// the master version that wraps it.
+    fn unwrap_key(
+        &self,
+        epoch: u64,
+        shreds: &crypto::ShredKeys,
+        patient: [u8; 16],
+        wrapped: &WrappedDataKey,
+    ) -> Result<(DataKey, u32), crypto::CryptoError> {
+        let version = wrapped.master_version().map_err(|_| crypto::CryptoError::Malformed)?;
+        if let Some(dek) = self.keys.data_keys.get(&patient, wrapped) {
+            return Ok((dek, version));
+        }
+        let dek = self.keys.ring().unwrap_data_key(&patient, wrapped, shreds)?;
+        self.keys.data_keys.put(epoch, patient, wrapped, &dek);
+        Ok((dek, version))
+    }
+
+    /// After a data key failed to unwrap: if it is wrapped under keys this
+    /// process does not have yet (a key operation or an erasure through
+    /// another process moved the key state, or, in the same bucket, an
+    /// erasure here did), takes up the stored key state so the caller can
+    /// read again, up to three times; otherwise the failure.
+    async fn unwrap_failed(&self, e: crypto::CryptoError, attempts: &mut u32) -> Result<(), AppError> {
+        match e {
+            crypto::CryptoError::UnknownErasureKey(..) | crypto::CryptoError::UnknownKeyVersion(_) if *attempts < 3 => {
+                *attempts += 1;
+                self.refresh_keys().await?;
+                Ok(())
+            }
+            e => Err(crypto_failure(e)),
         }
     }
 

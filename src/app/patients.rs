@@ -120,11 +120,7 @@ impl App {
     }
 
     async fn load_patient_once(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        let record = RecordRef::patient(id.bytes());
-        let head = self.existing(record).await?;
-        let sealed =
-            self.store.record_version(record, head.version).await.map_err(internal)?.ok_or(AppError::DataLoss)?;
-        let (dek, key_version) = self.data_key(id).await?;
+        let (head, sealed, dek, key_version) = self.current(RecordRef::patient(id.bytes())).await?;
         let record: Patient = self.open(&dek, &patient_aad(id, head.version), &sealed)?;
         Ok(Opened { record, patient: id, dek, key_version })
     }

@@ -87,6 +87,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             audience: args.token_audience,
         },
         cache_bytes: args.cache_mb.saturating_mul(1024 * 1024),
+        key_cache: args.key_cache,
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| ServerTls {
             cert,
             key,

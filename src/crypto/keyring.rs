@@ -125,6 +125,11 @@ impl DataKey {
     pub fn generation(&self) -> u32 {
         self.generation
     }
+
+    /// A second copy (zeroized on its own drop), for the key cache.
+    pub(crate) fn duplicate(&self) -> DataKey {
+        DataKey { key: self.key.clone(), generation: self.generation }
+    }
 }
 
 /// A data key wrapped by a key-encryption key, in its storage encoding.

@@ -5,16 +5,19 @@
 //! * [`keyring`]: master key versions, the keys derived from them (key-encryption
 //!   keys, blind-index key, key-check value) and per-patient data keys.
 //! * [`envelope`]: AES-256-GCM sealing with a one-time key per seal.
+//! * [`key_cache`]: a bounded memo of unwrapped data keys.
 //! * this file: SHA-256, HMAC, random bytes, Ed25519 key generation for the
 //!   dev token issuer, and Ed25519 signing and verification (signed notes).
 
 pub mod envelope;
+pub mod key_cache;
 pub mod keyring;
 pub mod shred;
 
 use ring::rand::SecureRandom;
 
 pub use envelope::{RecordAad, RecordKind, open_record, seal_record};
+pub use key_cache::DataKeyCache;
 pub use keyring::{BlindIndexKind, DataKey, Keyring, MasterKey, WrappedDataKey};
 pub use shred::ShredKeys;
 

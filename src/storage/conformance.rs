@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::model::{Change, Expect, IndexKey, JobName, RecordRef, RecordWrite};
+use super::model::{Change, Expect, Head, IndexKey, JobName, RecordRef, RecordWrite};
 use super::{Commit, CommitOutcome, Store};
 use crate::audit::{AuditEntry, MAX_ENTRY_BYTES, RawEntry, verify_chain};
 use crate::crypto::RecordKind;
@@ -26,6 +26,8 @@ macro_rules! every_case {
             an_idempotency_key_is_taken_once,
             a_commit_goes_ahead_only_under_the_key_state_it_was_prepared_under,
             the_merkle_tree_grows_with_the_chain_and_proves_every_entry,
+            a_records_current_state_reads_back_in_one_lookup,
+            an_update_replaces_exactly_the_index_keys_that_changed,
         );
     };
 }
@@ -233,6 +235,43 @@ pub(crate) async fn records_index_sets_and_pages_read_back(store: &Store) {
     let more = store.data_keys_after(Some(keys[0].0), 100).await.unwrap();
     assert!(more.iter().all(|(p, _)| *p > keys[0].0));
     assert_eq!(store.count_data_keys().await.unwrap(), u64::try_from(keys.len() + more.len()).unwrap());
+}
+
+/// `current` reads a record's head, the version it names and its patient's data key together.
+pub(crate) async fn a_records_current_state_reads_back_in_one_lookup(store: &Store) {
+    let patient = RecordRef::patient([0x31; 16]);
+    assert_eq!(store.current(patient).await.unwrap(), None);
+    commit(store, "patient.create", Some(write(0x31, 0)), vec![]).await;
+    commit(store, "patient.update", Some(write(0x31, 1)), vec![]).await;
+    let now = store.current(patient).await.unwrap().unwrap();
+    assert_eq!(now.head, Head { version: 2, patient_id: [0x31; 16] });
+    assert_eq!(now.sealed, Some(write(0x31, 1).sealed));
+    assert_eq!(now.wrapped_key.as_deref(), Some(WRAPPED_GEN_1.as_slice()));
+    let coverage = RecordRef::coverage([0xb1; 16]);
+    commit(store, "coverage.create", Some(coverage_write(0xb1, 0x31, 0)), vec![]).await;
+    let cov = store.current(coverage).await.unwrap().unwrap();
+    assert_eq!(cov.head, Head { version: 1, patient_id: [0x31; 16] });
+    assert_eq!(cov.sealed, Some(coverage_write(0xb1, 0x31, 0).sealed));
+    assert_eq!(cov.wrapped_key.as_deref(), Some(WRAPPED_GEN_1.as_slice()), "the patient's key");
+    // A key that is gone reads as missing, not as an error.
+    let gone = Change::DataKey { patient: [0x31; 16], value: None, expect: Expect::Anything };
+    assert_eq!(commit(store, "x", None, vec![gone]).await.outcome, CommitOutcome::Written);
+    assert_eq!(store.current(patient).await.unwrap().unwrap().wrapped_key, None);
+}
+
+/// Updates that keep, add or drop index keys leave exactly the new set searchable.
+pub(crate) async fn an_update_replaces_exactly_the_index_keys_that_changed(store: &Store) {
+    let record = RecordRef::patient([0x32; 16]);
+    let (a, b) = (index(1, record, [0x32; 16]), index(2, record, [0x32; 16]));
+    let with = |expected: u64, keys: Vec<IndexKey>| RecordWrite { index_keys: keys, ..write(0x32, expected) };
+    let found = |tag: u8| async move { store.blind_lookup(tag, [tag; 16], 100).await.unwrap().contains(&[0x32; 16]) };
+    commit(store, "patient.create", Some(with(0, vec![a])), vec![]).await;
+    for (expected, keys) in [(1, vec![a]), (2, vec![a, b]), (3, vec![a, b]), (4, vec![b]), (5, vec![]), (6, vec![a])] {
+        let done = commit(store, "patient.update", Some(with(expected, keys.clone())), vec![]).await;
+        assert_eq!(done.outcome, CommitOutcome::Written);
+        assert_eq!(store.index_set(record).await.unwrap(), Some(keys.clone()), "after version {}", expected + 1);
+        assert_eq!((found(1).await, found(2).await), (keys.contains(&a), keys.contains(&b)));
+    }
 }
 
 /// Erasing removes everything of the patient, and refuses if its coverages changed.

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 pub use model::{
-    Change, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry,
+    Change, Current, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry,
     StoredCheckpoint,
 };
 pub use sequencer::{Commit, CommitOutcome, Committed, Expected, Sequencer};
@@ -108,6 +108,12 @@ pub trait Backend: Send + Sync {
     async fn head(&self, record: RecordRef) -> Result<Option<Head>, StorageError>;
     /// One stored version's ciphertext.
     async fn record_version(&self, record: RecordRef, version: u64) -> Result<Option<Vec<u8>>, StorageError>;
+    /// A record's head with the sealed version it names and its patient's
+    /// wrapped data key: what reading a record needs, in one lookup where the
+    /// engine can (PostgreSQL: one query, one snapshot). Engines write a
+    /// version and its data key before the head that names them, so reading
+    /// the head first never finds it naming what is not there yet.
+    async fn current(&self, record: RecordRef) -> Result<Option<Current>, StorageError>;
     /// Every stored version of a record, oldest first.
     async fn versions(&self, record: RecordRef) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
     /// Up to `limit` heads after `after`, of `kind` only if given.
@@ -244,6 +250,9 @@ impl Backend for sled::SledStore {
     }
     async fn record_version(&self, record: RecordRef, version: u64) -> Result<Option<Vec<u8>>, StorageError> {
         sled::SledStore::record_version(self, record, version)
+    }
+    async fn current(&self, record: RecordRef) -> Result<Option<Current>, StorageError> {
+        sled::SledStore::current(self, record)
     }
     async fn versions(&self, record: RecordRef) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         sled::SledStore::versions(self, record)

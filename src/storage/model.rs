@@ -46,6 +46,19 @@ pub struct Head {
     pub patient_id: [u8; 16],
 }
 
+/// A record's current state, read together: its head, the sealed version
+/// the head names and its patient's wrapped data key (`None` where one is
+/// missing, which the caller reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    /// The head.
+    pub head: Head,
+    /// The ciphertext of version `head.version`.
+    pub sealed: Option<Vec<u8>>,
+    /// The wrapped data key of patient `head.patient_id`.
+    pub wrapped_key: Option<Vec<u8>>,
+}
+
 /// One blind-index entry: it leads searches for one HMAC to one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IndexKey {

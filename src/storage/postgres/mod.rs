@@ -24,7 +24,7 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
-use super::model::{Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry, StoredCheckpoint};
+use super::model::{Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry, StoredCheckpoint};
 use super::sequencer::{self, Sequencer};
 use super::{Backend, StorageError};
 use crate::audit::AuditEntry;
@@ -228,6 +228,26 @@ impl Backend for PgStore {
             &[&kind_tag(record.kind), &record.id.as_slice(), &i64_of(version)],
         )
         .await
+    }
+
+    async fn current(&self, record: RecordRef) -> Result<Option<Current>, StorageError> {
+        let row = self
+            .opt_row(
+                "SELECT r.version, r.patient, v.sealed, k.wrapped FROM records r \
+                 LEFT JOIN record_versions v ON v.kind = r.kind AND v.id = r.id AND v.version = r.version \
+                 LEFT JOIN data_keys k ON k.patient = r.patient \
+                 WHERE r.kind = $1 AND r.id = $2",
+                &[&kind_tag(record.kind), &record.id.as_slice()],
+            )
+            .await?;
+        row.map(|r| {
+            Ok(Current {
+                head: Head { version: u64_of(&r, 0)?, patient_id: id16(&r, 1)? },
+                sealed: r.try_get(2).map_err(pg_error)?,
+                wrapped_key: r.try_get(3).map_err(pg_error)?,
+            })
+        })
+        .transpose()
     }
 
     async fn versions(&self, record: RecordRef) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {

@@ -64,11 +64,14 @@ const PUT_HEAD: &str = "INSERT INTO records (kind, id, version, patient) VALUES 
 const PUT_DATA_KEY: &str = "INSERT INTO data_keys (patient, wrapped) VALUES ($1, $2) \
      ON CONFLICT (patient) DO UPDATE SET wrapped = EXCLUDED.wrapped";
 const DELETE_DATA_KEY: &str = "DELETE FROM data_keys WHERE patient = $1";
-const DELETE_INDEX_OF: &str = "DELETE FROM index_entries WHERE kind = $1 AND id = $2";
+/// A record's index entries that its new set (`$3`-`$5`) lacks.
+const DELETE_INDEX_NOT_IN: &str = "DELETE FROM index_entries WHERE kind = $1 AND id = $2 \
+     AND (tag, mac, patient) NOT IN (SELECT * FROM UNNEST($3::smallint[], $4::bytea[], $5::bytea[]))";
 const INSERT_INDEX: &str = "INSERT INTO index_entries (tag, mac, patient, kind, id) \
-     SELECT * FROM UNNEST($1::smallint[], $2::bytea[], $3::bytea[], $4::smallint[], $5::bytea[])";
+     SELECT * FROM UNNEST($1::smallint[], $2::bytea[], $3::bytea[], $4::smallint[], $5::bytea[]) \
+     ON CONFLICT DO NOTHING";
 const PUT_INDEX_SET: &str = "INSERT INTO index_sets (kind, id, keys) VALUES ($1, $2, $3) \
-     ON CONFLICT (kind, id) DO UPDATE SET keys = EXCLUDED.keys";
+     ON CONFLICT (kind, id) DO UPDATE SET keys = EXCLUDED.keys WHERE index_sets.keys IS DISTINCT FROM EXCLUDED.keys";
 const PUT_RESTRICTION: &str = "INSERT INTO restrictions (patient, since_micros) VALUES ($1, $2) \
      ON CONFLICT (patient) DO UPDATE SET since_micros = EXCLUDED.since_micros";
 const DELETE_RESTRICTION: &str = "DELETE FROM restrictions WHERE patient = $1";
@@ -336,12 +339,21 @@ fn record_params(r: RecordRef) -> Vec<Param> {
     vec![Box::new(kind_tag(r.kind)), b(&r.id)]
 }
 
+/// Replaces a record's index entries with `keys`, touching only the rows
+/// that change: the entries the new set lacks are deleted, the new ones
+/// inserted (those already there are left alone), and the set's row is
+/// rewritten only if it differs. An update that leaves its indexed fields
+/// alone deletes and inserts no index row.
 fn replace_index(record: RecordRef, keys: &[IndexKey], ops: &mut Vec<Op>) {
-    ops.push(op(DELETE_INDEX_OF, record_params(record)));
+    let tags: Vec<i16> = keys.iter().map(|k| i16::from(k.tag)).collect();
+    let macs: Vec<Vec<u8>> = keys.iter().map(|k| k.mac.to_vec()).collect();
+    let patients: Vec<Vec<u8>> = keys.iter().map(|k| k.patient.to_vec()).collect();
+    let mut params = record_params(record);
+    params.push(Box::new(tags.clone()));
+    params.push(Box::new(macs.clone()));
+    params.push(Box::new(patients.clone()));
+    ops.push(op(DELETE_INDEX_NOT_IN, params));
     if !keys.is_empty() {
-        let tags: Vec<i16> = keys.iter().map(|k| i16::from(k.tag)).collect();
-        let macs: Vec<Vec<u8>> = keys.iter().map(|k| k.mac.to_vec()).collect();
-        let patients: Vec<Vec<u8>> = keys.iter().map(|k| k.patient.to_vec()).collect();
         let kinds: Vec<i16> = keys.iter().map(|k| kind_tag(k.record.kind)).collect();
         let ids: Vec<Vec<u8>> = keys.iter().map(|k| k.record.id.to_vec()).collect();
         ops.push(op(

@@ -109,18 +109,29 @@ impl Builder<'_> {
         self.ops.push(Op { tree, key: key.to_vec(), value });
     }
 
-    /// Replaces a record's index entries: the old set's keys removed, the new set's added.
+    /// Replaces a record's index entries with `keys`: only the keys of the
+    /// old set that the new one lacks are removed and only the new set's
+    /// keys the old one lacks are added; the owner list is rewritten only if
+    /// the set changed (an update that leaves its indexed fields alone
+    /// writes no index key at all).
     fn replace_index(&mut self, record: RecordRef, keys: &[IndexKey]) -> Result<(), StorageError> {
         let owner = layout::head_key(record);
-        if let Some(old) = self.get(Tree::BlindOwner, &owner)? {
-            for k in layout::decode_index_set(&old)? {
-                self.set(Tree::Blind, &k.to_bytes(), None);
-            }
+        let new = layout::encode_index_set(keys);
+        let old = self.get(Tree::BlindOwner, &owner)?;
+        if old.as_deref() == Some(new.as_slice()) {
+            return Ok(());
         }
-        for k in keys {
+        let old = match &old {
+            Some(v) => layout::decode_index_set(v)?,
+            None => Vec::new(),
+        };
+        for k in old.iter().filter(|k| !keys.contains(k)) {
+            self.set(Tree::Blind, &k.to_bytes(), None);
+        }
+        for k in keys.iter().filter(|k| !old.contains(k)) {
             self.set(Tree::Blind, &k.to_bytes(), Some(Vec::new()));
         }
-        self.set(Tree::BlindOwner, &owner, Some(layout::encode_index_set(keys)));
+        self.set(Tree::BlindOwner, &owner, Some(new));
         Ok(())
     }
 
@@ -243,6 +254,14 @@ pub(super) fn translate(
     }
     let nodes = nodes.iter().map(|(id, h)| (node_key(*id), *h)).collect();
     Ok(Writes { commits: out, blocks, nodes, redo })
+}
+
+#[cfg(test)]
+impl Writes {
+    /// Every data change of the batch, in order.
+    pub(super) fn ops(&self) -> impl Iterator<Item = &Op> {
+        self.commits.iter().flat_map(|c| &c.ops)
+    }
 }
 
 /// Writes a translated batch in the order the module docs justify.

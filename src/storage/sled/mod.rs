@@ -28,7 +28,7 @@ pub use recovery::Recovery;
 
 use self::layout::Tree;
 use super::StorageError;
-use super::model::{Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry};
+use super::model::{Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry};
 use super::sequencer::plan::{Snapshot, StateKey, StateValue};
 use super::sequencer::{self, Sequencer};
 use crate::audit::AuditEntry;
@@ -240,6 +240,15 @@ impl SledStore {
     /// See the `Backend` method of the same name.
     pub fn record_version(&self, r: RecordRef, version: u64) -> Result<Option<Vec<u8>>, StorageError> {
         self.get(Tree::Records, &layout::version_key(r, version))
+    }
+
+    /// See the `Backend` method of the same name: three gets in one call
+    /// (the head first; see the write order in `apply`).
+    pub fn current(&self, r: RecordRef) -> Result<Option<Current>, StorageError> {
+        let Some(head) = self.head(r)? else { return Ok(None) };
+        let sealed = self.record_version(r, head.version)?;
+        let wrapped_key = self.data_key(&head.patient_id)?;
+        Ok(Some(Current { head, sealed, wrapped_key }))
     }
 
     /// See the `Backend` method of the same name.

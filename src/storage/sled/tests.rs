@@ -256,3 +256,66 @@ async fn the_merkle_tree_is_rebuilt_at_start_where_a_crash_cut_it_short_or_it_ne
     assert_eq!(crate::storage::tree::root(&*store, 141).await.unwrap(), want, "and it grows on from there");
     stop(store, thread);
 }
+
+/// The data changes of `batch` planned against `store` at its current head, written.
+fn write_batch(store: &SledStore, batch: &[Pending]) -> Vec<apply::Op> {
+    let head = store.audit_head_sync().unwrap().unwrap_or((0, [0; 32]));
+    let mut range = one_leaf();
+    if head.0 > 0 {
+        for e in store.audit_range(1, head.0) {
+            range.append(crate::audit::merkle::leaf_hash(&e.unwrap().bytes));
+        }
+    }
+    let planned = plan(store, batch, head, &range, 5).unwrap();
+    assert!(planned.results.iter().all(Result::is_ok), "{:?}", planned.results);
+    let writes = apply::translate(store, &planned.commits, &planned.nodes).unwrap();
+    apply::write(store, &writes).unwrap();
+    writes.ops().cloned().collect()
+}
+
+/// A queued update of patient `[id; 16]` from `version`, with these index keys.
+fn updated(id: u8, version: u64, index_keys: Vec<crate::storage::IndexKey>) -> Pending {
+    let reply = crate::storage::sequencer::Reply::nobody();
+    let mut e = suite::entry("patient.update");
+    e.patient_id = uuid::Uuid::from_bytes([id; 16]).to_string();
+    let mut w = write(id, version);
+    w.index_keys = index_keys;
+    Pending { commit: Commit { entry: e, write: Some(w), changes: vec![] }, reply }
+}
+
+#[test]
+fn an_update_writes_only_the_index_keys_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("db"), 8 << 20).unwrap();
+    let p = RecordRef::patient([1; 16]);
+    let (a, b) = (suite::index(1, p, [1; 16]), suite::index(2, p, [1; 16]));
+    let index_ops = |ops: &[apply::Op]| {
+        ops.iter()
+            .filter(|o| matches!(o.tree, layout::Tree::Blind | layout::Tree::BlindOwner))
+            .map(|o| (o.tree, o.key.clone(), o.value.is_some()))
+            .collect::<Vec<_>>()
+    };
+    let ops = write_batch(&store, &[created(1)]);
+    assert_eq!(index_ops(&ops).len(), 2, "a create adds its key and its owner list");
+
+    let ops = write_batch(&store, &[updated(1, 1, vec![a])]);
+    assert_eq!(index_ops(&ops), vec![], "the same keys: nothing to write");
+    assert!(ops.iter().any(|o| o.tree == layout::Tree::Heads), "the head still moves");
+
+    let ops = write_batch(&store, &[updated(1, 2, vec![a, b])]);
+    let owner = layout::head_key(p).to_vec();
+    assert_eq!(
+        index_ops(&ops),
+        vec![(layout::Tree::Blind, b.to_bytes().to_vec(), true), (layout::Tree::BlindOwner, owner.clone(), true)],
+        "one key more: only it is added"
+    );
+    let ops = write_batch(&store, &[updated(1, 3, vec![b])]);
+    assert_eq!(
+        index_ops(&ops),
+        vec![(layout::Tree::Blind, a.to_bytes().to_vec(), false), (layout::Tree::BlindOwner, owner, true)],
+        "one key fewer: only it is removed"
+    );
+    assert_eq!(store.blind_lookup(2, &[2; 16], 10).unwrap(), vec![[1; 16]]);
+    assert_eq!(store.blind_lookup(1, &[1; 16], 10).unwrap(), Vec::<[u8; 16]>::new());
+    assert_eq!(store.index_set(p).unwrap(), Some(vec![b]));
+}
