@@ -83,6 +83,9 @@ pub(super) struct Call<'a> {
     pub(super) grant: Grant,
     /// The patient of the coverage the request names, if it exists.
     pub(super) coverage_patient: Option<PatientId>,
+    /// A patient's restriction read together with its record (see
+    /// `App::fetch`), for the access check to use instead of reading it again.
+    pub(super) known_restriction: Option<(PatientId, Option<i64>)>,
     /// Changes that commit with the entry, and only if the call succeeds
     /// (a new break-glass grant, a restriction, a job's state, ...).
     staged: Vec<Change>,
@@ -114,6 +117,7 @@ impl App {
             entry,
             grant: Grant::default(),
             coverage_patient: None,
+            known_restriction: None,
             staged: Vec::new(),
             key_state: self.keys.raw(),
             expected: self.store.expect_commit(),

@@ -143,6 +143,21 @@ pub(super) struct Opened<T> {
     key_version: u32,
 }
 
+/// A record's current state as read from the store, and the key cache's
+/// epoch and the erasure bucket keys taken just before the read.
+pub(super) struct Fetched {
+    epoch: u64,
+    shreds: Arc<crypto::ShredKeys>,
+    now: crate::storage::Current,
+}
+
+impl Fetched {
+    /// Since when the record's patient is restricted, if it is.
+    pub(super) fn restricted_since(&self) -> Option<i64> {
+        self.now.restricted_since
+    }
+}
+
 /// Access-control parts of the application.
 pub struct AccessControl {
     /// Roles and permissions.
@@ -271,21 +286,40 @@ impl App {
     /// A record's current version, sealed, with its patient's data key: one
     /// store lookup (see `Backend::current`), and no unwrap if the key is cached.
     async fn current(&self, record: RecordRef) -> Result<(Head, Vec<u8>, DataKey, u32), AppError> {
+        self.current_from(record, None).await
+    }
+
+    /// A record's current state read from the store, with the keys to open
+    /// it taken before the read (as in `data_key`); `None` if it does not exist.
+    async fn fetch(&self, record: RecordRef) -> Result<Option<Fetched>, AppError> {
+        let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
+        let now = self.store.current(record).await.map_err(internal)?;
+        Ok(now.map(|now| Fetched { epoch, shreds, now }))
+    }
+
+    /// [`App::current`], starting from a state already fetched if given.
+    async fn current_from(
+        &self,
+        record: RecordRef,
+        mut fetched: Option<Fetched>,
+    ) -> Result<(Head, Vec<u8>, DataKey, u32), AppError> {
         let mut attempts = 0;
         loop {
-            // Taken before the read, as in `data_key`.
-            let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
-            let Some(now) = self.store.current(record).await.map_err(internal)? else {
-                return Err(self.missing(record).await);
+            let f = match fetched.take() {
+                Some(f) => f,
+                None => match self.fetch(record).await? {
+                    Some(f) => f,
+                    None => return Err(self.missing(record).await),
+                },
             };
-            let sealed = now.sealed.ok_or(AppError::DataLoss)?;
-            let patient = now.head.patient_id;
-            let Some(wrapped) = now.wrapped_key.map(WrappedDataKey) else {
+            let sealed = f.now.sealed.ok_or(AppError::DataLoss)?;
+            let patient = f.now.head.patient_id;
+            let Some(wrapped) = f.now.wrapped_key.map(WrappedDataKey) else {
                 return Err(self.missing(RecordRef::patient(patient)).await);
             };
-            match self.unwrap_key(epoch, &shreds, patient, &wrapped) {
+            match self.unwrap_key(f.epoch, &f.shreds, patient, &wrapped) {
                 Err(e) => self.unwrap_failed(e, &mut attempts).await?,
-                Ok((dek, version)) => return Ok((now.head, sealed, dek, version)),
+                Ok((dek, version)) => return Ok((f.now.head, sealed, dek, version)),
             }
         }
     }

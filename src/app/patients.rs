@@ -120,7 +120,17 @@ impl App {
     }
 
     async fn load_patient_once(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        let (head, sealed, dek, key_version) = self.current(RecordRef::patient(id.bytes())).await?;
+        self.load_patient_from(id, None).await
+    }
+
+    /// [`App::load_patient_once`], from a state already fetched if given.
+    async fn load_patient_from(
+        &self,
+        id: PatientId,
+        fetched: Option<super::Fetched>,
+    ) -> Result<Opened<Patient>, AppError> {
+        let record = RecordRef::patient(id.bytes());
+        let (head, sealed, dek, key_version) = self.current_from(record, fetched).await?;
         let record: Patient = self.open(&dek, &patient_aad(id, head.version), &sealed)?;
         Ok(Opened { record, patient: id, dek, key_version })
     }
@@ -186,9 +196,21 @@ impl App {
 
     /// A patient the caller may read, opened and shown as the caller may see
     /// it, with what the call's entry records of it.
+    ///
+    /// The record and its patient's restriction are read in one lookup
+    /// before the access check; nothing is opened until the check passed.
     async fn read_patient(&self, call: &mut Call<'_>, id: PatientId) -> Result<Patient, AppError> {
+        let record = RecordRef::patient(id.bytes());
+        let fetched = self.fetch(record).await?;
+        if let Some(f) = &fetched {
+            call.known_restriction = Some((id, f.restricted_since()));
+        }
         call.reach(id, Reach::Read, RecordKind::Patient).await?;
-        let opened = self.load_patient(id).await?;
+        let Some(fetched) = fetched else { return Err(self.missing(record).await) };
+        let opened = match self.load_patient_from(id, Some(fetched)).await {
+            Err(AppError::DataLoss) => self.load_patient_once(id).await,
+            other => other,
+        }?;
         call.entry.record_version = opened.record.version;
         call.entry.key_version = opened.key_version;
         Ok(show(call, opened.record))

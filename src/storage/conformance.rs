@@ -253,6 +253,11 @@ pub(crate) async fn a_records_current_state_reads_back_in_one_lookup(store: &Sto
     assert_eq!(cov.head, Head { version: 1, patient_id: [0x31; 16] });
     assert_eq!(cov.sealed, Some(coverage_write(0xb1, 0x31, 0).sealed));
     assert_eq!(cov.wrapped_key.as_deref(), Some(WRAPPED_GEN_1.as_slice()), "the patient's key");
+    assert_eq!(cov.restricted_since, None);
+    let restrict = Change::Restriction { patient: [0x31; 16], since: Some(77) };
+    assert_eq!(commit(store, "x", None, vec![restrict]).await.outcome, CommitOutcome::Written);
+    assert_eq!(store.current(coverage).await.unwrap().unwrap().restricted_since, Some(77), "the patient's restriction");
+    assert_eq!(store.current(patient).await.unwrap().unwrap().restricted_since, Some(77));
     // A key that is gone reads as missing, not as an error.
     let gone = Change::DataKey { patient: [0x31; 16], value: None, expect: Expect::Anything };
     assert_eq!(commit(store, "x", None, vec![gone]).await.outcome, CommitOutcome::Written);

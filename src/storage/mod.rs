@@ -108,9 +108,10 @@ pub trait Backend: Send + Sync {
     async fn head(&self, record: RecordRef) -> Result<Option<Head>, StorageError>;
     /// One stored version's ciphertext.
     async fn record_version(&self, record: RecordRef, version: u64) -> Result<Option<Vec<u8>>, StorageError>;
-    /// A record's head with the sealed version it names and its patient's
-    /// wrapped data key: what reading a record needs, in one lookup where the
-    /// engine can (PostgreSQL: one query, one snapshot). Engines write a
+    /// A record's head with the sealed version it names, its patient's
+    /// wrapped data key and its patient's restriction: what reading a record
+    /// needs, in one lookup where the engine can (PostgreSQL: one query, one
+    /// snapshot). Engines write a
     /// version and its data key before the head that names them, so reading
     /// the head first never finds it naming what is not there yet.
     async fn current(&self, record: RecordRef) -> Result<Option<Current>, StorageError>;

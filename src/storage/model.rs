@@ -47,8 +47,8 @@ pub struct Head {
 }
 
 /// A record's current state, read together: its head, the sealed version
-/// the head names and its patient's wrapped data key (`None` where one is
-/// missing, which the caller reports).
+/// the head names, its patient's wrapped data key (`None` where one is
+/// missing, which the caller reports) and its patient's restriction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Current {
     /// The head.
@@ -57,6 +57,9 @@ pub struct Current {
     pub sealed: Option<Vec<u8>>,
     /// The wrapped data key of patient `head.patient_id`.
     pub wrapped_key: Option<Vec<u8>>,
+    /// Since when patient `head.patient_id` is restricted, if it is: what
+    /// the access check needs before the record is opened.
+    pub restricted_since: Option<i64>,
 }
 
 /// One blind-index entry: it leads searches for one HMAC to one record.

@@ -233,9 +233,10 @@ impl Backend for PgStore {
     async fn current(&self, record: RecordRef) -> Result<Option<Current>, StorageError> {
         let row = self
             .opt_row(
-                "SELECT r.version, r.patient, v.sealed, k.wrapped FROM records r \
+                "SELECT r.version, r.patient, v.sealed, k.wrapped, x.since_micros FROM records r \
                  LEFT JOIN record_versions v ON v.kind = r.kind AND v.id = r.id AND v.version = r.version \
                  LEFT JOIN data_keys k ON k.patient = r.patient \
+                 LEFT JOIN restrictions x ON x.patient = r.patient \
                  WHERE r.kind = $1 AND r.id = $2",
                 &[&kind_tag(record.kind), &record.id.as_slice()],
             )
@@ -245,6 +246,7 @@ impl Backend for PgStore {
                 head: Head { version: u64_of(&r, 0)?, patient_id: id16(&r, 1)? },
                 sealed: r.try_get(2).map_err(pg_error)?,
                 wrapped_key: r.try_get(3).map_err(pg_error)?,
+                restricted_since: r.try_get(4).map_err(pg_error)?,
             })
         })
         .transpose()

@@ -242,13 +242,14 @@ impl SledStore {
         self.get(Tree::Records, &layout::version_key(r, version))
     }
 
-    /// See the `Backend` method of the same name: three gets in one call
+    /// See the `Backend` method of the same name: four gets in one call
     /// (the head first; see the write order in `apply`).
     pub fn current(&self, r: RecordRef) -> Result<Option<Current>, StorageError> {
         let Some(head) = self.head(r)? else { return Ok(None) };
         let sealed = self.record_version(r, head.version)?;
         let wrapped_key = self.data_key(&head.patient_id)?;
-        Ok(Some(Current { head, sealed, wrapped_key }))
+        let restricted_since = self.restricted_since(&head.patient_id)?;
+        Ok(Some(Current { head, sealed, wrapped_key, restricted_since }))
     }
 
     /// See the `Backend` method of the same name.
