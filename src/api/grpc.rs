@@ -83,9 +83,11 @@ pub trait Methods: Send + Sync + 'static {
 /// `async fn(&Edge, &CallContext, Bytes) -> Result<impl prost::Message, AppError>`.
 /// Runs a unary call again (up to twice) if it was aborted because the key
 /// state changed while it ran (a key operation or an erasure through another
-/// process; this process has taken the new state up by then). Each attempt
-/// has its own audit entry, the aborted one included; the attempt changed
-/// nothing.
+/// process; this process has taken the new state up by then), or because
+/// the patient's data key changed between reading it and committing a write
+/// sealed with it (a re-encryption batch; the next attempt reads the new
+/// key). Each attempt has its own audit entry, the aborted one included; the
+/// attempt changed nothing.
 pub(crate) async fn retrying_key_state<T, F, Fut>(mut attempt: F) -> Result<T, AppError>
 where
     F: FnMut() -> Fut,
@@ -94,6 +96,7 @@ where
     for _ in 0..2 {
         match attempt().await {
             Err(AppError::KeyStateMoved) => tracing::info!("the key state moved under a call; running it again"),
+            Err(AppError::KeyChanged) => tracing::info!("a data key changed under a write; running it again"),
             other => return other,
         }
     }

@@ -254,7 +254,22 @@ impl App {
         grant: &Grant,
         patient: PatientId,
     ) -> Result<Visibility, AppError> {
-        if grant.has(Permission::RestrictedAccess) || !self.is_restricted(patient).await? {
+        if grant.has(Permission::RestrictedAccess) {
+            return Ok(Visibility::Visible);
+        }
+        let restricted = self.is_restricted(patient).await?;
+        self.visible_given(subject, grant, patient, restricted).await
+    }
+
+    /// [`App::visible`], with whether the patient is restricted already read.
+    pub(super) async fn visible_given(
+        &self,
+        subject: Option<&str>,
+        grant: &Grant,
+        patient: PatientId,
+        restricted: bool,
+    ) -> Result<Visibility, AppError> {
+        if grant.has(Permission::RestrictedAccess) || !restricted {
             return Ok(Visibility::Visible);
         }
         match subject {

@@ -49,12 +49,18 @@ impl App {
             .collect()
     }
 
-    /// Loads and opens a coverage's current version (read again once if it
-    /// fails to open, like `load_patient`).
+    /// Loads and opens a coverage's current version (read again if it fails
+    /// to open, like `load_patient`).
     pub(super) async fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        match self.load_coverage_once(id).await {
-            Err(AppError::DataLoss) => self.load_coverage_once(id).await,
-            other => other,
+        let mut waits = super::REOPEN_WAITS.iter();
+        loop {
+            match self.load_coverage_once(id).await {
+                Err(AppError::DataLoss) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => return Err(AppError::DataLoss),
+                },
+                other => return other,
+            }
         }
     }
 

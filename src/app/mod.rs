@@ -143,6 +143,15 @@ pub(super) struct Opened<T> {
     key_version: u32,
 }
 
+/// How long to wait before each new read of a record that failed to open.
+/// A re-encryption commit replaces a patient's key and reseals its records
+/// in one commit, but sled readers do not wait for a batch being written:
+/// for as long as the batch takes, a reader may find a record and a key of
+/// different generations. A record that still fails after these is reported
+/// as DATA_LOSS.
+const REOPEN_WAITS: [std::time::Duration; 3] =
+    [std::time::Duration::from_micros(0), std::time::Duration::from_millis(2), std::time::Duration::from_millis(10)];
+
 /// A record's current state as read from the store, and the key cache's
 /// epoch and the erasure bucket keys taken just before the read.
 pub(super) struct Fetched {

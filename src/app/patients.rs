@@ -110,21 +110,33 @@ impl App {
     }
 
     /// Loads and opens the current version of a patient. A record that fails
-    /// to open is read once more: a re-encryption batch may have committed
-    /// between reading the key and reading the record.
+    /// to open is read again (see [`super::REOPEN_WAITS`]): a re-encryption
+    /// batch may have committed, or be being written, between reading the
+    /// key and reading the record.
     pub(super) async fn load_patient(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        match self.load_patient_once(id).await {
-            Err(AppError::DataLoss) => self.load_patient_once(id).await,
-            other => other,
+        self.load_fetched_patient(id, None).await
+    }
+
+    /// [`App::load_patient`], starting from a state already fetched if given
+    /// (the second read is always a fresh one).
+    async fn load_fetched_patient(
+        &self,
+        id: PatientId,
+        mut fetched: Option<super::Fetched>,
+    ) -> Result<Opened<Patient>, AppError> {
+        let mut waits = super::REOPEN_WAITS.iter();
+        loop {
+            match self.load_patient_once(id, fetched.take()).await {
+                Err(AppError::DataLoss) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => return Err(AppError::DataLoss),
+                },
+                other => return other,
+            }
         }
     }
 
-    async fn load_patient_once(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
-        self.load_patient_from(id, None).await
-    }
-
-    /// [`App::load_patient_once`], from a state already fetched if given.
-    async fn load_patient_from(
+    async fn load_patient_once(
         &self,
         id: PatientId,
         fetched: Option<super::Fetched>,
@@ -207,10 +219,7 @@ impl App {
         }
         call.reach(id, Reach::Read, RecordKind::Patient).await?;
         let Some(fetched) = fetched else { return Err(self.missing(record).await) };
-        let opened = match self.load_patient_from(id, Some(fetched)).await {
-            Err(AppError::DataLoss) => self.load_patient_once(id).await,
-            other => other,
-        }?;
+        let opened = self.load_fetched_patient(id, Some(fetched)).await?;
         call.entry.record_version = opened.record.version;
         call.entry.key_version = opened.key_version;
         Ok(show(call, opened.record))
@@ -401,12 +410,20 @@ impl App {
         let mut truncated = false;
         for id in candidates {
             let pid = PatientId::from_bytes(id);
-            let through = match self.visible(subject, grant, pid).await? {
+            // The record and its restriction in one lookup; opened only if visible.
+            let record = RecordRef::patient(id);
+            let fetched = self.fetch(record).await?;
+            let restricted = match &fetched {
+                Some(f) => f.restricted_since().is_some(),
+                None => self.is_restricted(pid).await?,
+            };
+            let through = match self.visible_given(subject, grant, pid, restricted).await? {
                 Visibility::Hidden => continue,
                 Visibility::Visible => None,
                 Visibility::ThroughGrant(g) => Some(g),
             };
-            let p = self.load_patient(pid).await?.record;
+            let Some(fetched) = fetched else { return Err(self.missing(record).await) };
+            let p = self.load_fetched_patient(pid, Some(fetched)).await?.record;
             if !req.show_deleted && !p.active() {
                 continue;
             }

@@ -230,10 +230,19 @@ async fn reencryption_gives_every_patient_a_new_key_generation_while_reads_and_w
                     Ok(p) if w == 0 => {
                         // One writer: update what it read.
                         let u = pb::UpdatePatientRequest { patient: p.into_inner().patient };
-                        client.update_patient(req(u, &t)).await.is_ok()
+                        match client.update_patient(req(u, &t)).await {
+                            Ok(_) => true,
+                            Err(e) => {
+                                eprintln!("update failed during re-encryption: {e:?}");
+                                false
+                            }
+                        }
                     }
                     Ok(_) => true,
-                    Err(_) => false,
+                    Err(e) => {
+                        eprintln!("request failed during re-encryption: {e:?}");
+                        false
+                    }
                 };
                 if !ok {
                     errors.fetch_add(1, Ordering::SeqCst);
