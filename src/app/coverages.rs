@@ -52,16 +52,7 @@ impl App {
     /// Loads and opens a coverage's current version (read again if it fails
     /// to open, like `load_patient`).
     pub(super) async fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        let mut waits = super::REOPEN_WAITS.iter();
-        loop {
-            match self.load_coverage_once(id).await {
-                Err(AppError::DataLoss) => match waits.next() {
-                    Some(wait) => tokio::time::sleep(*wait).await,
-                    None => return Err(AppError::DataLoss),
-                },
-                other => return other,
-            }
-        }
+        super::reading_again(|| self.load_coverage_once(id)).await
     }
 
     async fn load_coverage_once(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {

@@ -152,6 +152,21 @@ pub(super) struct Opened<T> {
 const REOPEN_WAITS: [std::time::Duration; 3] =
     [std::time::Duration::from_micros(0), std::time::Duration::from_millis(2), std::time::Duration::from_millis(10)];
 
+/// Runs `once` again while it fails with DATA_LOSS, after each of
+/// [`REOPEN_WAITS`]; then its last answer.
+async fn reading_again<T, Fut>(mut once: impl FnMut() -> Fut) -> Result<T, AppError>
+where
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+{
+    for wait in REOPEN_WAITS {
+        match once().await {
+            Err(AppError::DataLoss) => tokio::time::sleep(wait).await,
+            other => return other,
+        }
+    }
+    once().await
+}
+
 /// A record's current state as read from the store, and the key cache's
 /// epoch and the erasure bucket keys taken just before the read.
 pub(super) struct Fetched {

@@ -110,7 +110,7 @@ impl App {
     }
 
     /// Loads and opens the current version of a patient. A record that fails
-    /// to open is read again (see [`super::REOPEN_WAITS`]): a re-encryption
+    /// to open is read again (see `REOPEN_WAITS`): a re-encryption
     /// batch may have committed, or be being written, between reading the
     /// key and reading the record.
     pub(super) async fn load_patient(&self, id: PatientId) -> Result<Opened<Patient>, AppError> {
@@ -124,16 +124,7 @@ impl App {
         id: PatientId,
         mut fetched: Option<super::Fetched>,
     ) -> Result<Opened<Patient>, AppError> {
-        let mut waits = super::REOPEN_WAITS.iter();
-        loop {
-            match self.load_patient_once(id, fetched.take()).await {
-                Err(AppError::DataLoss) => match waits.next() {
-                    Some(wait) => tokio::time::sleep(*wait).await,
-                    None => return Err(AppError::DataLoss),
-                },
-                other => return other,
-            }
-        }
+        super::reading_again(|| self.load_patient_once(id, fetched.take())).await
     }
 
     async fn load_patient_once(
