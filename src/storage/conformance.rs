@@ -237,7 +237,8 @@ pub(crate) async fn records_index_sets_and_pages_read_back(store: &Store) {
     assert_eq!(store.count_data_keys().await.unwrap(), u64::try_from(keys.len() + more.len()).unwrap());
 }
 
-/// `current` reads a record's head, the version it names and its patient's data key together.
+/// `current` reads a record's head, the version it names, its patient's data
+/// key and its patient's restriction together.
 pub(crate) async fn a_records_current_state_reads_back_in_one_lookup(store: &Store) {
     let patient = RecordRef::patient([0x31; 16]);
     assert_eq!(store.current(patient).await.unwrap(), None);

@@ -111,9 +111,9 @@ pub trait Backend: Send + Sync {
     /// A record's head with the sealed version it names, its patient's
     /// wrapped data key and its patient's restriction: what reading a record
     /// needs, in one lookup where the engine can (PostgreSQL: one query, one
-    /// snapshot). Engines write a
-    /// version and its data key before the head that names them, so reading
-    /// the head first never finds it naming what is not there yet.
+    /// snapshot). Engines write a version and its data key before the head
+    /// that names them, so reading the head first never finds it naming what
+    /// is not there yet.
     async fn current(&self, record: RecordRef) -> Result<Option<Current>, StorageError>;
     /// Every stored version of a record, oldest first.
     async fn versions(&self, record: RecordRef) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
