@@ -21,9 +21,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// path cost about a tenth of read throughput (BENCHMARKS.md). The channel
 /// is not lossy: when it is full, callers wait rather than drop lines. The
 /// returned guard flushes what is queued when dropped.
-fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+///
+/// Without `CAREVAULT_LOG`, every command logs at INFO but `bench`, whose
+/// in-process server would log a line per measured request: it logs
+/// warnings and errors only.
+fn init_tracing(format: LogFormat, bench: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_env("CAREVAULT_LOG").unwrap_or_else(|_| {
-        EnvFilter::new("info,sled=warn,h2=warn,tower=warn,tonic::transport::server::io_stream=debug")
+        EnvFilter::new(if bench {
+            "warn"
+        } else {
+            "info,sled=warn,h2=warn,tower=warn,tonic::transport::server::io_stream=debug"
+        })
     });
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
@@ -41,7 +49,7 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 
 fn main() {
     let cli = Cli::parse();
-    let log_guard = init_tracing(cli.log_format);
+    let log_guard = init_tracing(cli.log_format, matches!(cli.command, Command::Bench(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
