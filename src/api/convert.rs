@@ -592,9 +592,12 @@ mod tests {
                     delete_time: None,
                     data,
                 };
-                // What was accepted survives sealing's JSON and comes back as proto.
+                // What was accepted survives both plaintext formats (the binary one
+                // written now, the JSON one still read) and comes back as proto.
+                use crate::domain::plaintext::Plaintext;
                 let json = serde_json::to_vec(&stored).unwrap();
-                let back: d::Patient = serde_json::from_slice(&json).unwrap();
+                prop_assert_eq!(&d::Patient::from_plaintext(&json).unwrap(), &stored);
+                let back = d::Patient::from_plaintext(&stored.to_plaintext().unwrap()).unwrap();
                 prop_assert_eq!(&back, &stored);
                 let again = patient_pb(&back);
                 let mut c2 = Checker::default();
@@ -622,7 +625,20 @@ mod tests {
             };
             let mut c = Checker::default();
             let parsed = coverage_data(&mut c, "coverage", &cv, today());
-            let _ = c.into_result(parsed);
+            if let Ok(data) = c.into_result(parsed) {
+                use crate::domain::plaintext::Plaintext;
+                let stored = d::Coverage {
+                    id: d::CoverageId::new_v7().to_string(),
+                    patient_id: d::PatientId::new_v7().into(),
+                    version: 3,
+                    create_time: 1,
+                    update_time: 2,
+                    delete_time: Some(2),
+                    data,
+                };
+                let back = d::Coverage::from_plaintext(&stored.to_plaintext().unwrap()).unwrap();
+                prop_assert_eq!(back, stored);
+            }
         }
     }
 }

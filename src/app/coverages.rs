@@ -4,12 +4,12 @@
 use super::Created;
 use super::access::{Reach, groups};
 use super::call::{Call, Input};
-use super::{App, CallContext, Opened, internal};
+use super::{App, CallContext, Fetched, Opened, internal};
 use crate::crypto::{BlindIndexKind, RecordAad, RecordKind};
 use crate::domain::patient::PatientIdText;
 use crate::domain::{Action, CalendarDate, Coverage, CoverageData, CoverageId, PatientId, normalize};
 use crate::error::AppError;
-use crate::storage::{Change, IndexKey, RecordRef, RecordWrite};
+use crate::storage::{Change, CoveragesNow, IndexKey, RecordRef, RecordWrite};
 
 /// A new coverage for a patient.
 pub struct CoverageCreate {
@@ -52,24 +52,72 @@ impl App {
     /// Loads and opens a coverage's current version (read again if it fails
     /// to open, like `load_patient`).
     pub(super) async fn load_coverage(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        super::reading_again(|| self.load_coverage_once(id)).await
+        self.load_fetched_coverage(id, None).await
     }
 
-    async fn load_coverage_once(&self, id: CoverageId) -> Result<Opened<Coverage>, AppError> {
-        let (head, sealed, dek, key_version) = self.current(RecordRef::coverage(id.bytes())).await?;
+    /// [`App::load_coverage`], starting from a state already fetched if given.
+    async fn load_fetched_coverage(
+        &self,
+        id: CoverageId,
+        mut fetched: Option<Fetched>,
+    ) -> Result<Opened<Coverage>, AppError> {
+        super::reading_again(|| self.load_coverage_once(id, fetched.take())).await
+    }
+
+    async fn load_coverage_once(&self, id: CoverageId, fetched: Option<Fetched>) -> Result<Opened<Coverage>, AppError> {
+        let (head, sealed, dek, key_version) = self.current_from(RecordRef::coverage(id.bytes()), fetched).await?;
         let patient = PatientId::from_bytes(head.patient_id);
         let record: Coverage = self.open(&dek, &coverage_aad(id, patient, head.version), &sealed)?;
         Ok(Opened { record, patient, dek, key_version })
     }
 
-    async fn load_coverages_of(&self, patient: PatientId) -> Result<Vec<Coverage>, AppError> {
-        let ids = self.store.coverages_of(patient.bytes()).await.map_err(internal)?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.push(self.load_coverage(CoverageId::from_bytes(id)).await?.record);
-        }
-        out.sort_by(|a, b| (a.data.order, a.create_time, &a.id).cmp(&(b.data.order, b.create_time, &b.id)));
-        Ok(out)
+    /// A patient's coverages as they are now (`Backend::coverages_now`: one
+    /// store lookup), with the keys to open them taken before the read;
+    /// `None` if the patient does not exist.
+    async fn fetch_coverages(&self, patient: PatientId) -> Result<Option<Fetched<CoveragesNow>>, AppError> {
+        let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
+        let now = self.store.coverages_now(patient.bytes()).await.map_err(internal)?;
+        Ok(now.map(|now| Fetched { epoch, shreds, now }))
+    }
+
+    /// Opens every coverage fetched, primary first; read again while one
+    /// fails to open (like `load_coverage`).
+    async fn open_coverages(
+        &self,
+        patient: PatientId,
+        fetched: Fetched<CoveragesNow>,
+    ) -> Result<Vec<Coverage>, AppError> {
+        let mut fetched = Some(fetched);
+        let mut all = super::reading_again(|| self.open_coverages_once(patient, fetched.take())).await?;
+        all.sort_by(|a, b| (a.data.order, a.create_time, &a.id).cmp(&(b.data.order, b.create_time, &b.id)));
+        Ok(all)
+    }
+
+    async fn open_coverages_once(
+        &self,
+        patient: PatientId,
+        fetched: Option<Fetched<CoveragesNow>>,
+    ) -> Result<Vec<Coverage>, AppError> {
+        let mut fetched = fetched;
+        let mut attempts = 0;
+        let (now, dek, _) = loop {
+            let f = match fetched.take() {
+                Some(f) => Some(f),
+                None => self.fetch_coverages(patient).await?,
+            };
+            let Some(f) = f else { return Err(self.missing(RecordRef::patient(patient.bytes())).await) };
+            if let Some(unlocked) = self.unlock(f, &mut attempts).await? {
+                break unlocked;
+            }
+        };
+        now.coverages
+            .into_iter()
+            .map(|c| {
+                let id = CoverageId::from_bytes(c.id);
+                let sealed = c.sealed.ok_or(AppError::DataLoss)?;
+                self.open(&dek, &coverage_aad(id, patient, c.version), &sealed)
+            })
+            .collect()
     }
 
     /// Adds a coverage to an active patient.
@@ -139,10 +187,19 @@ impl App {
     }
 
     /// A coverage the caller may read, opened, with what the call's entry records of it.
+    /// The coverage is read before the access check, in one lookup that
+    /// also gives the check its patient's restriction; it is opened only once
+    /// the check passed.
     async fn read_coverage(&self, call: &mut Call<'_>, id: CoverageId) -> Result<Coverage, AppError> {
+        let record = RecordRef::coverage(id.bytes());
+        let fetched = self.fetch(record).await?;
+        if let Some(f) = &fetched {
+            call.known_restriction = Some((PatientId::from_bytes(f.patient()), f.restricted_since()));
+        }
         call.reach_coverage(id, Reach::Read).await?;
         call.entry.disclosed = vec![groups::INSURANCE.into()];
-        let opened = self.load_coverage(id).await?;
+        let Some(fetched) = fetched else { return Err(self.missing(record).await) };
+        let opened = self.load_fetched_coverage(id, Some(fetched)).await?;
         call.entry.patient_id = opened.patient.to_string();
         call.entry.record_version = opened.record.version;
         call.entry.key_version = opened.key_version;
@@ -263,10 +320,14 @@ impl App {
         let mut call = self.call(ctx, action, input.named).await;
         let result = async {
             let (patient, keep) = call.accept(input.parsed)?;
+            let fetched = self.fetch_coverages(patient).await?;
+            if let Some(f) = &fetched {
+                call.known_restriction = Some((patient, f.restricted_since()));
+            }
             call.reach(patient, Reach::Read, RecordKind::Patient).await?;
             call.entry.disclosed = vec![groups::INSURANCE.into()];
-            self.existing(RecordRef::patient(patient.bytes())).await?;
-            let all = self.load_coverages_of(patient).await?;
+            let Some(fetched) = fetched else { return Err(self.missing(RecordRef::patient(patient.bytes())).await) };
+            let all = self.open_coverages(patient, fetched).await?;
             let list: Vec<Coverage> = all.into_iter().filter(|c| keep(c)).collect();
             call.entry.result_count = Some(super::count(list.len()));
             Ok(list)

@@ -41,6 +41,7 @@ use crate::auth::{AuthFailure, Principal};
 use crate::clock::Clock;
 use crate::crypto::{self, DataKey, RecordAad, RecordKind, WrappedDataKey};
 use crate::domain::PatientId;
+use crate::domain::plaintext::Plaintext;
 use crate::error::AppError;
 use crate::storage::{Head, RecordRef, StorageError, Store};
 
@@ -167,18 +168,58 @@ where
     once().await
 }
 
-/// A record's current state as read from the store, and the key cache's
-/// epoch and the erasure bucket keys taken just before the read.
-pub(super) struct Fetched {
+/// A record's current state as read from the store (or a patient's
+/// coverages, `N`), and the key cache's epoch and the erasure bucket keys
+/// taken just before the read.
+pub(super) struct Fetched<N = crate::storage::Current> {
     epoch: u64,
     shreds: Arc<crypto::ShredKeys>,
-    now: crate::storage::Current,
+    now: N,
 }
 
-impl Fetched {
-    /// Since when the record's patient is restricted, if it is.
+impl<N: Locked> Fetched<N> {
+    /// The patient whose record (or coverages) it is.
+    pub(super) fn patient(&self) -> [u8; 16] {
+        self.now.patient()
+    }
+
+    /// Since when the patient is restricted, if it is.
     pub(super) fn restricted_since(&self) -> Option<i64> {
-        self.now.restricted_since
+        self.now.restricted_since()
+    }
+}
+
+/// What was read together with a patient's wrapped data key, to be opened with it.
+pub(super) trait Locked {
+    /// The patient whose key it is.
+    fn patient(&self) -> [u8; 16];
+    /// The wrapped key, taken out (`None` if the store had none).
+    fn take_wrapped_key(&mut self) -> Option<Vec<u8>>;
+    /// Since when the patient is restricted, if it is.
+    fn restricted_since(&self) -> Option<i64>;
+}
+
+impl Locked for crate::storage::Current {
+    fn patient(&self) -> [u8; 16] {
+        self.head.patient_id
+    }
+    fn take_wrapped_key(&mut self) -> Option<Vec<u8>> {
+        self.wrapped_key.take()
+    }
+    fn restricted_since(&self) -> Option<i64> {
+        self.restricted_since
+    }
+}
+
+impl Locked for crate::storage::CoveragesNow {
+    fn patient(&self) -> [u8; 16] {
+        self.patient
+    }
+    fn take_wrapped_key(&mut self) -> Option<Vec<u8>> {
+        self.wrapped_key.take()
+    }
+    fn restricted_since(&self) -> Option<i64> {
+        self.restricted_since
     }
 }
 
@@ -307,12 +348,6 @@ impl App {
         }
     }
 
-    /// A record's current version, sealed, with its patient's data key: one
-    /// store lookup (see `Backend::current`), and no unwrap if the key is cached.
-    async fn current(&self, record: RecordRef) -> Result<(Head, Vec<u8>, DataKey, u32), AppError> {
-        self.current_from(record, None).await
-    }
-
     /// A record's current state read from the store, with the keys to open
     /// it taken before the read (as in `data_key`); `None` if it does not exist.
     async fn fetch(&self, record: RecordRef) -> Result<Option<Fetched>, AppError> {
@@ -321,30 +356,49 @@ impl App {
         Ok(now.map(|now| Fetched { epoch, shreds, now }))
     }
 
-    /// [`App::current`], starting from a state already fetched if given.
+    /// A record's current version, sealed, with its patient's data key: one
+    /// store lookup (see `Backend::current`) unless a state already fetched
+    /// is given, and no unwrap if the key is cached.
     async fn current_from(
         &self,
         record: RecordRef,
         mut fetched: Option<Fetched>,
     ) -> Result<(Head, Vec<u8>, DataKey, u32), AppError> {
         let mut attempts = 0;
-        loop {
+        let (now, dek, version) = loop {
             let f = match fetched.take() {
-                Some(f) => f,
-                None => match self.fetch(record).await? {
-                    Some(f) => f,
-                    None => return Err(self.missing(record).await),
-                },
+                Some(f) => Some(f),
+                None => self.fetch(record).await?,
             };
-            let sealed = f.now.sealed.ok_or(AppError::DataLoss)?;
-            let patient = f.now.head.patient_id;
-            let Some(wrapped) = f.now.wrapped_key.map(WrappedDataKey) else {
-                return Err(self.missing(RecordRef::patient(patient)).await);
-            };
-            match self.unwrap_key(f.epoch, &f.shreds, patient, &wrapped) {
-                Err(e) => self.unwrap_failed(e, &mut attempts).await?,
-                Ok((dek, version)) => return Ok((f.now.head, sealed, dek, version)),
+            let Some(f) = f else { return Err(self.missing(record).await) };
+            if let Some(unlocked) = self.unlock(f, &mut attempts).await? {
+                break unlocked;
             }
+        };
+        let sealed = now.sealed.ok_or(AppError::DataLoss)?;
+        Ok((now.head, sealed, dek, version))
+    }
+
+    /// What was fetched with its patient's data key unwrapped, and the
+    /// master version wrapping it. `None`: the key is one this process could
+    /// not unwrap yet, and it has taken up the stored key state (see
+    /// `unwrap_failed`), so the caller fetches again. No key at all is the
+    /// patient missing.
+    async fn unlock<N: Locked>(
+        &self,
+        mut f: Fetched<N>,
+        attempts: &mut u32,
+    ) -> Result<Option<(N, DataKey, u32)>, AppError> {
+        let patient = f.now.patient();
+        let Some(wrapped) = f.now.take_wrapped_key().map(WrappedDataKey) else {
+            return Err(self.missing(RecordRef::patient(patient)).await);
+        };
+        match self.unwrap_key(f.epoch, &f.shreds, patient, &wrapped) {
+            Err(e) => {
+                self.unwrap_failed(e, attempts).await?;
+                Ok(None)
+            }
+            Ok((dek, version)) => Ok(Some((f.now, dek, version))),
         }
     }
 
@@ -395,19 +449,21 @@ impl App {
         }
     }
 
-    /// Opens one stored version of a record and decodes its JSON plaintext.
-    fn open<T: serde::de::DeserializeOwned>(
-        &self,
-        dek: &DataKey,
-        aad: &RecordAad,
-        sealed: &[u8],
-    ) -> Result<T, AppError> {
+    /// Opens one stored version of a record and decodes its plaintext (either format).
+    fn open<T: Plaintext>(&self, dek: &DataKey, aad: &RecordAad, sealed: &[u8]) -> Result<T, AppError> {
         let plain = zeroize::Zeroizing::new(crypto::open_record(dek, aad, sealed).map_err(crypto_failure)?);
-        serde_json::from_slice(&plain).map_err(|_| AppError::DataLoss)
+        T::from_plaintext(&plain).map_err(|e| {
+            tracing::error!(error = %e, "opened record failed to decode");
+            AppError::DataLoss
+        })
     }
 
-    fn seal<T: serde::Serialize>(&self, dek: &DataKey, aad: &RecordAad, value: &T) -> Result<Vec<u8>, AppError> {
-        let plain = zeroize::Zeroizing::new(serde_json::to_vec(value).map_err(|_| AppError::Internal)?);
+    /// Encodes a record version (format 2) and seals it.
+    fn seal<T: Plaintext>(&self, dek: &DataKey, aad: &RecordAad, value: &T) -> Result<Vec<u8>, AppError> {
+        let plain = value.to_plaintext().map_err(|e| {
+            tracing::error!(error = %e, "record failed to encode");
+            AppError::Internal
+        })?;
         crypto::seal_record(dek, aad, &plain).map_err(crypto_failure)
     }
 

@@ -7,17 +7,17 @@ use super::{CalendarDate, FhirDate, Micros};
 
 code_enum!(
     /// FHIR fm-status.
-    CoverageStatus { Active => "active", Cancelled => "cancelled", Draft => "draft", EnteredInError => "entered-in-error" }
+    CoverageStatus { Active => "active" / 1, Cancelled => "cancelled" / 2, Draft => "draft" / 3, EnteredInError => "entered-in-error" / 4 }
 );
 code_enum!(
     /// Kind of plan.
-    CoverageType { Hmo => "HMO", Ppo => "PPO", Epo => "EPO", Pos => "POS", Hdhp => "HDHP", Medicare => "medicare",
-                   Medicaid => "medicaid", Tricare => "tricare", WorkersComp => "workers-comp",
-                   SelfPay => "self-pay", Other => "other" }
+    CoverageType { Hmo => "HMO" / 1, Ppo => "PPO" / 2, Epo => "EPO" / 3, Pos => "POS" / 4, Hdhp => "HDHP" / 5, Medicare => "medicare" / 6,
+                   Medicaid => "medicaid" / 7, Tricare => "tricare" / 8, WorkersComp => "workers-comp" / 9,
+                   SelfPay => "self-pay" / 10, Other => "other" / 11 }
 );
 code_enum!(
     /// FHIR subscriber-relationship (subset).
-    SubscriberRelationship { Patient => "self", Spouse => "spouse", Child => "child", Other => "other" }
+    SubscriberRelationship { Patient => "self" / 1, Spouse => "spouse" / 2, Child => "child" / 3, Other => "other" / 4 }
 );
 
 /// The insurer.

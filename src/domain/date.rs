@@ -28,7 +28,14 @@ impl CalendarDate {
         CalendarDate(dt.date())
     }
 
-    fn ymd(&self) -> (i32, u8, u8) {
+    /// A calendar date from its year, month (1-12) and day, if it exists.
+    pub fn from_ymd(year: i32, month: u8, day: u8) -> Option<CalendarDate> {
+        let month = time::Month::try_from(month).ok()?;
+        time::Date::from_calendar_date(year, month, day).ok().map(CalendarDate)
+    }
+
+    /// Year, month (1-12) and day.
+    pub fn ymd(&self) -> (i32, u8, u8) {
         (self.0.year(), u8::from(self.0.month()), self.0.day())
     }
 }

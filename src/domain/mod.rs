@@ -1,14 +1,15 @@
 //! Domain types: what carevault stores, independent of the wire format.
 //!
 //! Values here are built by parsing (see `api::convert`) and are never
-//! invalid. Records serialize to JSON only as the plaintext that gets sealed;
-//! that JSON never leaves the process unencrypted.
+//! invalid. Records encode (`plaintext`) only as the bytes that get sealed;
+//! those bytes never leave the process unencrypted.
 
 pub mod coverage;
 pub mod date;
 pub mod ids;
 pub mod normalize;
 pub mod patient;
+pub mod plaintext;
 
 pub use coverage::{
     Coverage, CoverageData, CoverageStatus, CoverageType, Payor, Period, Subscriber, SubscriberRelationship,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{FhirDate, Micros, PatientId};
 
 macro_rules! code_enum {
-    ($(#[$m:meta])* $name:ident { $($variant:ident => $code:literal),+ $(,)? }) => {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $code:literal / $tag:literal),+ $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[allow(missing_docs)]
@@ -16,6 +16,18 @@ macro_rules! code_enum {
             pub fn code(self) -> &'static str {
                 match self { $($name::$variant => $code),+ }
             }
+
+            /// The byte that stands for it in a record's binary plaintext
+            /// (`domain::plaintext`; never 0, which means absent there).
+            /// Fixed forever: a new variant takes a new byte.
+            pub fn tag(self) -> u8 {
+                match self { $($name::$variant => $tag),+ }
+            }
+
+            /// The variant a plaintext byte stands for, if any.
+            pub fn from_tag(tag: u8) -> Option<Self> {
+                match tag { $($tag => Some($name::$variant),)+ _ => None }
+            }
         }
     };
 }
@@ -23,33 +35,33 @@ pub(crate) use code_enum;
 
 code_enum!(
     /// HL7 v2 table 0203 identifier type.
-    IdentifierType { Mr => "MR", Ss => "SS", Dl => "DL", Mb => "MB", Ppn => "PPN", Pi => "PI", Other => "other" }
+    IdentifierType { Mr => "MR" / 1, Ss => "SS" / 2, Dl => "DL" / 3, Mb => "MB" / 4, Ppn => "PPN" / 5, Pi => "PI" / 6, Other => "other" / 7 }
 );
 code_enum!(
     /// FHIR name-use.
-    NameUse { Usual => "usual", Official => "official", Temp => "temp", Nickname => "nickname",
-              Anonymous => "anonymous", Old => "old", Maiden => "maiden" }
+    NameUse { Usual => "usual" / 1, Official => "official" / 2, Temp => "temp" / 3, Nickname => "nickname" / 4,
+              Anonymous => "anonymous" / 5, Old => "old" / 6, Maiden => "maiden" / 7 }
 );
 code_enum!(
     /// FHIR administrative-gender.
-    Gender { Male => "male", Female => "female", Other => "other", Unknown => "unknown" }
+    Gender { Male => "male" / 1, Female => "female" / 2, Other => "other" / 3, Unknown => "unknown" / 4 }
 );
 code_enum!(
     /// FHIR contact-point-system.
-    ContactPointSystem { Phone => "phone", Fax => "fax", Email => "email", Pager => "pager", Url => "url",
-                         Sms => "sms", Other => "other" }
+    ContactPointSystem { Phone => "phone" / 1, Fax => "fax" / 2, Email => "email" / 3, Pager => "pager" / 4, Url => "url" / 5,
+                         Sms => "sms" / 6, Other => "other" / 7 }
 );
 code_enum!(
     /// FHIR contact-point-use.
-    ContactPointUse { Home => "home", Work => "work", Temp => "temp", Old => "old", Mobile => "mobile" }
+    ContactPointUse { Home => "home" / 1, Work => "work" / 2, Temp => "temp" / 3, Old => "old" / 4, Mobile => "mobile" / 5 }
 );
 code_enum!(
     /// FHIR address-use.
-    AddressUse { Home => "home", Work => "work", Temp => "temp", Old => "old", Billing => "billing" }
+    AddressUse { Home => "home" / 1, Work => "work" / 2, Temp => "temp" / 3, Old => "old" / 4, Billing => "billing" / 5 }
 );
 code_enum!(
     /// HL7 v2 table 0131 contact role (subset).
-    ContactRelationship { Emergency => "C", NextOfKin => "N", Guarantor => "GT", Employer => "E", Other => "O" }
+    ContactRelationship { Emergency => "C" / 1, NextOfKin => "N" / 2, Guarantor => "GT" / 3, Employer => "E" / 4, Other => "O" / 5 }
 );
 
 /// A business identifier (MRN, SSN, ...).

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::model::{Change, Expect, Head, IndexKey, JobName, RecordRef, RecordWrite};
+use super::model::{Change, CoverageNow, Expect, Head, IndexKey, JobName, RecordRef, RecordWrite};
 use super::{Commit, CommitOutcome, Store};
 use crate::audit::{AuditEntry, MAX_ENTRY_BYTES, RawEntry, verify_chain};
 use crate::crypto::RecordKind;
@@ -28,6 +28,7 @@ macro_rules! every_case {
             the_merkle_tree_grows_with_the_chain_and_proves_every_entry,
             a_records_current_state_reads_back_in_one_lookup,
             an_update_replaces_exactly_the_index_keys_that_changed,
+            a_patients_coverages_read_back_in_one_lookup,
         );
     };
 }
@@ -464,4 +465,38 @@ pub(crate) async fn the_merkle_tree_grows_with_the_chain_and_proves_every_entry(
             merkle::verify_consistency(old, size, &old_root, &want, &proof).unwrap();
         }
     }
+}
+
+/// A patient's coverages come back at their current versions, by id, with
+/// the patient's version, key and restriction.
+pub(crate) async fn a_patients_coverages_read_back_in_one_lookup(store: &Store) {
+    let p = [0x33; 16];
+    assert_eq!(store.coverages_now(p).await.unwrap(), None);
+    commit(store, "patient.create", Some(write(0x33, 0)), vec![]).await;
+    let alone = store.coverages_now(p).await.unwrap().unwrap();
+    assert_eq!((alone.patient_version, alone.coverages.len()), (1, 0));
+    assert_eq!(alone.wrapped_key.as_deref(), Some(WRAPPED_GEN_1.as_slice()));
+    assert_eq!(alone.restricted_since, None);
+    // Created out of id order; one updated; another patient's coverage is not among them.
+    commit(store, "patient.create", Some(write(0x34, 0)), vec![]).await;
+    for (cov, patient) in [(0xc2, 0x33), (0xc1, 0x33), (0xc0, 0x34)] {
+        commit(store, "coverage.create", Some(coverage_write(cov, patient, 0)), vec![]).await;
+    }
+    let update = RecordWrite { sealed: vec![0xc2, 0xc1], ..coverage_write(0xc2, 0x33, 1) };
+    commit(store, "coverage.update", Some(update), vec![]).await;
+    commit(store, "patient.update", Some(write(0x33, 1)), vec![]).await;
+    let restrict = Change::Restriction { patient: p, since: Some(5) };
+    commit(store, "access.restrict", None, vec![restrict]).await;
+    let now = store.coverages_now(p).await.unwrap().unwrap();
+    assert_eq!(now.patient_version, 2);
+    assert_eq!(now.restricted_since, Some(5));
+    assert_eq!(
+        now.coverages,
+        vec![
+            CoverageNow { id: [0xc1; 16], version: 1, sealed: Some(coverage_write(0xc1, 0x33, 0).sealed) },
+            CoverageNow { id: [0xc2; 16], version: 2, sealed: Some(vec![0xc2, 0xc1]) },
+        ]
+    );
+    let other = store.coverages_now([0x34; 16]).await.unwrap().unwrap();
+    assert_eq!(other.coverages.iter().map(|c| c.id).collect::<Vec<_>>(), vec![[0xc0; 16]]);
 }

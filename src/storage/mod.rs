@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 pub use model::{
-    Change, Current, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, RecordWrite, StoredAuditEntry,
-    StoredCheckpoint,
+    Change, CoverageNow, CoveragesNow, Current, Expect, Footprint, Head, IndexKey, JobName, Keyed, RecordRef,
+    RecordWrite, StoredAuditEntry, StoredCheckpoint,
 };
 pub use sequencer::{Commit, CommitOutcome, Committed, Expected, Sequencer};
 pub use sled::Recovery;
@@ -128,6 +128,12 @@ pub trait Backend: Send + Sync {
     async fn count_records(&self) -> Result<u64, StorageError>;
     /// The ids of a patient's coverages.
     async fn coverages_of(&self, patient: [u8; 16]) -> Result<Vec<[u8; 16]>, StorageError>;
+    /// A patient's coverages, each at its current version and sealed, with
+    /// the patient's version, wrapped data key and restriction: what listing
+    /// them needs, in one lookup where the engine can (PostgreSQL: one
+    /// query). `None` if the patient does not exist. A coverage whose head
+    /// is not there yet (a create being written) is left out.
+    async fn coverages_now(&self, patient: [u8; 16]) -> Result<Option<CoveragesNow>, StorageError>;
     /// What an erasure of the patient would remove.
     async fn footprint(&self, patient: [u8; 16]) -> Result<Footprint, StorageError>;
 
@@ -271,6 +277,9 @@ impl Backend for sled::SledStore {
     }
     async fn coverages_of(&self, patient: [u8; 16]) -> Result<Vec<[u8; 16]>, StorageError> {
         sled::SledStore::coverages_of(self, &patient)
+    }
+    async fn coverages_now(&self, patient: [u8; 16]) -> Result<Option<CoveragesNow>, StorageError> {
+        sled::SledStore::coverages_now(self, &patient)
     }
     async fn footprint(&self, patient: [u8; 16]) -> Result<Footprint, StorageError> {
         sled::SledStore::footprint(self, &patient)

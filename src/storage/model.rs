@@ -62,6 +62,34 @@ pub struct Current {
     pub restricted_since: Option<i64>,
 }
 
+/// A patient's coverages as they are now, read together with what opening
+/// them and checking access to them needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoveragesNow {
+    /// The patient.
+    pub patient: [u8; 16],
+    /// The patient's own current version.
+    pub patient_version: u64,
+    /// The patient's wrapped data key (`None` where it is missing, which the
+    /// caller reports).
+    pub wrapped_key: Option<Vec<u8>>,
+    /// Since when the patient is restricted, if it is.
+    pub restricted_since: Option<i64>,
+    /// Each coverage that has a head, by id.
+    pub coverages: Vec<CoverageNow>,
+}
+
+/// One coverage's current version, as part of [`CoveragesNow`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoverageNow {
+    /// The coverage's id.
+    pub id: [u8; 16],
+    /// Its current version.
+    pub version: u64,
+    /// The ciphertext of that version.
+    pub sealed: Option<Vec<u8>>,
+}
+
 /// One blind-index entry: it leads searches for one HMAC to one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IndexKey {

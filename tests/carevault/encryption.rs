@@ -220,3 +220,66 @@ sled_only! {
 fn get_for(s: &TestServer, id: &str) -> tonic::Request<pb::GetPatientRequest> {
     req(pb::GetPatientRequest { patient_id: id.into() }, &s.admin())
 }
+
+/// The keys a stopped data directory's records open with, as an operator holding the key directory has them.
+fn offline_keys(
+    data_dir: &std::path::Path,
+    key_dir: &std::path::Path,
+) -> (carevault::crypto::Keyring, carevault::crypto::ShredKeys) {
+    use carevault::keystore::{self, KeyPaths, KeySource};
+    let local =
+        keystore::open_for_data_dir(&KeySource::Files(KeyPaths { dir: key_dir.to_path_buf() }), data_dir).unwrap();
+    (local.ring.expect("keycheck.json"), local.shreds)
+}
+
+#[tokio::test]
+async fn records_sealed_as_json_by_earlier_releases_still_read_and_their_next_version_is_binary() {
+    use carevault::crypto::{self, RecordAad, RecordKind, WrappedDataKey};
+    use carevault::domain::plaintext::Plaintext;
+    use carevault::domain::{Coverage, Patient};
+    use carevault::storage::RecordRef;
+
+    let s = TestServer::start().await;
+    let p = create(&s, patient("Legacy", "Lena", "1950-06-07", "LEG-1")).await;
+    let c = create_coverage(&s, coverage(&p.id, "LEGMEMBER1", 1)).await;
+    let (data_dir, key_dir, guard) = s.stop_keep().await;
+
+    // Rewrite both records' version 1 as an earlier release sealed them: the JSON of the record.
+    let pid = *uuid::Uuid::parse_str(&p.id).unwrap().as_bytes();
+    let cid = *uuid::Uuid::parse_str(&c.id).unwrap().as_bytes();
+    let (ring, shreds) = offline_keys(&data_dir, &key_dir);
+    let store = stored(&data_dir).await;
+    let dek =
+        ring.unwrap_data_key(&pid, &WrappedDataKey(store.data_key(pid).await.unwrap().unwrap()), &shreds).unwrap();
+    let aad = |kind, id| RecordAad { kind, record_id: id, patient_id: pid, version: 1 };
+    let (pa, ca) = (aad(RecordKind::Patient, pid), aad(RecordKind::Coverage, cid));
+    let sealed_p = store.record_version(RecordRef::patient(pid), 1).await.unwrap().unwrap();
+    let sealed_c = store.record_version(RecordRef::coverage(cid), 1).await.unwrap().unwrap();
+    let plain_p = crypto::open_record(&dek, &pa, &sealed_p).unwrap();
+    let plain_c = crypto::open_record(&dek, &ca, &sealed_c).unwrap();
+    assert_eq!((plain_p[0], plain_c[0]), (0x02, 0x02), "records are written in format 2");
+    let json_p = serde_json::to_vec(&Patient::from_plaintext(&plain_p).unwrap()).unwrap();
+    let json_c = serde_json::to_vec(&Coverage::from_plaintext(&plain_c).unwrap()).unwrap();
+    drop(store);
+    danger_put_record(&data_dir, RecordRef::patient(pid), 1, crypto::seal_record(&dek, &pa, &json_p).unwrap()).await;
+    danger_put_record(&data_dir, RecordRef::coverage(cid), 1, crypto::seal_record(&dek, &ca, &json_c).unwrap()).await;
+
+    let s = TestServer::start_in(data_dir, key_dir, Arc::new(SystemClock)).await;
+    let got = s.patients().get_patient(req(pb::GetPatientRequest { patient_id: p.id.clone() }, &s.admin())).await;
+    assert_eq!(got.unwrap().into_inner().patient.unwrap(), p);
+    let got = s.coverages().get_coverage(req(pb::GetCoverageRequest { coverage_id: c.id.clone() }, &s.admin())).await;
+    assert_eq!(got.unwrap().into_inner().coverage.unwrap(), c);
+    // An update reads the JSON version and writes version 2 in format 2.
+    let mut changed = p.clone();
+    changed.preferred_language = "es".into();
+    let updated =
+        s.patients().update_patient(req(pb::UpdatePatientRequest { patient: Some(changed) }, &s.admin())).await;
+    assert_eq!(updated.unwrap().into_inner().patient.unwrap().version, 2);
+    let (data_dir, _key_dir, _guard2) = s.stop_keep().await;
+    let store = stored(&data_dir).await;
+    let v2 = store.record_version(RecordRef::patient(pid), 2).await.unwrap().unwrap();
+    let plain = crypto::open_record(&dek, &RecordAad { version: 2, ..pa }, &v2).unwrap();
+    assert_eq!(plain[0], 0x02);
+    assert_eq!(Patient::from_plaintext(&plain).unwrap().data.preferred_language.as_deref(), Some("es"));
+    drop(guard);
+}

@@ -24,7 +24,10 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
-use super::model::{Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry, StoredCheckpoint};
+use super::model::{
+    CoverageNow, CoveragesNow, Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry,
+    StoredCheckpoint,
+};
 use super::sequencer::{self, Sequencer};
 use super::{Backend, StorageError};
 use crate::audit::AuditEntry;
@@ -298,6 +301,41 @@ impl Backend for PgStore {
         .iter()
         .map(|r| id16(r, 0))
         .collect()
+    }
+
+    async fn coverages_now(&self, patient: [u8; 16]) -> Result<Option<CoveragesNow>, StorageError> {
+        // One row per coverage (or one with a NULL coverage if there is
+        // none), no row if the patient does not exist; one snapshot.
+        let rows = self
+            .rows(
+                "SELECT p.version, k.wrapped, x.since_micros, c.id, c.version, v.sealed FROM records p \
+                 LEFT JOIN data_keys k ON k.patient = p.id \
+                 LEFT JOIN restrictions x ON x.patient = p.id \
+                 LEFT JOIN records c ON c.patient = p.id AND c.kind = $3 \
+                 LEFT JOIN record_versions v ON v.kind = c.kind AND v.id = c.id AND v.version = c.version \
+                 WHERE p.kind = $1 AND p.id = $2 ORDER BY c.id",
+                &[&kind_tag(RecordKind::Patient), &patient.as_slice(), &kind_tag(RecordKind::Coverage)],
+            )
+            .await?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let mut coverages = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: Option<&[u8]> = r.try_get(3).map_err(pg_error)?;
+            if id.is_some() {
+                coverages.push(CoverageNow {
+                    id: id16(r, 3)?,
+                    version: u64_of(r, 4)?,
+                    sealed: r.try_get(5).map_err(pg_error)?,
+                });
+            }
+        }
+        Ok(Some(CoveragesNow {
+            patient,
+            patient_version: u64_of(first, 0)?,
+            wrapped_key: first.try_get(1).map_err(pg_error)?,
+            restricted_since: first.try_get(2).map_err(pg_error)?,
+            coverages,
+        }))
     }
 
     async fn footprint(&self, patient: [u8; 16]) -> Result<Footprint, StorageError> {

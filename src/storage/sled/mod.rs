@@ -28,7 +28,9 @@ pub use recovery::Recovery;
 
 use self::layout::Tree;
 use super::StorageError;
-use super::model::{Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry};
+use super::model::{
+    CoverageNow, CoveragesNow, Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry,
+};
 use super::sequencer::plan::{Snapshot, StateKey, StateValue};
 use super::sequencer::{self, Sequencer};
 use crate::audit::AuditEntry;
@@ -299,6 +301,29 @@ impl SledStore {
                 layout::arr16(&k[16..])
             })
             .collect()
+    }
+
+    /// See the `Backend` method of the same name. Point reads in one call:
+    /// the patient's head, key and restriction, its coverage ids, and each
+    /// coverage's head and current version.
+    pub fn coverages_now(&self, patient: &[u8; 16]) -> Result<Option<CoveragesNow>, StorageError> {
+        let Some(head) = self.head(RecordRef::patient(*patient))? else { return Ok(None) };
+        let wrapped_key = self.data_key(patient)?;
+        let restricted_since = self.restricted_since(patient)?;
+        let mut coverages = Vec::new();
+        for id in self.coverages_of(patient)? {
+            let record = RecordRef::coverage(id);
+            if let Some(h) = self.head(record)? {
+                coverages.push(CoverageNow { id, version: h.version, sealed: self.record_version(record, h.version)? });
+            }
+        }
+        Ok(Some(CoveragesNow {
+            patient: *patient,
+            patient_version: head.version,
+            wrapped_key,
+            restricted_since,
+            coverages,
+        }))
     }
 
     /// See the `Backend` method of the same name.
