@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use tokio::net::TcpListener;
 
@@ -22,7 +21,7 @@ use crate::auth::tls::TlsError;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServiceConfig};
 use crate::keystore::{self, KeyError, KeyPaths, KeySource};
-use crate::storage::{self, OpenStore, Pipeline, Sequencer, StorageError};
+use crate::storage::{self, FailSyncs, OpenStore, Pipeline, Sequencer, StorageError};
 
 /// The encoded FileDescriptorSet of proto/, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/carevault_descriptor.bin"));
@@ -66,8 +65,8 @@ pub enum ServerError {
 pub struct OpenOptions {
     /// Time source.
     pub clock: Arc<dyn Clock>,
-    /// When set to true, every durable sync fails (fault injection for fail-closed tests).
-    pub fail_syncs: Option<Arc<AtomicBool>>,
+    /// Fault injection for fail-closed tests (inert without the `testing` feature).
+    pub fail_syncs: FailSyncs,
 }
 
 /// An opened service, ready to serve.

@@ -574,7 +574,11 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
             tls_domain: Some("localhost".into()),
         };
     }
-    let service = server::open(&config, OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None }).await?;
+    let service = server::open(
+        &config,
+        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
+    )
+    .await?;
     let syncs = service.sequencer.sync_counter();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -722,9 +726,13 @@ async fn proof_bench(n: u64, json: bool) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("carevault-proof-bench-{}", uuid::Uuid::now_v7()));
     let location = Location::Sled(dir.join("db"));
     let clock: Arc<dyn carevault::clock::Clock> = Arc::new(carevault::clock::SystemClock);
-    let (store, pipeline) =
-        carevault::storage::open(OpenStore { location: &location, cache_bytes: 256 << 20, clock, fail_syncs: None })
-            .await?;
+    let (store, pipeline) = carevault::storage::open(OpenStore {
+        location: &location,
+        cache_bytes: 256 << 20,
+        clock,
+        fail_syncs: carevault::storage::FailSyncs::never(),
+    })
+    .await?;
     let t0 = Instant::now();
     let writers = 512u64;
     let tasks: Vec<_> = (0..writers)

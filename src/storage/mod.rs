@@ -29,6 +29,7 @@ pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+#[cfg(feature = "testing")]
 use std::sync::atomic::AtomicBool;
 
 pub use model::{
@@ -533,6 +534,39 @@ impl Pipeline {
     }
 }
 
+/// Fault injection for tests of fail-closed behaviour: while its switch is
+/// on, every durable sync (sled) fails. The switch exists only with the
+/// `testing` cargo feature, which the test suite turns on; in a build
+/// without it (the release binary) this is an empty value and never fails.
+#[derive(Clone, Default)]
+pub struct FailSyncs {
+    #[cfg(feature = "testing")]
+    switch: Option<Arc<AtomicBool>>,
+}
+
+impl FailSyncs {
+    /// Syncs never fail on purpose.
+    pub fn never() -> FailSyncs {
+        FailSyncs::default()
+    }
+
+    /// Every sync fails while `switch` is true. Named `danger_` because it
+    /// makes a working store refuse every write.
+    #[cfg(feature = "testing")]
+    pub fn danger_while(switch: Arc<AtomicBool>) -> FailSyncs {
+        FailSyncs { switch: Some(switch) }
+    }
+
+    /// True if the next sync is to fail.
+    pub fn now(&self) -> bool {
+        #[cfg(feature = "testing")]
+        if let Some(s) = &self.switch {
+            return s.load(std::sync::atomic::Ordering::SeqCst);
+        }
+        false
+    }
+}
+
 /// How to open a store.
 pub struct OpenStore<'a> {
     /// Where.
@@ -541,8 +575,8 @@ pub struct OpenStore<'a> {
     pub cache_bytes: u64,
     /// Time source for audit entries.
     pub clock: Arc<dyn Clock>,
-    /// sled only: when set to true every durable sync fails (fault injection).
-    pub fail_syncs: Option<Arc<AtomicBool>>,
+    /// sled only: fault injection for tests (inert without the `testing` feature).
+    pub fail_syncs: FailSyncs,
 }
 
 /// Opens (creating or migrating) the store and starts its commit pipeline.

@@ -130,7 +130,7 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     std::fs::write(key_dir.join("master-1.key"), format!("{}\n", "ab".repeat(32))).unwrap();
     let result = server::open(
         &config(data_dir.clone(), key_dir.clone()),
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None },
+        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
     )
     .await;
     match result {
@@ -145,8 +145,11 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     }
     // A missing key is just as clear.
     std::fs::remove_file(key_dir.join("master-1.key")).unwrap();
-    let result =
-        server::open(&config(data_dir, key_dir), OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None }).await;
+    let result = server::open(
+        &config(data_dir, key_dir),
+        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
+    )
+    .await;
     assert!(matches!(result, Err(ServerError::Keys(KeyError::MissingVersion(1)))));
 }
 
@@ -158,7 +161,7 @@ async fn a_key_file_readable_by_others_is_refused() {
     std::fs::set_permissions(key_dir.join("master-1.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let result = server::open(
         &config(tmp.path().join("data"), key_dir),
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: None },
+        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
     )
     .await;
     assert!(matches!(result, Err(ServerError::Keys(KeyError::Permissions(_)))));

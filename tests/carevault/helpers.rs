@@ -409,7 +409,7 @@ impl TestServer {
         let clock = options.clock.clone();
         let service = open_service_when_unlocked(&cfg, || OpenOptions {
             clock: options.clock.clone(),
-            fail_syncs: Some(fail_syncs.clone()),
+            fail_syncs: carevault::storage::FailSyncs::danger_while(fail_syncs.clone()),
         })
         .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -354,7 +354,7 @@ async fn a_joining_server_takes_the_stored_key_state_but_needs_the_shared_erasur
         async move {
             let options = || carevault::server::OpenOptions {
                 clock: std::sync::Arc::new(carevault::clock::SystemClock),
-                fail_syncs: None,
+                fail_syncs: carevault::storage::FailSyncs::never(),
             };
             carevault::server::open(&cfg, options()).await
         }

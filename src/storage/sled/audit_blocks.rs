@@ -208,10 +208,11 @@ impl SledStore {
         self.audit_slot(seq, |raw| stored(seq, raw))
     }
 
-    /// Raw access for tamper tests and offline tools: overwrite (`E ‖ hash`)
+    /// Raw access for tamper tests (the `testing` feature): overwrite (`E ‖ hash`)
     /// or remove one audit entry in place. An entry not stored yet is added
     /// as a single-entry value under its own sequence. Named `danger_`
     /// because it bypasses the sequencer and breaks the chain on purpose.
+    #[cfg(any(test, feature = "testing"))]
     pub fn danger_put_audit_raw(&self, seq: u64, value: Option<Vec<u8>>) -> Result<(), StorageError> {
         let block = self.audit_block_of(seq)?;
         let holder = match &block {
@@ -248,6 +249,7 @@ impl SledStore {
     /// with the sequence stored beside it (as an attacker reordering the
     /// trail would), so the trail reads them in the other order. Both must
     /// be stored in blocks. Named `danger_` because it breaks the chain on purpose.
+    #[cfg(any(test, feature = "testing"))]
     pub fn danger_swap_audit_entries(&self, a: u64, b: u64) -> Result<(), StorageError> {
         const MISSING: StorageError = StorageError::Corrupt("no such audit entry in a block");
         let (ka, va) = self.audit_block_of(a)?.ok_or(MISSING)?;

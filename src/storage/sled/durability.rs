@@ -19,7 +19,9 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::storage::FailSyncs;
 use std::time::{Duration, SystemTime};
 
 /// How much older than a listing the blob directory's modification time must
@@ -36,14 +38,14 @@ pub struct Durability {
     /// that time was old enough to be trusted (see the module docs).
     trusted_blob_mtime: Option<SystemTime>,
     syncs: Arc<AtomicU64>,
-    fail: Option<Arc<AtomicBool>>,
+    fail: FailSyncs,
 }
 
 impl Durability {
     /// Opens sled's log file under `dir` and fsyncs the directories once so
-    /// the files themselves are durable. `fail`, when set to true, makes every
-    /// sync fail: a fault-injection hook for tests of fail-closed behaviour.
-    pub fn open(dir: &Path, fail: Option<Arc<AtomicBool>>) -> std::io::Result<Self> {
+    /// the files themselves are durable. `fail` makes syncs fail on purpose
+    /// in tests of fail-closed behaviour (see [`FailSyncs`]).
+    pub fn open(dir: &Path, fail: FailSyncs) -> std::io::Result<Self> {
         let log = File::open(dir.join("db"))?;
         sync_dir(dir)?;
         if let Some(parent) = dir.parent() {
@@ -66,7 +68,7 @@ impl Durability {
 
     /// `db.flush()`, then fdatasync of the log file and any new blob files.
     pub fn sync(&mut self, db: &sled::Db) -> std::io::Result<()> {
-        if self.fail.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+        if self.fail.now() {
             return Err(std::io::Error::other("injected sync failure"));
         }
         db.flush().map_err(std::io::Error::other)?;
@@ -117,7 +119,7 @@ mod tests {
 
     fn durability_in(dir: &Path) -> Durability {
         std::fs::write(dir.join("db"), b"").unwrap();
-        Durability::open(dir, None).unwrap()
+        Durability::open(dir, FailSyncs::never()).unwrap()
     }
 
     fn age_dir(dir: &Path, by: Duration) {

@@ -139,6 +139,7 @@ impl SledStore {
 
     /// Raw access for tamper tests: removes every stored checkpoint and
     /// cosignature. Named `danger_` because it bypasses the checkpointer.
+    #[cfg(any(test, feature = "testing"))]
     pub fn danger_clear_checkpoints(&self) -> Result<(), StorageError> {
         self.checkpoints.clear()?;
         self.visible_checkpoint.store(0, Ordering::Release);
@@ -148,6 +149,7 @@ impl SledStore {
 
     /// Raw access for tamper tests: removes every stored Merkle subtree (the
     /// next start rebuilds them from the entries as they are then).
+    #[cfg(any(test, feature = "testing"))]
     pub fn danger_clear_tree(&self) -> Result<(), StorageError> {
         self.merkle.clear()?;
         self.db.flush()?;

@@ -21,18 +21,18 @@ mod tests;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 
 pub use audit_blocks::AuditIter;
 pub use recovery::Recovery;
 
 use self::layout::Tree;
-use super::StorageError;
 use super::model::{
     CoverageNow, CoveragesNow, Current, Footprint, Head, IndexKey, JobName, Keyed, RecordRef, StoredAuditEntry,
 };
 use super::sequencer::plan::{Snapshot, StateKey, StateValue};
 use super::sequencer::{self, Sequencer};
+use super::{FailSyncs, StorageError};
 use crate::audit::AuditEntry;
 use crate::clock::Clock;
 use crate::crypto::RecordKind;
@@ -124,13 +124,13 @@ impl SledStore {
     }
 
     /// Starts the commit pipeline (writing the genesis entry into an empty
-    /// chain first). `fail_syncs`, when set to true, makes every durable
-    /// sync fail: a fault-injection hook for tests of fail-closed behaviour.
+    /// chain first). `fail_syncs` makes durable syncs fail on purpose in
+    /// tests of fail-closed behaviour (see [`FailSyncs`]).
     pub fn start(
         &self,
         dir: &Path,
         clock: Arc<dyn Clock>,
-        fail_syncs: Option<Arc<AtomicBool>>,
+        fail_syncs: FailSyncs,
     ) -> Result<(Sequencer, std::thread::JoinHandle<()>), StorageError> {
         let mut durability = durability::Durability::open(dir, fail_syncs)?;
         // Make whatever opening recovered durable before anything new is appended.
@@ -211,13 +211,14 @@ impl SledStore {
                 copied += 1;
             }
         }
-        let mut durability = durability::Durability::open(dest, None)?;
+        let mut durability = durability::Durability::open(dest, FailSyncs::never())?;
         durability.sync(&out)?;
         Ok(copied)
     }
 
     /// Raw access for tamper tests: overwrite a record version's sealed
     /// bytes. Named `danger_` because it bypasses the sequencer and the audit trail.
+    #[cfg(any(test, feature = "testing"))]
     pub fn danger_put_record_raw(&self, record: RecordRef, version: u64, value: Vec<u8>) -> Result<(), StorageError> {
         self.records.insert(layout::version_key(record, version), value)?;
         self.db.flush()?;
@@ -226,6 +227,7 @@ impl SledStore {
 
     /// Raw access for tests that restore an old wrapped data key (to show a
     /// destroyed version cannot open it). Bypasses the sequencer and the audit trail.
+    #[cfg(any(test, feature = "testing"))]
     pub fn danger_put_dek_raw(&self, patient: &[u8; 16], value: Vec<u8>) -> Result<(), StorageError> {
         self.deks.insert(patient, value)?;
         self.db.flush()?;

@@ -19,7 +19,8 @@ fn open() -> (Store, SledStore, std::thread::JoinHandle<()>, tempfile::TempDir) 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let sled = SledStore::open(&path, 8 << 20).unwrap();
-    let (sequencer, thread) = sled.start(&path, Arc::new(FixedClock::new(1_000)), None).unwrap();
+    let (sequencer, thread) =
+        sled.start(&path, Arc::new(FixedClock::new(1_000)), crate::storage::FailSyncs::never()).unwrap();
     let store = Store::new(Arc::new(sled.clone()), sequencer, Recovery::default());
     (store, sled, thread, dir)
 }
@@ -227,7 +228,8 @@ async fn the_merkle_tree_is_rebuilt_at_start_where_a_crash_cut_it_short_or_it_ne
     let all: Vec<_> = sled.merkle.iter().map(|kv| kv.unwrap()).collect();
     assert!(all.len() >= 6, "{} stored subtrees for 101 entries", all.len());
     let restart = |sled: SledStore| {
-        let (sequencer, thread) = sled.start(&path, Arc::new(FixedClock::new(1_000)), None).unwrap();
+        let (sequencer, thread) =
+            sled.start(&path, Arc::new(FixedClock::new(1_000)), crate::storage::FailSyncs::never()).unwrap();
         (Store::new(Arc::new(sled), sequencer, Recovery::default()), thread)
     };
     // A crash after the entries, before their last subtrees (the newest
