@@ -180,6 +180,11 @@ pub struct BenchArgs {
     /// How long each workload runs.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: std::time::Duration,
+    /// Run each workload for exactly this many operations instead of for `--duration`: two
+    /// builds (or two counts) then do the same work, which instruction counts under valgrind
+    /// need to compare.
+    #[arg(long)]
+    pub ops: Option<u64>,
     /// Requests in flight.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,

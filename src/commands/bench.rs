@@ -375,17 +375,25 @@ async fn run_workload(
     let head_before = head(&target).await;
     let syncs_before = syncs.map(|s| s.load(Ordering::Relaxed));
     let deadline = Instant::now() + args.duration;
+    // With --ops, workers take numbered turns until that many have started.
+    let turns = Arc::new(AtomicU64::new(0));
+    let ops_limit = args.ops;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..args.concurrency {
         let target = target.clone();
         let name = name.to_string();
+        let turns = turns.clone();
+        let go_on = move || match ops_limit {
+            Some(n) => turns.fetch_add(1, Ordering::Relaxed) < n,
+            None => Instant::now() < deadline,
+        };
         tasks.push(tokio::spawn(async move {
             let ch = target.channels[w % target.channels.len()].clone();
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
             let mut lat = Vec::new();
             let mut errors = std::collections::BTreeMap::<String, u64>::new();
-            while Instant::now() < deadline {
+            while go_on() {
                 let Some(op) = choose(&name, &mut rng) else { break };
                 let t0 = Instant::now();
                 let result = one(&target, w, &ch, op, &mut rng).await;
@@ -868,7 +876,7 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
             .collect();
         let v = serde_json::json!({
             "patients": args.patients, "concurrency": args.concurrency, "channels": args.channels,
-            "duration_secs": args.duration.as_secs_f64(), "preload_secs": preload_secs,
+            "duration_secs": args.duration.as_secs_f64(), "ops_per_workload": args.ops, "preload_secs": preload_secs,
             "server": args.server.as_deref().unwrap_or("in-process"), "tls": args.tls || args.server.as_deref().is_some_and(|u| u.starts_with("https://")),
             "peak_rss_mib": peak_rss_mib(), "workloads": rows,
             "verify": verify.map(|(n, s, _)| serde_json::json!({"entries": n, "secs": s, "entries_per_sec": (n as f64 / s).round()})),
@@ -881,9 +889,13 @@ fn report(args: &BenchArgs, results: &[Outcome], preload_secs: f64, verify: Opti
         (None, true) => "in-process server, mutual TLS".to_string(),
         (None, false) => "in-process server, plaintext loopback".to_string(),
     };
+    let per_workload = match args.ops {
+        Some(n) => format!("{n} operations"),
+        None => format!("{:?}", args.duration),
+    };
     println!(
-        "carevault bench: {} patients preloaded in {:.1}s, {} in flight over {} channels, {:?} per workload, {transport}",
-        args.patients, preload_secs, args.concurrency, args.channels, args.duration
+        "carevault bench: {} patients preloaded in {:.1}s, {} in flight over {} channels, {per_workload} per workload, {transport}",
+        args.patients, preload_secs, args.concurrency, args.channels
     );
     println!(
         "{:<16} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
