@@ -89,50 +89,46 @@ impl Plaintext for Patient {
     }
 
     fn from_plaintext(bytes: &[u8]) -> Result<Self, PlaintextError> {
-        let mut r = match format(bytes)? {
-            Format::Json => return serde_json::from_slice(bytes).map_err(|_| PlaintextError::Malformed),
-            Format::Binary(body) => Reader(body),
-        };
-        let patient = Patient {
-            id: PatientIdText(r.uuid()?),
-            version: r.u64()?,
-            create_time: r.i64()?,
-            update_time: r.i64()?,
-            delete_time: r.opt_i64()?,
-            data: PatientData {
-                identifiers: r.list(|r| {
-                    Ok(Identifier {
-                        system: r.str()?,
-                        value: r.str()?,
-                        r#type: r.opt_code(super::IdentifierType::from_tag)?,
-                    })
-                })?,
-                names: r.list(Reader::name)?,
-                gender: r.opt_code(super::Gender::from_tag)?,
-                birth_date: r.fhir_date()?,
-                telecom: r.list(Reader::contact_point)?,
-                addresses: r.list(|r| {
-                    Ok(Address {
-                        address_use: r.opt_code(super::AddressUse::from_tag)?,
-                        lines: r.list(Reader::str)?,
-                        city: r.str()?,
-                        state: r.str()?,
-                        postal_code: r.str()?,
-                        country: r.str()?,
-                    })
-                })?,
-                preferred_language: r.opt_str()?,
-                contacts: r.list(|r| {
-                    Ok(PatientContact {
-                        relationship: r.code(super::ContactRelationship::from_tag)?,
-                        name: r.name()?,
-                        telecom: r.list(Reader::contact_point)?,
-                    })
-                })?,
-            },
-        };
-        r.end()?;
-        Ok(patient)
+        decode(bytes, |r| {
+            Ok(Patient {
+                id: PatientIdText(r.uuid()?),
+                version: r.u64()?,
+                create_time: r.i64()?,
+                update_time: r.i64()?,
+                delete_time: r.opt_i64()?,
+                data: PatientData {
+                    identifiers: r.list(|r| {
+                        Ok(Identifier {
+                            system: r.str()?,
+                            value: r.str()?,
+                            r#type: r.opt_code(super::IdentifierType::from_tag)?,
+                        })
+                    })?,
+                    names: r.list(Reader::name)?,
+                    gender: r.opt_code(super::Gender::from_tag)?,
+                    birth_date: r.fhir_date()?,
+                    telecom: r.list(Reader::contact_point)?,
+                    addresses: r.list(|r| {
+                        Ok(Address {
+                            address_use: r.opt_code(super::AddressUse::from_tag)?,
+                            lines: r.list(Reader::str)?,
+                            city: r.str()?,
+                            state: r.str()?,
+                            postal_code: r.str()?,
+                            country: r.str()?,
+                        })
+                    })?,
+                    preferred_language: r.opt_str()?,
+                    contacts: r.list(|r| {
+                        Ok(PatientContact {
+                            relationship: r.code(super::ContactRelationship::from_tag)?,
+                            name: r.name()?,
+                            telecom: r.list(Reader::contact_point)?,
+                        })
+                    })?,
+                },
+            })
+        })
     }
 }
 
@@ -170,48 +166,49 @@ impl Plaintext for Coverage {
     }
 
     fn from_plaintext(bytes: &[u8]) -> Result<Self, PlaintextError> {
-        let mut r = match format(bytes)? {
-            Format::Json => return serde_json::from_slice(bytes).map_err(|_| PlaintextError::Malformed),
-            Format::Binary(body) => Reader(body),
-        };
-        let coverage = Coverage {
-            id: r.uuid()?,
-            patient_id: PatientIdText(r.uuid()?),
-            version: r.u64()?,
-            create_time: r.i64()?,
-            update_time: r.i64()?,
-            delete_time: r.opt_i64()?,
-            data: CoverageData {
-                status: r.code(super::CoverageStatus::from_tag)?,
-                coverage_type: r.code(super::CoverageType::from_tag)?,
-                payor: Payor { name: r.str()?, payer_id: r.str()? },
-                subscriber_id: r.str()?,
-                subscriber: match r.u8()? {
-                    0 => None,
-                    1 => Some(Subscriber { name: r.name()?, birth_date: r.fhir_date()? }),
-                    _ => return Err(PlaintextError::Malformed),
+        decode(bytes, |r| {
+            Ok(Coverage {
+                id: r.uuid()?,
+                patient_id: PatientIdText(r.uuid()?),
+                version: r.u64()?,
+                create_time: r.i64()?,
+                update_time: r.i64()?,
+                delete_time: r.opt_i64()?,
+                data: CoverageData {
+                    status: r.code(super::CoverageStatus::from_tag)?,
+                    coverage_type: r.code(super::CoverageType::from_tag)?,
+                    payor: Payor { name: r.str()?, payer_id: r.str()? },
+                    subscriber_id: r.str()?,
+                    subscriber: match r.u8()? {
+                        0 => None,
+                        1 => Some(Subscriber { name: r.name()?, birth_date: r.fhir_date()? }),
+                        _ => return Err(PlaintextError::Malformed),
+                    },
+                    relationship: r.code(super::SubscriberRelationship::from_tag)?,
+                    group_number: r.str()?,
+                    plan_name: r.str()?,
+                    period: Period { start: r.calendar_date()?, end: r.calendar_date()? },
+                    order: r.u8()?,
                 },
-                relationship: r.code(super::SubscriberRelationship::from_tag)?,
-                group_number: r.str()?,
-                plan_name: r.str()?,
-                period: Period { start: r.calendar_date()?, end: r.calendar_date()? },
-                order: r.u8()?,
-            },
-        };
-        r.end()?;
-        Ok(coverage)
+            })
+        })
     }
 }
 
-enum Format<'a> {
-    Json,
-    Binary(&'a [u8]),
-}
-
-fn format(bytes: &[u8]) -> Result<Format<'_>, PlaintextError> {
+/// Decodes format 1 with serde, or format 2 with `body`, which must read
+/// every byte.
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    body: impl FnOnce(&mut Reader<'_>) -> Result<T, PlaintextError>,
+) -> Result<T, PlaintextError> {
     match bytes.split_first() {
-        Some((&FORMAT_2, body)) => Ok(Format::Binary(body)),
-        Some((&FORMAT_1_JSON, _)) => Ok(Format::Json),
+        Some((&FORMAT_2, rest)) => {
+            let mut r = Reader(rest);
+            let value = body(&mut r)?;
+            r.end()?;
+            Ok(value)
+        }
+        Some((&FORMAT_1_JSON, _)) => serde_json::from_slice(bytes).map_err(|_| PlaintextError::Malformed),
         _ => Err(PlaintextError::UnknownFormat),
     }
 }
