@@ -69,6 +69,13 @@ pub struct OpenOptions {
     pub fail_syncs: FailSyncs,
 }
 
+impl OpenOptions {
+    /// The options of a real server: the system clock, no injected faults.
+    pub fn system() -> OpenOptions {
+        OpenOptions { clock: Arc::new(crate::clock::SystemClock), fail_syncs: FailSyncs::never() }
+    }
+}
+
 /// An opened service, ready to serve.
 pub struct Service {
     /// The gRPC edge.

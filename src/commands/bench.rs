@@ -11,7 +11,6 @@ use anyhow::Context;
 use carevault::auth::limits::LimitSettings;
 use carevault::auth::token;
 use carevault::cli::{BenchArgs, TlsClientArgs};
-use carevault::clock::SystemClock;
 use carevault::config::ServiceConfig;
 use carevault::keystore::{self, KeyPaths};
 use carevault::proto::v1 as pb;
@@ -582,11 +581,7 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(Local, String, TlsClie
             tls_domain: Some("localhost".into()),
         };
     }
-    let service = server::open(
-        &config,
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await?;
+    let service = server::open(&config, OpenOptions::system()).await?;
     let syncs = service.sequencer.sync_counter();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

@@ -261,12 +261,9 @@ async fn offline(args: &KeysArgs) -> anyhow::Result<()> {
     }
     let config = ServiceConfig { key_source: Some(source), store, ..ServiceConfig::new(data_dir, key_dir) };
     // The issuer key is not needed offline, but `open` reads it; an absent one is an error worth seeing.
-    let service = server::open(
-        &config,
-        OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await
-    .context("cannot open the data directory (is a server running on it?)")?;
+    let service = server::open(&config, OpenOptions::system())
+        .await
+        .context("cannot open the data directory (is a server running on it?)")?;
     let app = service.edge.app().clone();
     let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
     let result = offline_command(&app, &user, args).await;
@@ -295,12 +292,8 @@ async fn offline_status(
     };
     let config =
         ServiceConfig { key_source: Some(source), store, ..ServiceConfig::new(copy.path().to_path_buf(), key_dir) };
-    let service = server::open(
-        &config,
-        OpenOptions { clock: std::sync::Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await
-    .context("cannot open the copy of the data directory")?;
+    let service =
+        server::open(&config, OpenOptions::system()).await.context("cannot open the copy of the data directory")?;
     super::verify::note_copy(&copy, started.elapsed(), service.edge.app().store().recovery());
     let status = service.edge.app().key_status_now().await.map_err(app_error);
     service.close().await;

@@ -1,13 +1,10 @@
 //! `carevault serve` and `carevault init`.
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use carevault::auth::TokenRules;
 use carevault::auth::limits::LimitSettings;
 use carevault::auth::tls::{ClientAuth, ServerTls};
 use carevault::cli::{DirArgs, KeyCustodyArgs, ServeArgs};
-use carevault::clock::SystemClock;
 use carevault::config::ServiceConfig;
 use carevault::keystore::{self, KeyPaths, KeySource};
 use carevault::server::{self, OpenOptions};
@@ -60,11 +57,7 @@ pub async fn init(dirs: DirArgs) -> anyhow::Result<()> {
     provision(&data_dir, &key_dir, &source, &store).await?;
     if let Location::Postgres(_) = store {
         let config = ServiceConfig { store: store.clone(), ..ServiceConfig::new(data_dir.clone(), key_dir.clone()) };
-        let service = server::open(
-            &config,
-            OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-        )
-        .await?;
+        let service = server::open(&config, OpenOptions::system()).await?;
         service.close().await;
     }
     print_welcome(&data_dir, &key_dir, &store);
@@ -117,12 +110,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         format!("cannot listen on {} (is another server using it? choose another with --listen)", config.listen)
     })?;
     provision(&data_dir, &key_dir, &source, &store).await?;
-    let service = server::open_loaded(
-        &config,
-        loaded,
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await?;
+    let service = server::open_loaded(&config, loaded, OpenOptions::system()).await?;
     print_welcome(&data_dir, &key_dir, &store);
     tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "carevault listening");
     server::run(listener, service, shutdown_signal()).await?;

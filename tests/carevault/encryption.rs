@@ -128,11 +128,7 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     let snapshot: Vec<_> =
         files_under(&data_dir).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect();
     std::fs::write(key_dir.join("master-1.key"), format!("{}\n", "ab".repeat(32))).unwrap();
-    let result = server::open(
-        &config(data_dir.clone(), key_dir.clone()),
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await;
+    let result = server::open(&config(data_dir.clone(), key_dir.clone()), OpenOptions::system()).await;
     match result {
         Err(ServerError::Keys(KeyError::WrongKey(1))) => {}
         Err(e) => panic!("wrong error: {e}"),
@@ -145,11 +141,7 @@ async fn a_wrong_master_key_fails_at_start_up_before_the_data_is_touched() {
     }
     // A missing key is just as clear.
     std::fs::remove_file(key_dir.join("master-1.key")).unwrap();
-    let result = server::open(
-        &config(data_dir, key_dir),
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await;
+    let result = server::open(&config(data_dir, key_dir), OpenOptions::system()).await;
     assert!(matches!(result, Err(ServerError::Keys(KeyError::MissingVersion(1)))));
 }
 
@@ -159,11 +151,7 @@ async fn a_key_file_readable_by_others_is_refused() {
     let key_dir = tmp.path().join("keys");
     carevault::keystore::ensure_keys(&carevault::keystore::KeyPaths { dir: key_dir.clone() }).unwrap();
     std::fs::set_permissions(key_dir.join("master-1.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let result = server::open(
-        &config(tmp.path().join("data"), key_dir),
-        OpenOptions { clock: Arc::new(SystemClock), fail_syncs: carevault::storage::FailSyncs::never() },
-    )
-    .await;
+    let result = server::open(&config(tmp.path().join("data"), key_dir), OpenOptions::system()).await;
     assert!(matches!(result, Err(ServerError::Keys(KeyError::Permissions(_)))));
 }
 
