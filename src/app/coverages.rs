@@ -75,9 +75,7 @@ impl App {
     /// store lookup), with the keys to open them taken before the read;
     /// `None` if the patient does not exist.
     async fn fetch_coverages(&self, patient: PatientId) -> Result<Option<Fetched<CoveragesNow>>, AppError> {
-        let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
-        let now = self.store.coverages_now(patient.bytes()).await.map_err(internal)?;
-        Ok(now.map(|now| Fetched { epoch, shreds, now }))
+        self.stamped(self.store.coverages_now(patient.bytes())).await
     }
 
     /// Opens every coverage fetched, primary first; read again while one
@@ -98,18 +96,12 @@ impl App {
         patient: PatientId,
         fetched: Option<Fetched<CoveragesNow>>,
     ) -> Result<Vec<Coverage>, AppError> {
-        let mut fetched = fetched;
-        let mut attempts = 0;
-        let (now, dek, _) = loop {
-            let f = match fetched.take() {
-                Some(f) => Some(f),
-                None => self.fetch_coverages(patient).await?,
-            };
-            let Some(f) = f else { return Err(self.missing(RecordRef::patient(patient.bytes())).await) };
-            if let Some(unlocked) = self.unlock(f, &mut attempts).await? {
-                break unlocked;
-            }
-        };
+        // A patient without coverages needs no key unwrapped.
+        if fetched.as_ref().is_some_and(|f| f.now.coverages.is_empty()) {
+            return Ok(Vec::new());
+        }
+        let record = RecordRef::patient(patient.bytes());
+        let (now, dek, _) = self.unlocked(fetched, || self.fetch_coverages(patient), record).await?;
         now.coverages
             .into_iter()
             .map(|c| {

@@ -351,8 +351,17 @@ impl App {
     /// A record's current state read from the store, with the keys to open
     /// it taken before the read (as in `data_key`); `None` if it does not exist.
     async fn fetch(&self, record: RecordRef) -> Result<Option<Fetched>, AppError> {
+        self.stamped(self.store.current(record)).await
+    }
+
+    /// What `read` (not yet started) finds, with the key cache's epoch and
+    /// the erasure bucket keys taken just before it reads.
+    async fn stamped<N>(
+        &self,
+        read: impl std::future::Future<Output = Result<Option<N>, StorageError>>,
+    ) -> Result<Option<Fetched<N>>, AppError> {
         let (epoch, shreds) = (self.keys.data_keys.epoch(), self.keys.shreds());
-        let now = self.store.current(record).await.map_err(internal)?;
+        let now = read.await.map_err(internal)?;
         Ok(now.map(|now| Fetched { epoch, shreds, now }))
     }
 
@@ -362,43 +371,42 @@ impl App {
     async fn current_from(
         &self,
         record: RecordRef,
-        mut fetched: Option<Fetched>,
+        fetched: Option<Fetched>,
     ) -> Result<(Head, Vec<u8>, DataKey, u32), AppError> {
-        let mut attempts = 0;
-        let (now, dek, version) = loop {
-            let f = match fetched.take() {
-                Some(f) => Some(f),
-                None => self.fetch(record).await?,
-            };
-            let Some(f) = f else { return Err(self.missing(record).await) };
-            if let Some(unlocked) = self.unlock(f, &mut attempts).await? {
-                break unlocked;
-            }
-        };
+        let (now, dek, version) = self.unlocked(fetched, || self.fetch(record), record).await?;
         let sealed = now.sealed.ok_or(AppError::DataLoss)?;
         Ok((now.head, sealed, dek, version))
     }
 
-    /// What was fetched with its patient's data key unwrapped, and the
-    /// master version wrapping it. `None`: the key is one this process could
-    /// not unwrap yet, and it has taken up the stored key state (see
-    /// `unwrap_failed`), so the caller fetches again. No key at all is the
-    /// patient missing.
-    async fn unlock<N: Locked>(
+    /// What was fetched (or what `fetch` reads, if nothing was), with its
+    /// patient's data key unwrapped and the master version wrapping it. A key
+    /// this process cannot unwrap yet makes it take up the stored key state
+    /// (see `unwrap_failed`) and fetch again. Nothing fetched is `record`
+    /// missing; no key, its patient missing.
+    async fn unlocked<N: Locked, Fut>(
         &self,
-        mut f: Fetched<N>,
-        attempts: &mut u32,
-    ) -> Result<Option<(N, DataKey, u32)>, AppError> {
-        let patient = f.now.patient();
-        let Some(wrapped) = f.now.take_wrapped_key().map(WrappedDataKey) else {
-            return Err(self.missing(RecordRef::patient(patient)).await);
-        };
-        match self.unwrap_key(f.epoch, &f.shreds, patient, &wrapped) {
-            Err(e) => {
-                self.unwrap_failed(e, attempts).await?;
-                Ok(None)
+        mut fetched: Option<Fetched<N>>,
+        fetch: impl Fn() -> Fut,
+        record: RecordRef,
+    ) -> Result<(N, DataKey, u32), AppError>
+    where
+        Fut: std::future::Future<Output = Result<Option<Fetched<N>>, AppError>>,
+    {
+        let mut attempts = 0;
+        loop {
+            let f = match fetched.take() {
+                Some(f) => Some(f),
+                None => fetch().await?,
+            };
+            let Some(mut f) = f else { return Err(self.missing(record).await) };
+            let patient = f.now.patient();
+            let Some(wrapped) = f.now.take_wrapped_key().map(WrappedDataKey) else {
+                return Err(self.missing(RecordRef::patient(patient)).await);
+            };
+            match self.unwrap_key(f.epoch, &f.shreds, patient, &wrapped) {
+                Err(e) => self.unwrap_failed(e, &mut attempts).await?,
+                Ok((dek, version)) => return Ok((f.now, dek, version)),
             }
-            Ok((dek, version)) => Ok(Some((f.now, dek, version))),
         }
     }
 
